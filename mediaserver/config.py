@@ -1,0 +1,106 @@
+"""Server configuration: frozen dataclasses built once at the entry point.
+
+Sources, later ones winning: built-in defaults, environment variables
+(``MEDIASERVER_*``), command-line options.  Everything below the entry point
+receives these objects; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Optional
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """RTP/codec settings of the forwarding path."""
+
+    opus_bitrate: int = 32_000  # per published stream, mono voice
+    jitter_min_ms: float = 20.0
+    jitter_max_ms: float = 200.0
+    jitter_start_ms: float = 40.0
+    subscriber_queue_packets: int = 5  # 100 ms: a slow subscriber drops older packets
+    ice_servers: tuple[str, ...] = ()  # e.g. ("stun:stun.example.org:3478",); none on a LAN
+
+
+@dataclass(frozen=True)
+class EnhanceConfig:
+    """The enhancement executor and the stages rooms get by default."""
+
+    default_stages: tuple[str, ...] = ("vad", "limiter")
+    device: str = "auto"  # auto: cuda when present, else cpu
+    deadline_ms: float = 40.0
+    max_wait_ms: float = 3.0
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on what any client may make the server hold or do."""
+
+    max_rooms: int = 200
+    max_participants_per_room: int = 50
+    max_ws_message_bytes: int = 64 * 1024
+    max_sdp_bytes: int = 32 * 1024
+    max_ws_messages_per_second: float = 50.0
+    max_ws_burst: int = 100
+    max_connections_per_address: int = 32
+    max_name_length: int = 64
+    negotiation_timeout_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the process needs, built once by ``load_config``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    sip_port: Optional[int] = None
+    log_level: str = "INFO"
+    media: MediaConfig = field(default_factory=MediaConfig)
+    enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> ServerConfig:
+    """Build the configuration from ``env`` (default: os.environ) and explicit overrides."""
+    env = os.environ if env is None else env
+    cfg = ServerConfig()
+    media = cfg.media
+    enhance = cfg.enhance
+    limits = cfg.limits
+    if "MEDIASERVER_HOST" in env:
+        cfg = replace(cfg, host=env["MEDIASERVER_HOST"])
+    if "MEDIASERVER_PORT" in env:
+        cfg = replace(cfg, port=int(env["MEDIASERVER_PORT"]))
+    if env.get("MEDIASERVER_SIP_PORT"):
+        cfg = replace(cfg, sip_port=int(env["MEDIASERVER_SIP_PORT"]))
+    if "MEDIASERVER_LOG_LEVEL" in env:
+        cfg = replace(cfg, log_level=env["MEDIASERVER_LOG_LEVEL"].upper())
+    if "MEDIASERVER_OPUS_BITRATE" in env:
+        media = replace(media, opus_bitrate=int(env["MEDIASERVER_OPUS_BITRATE"]))
+    if "MEDIASERVER_ICE_SERVERS" in env:
+        media = replace(media, ice_servers=_split(env["MEDIASERVER_ICE_SERVERS"]))
+    if "MEDIASERVER_STAGES" in env:
+        enhance = replace(enhance, default_stages=_split(env["MEDIASERVER_STAGES"]))
+    if "MEDIASERVER_DEVICE" in env:
+        enhance = replace(enhance, device=env["MEDIASERVER_DEVICE"])
+    if "MEDIASERVER_DEADLINE_MS" in env:
+        enhance = replace(enhance, deadline_ms=float(env["MEDIASERVER_DEADLINE_MS"]))
+    if "MEDIASERVER_MAX_ROOMS" in env:
+        limits = replace(limits, max_rooms=int(env["MEDIASERVER_MAX_ROOMS"]))
+    if "MEDIASERVER_MAX_PARTICIPANTS" in env:
+        limits = replace(limits, max_participants_per_room=int(env["MEDIASERVER_MAX_PARTICIPANTS"]))
+    cfg = replace(cfg, media=media, enhance=enhance, limits=limits)
+    top = {k: v for k, v in overrides.items() if v is not None and k in ServerConfig.__dataclass_fields__}
+    cfg = replace(cfg, **top)  # type: ignore[arg-type]
+    if "stages" in overrides and overrides["stages"] is not None:
+        cfg = replace(cfg, enhance=replace(cfg.enhance, default_stages=_split(str(overrides["stages"]))))
+    if "device" in overrides and overrides["device"] is not None:
+        cfg = replace(cfg, enhance=replace(cfg.enhance, device=str(overrides["device"])))
+    return cfg

@@ -1,0 +1,96 @@
+"""The per-stream enhancement hook between decoding and encoding.
+
+``PipelineHub`` is what the SFU talks to: it opens one ``StreamPipeline`` per
+published stream.  With no stages configured the chunk passes straight
+through without leaving the event loop; with stages it goes through the
+shared batched executor of ``enhancers`` (which fails open on its own).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineResult:
+    """One processed chunk and what the stages said about it."""
+
+    audio: np.ndarray
+    side: dict[str, float] = field(default_factory=dict)
+    bypassed: bool = False
+
+
+class StreamPipeline:
+    """One published stream's chain of stages, changeable live."""
+
+    def __init__(self, hub: "PipelineHub", label: str, stages: Sequence[str],
+                 options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
+        self._hub = hub
+        self._label = label
+        self._executor_stream: Any = None
+        self._stages: list[str] = []
+        self._options = dict(options or {})
+        self.set_stages(stages, options)
+
+    @property
+    def stages(self) -> list[str]:
+        return list(self._stages)
+
+    @property
+    def latency_samples(self) -> int:
+        s = self._executor_stream
+        return int(s.latency_samples) if s is not None else 0
+
+    def set_stages(self, stages: Sequence[str],
+                   options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
+        stages = [s for s in stages if s]
+        if options is not None:
+            self._options = dict(options)
+        if not stages:
+            if self._executor_stream is not None:
+                self._executor_stream.close()
+                self._executor_stream = None
+            self._stages = []
+            return
+        executor = self._hub.executor
+        if executor is None:
+            raise RuntimeError("enhancement executor is not running")
+        if self._executor_stream is None:
+            self._executor_stream = executor.open_stream(stages, self._options, label=self._label)
+        else:
+            self._executor_stream.set_stages(stages, self._options)
+        self._stages = list(self._executor_stream.stages)
+
+    async def process(self, chunk: np.ndarray, reference: Optional[np.ndarray] = None) -> PipelineResult:
+        stream = self._executor_stream
+        if stream is None:
+            return PipelineResult(audio=chunk)
+        out = await stream.process(chunk, reference)
+        return PipelineResult(audio=out.audio, side=dict(out.side), bypassed=out.bypassed)
+
+    def close(self) -> None:
+        if self._executor_stream is not None:
+            self._executor_stream.close()
+            self._executor_stream = None
+
+
+class PipelineHub:
+    """Owns the shared enhancement executor and opens stream pipelines on it."""
+
+    def __init__(self, executor: Any = None) -> None:
+        self.executor = executor
+
+    def open(self, label: str, stages: Sequence[str],
+             options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> StreamPipeline:
+        return StreamPipeline(self, label, stages, options)
+
+    def stats(self) -> dict[str, Any]:
+        if self.executor is None:
+            return {"running": False}
+        return {"running": True, **self.executor.stats()}

@@ -1,0 +1,193 @@
+"""The SFU as one object: configuration, media clock, enhancement, rooms.
+
+``MediaServer`` is what the signaling layer (WebSocket, HTTP API, SIP bridge)
+drives.  It owns the process-wide media clock, the pipeline hub with the
+batched enhancement executor, and the room registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional, Sequence
+
+from mediaserver.clock import MediaClock
+from mediaserver.config import ServerConfig
+from mediaserver.ingest import InboundRtpSource
+from mediaserver.pipeline import PipelineHub
+from mediaserver.room import Participant, Room, RoomError, RoomRegistry, Send, cancel_quietly, new_id
+from mediaserver.session import PeerSession
+from mediaserver.stream import PublishedStream
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+def validate_stages(stages: Sequence[str] | str) -> list[str]:
+    """Parse and check a stage list; raises RoomError on unknown stages."""
+    from enhancers.registry import parse_stage_list
+
+    text = stages if isinstance(stages, str) else ",".join(stages)
+    try:
+        return [s.spec for s in parse_stage_list(text)]
+    except ValueError as exc:
+        raise RoomError("bad-stages", str(exc)) from exc
+
+
+class MediaServer:
+    """Owns the rooms, the media clock and the enhancement executor of the process."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.clock = MediaClock()
+        self.hub = PipelineHub()
+        self.rooms = RoomRegistry(list(config.enhance.default_stages), config.limits.max_rooms,
+                                  config.limits.max_participants_per_room)
+        self.started_at = time.time()
+        self._ticker: Optional[asyncio.Task[None]] = None
+
+    async def start(self) -> None:
+        validate_stages(self.config.enhance.default_stages)
+        from enhancers.executor import Executor, ExecutorConfig
+
+        e = self.config.enhance
+        executor = Executor(ExecutorConfig(device=e.device, deadline_ms=e.deadline_ms,
+                                           max_wait_ms=e.max_wait_ms, torch_threads=e.torch_threads))
+        await executor.start()
+        self.hub.executor = executor
+        self._ticker = asyncio.get_running_loop().create_task(self._room_ticker(), name="room-ticker")
+
+    async def close(self) -> None:
+        await cancel_quietly(self._ticker)
+        for room in list(self.rooms.rooms.values()):
+            for p in list(room.participants.values()):
+                try:
+                    await p.send({"type": "bye", "reason": "server shutting down"})
+                except Exception:
+                    pass
+                await room.remove_participant(p)
+            for s in list(room.streams.values()):
+                await room.remove_stream(s)
+        await self.clock.close()
+        if self.hub.executor is not None:
+            await self.hub.executor.close()
+
+    # -- participants -------------------------------------------------------
+    async def join(self, room_id: str, name: str, send: Send, *, kind: str = "webrtc",
+                   stages: Optional[Sequence[str] | str] = None,
+                   echo_cancellation: bool = True) -> Participant:
+        room = self.rooms.get_or_create(room_id)
+        pid = new_id("p-")
+        session = PeerSession(pid, self.config.media, self.config.limits, send)
+        participant = Participant(id=pid, name=name, room=room, session=session, send=send, kind=kind,
+                                  echo_cancellation_client=echo_cancellation)
+        if stages is not None:
+            participant.stages = validate_stages(stages)
+        room.add_participant(participant)
+        log.info("room %s: %s (%s) joined as %s", room.id, name, kind, pid)
+        return participant
+
+    async def accept_offer(self, participant: Participant, sdp: str) -> str:
+        session = participant.session
+        answer = await session.accept_offer(sdp)
+        room = participant.room
+        if session.publish_transceiver is not None:
+            m = self.config.media
+            source = InboundRtpSource(session.publish_transceiver.receiver, min_delay_ms=m.jitter_min_ms,
+                                      max_delay_ms=m.jitter_max_ms, start_delay_ms=m.jitter_start_ms)
+            pipeline = self.hub.open(f"{room.id}/{participant.id}", participant.effective_stages())
+            stream = PublishedStream(f"{participant.id}-mic", participant.id, "microphone", source,
+                                     pipeline, self.clock, bitrate=m.opus_bitrate)
+            stream.muted = participant.muted
+            participant.published = stream
+            stream.start()
+            room.add_stream(stream)
+        session.mark_ready()
+        room.subscribe_existing(participant)
+
+        @session.pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            if session.pc.connectionState == "failed" and participant.id in room.participants:
+                log.warning("participant %s: connection failed, removing", participant.id)
+                await self.leave(participant, reason="connection failed")
+
+        await room.broadcast({"type": "participant-joined", "participant": participant.describe()},
+                             exclude=participant.id)
+        return answer
+
+    async def accept_answer(self, participant: Participant, sdp: str) -> None:
+        await participant.session.accept_answer(sdp)
+
+    async def leave(self, participant: Participant, reason: str = "left") -> None:
+        room = participant.room
+        if room.participants.get(participant.id) is not participant:
+            return
+        await room.remove_participant(participant)
+        log.info("room %s: %s left (%s)", room.id, participant.id, reason)
+        await room.broadcast({"type": "participant-left", "participant": participant.describe(),
+                              "reason": reason})
+        self.rooms.drop_if_empty(room)
+
+    async def set_muted(self, participant: Participant, muted: bool) -> None:
+        participant.muted = bool(muted)
+        if participant.published is not None:
+            participant.published.muted = participant.muted
+        await participant.room.broadcast({"type": "participant-updated", "participant": participant.describe()})
+
+    async def set_participant_stages(self, participant: Participant, stages: Sequence[str] | str | None) -> None:
+        participant.stages = None if stages is None else validate_stages(stages)
+        if participant.published is not None:
+            participant.published.pipeline.set_stages(participant.effective_stages())
+        await participant.room.broadcast({"type": "participant-updated", "participant": participant.describe()})
+
+    async def set_room_stages(self, room: Room, stages: Sequence[str] | str) -> None:
+        room.stages = validate_stages(stages)
+        for p in room.participants.values():
+            if p.stages is None and p.published is not None:
+                p.published.pipeline.set_stages(room.stages)
+        await room.broadcast({"type": "room-updated", "room": room.describe()})
+
+    # -- periodic work -----------------------------------------------------------
+    def stream_stats(self, stream: PublishedStream) -> dict[str, Any]:
+        c = stream.counters
+        out: dict[str, Any] = {
+            "stream": stream.id, "participant": stream.owner_id, "kind": stream.kind,
+            "stages": stream.pipeline.stages, "chunks": c.chunks, "bypassed": c.bypassed,
+            "level_dbfs": round(c.level_dbfs, 1), "vad": round(c.vad, 2),
+            "processing_ms": round(c.processing_ms, 2), "server_latency_ms": round(c.server_latency_ms, 1),
+            "subscribers": stream.fanout.subscriber_count,
+        }
+        jb = getattr(stream.source, "stats", None)
+        if jb is not None:
+            out.update({"received": jb.received, "lost": jb.lost, "late": jb.late,
+                        "concealed_chunks": jb.concealed_chunks, "fec_recovered": jb.fec_recovered,
+                        "jitter_ms": round(jb.jitter_ms, 2), "jitter_buffer_ms": round(jb.buffer_ms, 1),
+                        "jitter_target_ms": round(jb.target_ms, 1)})
+        return out
+
+    async def _room_ticker(self) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(0.25)
+            n += 1
+            for room in list(self.rooms.rooms.values()):
+                speaker = room.update_active_speaker()
+                if speaker is not None:
+                    await room.broadcast({"type": "active-speaker", "participant": speaker})
+                if n % 4 == 0:
+                    stats = [self.stream_stats(s) for s in room.streams.values()]
+                    await room.broadcast({"type": "stats", "streams": stats})
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "version": VERSION,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "rooms": len(self.rooms.rooms),
+            "participants": self.rooms.participant_count,
+            "clock": {"ticks": self.clock.ticks, "skipped_ticks": self.clock.skipped_ticks,
+                      "last_lag_ms": round(self.clock.last_lag_ms, 2)},
+            "executor": self.hub.stats(),
+        }

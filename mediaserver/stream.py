@@ -1,0 +1,136 @@
+"""One published audio stream: source -> enhancement pipeline -> one encoder -> fan-out.
+
+Every 10 ms the media clock asks each ``PublishedStream`` for a chunk; the
+chunk goes to the stream's pipeline (batched with all other streams by the
+executor), and the results are encoded in order, once, and handed to the
+fan-out.  Sources are pluggable: a WebRTC microphone, a TTS prompt player,
+a phone call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+
+from mediaserver.clock import MediaClock
+from mediaserver.fanout import Fanout, StreamEncoder
+from mediaserver.pipeline import PipelineResult, StreamPipeline
+
+log = logging.getLogger(__name__)
+
+_MAX_INFLIGHT = 16  # 160 ms of chunks awaiting the executor, then new chunks are dropped
+
+
+class ChunkSource(Protocol):
+    def pull(self) -> tuple[np.ndarray, Optional[float]]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class StreamCounters:
+    """Per-stream figures for telemetry and the stats API."""
+
+    chunks: int = 0
+    bypassed: int = 0
+    dropped_backlog: int = 0
+    level_dbfs: float = -100.0
+    vad: float = 0.0
+    processing_ms: float = 0.0
+    server_latency_ms: float = 0.0
+
+
+class PublishedStream:
+    """Owns one published stream's path from source chunks to encoded packets."""
+
+    def __init__(self, stream_id: str, owner_id: str, kind: str, source: ChunkSource,
+                 pipeline: StreamPipeline, clock: MediaClock, *, bitrate: int = 32_000,
+                 reference: Optional[Callable[[], Optional[np.ndarray]]] = None,
+                 on_chunk: Optional[Callable[["PublishedStream", np.ndarray, PipelineResult], None]] = None,
+                 synthetic: bool = False) -> None:
+        self.id = stream_id
+        self.owner_id = owner_id
+        self.kind = kind
+        self.synthetic = synthetic
+        self.source = source
+        self.pipeline = pipeline
+        self.fanout = Fanout()
+        self.encoder = StreamEncoder(bitrate=bitrate)
+        self.counters = StreamCounters()
+        self.muted = False
+        self._clock = clock
+        self._reference = reference
+        self._on_chunk = on_chunk
+        self._inflight: asyncio.Queue[tuple[asyncio.Future[PipelineResult], np.ndarray, Optional[float], float]] = (
+            asyncio.Queue()
+        )
+        self._drain_task: Optional[asyncio.Task[None]] = None
+        self.closed = False
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._drain_task = loop.create_task(self._drain(), name=f"stream-{self.id}")
+        self._clock.add(self, self._on_tick)
+
+    def _on_tick(self) -> None:
+        audio, origin = self.source.pull()
+        if self.muted:
+            audio = np.zeros_like(audio)
+        if self._inflight.qsize() >= _MAX_INFLIGHT:
+            self.counters.dropped_backlog += 1
+            return
+        reference = self._reference() if self._reference is not None else None
+        fut = asyncio.ensure_future(self.pipeline.process(audio, reference))
+        self._inflight.put_nowait((fut, audio, origin, time.monotonic()))
+
+    async def _drain(self) -> None:
+        c = self.counters
+        while True:
+            fut, audio, origin, started = await self._inflight.get()
+            try:
+                result = await fut
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # fail open: the chunk goes out unprocessed
+                log.exception("pipeline failed on stream %s", self.id)
+                result = PipelineResult(audio=audio, bypassed=True)
+            c.chunks += 1
+            if result.bypassed:
+                c.bypassed += 1
+            c.processing_ms = (time.monotonic() - started) * 1000.0
+            rms = float(np.sqrt(np.mean(result.audio * result.audio)) + 1e-10)
+            c.level_dbfs = 0.9 * c.level_dbfs + 0.1 * 20.0 * math.log10(rms)
+            if "vad" in result.side:
+                c.vad = float(result.side["vad"])
+            if self._on_chunk is not None:
+                self._on_chunk(self, audio, result)
+            packet = self.encoder.push(result.audio, origin)
+            if packet is not None:
+                if origin is not None:
+                    c.server_latency_ms = (time.monotonic() - origin) * 1000.0
+                self.fanout.publish(packet)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._clock.remove(self)
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            try:
+                await self._drain_task
+            except asyncio.CancelledError:
+                pass
+        while not self._inflight.empty():
+            fut = self._inflight.get_nowait()[0]
+            fut.cancel()
+        self.fanout.close()
+        self.pipeline.close()
+        self.source.close()
+        self.encoder.close()

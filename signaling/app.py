@@ -1,0 +1,166 @@
+"""The HTTP side of the server: WebSocket signaling, REST API, browser page, metrics.
+
+``create_app`` builds the aiohttp application around a ``MediaServer``.
+Every request path validates its input and answers errors as JSON
+``{"error": code, "message": ...}`` with a 4xx/5xx status and a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from mediaserver.room import RoomError
+from mediaserver.server import MediaServer
+from signaling.metrics import render_metrics
+from signaling.websocket import SignalingConnection
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+SERVER_KEY: web.AppKey[MediaServer] = web.AppKey("server", MediaServer)
+CONN_KEY: web.AppKey[Counter[str]] = web.AppKey("connections", Counter)
+
+
+def json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RoomError as exc:
+        log.info("%s %s: %s", request.method, request.path, exc)
+        return json_error(exc.status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if exc.status >= 400 and request.path.startswith("/api"):
+            log.info("%s %s: %s", request.method, request.path, exc.reason)
+            return json_error(exc.status, exc.reason.lower().replace(" ", "-"), exc.reason)
+        raise
+
+
+async def read_json(request: web.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise RoomError("too-large", f"request bodies are limited to {max_bytes} bytes", status=413)
+    raw = await request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise RoomError("too-large", f"request bodies are limited to {max_bytes} bytes", status=413)
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise RoomError("bad-json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RoomError("bad-json", "the request body must be a JSON object")
+    return body
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    server = request.app[SERVER_KEY]
+    limits = server.config.limits
+    peer = request.remote or "?"
+    conns = request.app[CONN_KEY]
+    if conns[peer] >= limits.max_connections_per_address:
+        log.warning("%s: too many connections", peer)
+        return json_error(429, "too-many-connections", "too many connections from this address")
+    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=limits.max_ws_message_bytes)
+    await ws.prepare(request)
+    conns[peer] += 1
+    try:
+        await SignalingConnection(ws, server, peer).run()
+    finally:
+        conns[peer] -= 1
+        if conns[peer] <= 0:
+            del conns[peer]
+    return ws
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVER_KEY].health())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = render_metrics(request.app[SERVER_KEY])
+    return web.Response(body=body, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def list_rooms(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    rooms = [{"id": r.id, "participants": len(r.participants), "stages": r.stages}
+             for r in server.rooms.rooms.values()]
+    return web.json_response({"rooms": rooms})
+
+
+async def get_room(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    room = server.rooms.get(request.match_info["room_id"])
+    body = room.describe()
+    body["stats"] = [server.stream_stats(s) for s in room.streams.values()]
+    return web.json_response(body)
+
+
+async def put_room_stages(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    room = server.rooms.get(request.match_info["room_id"])
+    body = await read_json(request)
+    stages = body.get("stages")
+    if not isinstance(stages, (str, list)):
+        raise RoomError("bad-request", "'stages' is a comma-separated string or a list")
+    await server.set_room_stages(room, stages)
+    return web.json_response(room.describe())
+
+
+async def put_participant_stages(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    room = server.rooms.get(request.match_info["room_id"])
+    participant = room.participants.get(request.match_info["participant_id"])
+    if participant is None:
+        raise RoomError("unknown-participant", "no such participant in this room", status=404)
+    body = await read_json(request)
+    stages = body.get("stages")
+    if stages is not None and not isinstance(stages, (str, list)):
+        raise RoomError("bad-request", "'stages' is a comma-separated string, a list or null")
+    await server.set_participant_stages(participant, stages)
+    return web.json_response(participant.describe())
+
+
+async def list_stages(request: web.Request) -> web.Response:
+    from enhancers.registry import STAGES
+
+    return web.json_response({"stages": sorted(STAGES)})
+
+
+def create_app(server: MediaServer) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=256 * 1024)
+    app[SERVER_KEY] = server
+    app[CONN_KEY] = Counter()
+    app.router.add_get("/", index)
+    app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/stages", list_stages)
+    app.router.add_get("/api/rooms", list_rooms)
+    app.router.add_get("/api/rooms/{room_id}", get_room)
+    app.router.add_put("/api/rooms/{room_id}/stages", put_room_stages)
+    app.router.add_put("/api/rooms/{room_id}/participants/{participant_id}/stages", put_participant_stages)
+    app.router.add_static("/static/", STATIC)
+
+    async def on_startup(app: web.Application) -> None:
+        await server.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await server.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app

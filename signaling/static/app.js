@@ -1,0 +1,222 @@
+// Browser meeting page: joins a room over the WebSocket protocol (docs/PROTOCOL.md),
+// publishes the microphone, plays every remote stream, shows browser and server stats.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  ws: null, pc: null, me: null, mic: null, muted: false,
+  participants: new Map(),   // id -> participant
+  tracks: new Map(),         // mid -> {participant, stream, synthetic}
+  serverStats: new Map(),    // stream id -> stats from the server
+  lastBytes: new Map(),      // stats id -> [bytes, timestamp]
+  statsTimer: null,
+};
+window.meeting = state;      // for tests and debugging
+
+function setStatus(text, kind) { const s = $("status"); s.textContent = text; s.dataset.state = kind; }
+function showError(text) { $("error").textContent = text || ""; }
+function send(msg) { if (state.ws && state.ws.readyState === 1) state.ws.send(JSON.stringify(msg)); }
+
+function waitIceGathering(pc) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { if (pc.iceGatheringState === "complete") { pc.removeEventListener("icegatheringstatechange", done); resolve(); } };
+    pc.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, 3000);
+  });
+}
+
+function renderParticipants(activeId) {
+  const ul = $("participants");
+  ul.textContent = "";
+  for (const p of state.participants.values()) {
+    const li = document.createElement("li");
+    li.dataset.id = p.id;
+    li.textContent = p.name + (state.me && p.id === state.me.id ? " (you)" : "");
+    if (p.muted) { const t = document.createElement("span"); t.className = "tag"; t.textContent = "muted"; li.appendChild(t); }
+    if (p.kind && p.kind !== "webrtc") { const t = document.createElement("span"); t.className = "tag"; t.textContent = p.kind; li.appendChild(t); }
+    if (p.id === activeId) li.classList.add("speaking");
+    ul.appendChild(li);
+  }
+}
+
+function renderStages(stages) {
+  for (const box of document.querySelectorAll("#stages input[type=checkbox]")) {
+    const kind = box.value;
+    const match = (stages || []).find((s) => s.split(":")[0] === kind);
+    box.checked = !!match;
+    if (kind === "denoise" && match) $("denoise-model").value = match === "denoise:df3" ? "denoise" : match;
+  }
+}
+
+function selectedStages() {
+  const out = [];
+  for (const box of document.querySelectorAll("#stages input[type=checkbox]")) {
+    if (!box.checked) continue;
+    out.push(box.value === "denoise" ? $("denoise-model").value : box.value);
+  }
+  return out;
+}
+
+async function join(ev) {
+  ev.preventDefault();
+  showError("");
+  const room = $("room").value.trim();
+  const name = $("name").value.trim() || "guest";
+  try {
+    state.mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: false, autoGainControl: true } });
+  } catch (err) {
+    showError("Microphone not available: " + err.message);
+    return;
+  }
+  const proto = location.protocol === "https:" ? "wss" : "ws";
+  const ws = new WebSocket(`${proto}://${location.host}/ws`);
+  state.ws = ws;
+  setStatus("connecting…", "idle");
+  ws.onopen = () => {
+    const settings = state.mic.getAudioTracks()[0].getSettings();
+    send({ type: "join", version: 1, room, name, echoCancellation: settings.echoCancellation !== false });
+  };
+  ws.onmessage = (e) => onMessage(JSON.parse(e.data)).catch((err) => showError(String(err)));
+  ws.onclose = () => { setStatus("disconnected", "idle"); teardown(); };
+  ws.onerror = () => setStatus("connection error", "error");
+}
+
+async function onMessage(msg) {
+  switch (msg.type) {
+    case "joined": {
+      state.me = msg.participant;
+      state.participants.clear();
+      for (const p of msg.room.participants) state.participants.set(p.id, p);
+      renderParticipants();
+      renderStages(msg.participant.stages);
+      await startPeer();
+      $("join").disabled = true; $("leave").disabled = false; $("mute").disabled = false; $("stages").disabled = false;
+      setStatus(`in room ${msg.room.id}`, "connected");
+      break;
+    }
+    case "answer":
+      await state.pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
+      break;
+    case "offer": {
+      for (const [mid, info] of Object.entries(msg.tracks || {})) state.tracks.set(mid, info);
+      await state.pc.setRemoteDescription({ type: "offer", sdp: msg.sdp });
+      const answer = await state.pc.createAnswer();
+      await state.pc.setLocalDescription(answer);
+      await waitIceGathering(state.pc);
+      send({ type: "answer", sdp: state.pc.localDescription.sdp });
+      break;
+    }
+    case "participant-joined":
+    case "participant-updated":
+      state.participants.set(msg.participant.id, msg.participant);
+      if (state.me && msg.participant.id === state.me.id) renderStages(msg.participant.stages);
+      renderParticipants();
+      break;
+    case "participant-left":
+      state.participants.delete(msg.participant.id);
+      renderParticipants();
+      break;
+    case "active-speaker":
+      renderParticipants(msg.participant);
+      break;
+    case "stats":
+      for (const s of msg.streams) state.serverStats.set(s.stream, s);
+      break;
+    case "error":
+      showError(`${msg.code}: ${msg.message}`);
+      break;
+    case "bye":
+      showError("server: " + (msg.reason || "bye"));
+      break;
+  }
+}
+
+async function startPeer() {
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  state.pc = pc;
+  const track = state.mic.getAudioTracks()[0];
+  pc.addTransceiver(track, { direction: "sendrecv", streams: [state.mic] });
+  pc.ontrack = (ev) => {
+    const mid = ev.transceiver.mid;
+    const audio = document.createElement("audio");
+    audio.autoplay = true;
+    audio.dataset.mid = mid;
+    audio.srcObject = new MediaStream([ev.track]);
+    $("audio").appendChild(audio);
+    audio.play().catch(() => {});
+  };
+  const offer = await pc.createOffer();
+  await pc.setLocalDescription(offer);
+  await waitIceGathering(pc);
+  send({ type: "offer", sdp: pc.localDescription.sdp });
+  state.statsTimer = setInterval(updateStats, 1000);
+}
+
+function streamLabel(mid, direction) {
+  if (direction === "out") return "my microphone";
+  const info = state.tracks.get(mid);
+  if (!info) return `mid ${mid}`;
+  const p = state.participants.get(info.participant);
+  return (p ? p.name : info.participant) + (info.synthetic ? " (synthetic)" : "");
+}
+
+async function updateStats() {
+  if (!state.pc) return;
+  const report = await state.pc.getStats();
+  const rows = [];
+  report.forEach((s) => {
+    if (s.kind !== "audio" || (s.type !== "inbound-rtp" && s.type !== "outbound-rtp")) return;
+    const out = s.type === "outbound-rtp";
+    const bytes = out ? s.bytesSent : s.bytesReceived;
+    const prev = state.lastBytes.get(s.id);
+    state.lastBytes.set(s.id, [bytes, s.timestamp]);
+    const kbps = prev ? ((bytes - prev[0]) * 8 / (s.timestamp - prev[1])).toFixed(1) : "";
+    let server = null;
+    if (out && state.me) server = state.serverStats.get(`${state.me.id}-mic`);
+    if (!out) { const info = state.tracks.get(s.mid); if (info) server = state.serverStats.get(info.stream); }
+    rows.push({
+      label: streamLabel(s.mid, out ? "out" : "in"), direction: out ? "sent" : "received",
+      packets: out ? s.packetsSent : s.packetsReceived, lost: out ? "" : s.packetsLost,
+      jitter: out ? "" : ((s.jitter || 0) * 1000).toFixed(1),
+      level: s.audioLevel !== undefined ? s.audioLevel.toFixed(3) : "", kbps,
+      server: server ? [server.jitter_ms ?? "", server.lost ?? "", server.concealed_chunks ?? "", server.jitter_buffer_ms ?? "", server.server_latency_ms, server.vad].join(" / ") : "",
+    });
+  });
+  const tbody = document.querySelector("#stats tbody");
+  tbody.textContent = "";
+  for (const r of rows) {
+    const tr = document.createElement("tr");
+    for (const v of [r.label, r.direction, r.packets, r.lost, r.jitter, r.level, r.kbps, r.server]) {
+      const td = document.createElement("td"); td.textContent = v ?? ""; tr.appendChild(td);
+    }
+    tbody.appendChild(tr);
+  }
+}
+
+function teardown() {
+  if (state.statsTimer) clearInterval(state.statsTimer);
+  state.statsTimer = null;
+  if (state.pc) state.pc.close();
+  state.pc = null;
+  if (state.mic) state.mic.getTracks().forEach((t) => t.stop());
+  state.mic = null;
+  state.participants.clear(); state.tracks.clear();
+  $("audio").textContent = "";
+  renderParticipants();
+  $("join").disabled = false; $("leave").disabled = true; $("mute").disabled = true; $("stages").disabled = true;
+}
+
+$("join-form").addEventListener("submit", join);
+$("leave").addEventListener("click", () => { send({ type: "leave" }); if (state.ws) state.ws.close(); });
+$("mute").addEventListener("click", () => {
+  state.muted = !state.muted;
+  if (state.mic) state.mic.getAudioTracks().forEach((t) => { t.enabled = !state.muted; });
+  $("mute").textContent = state.muted ? "Unmute" : "Mute";
+  $("mute").setAttribute("aria-pressed", String(state.muted));
+  send({ type: "mute", muted: state.muted });
+});
+$("stages").addEventListener("change", () => send({ type: "set-stages", stages: selectedStages() }));
+const params = new URLSearchParams(location.search);
+if (params.get("room")) $("room").value = params.get("room");
+if (params.get("name")) $("name").value = params.get("name");

@@ -1,0 +1,81 @@
+"""Shared fixtures: a real server on a loopback port, real recordings from ../shared/eval."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from enhancers.audio_io import read_48k
+from mediaserver.config import EnhanceConfig, ServerConfig
+from mediaserver.server import MediaServer
+from signaling.app import create_app
+
+EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
+
+
+def eval_file(*parts: str) -> Path:
+    path = EVAL.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"missing evaluation recording {path}")
+    return path
+
+
+def speech(name: str = "cmu_arctic_us_aew_a0001.wav", seconds: float | None = None) -> np.ndarray:
+    x = read_48k(eval_file("speech", name))
+    if seconds is not None:
+        x = x[: int(seconds * 48_000)]
+    return x / (np.max(np.abs(x)) + 1e-9) * 0.5
+
+
+def noise(name: str = "running_tap.wav", seconds: float | None = None) -> np.ndarray:
+    x = read_48k(eval_file("noise", name))
+    if seconds is not None:
+        x = x[: int(seconds * 48_000)]
+    return x
+
+
+class RunningServer:
+    """A MediaServer behind its aiohttp app on 127.0.0.1 with an OS-chosen port."""
+
+    def __init__(self, server: MediaServer, runner: web.AppRunner, port: int) -> None:
+        self.server = server
+        self.runner = runner
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+
+ServerFactory = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[ServerFactory]:
+    started: list[RunningServer] = []
+
+    async def factory(config: ServerConfig | None = None, stages: tuple[str, ...] = ()) -> RunningServer:
+        cfg = config or ServerConfig(host="127.0.0.1", port=0,
+                                     enhance=replace(EnhanceConfig(), default_stages=stages, device="cpu"))
+        server = MediaServer(cfg)
+        runner = web.AppRunner(create_app(server))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        rs = RunningServer(server, runner, port)
+        started.append(rs)
+        return rs
+
+    yield factory
+    for rs in started:
+        await rs.runner.cleanup()
+    await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def server(start_server: ServerFactory) -> RunningServer:
+    return await start_server()

@@ -1,0 +1,122 @@
+"""Real aiortc participants talk through the real server over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import numpy as np
+
+from loadtest.bot import Bot
+from tests.audio_checks import content_match, longest_silence_ms, looped
+from tests.conftest import RunningServer, noise, speech
+
+
+async def _wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_two_participants_hear_each_other(server: RunningServer) -> None:
+    a_src = speech("cmu_arctic_us_aew_a0001.wav")
+    b_src = speech("cmu_arctic_us_axb_a0004.wav")
+    a = Bot(server.url, "room1", "alice", a_src)
+    b = Bot(server.url, "room1", "bob", b_src)
+    await a.join()
+    await b.join()
+    try:
+        await _wait_for(lambda: a.id is not None and b.id is not None)
+        await asyncio.sleep(4.0)
+        got_at_a = a.received_from(b.id)  # type: ignore[arg-type]
+        got_at_b = b.received_from(a.id)  # type: ignore[arg-type]
+        assert len(got_at_a) > 48_000 * 2.5, "bob's audio did not arrive at alice"
+        assert len(got_at_b) > 48_000 * 2.5, "alice's audio did not arrive at bob"
+        ncc_a = content_match(got_at_a[24_000:], looped(b_src))
+        ncc_b = content_match(got_at_b[24_000:], looped(a_src))
+        assert ncc_a > 0.6, f"alice hears something else than bob's speech (ncc {ncc_a:.2f})"
+        assert ncc_b > 0.6, f"bob hears something else than alice's speech (ncc {ncc_b:.2f})"
+        # the wrong pairing must not correlate: content is routed, not mixed up
+        wrong = content_match(got_at_a[24_000:], looped(a_src))
+        assert wrong < 0.4, f"alice hears her own speech (ncc {wrong:.2f})"
+        async with aiohttp.ClientSession() as http:
+            room = await (await http.get(f"{server.url}/api/rooms/room1")).json()
+            assert {p["name"] for p in room["participants"]} == {"alice", "bob"}
+            assert all(s["subscribers"] == 1 for s in room["streams"])
+            stats = {s["participant"]: s for s in room["stats"]}
+            assert stats[a.id]["received"] > 100 and stats[a.id]["lost"] == 0
+    finally:
+        await a.leave()
+        await b.leave()
+
+
+async def test_leave_renegotiates_without_interrupting_others(server: RunningServer) -> None:
+    continuous = noise("running_tap.wav") * 4.0
+    a = Bot(server.url, "room2", "a", speech())
+    b = Bot(server.url, "room2", "b", continuous)
+    c = Bot(server.url, "room2", "c", speech("cmu_arctic_us_axb_a0005.wav"))
+    for bot in (a, b, c):
+        await bot.join()
+    try:
+        await _wait_for(lambda: len(a.recordings) == 2 and len(c.recordings) == 2, 10)
+        await asyncio.sleep(2.0)
+        assert a.received_from(c.id).size > 0  # type: ignore[arg-type]
+        t_leave = time.monotonic()
+        renegs = a.renegotiations
+        await c.leave()
+        await _wait_for(lambda: a.renegotiations > renegs, 10)
+        await _wait_for(lambda: any(e["type"] == "participant-left" for e in a.events), 5)
+        await asyncio.sleep(2.0)
+        # b's continuous signal kept flowing to a across c's departure
+        around = a.received_from(b.id, since=t_leave - 1.0)  # type: ignore[arg-type]
+        assert len(around) > 48_000 * 2.5
+        assert longest_silence_ms(around[4800:]) < 60.0
+        left = a.events_of("participant-left")[0]["participant"]
+        assert left["id"] == c.id
+    finally:
+        await a.leave()
+        await b.leave()
+
+
+async def test_three_participants_each_receive_two_streams(server: RunningServer) -> None:
+    srcs = [speech("cmu_arctic_us_aew_a0002.wav"), speech("cmu_arctic_us_axb_a0006.wav"),
+            speech("vctk_p286_011_48k.wav")]
+    bots = [Bot(server.url, "room3", f"p{i}", s) for i, s in enumerate(srcs)]
+    for bot in bots:
+        await bot.join()
+    try:
+        await asyncio.sleep(4.5)
+        for i, bot in enumerate(bots):
+            for j, other in enumerate(bots):
+                if i == j:
+                    continue
+                got = bot.received_from(other.id)  # type: ignore[arg-type]
+                assert len(got) > 48_000 * 2, f"p{i} got no audio from p{j}"
+                ncc = content_match(got[24_000:], looped(srcs[j]))
+                assert ncc > 0.6, f"p{i} hears p{j} badly (ncc {ncc:.2f})"
+        # encode once per published stream: one stream per participant, two subscribers each
+        room = server.server.rooms.get("room3")
+        assert len(room.streams) == 3
+        assert all(s.fanout.subscriber_count == 2 for s in room.streams.values())
+        packets = [s.encoder.packets for s in room.streams.values()]
+        sent = sum(t.sent for p in room.participants.values() for t in p.session.subscriber_tracks)
+        assert sent <= 2 * sum(packets) + 10  # each encoded packet fanned out to two subscribers
+    finally:
+        for bot in bots:
+            await bot.leave()
+
+
+async def test_healthz_and_rooms_api(server: RunningServer) -> None:
+    async with aiohttp.ClientSession() as http:
+        health = await (await http.get(f"{server.url}/healthz")).json()
+        assert health["status"] == "ok"
+        r = await http.get(f"{server.url}/api/rooms/nope")
+        assert r.status == 404
+        assert (await r.json())["error"] == "unknown-room"
+        rooms = await (await http.get(f"{server.url}/api/rooms")).json()
+        assert rooms == {"rooms": []}
+        metrics = await (await http.get(f"{server.url}/metrics")).text()
+        assert "mediaserver_rooms 0" in metrics
