@@ -26,20 +26,20 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from enhancers.audio_io import read_48k  # noqa: E402
-from enhancers.denoise.df3 import DeepFilterNet3Stage  # noqa: E402
-from enhancers.denoise.libdf import LibDfStream  # noqa: E402
-from enhancers.denoise.nsnet2 import NSNet2Stage  # noqa: E402
-from enhancers.denoise.rnnoise import RNNoiseState  # noqa: E402
-from enhancers.stage import CHUNK, BatchContext, Stage  # noqa: E402
+from enhancers.audio_io import read_48k
+from enhancers.denoise.df3 import DeepFilterNet3Stage
+from enhancers.denoise.libdf import LibDfStream
+from enhancers.denoise.nsnet2 import NSNet2Stage
+from enhancers.denoise.rnnoise import RNNoiseState
+from enhancers.stage import CHUNK, BatchContext, Stage
 
 EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
 

@@ -3,10 +3,16 @@
 Prints JSON.  For each B:
   * ``identity``: a trivial stage through the full executor path (submit, tick,
     worker thread, resolve), minus the stage's own time = executor overhead;
+    ``asyncio_floor`` is the same gather of B awaits per tick resolved by a bare
+    callback: what any per-stream ``await`` API costs before doing anything;
   * ``limiter``, ``vad`` (webrtc), ``vad:silero``: one batched ``Stage.process``
     call over B streams against B separate single-stream calls (the per-stream
     baseline), both measured in this run, plus the full executor path.
-All figures are microseconds per stream-chunk (one 10 ms chunk of one stream).
+All figures are microseconds per stream-chunk (one 10 ms chunk of one stream):
+stage calls in CPU time of the calling thread; the executor path in wall time
+and in process CPU time (loop + worker threads), since wall time on a shared
+machine also counts other processes.  ``calibration_python_loop_ms`` (a 1e6-step
+loop, about 40-50 ms on an idle modern core) tells how slow the machine was.
 Run: ``.venv/bin/python bench/executor.py [--quick]``.
 """
 
@@ -59,7 +65,7 @@ def load_audio(streams: int, ticks: int) -> np.ndarray:
 
 
 def stage_cost(spec: str, audio: np.ndarray, ticks: int) -> dict[str, float]:
-    """Batched call vs B single-stream calls, microseconds per stream-chunk."""
+    """Batched call vs B single-stream calls, CPU microseconds per stream-chunk."""
     b = audio.shape[0]
     stage = registry.create_stage(spec, device="cpu")
     batched_streams = [stage.stream() for _ in range(b)]
@@ -70,20 +76,47 @@ def stage_cost(spec: str, audio: np.ndarray, ticks: int) -> dict[str, float]:
             stage.process(chunks[:, k], batched_streams, BatchContext())
             for s in range(b):
                 stage.process(chunks[s : s + 1, k], [single_streams[s]], BatchContext())
-        start = time.perf_counter()
+        start = time.thread_time()
         for k in range(ticks):
             stage.process(chunks[:, k], batched_streams, BatchContext())
-        batched = time.perf_counter() - start
-        start = time.perf_counter()
+        batched = time.thread_time() - start
+        start = time.thread_time()
         for k in range(ticks):
             for s in range(b):
                 stage.process(chunks[s : s + 1, k], [single_streams[s]], BatchContext())
-        single = time.perf_counter() - start
+        single = time.thread_time() - start
     per = 1e6 / (ticks * b)
     return {
         "batched_us": round(batched * per, 2),
         "per_stream_calls_us": round(single * per, 2),
         "speedup": round(single / batched, 2),
+    }
+
+
+async def asyncio_floor(streams: int, ticks: int) -> dict[str, float]:
+    """The same per-tick gather of B awaits, resolved by a bare callback: the asyncio floor."""
+    loop = asyncio.get_running_loop()
+    waiting: list[asyncio.Future[None]] = []
+
+    def resolve() -> None:
+        for future in waiting:
+            future.set_result(None)
+        waiting.clear()
+
+    async def submit() -> None:
+        future: asyncio.Future[None] = loop.create_future()
+        waiting.append(future)
+        if len(waiting) == streams:
+            loop.call_soon(resolve)
+        await future
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(ticks):
+        await asyncio.gather(*(submit() for _ in range(streams)))
+    per = 1e6 / (ticks * streams)
+    return {
+        "wall_us": round((time.perf_counter() - start) * per, 2),
+        "cpu_us": round((time.process_time() - cpu_start) * per, 2),
     }
 
 
@@ -98,10 +131,11 @@ async def executor_cost(spec: str, audio: np.ndarray, ticks: int) -> dict[str, A
         for k in range(3):
             await asyncio.gather(*(s.process(audio[i, k]) for i, s in enumerate(streams)))
         base_calls = executor.stats()["stages"][spec]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for k in range(ticks):
             await asyncio.gather(*(s.process(audio[i, k]) for i, s in enumerate(streams)))
         wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
         stats = executor.stats()
     finally:
         await executor.close()
@@ -111,6 +145,8 @@ async def executor_cost(spec: str, audio: np.ndarray, ticks: int) -> dict[str, A
     per = 1e6 / (ticks * b)
     return {
         "wall_us": round(wall * per, 2),
+        "cpu_us": round(cpu * per, 2),  # both threads; less disturbed by other load than wall
+        "cpu_overhead_us": round((cpu - stage_s) * per, 2),
         "stage_us": round(stage_s * per, 2),
         "overhead_us": round((wall - stage_s) * per, 2),
         "tick_ms": round(wall / ticks * 1e3, 3),
@@ -119,12 +155,21 @@ async def executor_cost(spec: str, audio: np.ndarray, ticks: int) -> dict[str, A
     }
 
 
+def python_speed_ms() -> float:
+    """CPU time of a 1e6-step Python loop: scale figures taken on a loaded or slow machine."""
+    start = time.thread_time()
+    total = 0
+    for i in range(1_000_000):
+        total += i
+    return round((time.thread_time() - start) * 1e3, 1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer ticks, for a smoke run")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ticks = 20 if args.quick else 100
+    ticks = 10 if args.quick else 50
     audio_all = load_audio(max(BATCHES), ticks + 3)
     results: dict[str, Any] = {}
     for b in BATCHES:
@@ -132,6 +177,7 @@ def main() -> int:
         row: dict[str, Any] = {
             "identity": {
                 "executor": asyncio.run(executor_cost("denoise:bench_identity", audio, ticks)),
+                "asyncio_floor": asyncio.run(asyncio_floor(b, ticks)),
                 **stage_cost("denoise:bench_identity", audio[:, 3:], ticks),
             }
         }
@@ -149,6 +195,7 @@ def main() -> int:
         "torch_threads": 1,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "calibration_python_loop_ms": python_speed_ms(),
         "results": results,
     }
     print(json.dumps(report, indent=2))

@@ -335,12 +335,14 @@ class Executor:
         if job.abandoned or job.done is None or job.done.done():
             return
         late = 0
-        for items, results in zip(job.rounds, job.results):
-            for item, result in zip(items, results):
-                if item.future.done():
+        for items, result in zip(job.rounds, job.results):
+            rows, side, failed = list(result.audio), result.side, result.failed
+            for i, item in enumerate(items):
+                future = item.future
+                if future.done():
                     late += 1
                 else:
-                    item.future.set_result(result)
+                    future.set_result(ProcessedChunk(rows[i], side[i] if side else {}, i in failed))
         for items in job.rounds[len(job.results) :]:
             for item in items:
                 self._bypass(item, "bypass_error")

@@ -70,6 +70,15 @@ class PendingChunk:
 
 
 @dataclass
+class RoundResult:
+    """One round's output, row-aligned with its chunks; turned into ProcessedChunks on the loop."""
+
+    audio: np.ndarray  # [n, 480] float32, owned by nobody else
+    side: list[dict[str, float]] | None  # per-row side info; None when no stage wrote any
+    failed: set[int]  # rows where some stage raised
+
+
+@dataclass
 class SetStreamStages:
     """Control op: stream ``stream_id`` now wants ``wanted`` (spec -> per-stream options)."""
 
@@ -99,7 +108,7 @@ class Job:
 
     ops: list[ControlOp]
     rounds: list[list[PendingChunk]]
-    results: list[list[ProcessedChunk]] = field(default_factory=list)
+    results: list[RoundResult] = field(default_factory=list)
     abandoned: bool = False
     current_spec: str | None = None
     started: float = 0.0
@@ -270,11 +279,12 @@ class BatchRunner:
         self._plans[sids] = plan
         return plan
 
-    def _run_round(self, job: Job, items: Sequence[PendingChunk]) -> list[ProcessedChunk] | None:
+    def _run_round(self, job: Job, items: Sequence[PendingChunk]) -> RoundResult | None:
         n = len(items)
         plan = self._plan(tuple(it.stream_id for it in items))
         self.counters["batches"] += 1
-        x = torch.from_numpy(np.concatenate([it.audio for it in items]).reshape(n, CHUNK))
+        batch = np.concatenate([it.audio for it in items]).reshape(n, CHUNK)
+        x = torch.from_numpy(batch)
         if self._on_device:
             x = x.to(self.device)
         refs = [it.reference for it in items]
@@ -334,12 +344,10 @@ class BatchRunner:
             self.counters["stage_unavailable"] += unavailable
         if self._on_device or x.dtype != torch.float32:
             x = x.to("cpu", torch.float32)
-        out = x.detach().numpy().copy()
-        rows = list(out)
-        if not sides and not failed:
-            return [ProcessedChunk(row, {}, False) for row in rows]
-        side_rows = _side_rows(n, sides) if sides else [{} for _ in range(n)]
-        return [ProcessedChunk(rows[i], side_rows[i], i in failed) for i in range(n)]
+        out = x.detach().numpy()
+        if x.data_ptr() != batch.ctypes.data:  # a stage's tensor: it may alias the stage's state
+            out = out.copy()
+        return RoundResult(out, _side_rows(n, sides) if sides else None, failed)
 
 
 def _side_rows(n: int, sides: list[tuple[str, list[int] | None, torch.Tensor]]) -> list[dict[str, float]]:

@@ -103,12 +103,20 @@ class SileroVadStage(Stage):
             warnings.simplefilter("ignore", DeprecationWarning)
             net = load_silero_vad(onnx=False)._model  # 16 kHz core: forward(x, state) -> (p, state)
         self.net = net.to(self.device).eval()
+        self._warm_up()
         fir = firwin(self.TAPS, 7200.0, fs=SAMPLE_RATE).astype(np.float32)
         self.fir = torch.from_numpy(fir).view(1, 1, -1).to(self.device)
         self.hop = CHUNK // self.DECIMATION  # 160 new samples at 16 kHz per chunk
         self.offsets = torch.arange(self.hop, device=self.device)
         self.attack = smoothing_coefficient(attack_ms) if attack_ms > 0 else 1.0
         self.release = smoothing_coefficient(release_ms)
+
+    def _warm_up(self) -> None:
+        """Let TorchScript profile and optimise now, not on the first live windows (~200 ms)."""
+        with torch.inference_mode():
+            for batch in (1, 2, 5, 3, 8, 1, 4):
+                frames = torch.zeros(batch, self.CONTEXT + self.WINDOW, device=self.device)
+                self.net(frames, torch.zeros(2, batch, 128, device=self.device))
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         return {

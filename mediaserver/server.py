@@ -90,8 +90,14 @@ class MediaServer:
         return participant
 
     async def accept_offer(self, participant: Participant, sdp: str) -> str:
+        """Answer the client's one offer, then start its stream and its subscriptions.
+
+        The answer is sent before anything else so that no server offer can
+        overtake it on the signaling channel.
+        """
         session = participant.session
         answer = await session.accept_offer(sdp)
+        await participant.send({"type": "answer", "sdp": answer})
         room = participant.room
         if session.publish_transceiver is not None:
             m = self.config.media

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
+import aiortc.rtcpeerconnection as _aiortc_pc
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
 from aiortc.rtcrtpsender import RTCRtpSender
 
 from mediaserver.config import LimitsConfig, MediaConfig
@@ -37,6 +40,30 @@ class SendSlot:
     transceiver: Any
     track: SubscriberTrack
     stream: Optional[PublishedStream] = None
+
+
+_EXTMAP_RE = re.compile(r"^a=extmap:(\d+)(?:/\w+)?\s+(\S+)", re.MULTILINE)
+
+
+def client_extension_ids(remote_sdp: str, supported: list[RTCRtpHeaderExtensionParameters]
+                         ) -> list[RTCRtpHeaderExtensionParameters]:
+    """Header extension ids for our offers that agree with the client's own numbering.
+
+    aiortc numbers extensions its own way in every offer; browsers refuse a
+    renegotiation that renumbers an extension inside the BUNDLE group.  Keep
+    the client's id for each URI it uses, and give the others unused ids.
+    """
+    theirs = {uri: int(i) for i, uri in _EXTMAP_RE.findall(remote_sdp)}
+    used = set(theirs.values())
+    out = []
+    for ext in supported:
+        if ext.uri in theirs:
+            out.append(RTCRtpHeaderExtensionParameters(id=theirs[ext.uri], uri=ext.uri))
+        else:
+            free = next(i for i in range(1, 15) if i not in used)
+            used.add(free)
+            out.append(RTCRtpHeaderExtensionParameters(id=free, uri=ext.uri))
+    return out
 
 
 def _opus_only(kind: str = "audio") -> list[Any]:
@@ -62,6 +89,7 @@ class PeerSession:
         self._dirty = False
         self._lock = asyncio.Lock()
         self._timeout: Optional[asyncio.TimerHandle] = None
+        self._audio_extensions: Optional[list[RTCRtpHeaderExtensionParameters]] = None
         self.renegotiations = 0
         self.closed = False
 
@@ -77,6 +105,8 @@ class PeerSession:
             except Exception as exc:
                 raise NegotiationError(f"malformed or unsupported offer: {exc}") from exc
             audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
+            self._audio_extensions = client_extension_ids(
+                sdp, _aiortc_pc.HEADER_EXTENSIONS["audio"])
             if not audio:
                 raise NegotiationError("the offer has no audio m-line")
             opus = _opus_only()
@@ -156,7 +186,7 @@ class PeerSession:
             self._negotiating = True
             self._dirty = False
             try:
-                offer = await self.pc.createOffer()
+                offer = await self._create_offer()
                 await self.pc.setLocalDescription(offer)
             except Exception:
                 log.exception("participant %s: creating an offer failed", self.participant_id)
@@ -166,6 +196,20 @@ class PeerSession:
             loop = asyncio.get_running_loop()
             self._timeout = loop.call_later(self._limits.negotiation_timeout_s, self._answer_timed_out)
             await self._send({"type": "offer", "sdp": self.pc.localDescription.sdp, "tracks": self.track_map()})
+
+    async def _create_offer(self) -> RTCSessionDescription:
+        """``pc.createOffer`` with the client's header extension numbering.
+
+        aiortc's createOffer reads the module-level extension table and never
+        suspends, so swapping the table around the call affects this offer only.
+        """
+        saved = _aiortc_pc.HEADER_EXTENSIONS
+        if self._audio_extensions is not None:
+            _aiortc_pc.HEADER_EXTENSIONS = {**saved, "audio": self._audio_extensions}
+        try:
+            return await self.pc.createOffer()
+        finally:
+            _aiortc_pc.HEADER_EXTENSIONS = saved
 
     def _answer_timed_out(self) -> None:
         log.warning("participant %s did not answer the server offer in time", self.participant_id)

@@ -91,8 +91,7 @@ class SignalingConnection:
         max_sdp = self.server.config.limits.max_sdp_bytes
         if mtype == "offer":
             sdp = require_str(msg, "sdp", max_len=max_sdp)
-            answer = await self.server.accept_offer(p, sdp)
-            await self.send({"type": "answer", "sdp": answer})
+            await self.server.accept_offer(p, sdp)  # sends the answer itself, before any server offer
         elif mtype == "answer":
             await self.server.accept_answer(p, require_str(msg, "sdp", max_len=max_sdp))
         elif mtype == "mute":

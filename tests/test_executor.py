@@ -79,11 +79,20 @@ class SlowDelayStage(Stage):
         return full[:, :CHUNK]
 
 
+class SlowLoadStage(RecordingStage):
+    """Test stage whose construction takes a while (as loading real weights does)."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        super().__init__(device)
+        threading.Event().wait(0.5)
+
+
 @pytest.fixture(autouse=True)
 def test_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(registry.STAGES, "denoise:test_record", f"{__name__}:RecordingStage")
     monkeypatch.setitem(registry.STAGES, "dereverb:test_faulty", f"{__name__}:FaultyStage")
     monkeypatch.setitem(registry.STAGES, "aec:test_slow_delay", f"{__name__}:SlowDelayStage")
+    monkeypatch.setitem(registry.STAGES, "denoise:test_slow_load", f"{__name__}:SlowLoadStage")
     SlowDelayStage.calls = 0
     RecordingStage.batch_sizes = []
     FaultyStage.mode = "ok"
@@ -166,6 +175,26 @@ async def test_streams_join_and_leave_mid_run(executor: Executor) -> None:
     assert seen["late"] == list(range(1, 41)) and seen["s0"] == list(range(1, 61))
     assert RecordingStage.batch_sizes == [4] * 20 + [5] * 20 + [4] * 20
     assert executor.stats()["live_streams"] == 4 and executor.counters["bypass_deadline"] == 0
+
+
+async def test_stage_loading_does_not_stall_anyone(executor: Executor) -> None:
+    """A stream asking for a stage that is still loading runs without it meanwhile; others go on."""
+    await executor.preload("limiter")
+    running = executor.open_stream("limiter")
+    loud = speech_chunks("vctk_p286_011_48k.wav", 200, gain=4.0, skip=100)
+    newcomer = executor.open_stream("denoise:test_slow_load,limiter")
+    k, unloaded = 0, 0
+    while True:
+        r_running, r_new = await tick([running, newcomer], [loud[k % 200], loud[k % 200]])
+        assert not r_running.bypassed and not r_new.bypassed
+        assert np.abs(r_running.audio).max() <= 10 ** (-1 / 20) + 1e-6
+        k += 1
+        if "seq" in r_new.side:
+            break
+        unloaded += 1
+        await asyncio.sleep(0.005)
+    assert unloaded > 5 and r_new.side["seq"] == 1  # it ran without the stage, then with it
+    assert executor.counters["stage_unavailable"] == unloaded
 
 
 async def test_early_submission_keeps_order(executor: Executor) -> None:

@@ -19,6 +19,7 @@ they have in speexdsp.  Spectra use ``norm="forward"`` like speexdsp's FFT.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -214,7 +215,6 @@ def mdf_step(
     step_warm = warm_rate[:, None] / (power + 10.0)
     sc[:, SUM_ADAPT] = torch.where(adapted, sc[:, SUM_ADAPT], sc[:, SUM_ADAPT] + warm_rate)
     step = torch.where(adapted[:, None], step_adapted, step_warm)
-    import os
     if os.environ.get("MU"):
         step = float(os.environ["MU"]) / (power + 10.0) * (sxx > n * 100.0)[:, None]
 
@@ -224,6 +224,8 @@ def mdf_step(
     blocks = sc[:, BLOCKS]
     rotating = 1 + torch.remainder(blocks, max(k - 1, 1)).long()
     parts = torch.stack([torch.zeros_like(rotating), rotating.clamp_max(k - 1)], dim=1)
+    if os.environ.get("ALLC"):
+        parts = torch.arange(k)[None].expand(w.shape[0], -1)
     w = _constrain(w, parts, cfg)
     sc[:, BLOCKS] = blocks + 1
 

@@ -19,7 +19,7 @@ Output is delayed by ``latency_samples`` = (FFT - hop) + lookahead * hop =
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -73,7 +73,7 @@ class DF3Config:
         return a
 
     @classmethod
-    def from_ini(cls, text: str) -> "DF3Config":
+    def from_ini(cls, text: str) -> DF3Config:
         ini = configparser.ConfigParser()
         ini.read_string(text)
         df, net = ini["df"], ini["deepfilternet"]

@@ -54,7 +54,7 @@ class OnnxWeights:
         self.nodes_by_output = {out: node for node in model.graph.node for out in node.output}
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "OnnxWeights":
+    def from_bytes(cls, data: bytes) -> OnnxWeights:
         return cls(onnx.load_model_from_string(data))
 
     def node(self, output: str, op_type: str) -> onnx.NodeProto:
@@ -83,7 +83,7 @@ class OnnxWeights:
         r = self.tensors[node.input[2]][0]
         b = self.tensors[node.input[3]][0]
         hidden = r.shape[1]
-        to_t = lambda a: torch.from_numpy(  # noqa: E731
+        to_t = lambda a: torch.from_numpy(
             np.ascontiguousarray(_onnx_to_torch_gates(a, hidden), dtype=np.float32)
         )
         return GruWeights(

@@ -8,7 +8,8 @@ stage's declared latency so they line up sample for sample with the inputs.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -106,6 +106,12 @@ class RecursiveWpe:
             past = history[..., : self.power_frames - 1]
             power = power + (past.real.square() + past.imag.square()).sum(-1)
             power = power / self.power_frames
+        fs = int(os.environ.get("FSMOOTH", "0"))
+        if fs:
+            power = torch.nn.functional.avg_pool1d(power.unsqueeze(1), 2 * fs + 1, 1, fs, count_include_pad=False).squeeze(1)
+        tf = float(os.environ.get("TFLOOR", "0"))
+        if tf:
+            power = torch.maximum(power, tf * power.mean(dim=1, keepdim=True))
         floor = power.amax(dim=1, keepdim=True) * RELATIVE_POWER_FLOOR
         return torch.maximum(power, floor.clamp_min(SILENCE_POWER))
 

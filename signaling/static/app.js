@@ -64,7 +64,8 @@ async function join(ev) {
   const room = $("room").value.trim();
   const name = $("name").value.trim() || "guest";
   try {
-    state.mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: false, autoGainControl: true } });
+    const browserAec = $("browser-aec").checked;
+    state.mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: browserAec, noiseSuppression: false, autoGainControl: browserAec } });
   } catch (err) {
     showError("Microphone not available: " + err.message);
     return;
@@ -77,7 +78,12 @@ async function join(ev) {
     const settings = state.mic.getAudioTracks()[0].getSettings();
     send({ type: "join", version: 1, room, name, echoCancellation: settings.echoCancellation !== false });
   };
-  ws.onmessage = (e) => onMessage(JSON.parse(e.data)).catch((err) => showError(String(err)));
+  // Handle messages strictly one after another: an offer must never overtake the answer before it.
+  let chain = Promise.resolve();
+  ws.onmessage = (e) => {
+    const msg = JSON.parse(e.data);
+    chain = chain.then(() => onMessage(msg)).catch((err) => showError(String(err)));
+  };
   ws.onclose = () => { setStatus("disconnected", "idle"); teardown(); };
   ws.onerror = () => setStatus("connection error", "error");
 }
@@ -220,3 +226,4 @@ $("stages").addEventListener("change", () => send({ type: "set-stages", stages: 
 const params = new URLSearchParams(location.search);
 if (params.get("room")) $("room").value = params.get("room");
 if (params.get("name")) $("name").value = params.get("name");
+if (params.get("browserAec") === "0") $("browser-aec").checked = false;
