@@ -47,12 +47,18 @@ EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
 def test_signal(seconds: float) -> np.ndarray:
     """Real noisy speech (looped) so the networks see realistic activations."""
     path = EVAL / "noisy" / "pesq_speech_babble_0dB.wav"
-    x = read_48k(path) if path.exists() else np.random.default_rng(0).standard_normal(48_000).astype(np.float32) * 0.05
+    x = (
+        read_48k(path)
+        if path.exists()
+        else np.random.default_rng(0).standard_normal(48_000).astype(np.float32) * 0.05
+    )
     n = int(seconds * 48_000) // CHUNK * CHUNK
     return np.tile(x, -(-n // len(x)))[:n]
 
 
-def time_batched(stage: Stage, batch: int, signal: np.ndarray, ticks: int, device: str) -> Callable[[], float]:
+def time_batched(
+    stage: Stage, batch: int, signal: np.ndarray, ticks: int, device: str
+) -> Callable[[], float]:
     """A timer closure: runs `ticks` chunks for `batch` streams, returns us per stream-chunk."""
     streams = [stage.stream() for _ in range(batch)]
     chunks = signal.reshape(-1, CHUNK)
@@ -84,7 +90,9 @@ def time_batched(stage: Stage, batch: int, signal: np.ndarray, ticks: int, devic
     return run
 
 
-def time_per_stream(process: Callable[[np.ndarray], object], signal: np.ndarray, ticks: int) -> Callable[[], float]:
+def time_per_stream(
+    process: Callable[[np.ndarray], object], signal: np.ndarray, ticks: int
+) -> Callable[[], float]:
     chunks = signal.reshape(-1, CHUNK)[:ticks]
     for c in chunks[:3]:
         process(c)
@@ -99,7 +107,9 @@ def time_per_stream(process: Callable[[np.ndarray], object], signal: np.ndarray,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer ticks and rounds, B up to 64")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -116,7 +126,9 @@ def main() -> int:
     for name, cls in (("df3_torch", DeepFilterNet3Stage), ("nsnet2_torch", NSNet2Stage)):
         for b in batches:
             stage = cls(device=args.device)  # a fresh pool per batch size
-            timers[f"{name}/B={b}"] = time_batched(stage, b, signal, max(3, ticks * 16 // max(b, 16)), args.device)
+            timers[f"{name}/B={b}"] = time_batched(
+                stage, b, signal, max(3, ticks * 16 // max(b, 16)), args.device
+            )
     libdf = LibDfStream()
     timers["libdf_per_stream"] = time_per_stream(libdf.process_frame, signal, ticks * 4)
     rn = RNNoiseState()

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--check", action="store_true", help="import each stage and show its latency")
 
     # The task's own options are added once the task module is imported (see run_eval).
-    evaluate = commands.add_parser("eval", add_help=False, help="evaluate a stage on real recordings")
+    evaluate = commands.add_parser(
+        "eval", add_help=False, allow_abbrev=False, help="evaluate a stage on real recordings"
+    )
     evaluate.add_argument("--task", help=f"one of: {', '.join(EVAL_TASKS)}")
     evaluate.add_argument("-h", "--help", action="store_true")
     return parser

@@ -158,6 +158,12 @@ class Bot:
 
     # -- signaling ----------------------------------------------------------------
     async def _read(self) -> None:
+        try:
+            await self._read_messages()
+        except (aiohttp.ClientError, ConnectionError, asyncio.CancelledError):
+            pass
+
+    async def _read_messages(self) -> None:
         assert self._ws is not None
         async for raw in self._ws:
             if raw.type != aiohttp.WSMsgType.TEXT:

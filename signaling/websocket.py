@@ -35,6 +35,7 @@ class SignalingConnection:
         limits = server.config.limits
         self.bucket = TokenBucket(limits.max_ws_messages_per_second, limits.max_ws_burst)
         self.participant: Optional[Participant] = None
+        self.rate_limited = 0
         self._send_lock = asyncio.Lock()
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -52,7 +53,9 @@ class SignalingConnection:
             async for msg in self.ws:
                 if msg.type == WSMsgType.TEXT:
                     if not self.bucket.take():
-                        log.warning("%s: message rate limit exceeded", self.peer)
+                        self.rate_limited += 1
+                        if self.rate_limited in (1, 10, 100, 1000) or self.rate_limited % 10000 == 0:
+                            log.warning("%s: message rate limit exceeded (%d refused)", self.peer, self.rate_limited)
                         await self.send(error("rate-limited", "too many messages; slow down"))
                         continue
                     try:

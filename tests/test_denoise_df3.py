@@ -21,7 +21,7 @@ from enhancers.denoise.libdf import LibDfStream
 from enhancers.denoise.streaming import run_streams
 from enhancers.eval.metrics import si_sdr
 from enhancers.registry import create_stage
-from enhancers.stage import CHUNK, BatchContext
+from enhancers.stage import CHUNK, BatchContext, StageStream
 
 EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
 SR = 48_000
@@ -68,7 +68,10 @@ def test_network_matches_onnx_export_frame_by_frame() -> None:
     frames = 12
     feat_erb = (rng.standard_normal((1, 1, frames, 32)) * 0.5).astype(np.float32)
     feat_spec = (rng.standard_normal((1, 2, frames, 96)) * 0.5).astype(np.float32)
-    session = {k: ort.InferenceSession(getattr(assets, k).model.SerializeToString()) for k in ("enc", "erb_dec", "df_dec")}
+    session = {
+        k: ort.InferenceSession(getattr(assets, k).model.SerializeToString())
+        for k in ("enc", "erb_dec", "df_dec")
+    }
     e0, e1, e2, e3, emb, c0, lsnr = session["enc"].run(None, {"feat_erb": feat_erb, "feat_spec": feat_spec})
     mask = session["erb_dec"].run(None, {"emb": emb, "e3": e3, "e2": e2, "e1": e1, "e0": e0})[0]
     coefs = session["df_dec"].run(None, {"emb": emb, "c0": c0})[0]
@@ -128,20 +131,29 @@ def test_stream_state_is_isolated_across_slots_and_ticks(stage: DeepFilterNet3St
     gap = stage.stream()  # occupy a slot so the two streams are not contiguous
     sa, sb = stage.stream(), stage.stream()
     gap.close()
-    out_a, out_b = [], []
+    out_a: list[np.ndarray] = []
+    out_b: list[np.ndarray] = []
     ia = ib = 0
     for tick in range(2 * len(a) // CHUNK):
-        rows, streams, sinks = [], [], []
+        rows: list[np.ndarray] = []
+        streams: list[StageStream] = []
+        sinks: list[list[np.ndarray]] = []
         if tick % 3 != 2 and ia < len(a) // CHUNK:  # stream a sits out every third tick
-            rows.append(a[ia * CHUNK : (ia + 1) * CHUNK]), streams.append(sa), sinks.append(out_a)
+            rows.append(a[ia * CHUNK : (ia + 1) * CHUNK])
+            streams.append(sa)
+            sinks.append(out_a)
             ia += 1
         if ib < len(b) // CHUNK:
-            rows.append(b[ib * CHUNK : (ib + 1) * CHUNK]), streams.append(sb), sinks.append(out_b)
+            rows.append(b[ib * CHUNK : (ib + 1) * CHUNK])
+            streams.append(sb)
+            sinks.append(out_b)
             ib += 1
         if not rows:
             continue
         order = list(range(len(rows)))[::-1] if tick % 2 else list(range(len(rows)))
-        result = stage.process(torch.from_numpy(np.stack([rows[i] for i in order])), [streams[i] for i in order], BatchContext())
+        result = stage.process(
+            torch.from_numpy(np.stack([rows[i] for i in order])), [streams[i] for i in order], BatchContext()
+        )
         for k, i in enumerate(order):
             sinks[i].append(result[k].numpy())
     np.testing.assert_allclose(np.concatenate(out_a), ref_a[: len(out_a) * CHUNK], atol=2e-5)
@@ -154,7 +166,10 @@ def test_reset_gives_a_fresh_stream(stage: DeepFilterNet3Stage) -> None:
     x = babble(0.4)
     s = stage.stream()
     run_chunks = lambda: np.concatenate(
-        [stage.process(torch.from_numpy(x[None, i : i + CHUNK]), [s], BatchContext())[0].numpy() for i in range(0, len(x), CHUNK)]
+        [
+            stage.process(torch.from_numpy(x[None, i : i + CHUNK]), [s], BatchContext())[0].numpy()
+            for i in range(0, len(x), CHUNK)
+        ]
     )
     first = run_chunks()
     s.reset()

@@ -86,7 +86,7 @@ def test_nsnet2_latency_and_batching() -> None:
 
 def test_rnnoise_latency_isolation_and_noise_reduction() -> None:
     stage = RNNoiseStage()
-    speech = read_48k(EVAL / "speech" / "vctk_p286_011_48k.wav")[: SR]
+    speech = read_48k(EVAL / "speech" / "vctk_p286_011_48k.wav")[:SR]
     out = run_streams(stage, [speech], compensate_latency=False)[0]
     assert lag_of(out, speech) == stage.latency_samples
     noise = read_48k(EVAL / "noise" / "exercise_bike.wav")[SR : 2 * SR]

@@ -56,7 +56,9 @@ class DeepFilterNet3Stage(Stage):
         assets = load_df3_assets()
         cfg = assets.config
         if cfg.sr != SAMPLE_RATE or cfg.hop_size != CHUNK:
-            raise ValueError(f"DF3 export runs at {cfg.sr} Hz hop {cfg.hop_size}; we need {SAMPLE_RATE}/{CHUNK}")
+            raise ValueError(
+                f"DF3 export runs at {cfg.sr} Hz hop {cfg.hop_size}; we need {SAMPLE_RATE}/{CHUNK}"
+            )
         self.config = cfg
         self.default_atten_lim_db = atten_lim_db
         self.dsp = DF3SignalProcessing(cfg).to(self.device)
@@ -111,7 +113,9 @@ class DeepFilterNet3Stage(Stage):
             self.state[key].index_copy_(0, slots, value)
         return out
 
-    def step(self, audio: torch.Tensor, st: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def step(
+        self, audio: torch.Tensor, st: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One frame for the rows of ``audio`` [B, hop] given their state; returns (output, new state)."""
         dsp, net = self.dsp, self.net
         nb_df = self.config.nb_df

@@ -78,20 +78,20 @@ class DF3Config:
         ini.read_string(text)
         df, net = ini["df"], ini["deepfilternet"]
         return cls(
-            sr=df.getint("sr"),
-            fft_size=df.getint("fft_size"),
-            hop_size=df.getint("hop_size"),
-            nb_erb=df.getint("nb_erb"),
-            nb_df=df.getint("nb_df"),
-            norm_tau=df.getfloat("norm_tau"),
-            lsnr_max=df.getfloat("lsnr_max"),
-            lsnr_min=df.getfloat("lsnr_min"),
-            min_nb_erb_freqs=df.getint("min_nb_erb_freqs"),
-            df_order=df.getint("df_order"),
-            df_lookahead=df.getint("df_lookahead"),
-            conv_lookahead=net.getint("conv_lookahead"),
-            conv_ch=net.getint("conv_ch"),
-            emb_hidden_dim=net.getint("emb_hidden_dim"),
+            sr=int(df["sr"]),
+            fft_size=int(df["fft_size"]),
+            hop_size=int(df["hop_size"]),
+            nb_erb=int(df["nb_erb"]),
+            nb_df=int(df["nb_df"]),
+            norm_tau=float(df["norm_tau"]),
+            lsnr_max=float(df["lsnr_max"]),
+            lsnr_min=float(df["lsnr_min"]),
+            min_nb_erb_freqs=int(df["min_nb_erb_freqs"]),
+            df_order=int(df["df_order"]),
+            df_lookahead=int(df["df_lookahead"]),
+            conv_lookahead=int(net["conv_lookahead"]),
+            conv_ch=int(net["conv_ch"]),
+            emb_hidden_dim=int(net["emb_hidden_dim"]),
         )
 
 

@@ -41,7 +41,7 @@ def erb_band_widths(sr: int, fft_size: int, nb_bands: int, min_nb_freqs: int) ->
     for i in range(1, nb_bands + 1):
         f = erb2freq(erb_low + f32(i) * step)
         ratio = float(f / freq_width)
-        fb = int(math.floor(ratio + 0.5))  # Rust f32::round: half away from zero
+        fb = math.floor(ratio + 0.5)  # Rust f32::round: half away from zero
         nb_freqs = fb - prev_freq - freq_over
         if nb_freqs < min_nb_freqs:
             freq_over = min_nb_freqs - nb_freqs
@@ -68,6 +68,12 @@ def vorbis_window(fft_size: int) -> torch.Tensor:
 class DF3SignalProcessing(torch.nn.Module):
     """STFT, ERB filterbank and feature normalization of DF3 (no learned weights)."""
 
+    erb_fb: torch.Tensor
+    band_of_bin: torch.Tensor
+    window: torch.Tensor
+    analysis_window: torch.Tensor
+    synthesis_window: torch.Tensor
+
     def __init__(self, config: DF3Config) -> None:
         super().__init__()
         self.config = config
@@ -80,9 +86,9 @@ class DF3SignalProcessing(torch.nn.Module):
         band_of_bin = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
         # [F, E]: averages bin powers into bands (1/width per bin, like compute_band_corr)
         fb = torch.zeros(config.n_freqs, config.nb_erb)
-        fb[torch.arange(config.n_freqs), band_of_bin] = 1.0 / torch.tensor(widths, dtype=torch.float32)[
-            band_of_bin
-        ]
+        fb[torch.arange(config.n_freqs), band_of_bin] = (
+            1.0 / torch.tensor(widths, dtype=torch.float32)[band_of_bin]
+        )
         self.register_buffer("erb_fb", fb, persistent=False)
         self.register_buffer("band_of_bin", band_of_bin, persistent=False)
         self.register_buffer("window", vorbis_window(config.fft_size), persistent=False)

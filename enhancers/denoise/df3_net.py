@@ -37,6 +37,9 @@ class FreqConv(torch.nn.Module):
     row and multiply by a [2C, 2O] kernel.  None of the latter two copies its input.
     """
 
+    kernel: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> None:
         super().__init__()
         out_ch, in_ch, k = weight.shape
@@ -78,6 +81,8 @@ class FreqConv(torch.nn.Module):
 
 class GroupedLinear(torch.nn.Module):
     """DeepFilterNet's grouped linear layer (einsum ``btgi,gih->btgh``) on [B, G*I]."""
+
+    weight: torch.Tensor
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -140,6 +145,9 @@ class DF3Encoder(torch.nn.Module):
     frames [B, nb_df, 2 (re/im), 2 (frames)], oldest first; the GRU hidden [B, H].
     """
 
+    lsnr_w: torch.Tensor
+    lsnr_b: torch.Tensor
+
     def __init__(self, onnx: OnnxWeights, lsnr_min: float, lsnr_max: float) -> None:
         super().__init__()
         w, b = onnx.conv("/erb_conv0/1/Conv_output_0")  # [64, 1, 3 time, 3 freq]: time taps as channels
@@ -186,7 +194,13 @@ class DF3Encoder(torch.nn.Module):
         spec_hist: torch.Tensor,
         hidden: list[torch.Tensor],
     ) -> tuple[
-        list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]
+        list[torch.Tensor],
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        list[torch.Tensor],
     ]:
         """One frame: ``feat_erb`` [B, E], ``feat_spec`` [B, nb_df, 2] (re, im).
 
@@ -210,7 +224,20 @@ class DF3Encoder(torch.nn.Module):
 
 
 class DF3ErbDecoder(torch.nn.Module):
-    """ERB decoder: GRU on the embedding, U-Net style upsampling to band gains.  State: GRU [B, 2, H]."""
+    """ERB decoder: GRU on the embedding, U-Net style upsampling to band gains.  State: two GRU hiddens."""
+
+    p3_s: torch.Tensor
+    p3_b: torch.Tensor
+    p2_s: torch.Tensor
+    p2_b: torch.Tensor
+    p1_s: torch.Tensor
+    p1_b: torch.Tensor
+    p0_s: torch.Tensor
+    p0_b: torch.Tensor
+    t2_k: torch.Tensor
+    t2_b: torch.Tensor
+    t1_k: torch.Tensor
+    t1_b: torch.Tensor
 
     def __init__(self, onnx: OnnxWeights) -> None:
         super().__init__()
@@ -277,6 +304,9 @@ class DF3DfDecoder(torch.nn.Module):
     State: two GRU hiddens [B, H], and the causal pathway convolution's partial sums for
     the next ``order - 1`` frames [B, nb_df, order - 1, 2 * order].
     """
+
+    convp_k: torch.Tensor
+    convp_b: torch.Tensor
 
     def __init__(self, onnx: OnnxWeights, df_order: int) -> None:
         super().__init__()

@@ -51,7 +51,9 @@ class LibDfStream:
         if self._handle is None:
             raise RuntimeError("stream is closed")
         inp = np.ascontiguousarray(frame, dtype=np.float32)
-        lsnr = self._lib.df_process_frame(self._handle, inp.ctypes.data_as(_FLOAT_P), self._out.ctypes.data_as(_FLOAT_P))
+        lsnr = self._lib.df_process_frame(
+            self._handle, inp.ctypes.data_as(_FLOAT_P), self._out.ctypes.data_as(_FLOAT_P)
+        )
         return self._out.copy(), float(lsnr)
 
     def process(self, audio: np.ndarray) -> np.ndarray:

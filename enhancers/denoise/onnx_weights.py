@@ -86,6 +86,4 @@ class OnnxWeights:
         to_t = lambda a: torch.from_numpy(
             np.ascontiguousarray(_onnx_to_torch_gates(a, hidden), dtype=np.float32)
         )
-        return GruWeights(
-            w_ih=to_t(w), w_hh=to_t(r), b_ih=to_t(b[: 3 * hidden]), b_hh=to_t(b[3 * hidden :])
-        )
+        return GruWeights(w_ih=to_t(w), w_hh=to_t(r), b_ih=to_t(b[: 3 * hidden]), b_hh=to_t(b[3 * hidden :]))

@@ -28,7 +28,7 @@ def rnnoise_library_path() -> Path:
     spec = importlib.util.find_spec("pyrnnoise")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the pyrnnoise wheel is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "librnnoise.so"
+    return Path(next(iter(spec.submodule_search_locations))) / "librnnoise.so"
 
 
 @functools.lru_cache(maxsize=1)

@@ -62,7 +62,9 @@ def mix_at_snr(
     return (mixed * scale).astype(np.float32), (clean * scale).astype(np.float32)
 
 
-def build_items(data: Path, snrs: list[float], max_seconds: float, max_files: int, seed: int = 0) -> list[Item]:
+def build_items(
+    data: Path, snrs: list[float], max_seconds: float, max_files: int, seed: int = 0
+) -> list[Item]:
     limit = int(max_seconds * SAMPLE_RATE)
     items: list[Item] = []
     noisy_dir = data / "noisy"
@@ -98,9 +100,7 @@ def score(estimate: np.ndarray, clean: np.ndarray) -> dict[str, float]:
 
 
 def mean_table(rows: list[dict[str, dict[str, float]]], conditions: list[str]) -> dict[str, dict[str, float]]:
-    return {
-        c: {m: float(np.mean([r[c][m] for r in rows])) for m in METRICS} for c in conditions if rows
-    }
+    return {c: {m: float(np.mean([r[c][m] for r in rows])) for m in METRICS} for c in conditions if rows}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,18 +148,19 @@ def run(args: argparse.Namespace) -> int:
 
     summary = mean_table(rows, conditions)
     by_snr = {
-        f"{snr:g}": mean_table([r for r, it in zip(rows, items) if it.kind == "mix" and it.snr_db == snr], conditions)
+        f"{snr:g}": mean_table(
+            [r for r, it in zip(rows, items) if it.kind == "mix" and it.snr_db == snr], conditions
+        )
         for snr in snrs
     }
-    gains = {
-        c: {m: summary[c][m] - summary["noisy"][m] for m in METRICS} for c in names
-    }
+    gains = {c: {m: summary[c][m] - summary["noisy"][m] for m in METRICS} for c in names}
     checks: dict[str, Any] = {}
     if "df3" in names:
         checks = {
             "df3_pesq_gain_minus_rnnoise": gains["df3"]["pesq"] - gains["rnnoise"]["pesq"],
             "df3_pesq_gain_beats_rnnoise_by_0.3": gains["df3"]["pesq"] - gains["rnnoise"]["pesq"] >= 0.3,
-            "df3_dnsmos_ovrl_above_rnnoise": summary["df3"]["dnsmos_ovrl"] > summary["rnnoise"]["dnsmos_ovrl"],
+            "df3_dnsmos_ovrl_above_rnnoise": summary["df3"]["dnsmos_ovrl"]
+            > summary["rnnoise"]["dnsmos_ovrl"],
         }
     audio_seconds = sum(len(it.noisy) for it in items) / SAMPLE_RATE
     report = {

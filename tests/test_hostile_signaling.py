@@ -1,0 +1,125 @@
+"""Hostile or broken clients get clear errors; everyone else keeps being served."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+
+from loadtest.bot import Bot
+from tests.audio_checks import longest_silence_ms
+from tests.conftest import RunningServer, noise
+
+
+async def _next(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> dict:  # type: ignore[type-arg]
+    msg = await asyncio.wait_for(ws.receive(), timeout)
+    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+    return json.loads(msg.data)  # type: ignore[no-any-return]
+
+
+async def test_malformed_messages_get_errors_and_others_keep_talking(server: RunningServer) -> None:
+    continuous = noise("running_tap.wav") * 4.0
+    a = Bot(server.url, "calm", "a", continuous)
+    b = Bot(server.url, "calm", "b", continuous)
+    await a.join()
+    await b.join()
+    try:
+        await asyncio.sleep(1.0)
+        t0 = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(server.url.replace("http", "ws") + "/ws")
+            cases = [
+                ("{not json", "bad-json"),
+                ("[1,2,3]", "bad-message"),
+                (json.dumps({"no": "type"}), "bad-message"),
+                (json.dumps({"type": "launch-missiles"}), "unknown-type"),
+                (json.dumps({"type": "offer", "sdp": "v=0"}), "not-joined"),
+                (json.dumps({"type": "join", "room": "bad room!"}), "bad-room"),
+                (json.dumps({"type": "join", "room": 42}), "bad-message"),
+                (json.dumps({"type": "join", "room": "r", "version": 99}), "unsupported-version"),
+                (json.dumps({"type": "join", "room": "r", "stages": "denoise:magic"}), "bad-stages"),
+                (json.dumps({"type": "join", "room": "r", "name": "x" * 1000}), "too-large"),
+            ]
+            for raw, code in cases:
+                await ws.send_str(raw)
+                reply = await _next(ws)
+                assert reply["type"] == "error" and reply["code"] == code, (raw[:40], reply)
+            await ws.send_bytes(b"\x00\x01binary")
+            assert (await _next(ws))["code"] == "bad-message"
+            # joined, then garbage SDP and an answer nobody asked for
+            await ws.send_str(json.dumps({"type": "join", "room": "calm", "name": "mallory"}))
+            assert (await _next(ws))["type"] == "joined"
+            await ws.send_str(json.dumps({"type": "offer", "sdp": "v=0\r\nthis is not sdp\r\n"}))
+            reply = await _next(ws)
+            while reply["type"] != "error":
+                reply = await _next(ws)
+            assert reply["code"] == "bad-sdp"
+            await ws.send_str(json.dumps({"type": "answer", "sdp": "v=0"}))
+            reply = await _next(ws)
+            while reply["type"] != "error":
+                reply = await _next(ws)
+            assert reply["code"] == "bad-sdp"
+            # oversized SDP
+            await ws.send_str(json.dumps({"type": "offer", "sdp": "a" * 40_000}))
+            reply = await _next(ws)
+            while reply["type"] != "error":
+                reply = await _next(ws)
+            assert reply["code"] == "too-large"
+            # an oversized frame closes only this connection
+            await ws.send_str("x" * 200_000)
+            msg = await asyncio.wait_for(ws.receive(), 5)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+            # a message flood is rate limited
+            ws2 = await http.ws_connect(server.url.replace("http", "ws") + "/ws")
+            for _ in range(300):
+                await ws2.send_str(json.dumps({"type": "ping"}))
+            codes = []
+            for _ in range(300):
+                reply = await _next(ws2)
+                codes.append(reply.get("code", reply["type"]))
+            assert "rate-limited" in codes and "pong" in codes
+            await ws2.close()
+            # REST: unknown room, bad JSON, wrong types
+            r = await http.put(f"{server.url}/api/rooms/calm/stages", data=b"{oops")
+            assert r.status == 400 and (await r.json())["error"] == "bad-json"
+            r = await http.put(f"{server.url}/api/rooms/calm/stages", json={"stages": 5})
+            assert r.status == 400
+            r = await http.put(f"{server.url}/api/rooms/nowhere/stages", json={"stages": "vad"})
+            assert r.status == 404
+        await asyncio.sleep(1.0)
+        # the honest call went on without a gap while all of this happened
+        heard = a.received_from(b.id, since=t0)  # type: ignore[arg-type]
+        elapsed = time.monotonic() - t0
+        assert len(heard) > 48_000 * (elapsed - 0.2), (len(heard) / 48_000, elapsed)
+        assert longest_silence_ms(heard[4800:]) < 60.0
+        room = server.server.rooms.get("calm")
+        assert set(room.participants) == {a.id, b.id}
+    finally:
+        await a.leave()
+        await b.leave()
+
+
+async def test_vanished_client_is_removed(server: RunningServer) -> None:
+    a = Bot(server.url, "ghost", "a", noise(seconds=2.0))
+    b = Bot(server.url, "ghost", "b", noise(seconds=2.0))
+    await a.join()
+    await b.join()
+    try:
+        # b's socket dies without a 'leave'
+        assert b._ws is not None
+        await b._ws.close()
+        deadline = time.monotonic() + 5
+        while len(server.server.rooms.get("ghost").participants) != 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        while not a.events_of("participant-left"):
+            assert time.monotonic() < deadline, "the others were not told"
+            await asyncio.sleep(0.05)
+        assert a.events_of("participant-left")[0]["participant"]["id"] == b.id
+    finally:
+        await a.leave()
+        await b.pc.close()
+        if b._session is not None:
+            await b._session.close()
