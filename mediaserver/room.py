@@ -13,9 +13,8 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Protocol
 
-from mediaserver.session import PeerSession
 from mediaserver.stream import PublishedStream
 
 log = logging.getLogger(__name__)
@@ -23,6 +22,16 @@ log = logging.getLogger(__name__)
 ROOM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class MediaSession(Protocol):
+    """How a participant receives the streams it hears (WebRTC peer, SIP call, ...)."""
+
+    def subscribe(self, stream: PublishedStream) -> None: ...
+
+    def unsubscribe(self, stream: PublishedStream) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class RoomError(Exception):
@@ -41,7 +50,7 @@ class Participant:
     id: str
     name: str
     room: "Room"
-    session: PeerSession
+    session: MediaSession
     send: Send
     kind: str = "webrtc"  # webrtc | sip | bot
     stages: Optional[list[str]] = None  # None: the room's stages

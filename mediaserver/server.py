@@ -16,9 +16,18 @@ from mediaserver.clock import MediaClock
 from mediaserver.config import ServerConfig
 from mediaserver.ingest import InboundRtpSource
 from mediaserver.pipeline import PipelineHub
-from mediaserver.room import Participant, Room, RoomError, RoomRegistry, Send, cancel_quietly, new_id
+from mediaserver.room import (
+    MediaSession,
+    Participant,
+    Room,
+    RoomError,
+    RoomRegistry,
+    Send,
+    cancel_quietly,
+    new_id,
+)
 from mediaserver.session import PeerSession
-from mediaserver.stream import PublishedStream
+from mediaserver.stream import ChunkSource, PublishedStream
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +86,13 @@ class MediaServer:
     # -- participants -------------------------------------------------------
     async def join(self, room_id: str, name: str, send: Send, *, kind: str = "webrtc",
                    stages: Optional[Sequence[str] | str] = None,
-                   echo_cancellation: bool = True) -> Participant:
+                   echo_cancellation: bool = True,
+                   session: Optional[MediaSession] = None) -> Participant:
+        """Add a participant; WebRTC ones get a PeerSession, others bring their own session."""
         room = self.rooms.get_or_create(room_id)
         pid = new_id("p-")
-        session = PeerSession(pid, self.config.media, self.config.limits, send)
+        if session is None:
+            session = PeerSession(pid, self.config.media, self.config.limits, send)
         participant = Participant(id=pid, name=name, room=room, session=session, send=send, kind=kind,
                                   echo_cancellation_client=echo_cancellation)
         if stages is not None:
@@ -89,6 +101,21 @@ class MediaServer:
         log.info("room %s: %s (%s) joined as %s", room.id, name, kind, pid)
         return participant
 
+    def publish(self, participant: Participant, source: ChunkSource, *, kind: str = "microphone",
+                stream_id: Optional[str] = None, stages: Optional[Sequence[str]] = None) -> PublishedStream:
+        """Start a participant's published stream from any chunk source and route it to the room."""
+        room = participant.room
+        m = self.config.media
+        pipeline = self.hub.open(f"{room.id}/{participant.id}",
+                                 list(stages) if stages is not None else participant.effective_stages())
+        stream = PublishedStream(stream_id or f"{participant.id}-mic", participant.id, kind, source,
+                                 pipeline, self.clock, bitrate=m.opus_bitrate)
+        stream.muted = participant.muted
+        participant.published = stream
+        stream.start()
+        room.add_stream(stream)
+        return stream
+
     async def accept_offer(self, participant: Participant, sdp: str) -> str:
         """Answer the client's one offer, then start its stream and its subscriptions.
 
@@ -96,6 +123,8 @@ class MediaServer:
         overtake it on the signaling channel.
         """
         session = participant.session
+        if not isinstance(session, PeerSession):
+            raise RoomError("bad-request", "this participant has no WebRTC session")
         answer = await session.accept_offer(sdp)
         await participant.send({"type": "answer", "sdp": answer})
         room = participant.room
@@ -103,13 +132,7 @@ class MediaServer:
             m = self.config.media
             source = InboundRtpSource(session.publish_transceiver.receiver, min_delay_ms=m.jitter_min_ms,
                                       max_delay_ms=m.jitter_max_ms, start_delay_ms=m.jitter_start_ms)
-            pipeline = self.hub.open(f"{room.id}/{participant.id}", participant.effective_stages())
-            stream = PublishedStream(f"{participant.id}-mic", participant.id, "microphone", source,
-                                     pipeline, self.clock, bitrate=m.opus_bitrate)
-            stream.muted = participant.muted
-            participant.published = stream
-            stream.start()
-            room.add_stream(stream)
+            self.publish(participant, source)
         session.mark_ready()
         room.subscribe_existing(participant)
 
@@ -124,7 +147,10 @@ class MediaServer:
         return answer
 
     async def accept_answer(self, participant: Participant, sdp: str) -> None:
-        await participant.session.accept_answer(sdp)
+        session = participant.session
+        if not isinstance(session, PeerSession):
+            raise RoomError("bad-request", "this participant has no WebRTC session")
+        await session.accept_answer(sdp)
 
     async def leave(self, participant: Participant, reason: str = "left") -> None:
         room = participant.room

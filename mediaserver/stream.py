@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 _MAX_INFLIGHT = 16  # 160 ms of chunks awaiting the executor, then new chunks are dropped
 
 
+PcmListener = Callable[[np.ndarray, Optional[float]], None]
+
+
 class ChunkSource(Protocol):
     def pull(self) -> tuple[np.ndarray, Optional[float]]: ...
 
@@ -71,7 +74,16 @@ class PublishedStream:
             asyncio.Queue()
         )
         self._drain_task: Optional[asyncio.Task[None]] = None
+        self._pcm_listeners: list[PcmListener] = []
         self.closed = False
+
+    def add_pcm_listener(self, listener: PcmListener) -> None:
+        """Receive every processed chunk (48 kHz mono float32) as it is encoded: for mixes and echo references."""
+        self._pcm_listeners.append(listener)
+
+    def remove_pcm_listener(self, listener: PcmListener) -> None:
+        if listener in self._pcm_listeners:
+            self._pcm_listeners.remove(listener)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -110,6 +122,11 @@ class PublishedStream:
                 c.vad = float(result.side["vad"])
             if self._on_chunk is not None:
                 self._on_chunk(self, audio, result)
+            for listener in self._pcm_listeners:
+                try:
+                    listener(result.audio, origin)
+                except Exception:
+                    log.exception("pcm listener failed on stream %s", self.id)
             packet = self.encoder.push(result.audio, origin)
             if packet is not None:
                 if origin is not None:
@@ -131,6 +148,7 @@ class PublishedStream:
             fut = self._inflight.get_nowait()[0]
             fut.cancel()
         self.fanout.close()
+        self._pcm_listeners.clear()
         self.pipeline.close()
         self.source.close()
         self.encoder.close()

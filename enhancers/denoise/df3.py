@@ -116,46 +116,98 @@ class DeepFilterNet3Stage(Stage):
     def step(
         self, audio: torch.Tensor, st: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One frame for the rows of ``audio`` [B, hop] given their state; returns (output, new state)."""
-        dsp, net = self.dsp, self.net
-        nb_df = self.config.nb_df
+        """``T`` frames (``audio`` [B, T*hop]) for B streams from their state; returns (output, new state).
+
+        The streaming path calls it with one frame; :meth:`enhance` with a whole
+        signal.  Both give the same samples: only the batching over time differs.
+        """
+        dsp, net, cfg = self.dsp, self.net, self.config
+        nb_df, order, hop = cfg.nb_df, cfg.df_order, cfg.hop_size
+        b = audio.shape[0]
         audio = torch.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
+        t = audio.shape[1] // hop
 
-        spec = dsp.analysis(audio, st["analysis_mem"])  # [B, F] complex
-        feat_erb, erb_norm = dsp.erb_feature(spec, st["erb_norm"])
-        feat_cplx, cplx_norm = dsp.cplx_feature(spec, st["cplx_norm"])
-        cplx_norm = cplx_norm.clamp_min(MIN_NORM_STATE)
+        # STFT frames and the two normalized features (running normalizations: a loop over frames)
+        frames = torch.cat([st["analysis_mem"], audio], dim=1).unfold(1, cfg.fft_size, hop)  # [B, T, N]
+        spec = torch.fft.rfft(frames * dsp.analysis_window, dim=2)  # [B, T, F] complex
+        erb_norm, cplx_norm = st["erb_norm"], st["cplx_norm"]
+        feat_erb, feat_cplx = [], []
+        for i in range(t):
+            f_erb, erb_norm = dsp.erb_feature(spec[:, i], erb_norm)
+            f_cplx, cplx_norm = dsp.cplx_feature(spec[:, i], cplx_norm)
+            cplx_norm = cplx_norm.clamp_min(MIN_NORM_STATE)
+            feat_erb.append(f_erb)
+            feat_cplx.append(torch.view_as_real(f_cplx))
 
-        skips, emb, c0, _lsnr, erb_hist, cplx_hist, enc_h = net.encoder(
-            feat_erb, torch.view_as_real(feat_cplx), st["erb_hist"], st["cplx_hist"], [st["enc_h0"]]
-        )
-        gains, erb_h = net.erb_decoder(emb, skips, [st["erb_h0"], st["erb_h1"]])
-        coefs, df_h, df_pending = net.df_decoder(emb, c0, [st["df_h0"], st["df_h1"]], st["df_pending"])
+        # frame-local network parts batched over B*T; the GRUs run over the frames
+        erb_all = torch.cat([st["erb_hist"], torch.stack(feat_erb, dim=2)], dim=2)  # [B, E, 2+T]
+        cplx_all = torch.cat([st["cplx_hist"], torch.stack(feat_cplx, dim=3)], dim=3)  # [B, F, 2, 2+T]
+        erb_win = erb_all.unfold(2, 3, 1).transpose(1, 2).reshape(b * t, cfg.nb_erb, 3)
+        cplx_win = cplx_all.unfold(3, 3, 1).permute(0, 3, 1, 2, 4).reshape(b * t, nb_df, 2, 3)
+        skips, c0, emb_in = net.encoder.convs(erb_win, cplx_win)
+        emb, enc_h = net.encoder.emb_gru.sequence(emb_in.view(b, t, -1), [st["enc_h0"]])
+        y_erb, erb_h = net.erb_decoder.emb_gru.sequence(emb, [st["erb_h0"], st["erb_h1"]])
+        gains = net.erb_decoder.decode(y_erb.reshape(b * t, -1), skips).view(b, t, -1)
+        y_df, df_h = net.df_decoder.df_gru.sequence(emb, [st["df_h0"], st["df_h1"]])
+        # causal pathway conv over c0 frames: partial sums carried across calls
+        taps = net.df_decoder.pathway_taps(c0).view(b, t, nb_df, order, -1)
+        ext = torch.cat([st["df_pending"], taps.new_zeros(b, nb_df, t, taps.shape[-1])], dim=2)
+        for j in range(order):
+            ext[:, :, j : j + t] += taps[:, :, :, j].transpose(1, 2)
+        path = torch.relu_(ext[:, :, :t] + net.df_decoder.convp_b).transpose(1, 2)  # [B, T, F, 2*order]
+        coefs = net.df_decoder.coefs(y_df.reshape(b * t, -1), emb.reshape(b * t, -1), path.reshape(b * t, nb_df, -1))
+        filt = torch.view_as_complex(coefs.view(b, t, nb_df, order, 2)).transpose(1, 2)  # [B, F, T, order]
 
-        # the frame being enhanced lags the newest one by `lookahead` frames
-        spec_hist = st["spec_hist"]
-        target = torch.view_as_real(spec_hist[:, 0])  # [B, F, 2]
-        enhanced = target * dsp.expand_gains(gains)[:, :, None]
-        low_frames = torch.cat([st["spec_low_hist"], spec[:, :nb_df, None]], dim=2)  # [B, nb_df, order]
-        filtered = (low_frames * torch.view_as_complex(coefs)).sum(dim=2)
-        enhanced[:, :nb_df] = torch.view_as_real(filtered)
-        enhanced = torch.lerp(enhanced, target, st["atten_mix"][:, None, None])
-        out, synthesis_mem = dsp.synthesis(torch.view_as_complex(enhanced), st["synthesis_mem"])
+        # enhance the frames `lookahead` behind: ERB gains, then the deep filter on the low bins
+        spec_all = torch.cat([st["spec_hist"], spec], dim=1)  # [B, la+T, F]
+        target = torch.view_as_real(spec_all[:, :t])  # [B, T, F, 2]
+        enhanced = target * dsp.expand_gains(gains.reshape(b * t, -1)).view(b, t, -1, 1)
+        low_all = torch.cat([st["spec_low_hist"], spec[:, :, :nb_df].transpose(1, 2)], dim=2)  # [B, F, 4+T]
+        filtered = (low_all.unfold(2, order, 1) * filt).sum(dim=3)  # [B, F, T]
+        enhanced[:, :, :nb_df] = torch.view_as_real(filtered.transpose(1, 2))
+        enhanced = torch.lerp(enhanced, target, st["atten_mix"][:, None, None, None])
+
+        # inverse STFT and overlap-add
+        out_frames = torch.fft.irfft(torch.view_as_complex(enhanced), n=cfg.fft_size, dim=2)
+        out_frames = out_frames * dsp.synthesis_window
+        tails = torch.cat([st["synthesis_mem"][:, None], out_frames[:, :-1, hop:]], dim=1)
+        out = (out_frames[:, :, :hop] + tails).reshape(b, t * hop)
 
         new_state = {
-            "analysis_mem": audio,
-            "synthesis_mem": synthesis_mem,
+            "analysis_mem": audio[:, -hop:],
+            "synthesis_mem": out_frames[:, -1, hop:],
             "erb_norm": erb_norm,
             "cplx_norm": cplx_norm,
-            "erb_hist": erb_hist,
-            "cplx_hist": cplx_hist,
+            "erb_hist": erb_all[:, :, -2:],
+            "cplx_hist": cplx_all[:, :, :, -2:],
             "enc_h0": enc_h[0],
             "erb_h0": erb_h[0],
             "erb_h1": erb_h[1],
             "df_h0": df_h[0],
             "df_h1": df_h[1],
-            "df_pending": df_pending,
-            "spec_low_hist": low_frames[:, :, 1:],
-            "spec_hist": torch.cat([spec_hist[:, 1:], spec[:, None]], dim=1),
+            "df_pending": ext[:, :, t:],
+            "spec_low_hist": low_all[:, :, -(order - 1) :],
+            "spec_hist": spec_all[:, -cfg.lookahead :],
         }
         return out, new_state
+
+    @torch.inference_mode()
+    def enhance(self, audio: torch.Tensor, atten_lim_db: float | None = None, block_frames: int = 500) -> torch.Tensor:
+        """Whole signals [B, N] at once (fresh state, frames batched over time, ``block_frames`` at a time).
+
+        Returns [B, N] aligned like the streaming output: delayed by ``latency_samples``.
+        The same computation as feeding :meth:`process` chunk by chunk.
+        """
+        audio = audio.to(self.device, torch.float32)
+        b, n = audio.shape
+        hop = self.config.hop_size
+        padded = torch.nn.functional.pad(audio, (0, -n % hop))
+        init = {k: v.to(self.device) for k, v in self.initial_state().items()}
+        init["atten_mix"] = torch.tensor(attenuation_mix(atten_lim_db), device=self.device)
+        state = {k: v.expand(b, *v.shape).clone() for k, v in init.items()}
+        outs = []
+        for start in range(0, padded.shape[1], block_frames * hop):
+            out, new_state = self.step(padded[:, start : start + block_frames * hop], state)
+            state.update(new_state)
+            outs.append(out)
+        return torch.cat(outs, dim=1)[:, :n]

@@ -137,6 +137,19 @@ class SqueezedGru(torch.nn.Module):
             y = torch.relu_(self.linear_out(y))
         return y, hidden
 
+    def sequence(self, x: torch.Tensor, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All frames of ``x`` [B, T, I] (the linear layers batched over time)."""
+        b, t, _ = x.shape
+        z = torch.relu_(self.linear_in(x.reshape(b * t, -1))).view(b, t, -1)
+        steps = []
+        for i in range(t):
+            y_i, hidden = self.gru(z[:, i], hidden)
+            steps.append(y_i)
+        y = torch.stack(steps, dim=1)
+        if self.linear_out is not None:
+            y = torch.relu_(self.linear_out(y.reshape(b * t, -1))).view(b, t, -1)
+        return y, hidden
+
 
 class DF3Encoder(torch.nn.Module):
     """Encoder: ERB and complex-spectrum conv paths, embedding GRU, local SNR head.
@@ -206,21 +219,30 @@ class DF3Encoder(torch.nn.Module):
 
         Returns ([e0, e1, e2, e3], emb, c0, lsnr, new erb_hist, new spec_hist, new hidden).
         """
-        b = feat_erb.shape[0]
         erb_win = torch.cat([erb_hist, feat_erb[:, :, None]], dim=2)  # [B, E, 3 frames]
-        e0 = torch.relu_(self.erb0(erb_win))  # [B, 32, 64]
-        e1 = torch.relu_(self.erb1(e0))  # [B, 16, 64]
-        e2 = torch.relu_(self.erb2(e1))  # [B, 8, 64]
-        e3 = torch.relu_(self.erb3(e2))  # [B, 8, 64]
-
         spec_win = torch.cat([spec_hist, feat_spec[:, :, :, None]], dim=3)  # [B, F, re/im, 3 frames]
-        c0 = torch.relu_(self.df0(spec_win.view(b, spec_win.shape[1], 6)))  # [B, 96, 64]
-        c1 = torch.relu_(self.df1(c0))  # [B, 48, 64]
-
-        emb_in = torch.relu_(self.df_fc_emb(c1.reshape(b, -1))).add_(e3.reshape(b, -1))
+        skips, c0, emb_in = self.convs(erb_win, spec_win)
         emb, hidden = self.emb_gru(emb_in, hidden)
-        lsnr = torch.sigmoid(emb @ self.lsnr_w + self.lsnr_b)[:, 0] * self.lsnr_scale + self.lsnr_offset
-        return [e0, e1, e2, e3], emb, c0, lsnr, erb_win[:, :, 1:], spec_win[:, :, :, 1:], hidden
+        return skips, emb, c0, self.lsnr(emb), erb_win[:, :, 1:], spec_win[:, :, :, 1:], hidden
+
+    def convs(
+        self, erb_win: torch.Tensor, spec_win: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The frame-local part: windows of 3 frames [N, E, 3] and [N, F, 2, 3] to
+        (skips [e0..e3], c0 [N, F, C], GRU input [N, emb])."""
+        n = erb_win.shape[0]
+        e0 = torch.relu_(self.erb0(erb_win))  # [N, 32, 64]
+        e1 = torch.relu_(self.erb1(e0))  # [N, 16, 64]
+        e2 = torch.relu_(self.erb2(e1))  # [N, 8, 64]
+        e3 = torch.relu_(self.erb3(e2))  # [N, 8, 64]
+        c0 = torch.relu_(self.df0(spec_win.reshape(n, spec_win.shape[1], 6)))  # [N, 96, 64]
+        c1 = torch.relu_(self.df1(c0))  # [N, 48, 64]
+        emb_in = torch.relu_(self.df_fc_emb(c1.reshape(n, -1))).add_(e3.reshape(n, -1))
+        return [e0, e1, e2, e3], c0, emb_in
+
+    def lsnr(self, emb: torch.Tensor) -> torch.Tensor:
+        """Local SNR estimate in dB from the embedding [N, emb] -> [N]."""
+        return torch.sigmoid(emb @ self.lsnr_w + self.lsnr_b)[..., 0] * self.lsnr_scale + self.lsnr_offset
 
 
 class DF3ErbDecoder(torch.nn.Module):
@@ -285,9 +307,13 @@ class DF3ErbDecoder(torch.nn.Module):
         self, emb: torch.Tensor, skips: list[torch.Tensor], hidden: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Band gains [B, E] in [0, 1] and the new GRU hidden."""
-        e0, e1, e2, e3 = skips
         y, hidden = self.emb_gru(emb, hidden)
-        y = y.view(y.shape[0], -1, self.channels)  # [B, 8, 64]
+        return self.decode(y, skips), hidden
+
+    def decode(self, y: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """The frame-local part: GRU output [N, emb] and encoder skips to gains [N, E]."""
+        e0, e1, e2, e3 = skips
+        y = y.reshape(y.shape[0], -1, self.channels)  # [N, 8, 64]
         y = torch.relu_(torch.addcmul(self.p3_b, e3, self.p3_s)).add_(y)
         y = torch.relu_(self.t3(y))
         y = torch.relu_(torch.addcmul(self.p2_b, e2, self.p2_s)).add_(y)
@@ -295,7 +321,7 @@ class DF3ErbDecoder(torch.nn.Module):
         y = torch.relu_(torch.addcmul(self.p1_b, e1, self.p1_s)).add_(y)
         y = torch.relu_(self._upsample(y, self.t1_k, self.t1_b))  # [B, 32, 64]
         y = torch.relu_(torch.addcmul(self.p0_b, e0, self.p0_s)).add_(y)
-        return torch.sigmoid_(self.out(y))[:, :, 0], hidden
+        return torch.sigmoid_(self.out(y))[:, :, 0]
 
 
 class DF3DfDecoder(torch.nn.Module):
@@ -339,14 +365,23 @@ class DF3DfDecoder(torch.nn.Module):
         self, emb: torch.Tensor, c0: torch.Tensor, hidden: list[torch.Tensor], pending: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Returns (coefs [B, nb_df, order, 2], new hidden, new pending sums)."""
-        b, nb_df, _ = c0.shape
         y, hidden = self.df_gru(emb, hidden)
-        y = self.df_skip(emb).add_(y)
-        contrib = (c0 @ self.convp_k).view(b, nb_df, self.order, self.n_out)
+        contrib = self.pathway_taps(c0)
         path = torch.relu_(pending[:, :, 0] + contrib[:, :, 0] + self.convp_b)  # [B, nb_df, 2*order]
         pending = torch.cat([pending[:, :, 1:] + contrib[:, :, 1:-1], contrib[:, :, -1:]], dim=2)
-        coefs = torch.tanh_(self.df_out(y)).view(b, nb_df, -1).add_(path)
-        return coefs.view(b, nb_df, self.order, 2), hidden, pending
+        return self.coefs(y, emb, path), hidden, pending
+
+    def pathway_taps(self, c0: torch.Tensor) -> torch.Tensor:
+        """Each c0 frame's contribution [N, nb_df, order, 2*order] to the pathway output
+        0..order-1 frames later (before bias and ReLU)."""
+        n, nb_df, _ = c0.shape
+        return (c0 @ self.convp_k).view(n, nb_df, self.order, self.n_out)
+
+    def coefs(self, y: torch.Tensor, emb: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        """GRU output [N, H], embedding and pathway output [N, nb_df, 2*order] to coefs [N, nb_df, order, 2]."""
+        n, nb_df, _ = path.shape
+        y = self.df_skip(emb).add_(y)
+        return torch.tanh_(self.df_out(y)).view(n, nb_df, -1).add_(path).view(n, nb_df, self.order, 2)
 
 
 class DF3Network(torch.nn.Module):
