@@ -15,6 +15,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
+from mediaserver.echo import RoomMix
 from mediaserver.stream import PublishedStream
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,13 @@ class Participant:
         }
 
     def effective_stages(self) -> list[str]:
-        return list(self.stages) if self.stages is not None else list(self.room.stages)
+        """Explicit stages, else the room's; plus server echo cancellation when the client has none."""
+        if self.stages is not None:
+            return list(self.stages)
+        stages = list(self.room.stages)
+        if not self.echo_cancellation_client and not any(s.split(":")[0] == "aec" for s in stages):
+            stages.insert(0, "aec")
+        return stages
 
 
 @dataclass
@@ -82,6 +89,7 @@ class Room:
     streams: dict[str, PublishedStream] = field(default_factory=dict)
     stream_targets: dict[str, Optional[set[str]]] = field(default_factory=dict)
     active_speaker: Optional[str] = None
+    mix: RoomMix = field(default_factory=RoomMix)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -122,6 +130,7 @@ class Room:
 
     async def remove_participant(self, participant: Participant) -> None:
         self.participants.pop(participant.id, None)
+        self.mix.remove_participant(participant.id)
         if participant.published is not None:
             await self.remove_stream(participant.published)
             participant.published = None
@@ -131,6 +140,7 @@ class Room:
     def add_stream(self, stream: PublishedStream, targets: Optional[set[str]] = None) -> None:
         self.streams[stream.id] = stream
         self.stream_targets[stream.id] = targets
+        self.mix.add_stream(stream, targets)
         for p in self.participants.values():
             if self._hears(p, stream):
                 p.session.subscribe(stream)
@@ -139,6 +149,7 @@ class Room:
         if self.streams.pop(stream.id, None) is None:
             return
         self.stream_targets.pop(stream.id, None)
+        self.mix.remove_stream(stream)
         for p in self.participants.values():
             p.session.unsubscribe(stream)
         await stream.close()

@@ -112,9 +112,21 @@ class MediaServer:
                                  pipeline, self.clock, bitrate=m.opus_bitrate)
         stream.muted = participant.muted
         participant.published = stream
+        self._wire_echo_reference(participant)
         stream.start()
         room.add_stream(stream)
         return stream
+
+    def _wire_echo_reference(self, participant: Participant) -> None:
+        """Give the participant's microphone the audio it was sent, when it runs echo cancellation."""
+        stream = participant.published
+        if stream is None:
+            return
+        if any(s.split(":")[0] == "aec" for s in stream.pipeline.stages):
+            room, pid, sid = participant.room, participant.id, stream.id
+            stream.set_reference(lambda tick: room.mix.reference(pid, sid, tick))
+        else:
+            stream.set_reference(None)
 
     async def accept_offer(self, participant: Participant, sdp: str) -> str:
         """Answer the client's one offer, then start its stream and its subscriptions.
@@ -172,13 +184,15 @@ class MediaServer:
         participant.stages = None if stages is None else validate_stages(stages)
         if participant.published is not None:
             participant.published.pipeline.set_stages(participant.effective_stages())
+            self._wire_echo_reference(participant)
         await participant.room.broadcast({"type": "participant-updated", "participant": participant.describe()})
 
     async def set_room_stages(self, room: Room, stages: Sequence[str] | str) -> None:
         room.stages = validate_stages(stages)
         for p in room.participants.values():
             if p.stages is None and p.published is not None:
-                p.published.pipeline.set_stages(room.stages)
+                p.published.pipeline.set_stages(p.effective_stages())
+                self._wire_echo_reference(p)
         await room.broadcast({"type": "room-updated", "room": room.describe()})
 
     # -- periodic work -----------------------------------------------------------

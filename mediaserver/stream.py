@@ -54,7 +54,7 @@ class PublishedStream:
 
     def __init__(self, stream_id: str, owner_id: str, kind: str, source: ChunkSource,
                  pipeline: StreamPipeline, clock: MediaClock, *, bitrate: int = 32_000,
-                 reference: Optional[Callable[[], Optional[np.ndarray]]] = None,
+                 reference: Optional[Callable[[int], Optional[np.ndarray]]] = None,
                  on_chunk: Optional[Callable[["PublishedStream", np.ndarray, PipelineResult], None]] = None,
                  synthetic: bool = False) -> None:
         self.id = stream_id
@@ -70,12 +70,17 @@ class PublishedStream:
         self._clock = clock
         self._reference = reference
         self._on_chunk = on_chunk
-        self._inflight: asyncio.Queue[tuple[asyncio.Future[PipelineResult], np.ndarray, Optional[float], float]] = (
-            asyncio.Queue()
-        )
+        self._inflight: asyncio.Queue[
+            tuple[asyncio.Future[PipelineResult], np.ndarray, Optional[float], float, int]
+        ] = asyncio.Queue()
         self._drain_task: Optional[asyncio.Task[None]] = None
         self._pcm_listeners: list[PcmListener] = []
+        self.current_tick = 0  # media clock tick of the chunk being handed to PCM listeners
         self.closed = False
+
+    def set_reference(self, reference: Optional[Callable[[int], Optional[np.ndarray]]]) -> None:
+        """Echo reference provider: called with the clock tick of each microphone chunk."""
+        self._reference = reference
 
     def add_pcm_listener(self, listener: PcmListener) -> None:
         """Receive every processed chunk (48 kHz mono float32) as it is encoded: for mixes and echo references."""
@@ -97,14 +102,15 @@ class PublishedStream:
         if self._inflight.qsize() >= _MAX_INFLIGHT:
             self.counters.dropped_backlog += 1
             return
-        reference = self._reference() if self._reference is not None else None
+        tick = self._clock.ticks
+        reference = self._reference(tick) if self._reference is not None else None
         fut = asyncio.ensure_future(self.pipeline.process(audio, reference))
-        self._inflight.put_nowait((fut, audio, origin, time.monotonic()))
+        self._inflight.put_nowait((fut, audio, origin, time.monotonic(), tick))
 
     async def _drain(self) -> None:
         c = self.counters
         while True:
-            fut, audio, origin, started = await self._inflight.get()
+            fut, audio, origin, started, tick = await self._inflight.get()
             try:
                 result = await fut
             except asyncio.CancelledError:
@@ -122,6 +128,7 @@ class PublishedStream:
                 c.vad = float(result.side["vad"])
             if self._on_chunk is not None:
                 self._on_chunk(self, audio, result)
+            self.current_tick = tick
             for listener in self._pcm_listeners:
                 try:
                     listener(result.audio, origin)

@@ -14,7 +14,13 @@ all streams through one batched frame of DF3, as libDF runs one stream:
 4. STFT synthesis (overlap-add).
 
 Output is delayed by ``latency_samples`` = (FFT - hop) + lookahead * hop =
-1440 samples (30 ms).
+1440 samples (30 ms).  The same step also takes many frames at once
+(:meth:`DeepFilterNet3Stage.enhance`, whole files): the frame-local layers
+then batch over time, and the samples equal chunk-by-chunk streaming.
+
+Like libDF's C API (whose local-SNR thresholds, -15/35/35 dB, never trigger
+on DF3's [-15, 35] dB estimate) every frame runs both decoders; there is no
+per-frame stage skipping.
 """
 
 from __future__ import annotations

@@ -110,15 +110,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=6.0, help="truncate each clip to this length")
     parser.add_argument("--max-files", type=int, default=4, help="clean speech files to mix")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="evaluation audio (../shared/eval)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads > 0:
-        import torch
+    import torch
 
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     names = [s.strip().lower() for s in args.stages.split(",") if s.strip()]
     unknown = [n for n in names if n not in STAGE_SPECS]
     if unknown:
