@@ -18,7 +18,7 @@ $(BIN)/mediaserver: pyproject.toml
 setup: $(BIN)/mediaserver
 
 serve: setup
-	$(BIN)/mediaserver serve --host $(HOST) --port $(PORT)
+	$(BIN)/mediaserver serve --dev --host $(HOST) --port $(PORT)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

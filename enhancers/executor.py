@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from enhancers.executor_loading import StageLoader, options_for
-from enhancers.executor_stream import ExecutorStream
+from enhancers.executor_loading import StageLoader, options_for, resolve_device
+from enhancers.executor_stream import DeadlineWatch, ExecutorStream
 from enhancers.executor_worker import (
     COUNTER_KEYS,
     BatchRunner,
@@ -44,7 +44,7 @@ from enhancers.executor_worker import (
 from enhancers.registry import parse_spec, parse_stage_list
 from enhancers.stage import CHUNK, Stage
 
-__all__ = ["Executor", "ExecutorConfig", "ExecutorStream", "ProcessedChunk"]
+__all__ = ["Executor", "ExecutorConfig", "ExecutorStream", "ProcessedChunk", "resolve_device"]
 
 log = logging.getLogger("enhancers.executor")
 
@@ -62,12 +62,6 @@ class ExecutorConfig:
     # gc.freeze() at start and after each stage load: a full collection otherwise rescans every
     # object torch and the models created (~200k; measured 170 ms, stalling all audio) every few s.
     freeze_gc: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Executor:
@@ -89,8 +83,7 @@ class Executor:
         self._wake: asyncio.Event | None = None
         self._gate: asyncio.Future[None] | None = None
         self._first_pending_at = 0.0
-        self._deadlines: collections.deque[PendingChunk] = collections.deque()
-        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadlines: DeadlineWatch | None = None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._job: Job | None = None
@@ -105,6 +98,7 @@ class Executor:
             return
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._deadlines = DeadlineWatch(self._loop, self._expired)
         if self.config.freeze_gc:
             gc.freeze()
         self._start_worker()
@@ -126,11 +120,9 @@ class Executor:
                 await self._tick_task
             except asyncio.CancelledError:
                 pass
-        for item in self._deadlines:
-            self._bypass(item, "bypass_deadline")
-        self._deadlines.clear()
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
+        if self._deadlines is not None:
+            for item in self._deadlines.close():
+                self._bypass(item, "bypass_deadline")
         worker = self._worker
         if worker is not None and worker.is_alive():
             self._jobs.put(Job(ops=self._take_ops(), rounds=[]))
@@ -238,9 +230,8 @@ class Executor:
         )
         self.counters["chunks"] += 1
         stream.pending.append(item)
-        self._deadlines.append(item)
-        if self._deadline_timer is None:
-            self._deadline_timer = loop.call_at(item.deadline, self._expire)
+        assert self._deadlines is not None
+        self._deadlines.add(item)
         if stream.stream_id not in self._ready:
             if not self._ready:
                 self._first_pending_at = now
@@ -255,31 +246,18 @@ class Executor:
         if gate is not None and not gate.done() and len(self._ready) >= len(self._streams):
             gate.set_result(None)
 
-    def _expire(self) -> None:
-        """Answer unprocessed every chunk whose deadline passed (deadlines are FIFO)."""
-        assert self._loop is not None
-        self._deadline_timer = None
-        now = self._loop.time()
-        deadlines = self._deadlines
-        while deadlines:
-            item = deadlines[0]
-            if item.future.done():
-                deadlines.popleft()
-            elif item.deadline <= now:
-                deadlines.popleft()
-                stream = self._streams.get(item.stream_id)
-                if stream is not None and stream.pending and stream.pending[0] is item:
-                    stream.pending.popleft()  # never dispatched: drop it, shedding load
-                    if not stream.pending:
-                        self._ready.pop(item.stream_id, None)
-                self._bypass(item, "bypass_deadline")
-            else:
-                self._deadline_timer = self._loop.call_at(item.deadline, self._expire)
-                break
+    def _expired(self, item: PendingChunk) -> None:
+        """Deadline passed: answer ``item`` unprocessed; drop it if it was never dispatched."""
+        stream = self._streams.get(item.stream_id)
+        if stream is not None and stream.pending and stream.pending[0] is item:
+            stream.pending.popleft()  # shedding load: a late chunk is not worth processing
+            if not stream.pending:
+                self._ready.pop(item.stream_id, None)
+        self._bypass(item, "bypass_deadline")
 
     def _bypass(self, item: PendingChunk, counter: str | None) -> None:
         if not item.future.done():
-            item.future.set_result(ProcessedChunk(item.bypass_audio, {}, True))
+            item.future.set_result(ProcessedChunk(item.bypass_audio.copy(), {}, True))
             if counter is not None:
                 self.counters[counter] += 1
 

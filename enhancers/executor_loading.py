@@ -23,6 +23,13 @@ from enhancers.stage import Stage
 log = logging.getLogger("enhancers.executor")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: cuda when torch sees a GPU, else cpu; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def options_for(options: Mapping[str, Mapping[str, Any]] | None, spec: str) -> dict[str, Any]:
     """Options for ``spec``: keyed by the full spec, else by its kind (``denoise``)."""
     if not options:

@@ -1,9 +1,10 @@
-"""A stream's handle on the executor: what it submits, its stage list, its bypass delay line."""
+"""A stream's handle on the executor, and the watch that answers late chunks unprocessed."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +30,10 @@ class ExecutorStream:
         self._tail = np.zeros(0, dtype=np.float32)  # input delay line for bypassed chunks
 
     async def process(self, chunk: np.ndarray, reference: np.ndarray | None = None) -> ProcessedChunk:
-        """Process one [480] float32 chunk at 48 kHz; ``reference``: far-end audio for AEC."""
+        """Process one [480] float32 chunk at 48 kHz; ``reference``: far-end audio for AEC.
+
+        The arrays are read later on the worker thread: do not modify them until this returns.
+        """
         return await self._executor._submit(self, chunk, reference)  # a future: one await, no task
 
     def set_stages(
@@ -61,3 +65,47 @@ class ExecutorStream:
         if not self.closed:
             self.closed = True
             self._executor._close_stream(self)
+
+
+class DeadlineWatch:
+    """Owns the chunks not yet answered, in submission order, and one timer for all of them.
+
+    Every chunk gets the same deadline after submission, so deadlines are FIFO:
+    the timer only ever waits for the oldest one; answered chunks are dropped
+    lazily when they reach the front.  ``on_expired`` runs for each chunk whose
+    deadline passed unanswered.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_expired: Callable[[PendingChunk], None]) -> None:
+        self._loop = loop
+        self._on_expired = on_expired
+        self._items: collections.deque[PendingChunk] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, item: PendingChunk) -> None:
+        self._items.append(item)
+        if self._timer is None:
+            self._timer = self._loop.call_at(item.deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        items = self._items
+        while items:
+            item = items[0]
+            if item.future.done():
+                items.popleft()
+            elif item.deadline <= now:
+                items.popleft()
+                self._on_expired(item)
+            else:
+                self._timer = self._loop.call_at(item.deadline, self._expire)
+                break
+
+    def close(self) -> Iterator[PendingChunk]:
+        """Stop the timer; yield every chunk still unanswered."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items, self._items = self._items, collections.deque()
+        return (item for item in items if not item.future.done())

@@ -51,6 +51,14 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Join-token checking.  Development mode grants everything without tokens: local use only."""
+
+    dev_mode: bool = False
+    secret: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything the process needs, built once by ``load_config``."""
 
@@ -61,6 +69,7 @@ class ServerConfig:
     media: MediaConfig = field(default_factory=MediaConfig)
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -96,7 +105,19 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         limits = replace(limits, max_rooms=int(env["MEDIASERVER_MAX_ROOMS"]))
     if "MEDIASERVER_MAX_PARTICIPANTS" in env:
         limits = replace(limits, max_participants_per_room=int(env["MEDIASERVER_MAX_PARTICIPANTS"]))
-    cfg = replace(cfg, media=media, enhance=enhance, limits=limits)
+    auth = cfg.auth
+    if env.get("MEDIASERVER_AUTH_SECRET"):
+        auth = replace(auth, secret=env["MEDIASERVER_AUTH_SECRET"])
+    if env.get("MEDIASERVER_DEV", "").lower() in ("1", "true", "yes"):
+        auth = replace(auth, dev_mode=True)
+    if overrides.get("dev"):
+        auth = replace(auth, dev_mode=True)
+    if overrides.get("auth_secret"):
+        auth = replace(auth, secret=str(overrides["auth_secret"]))
+    if not auth.dev_mode and not auth.secret:
+        raise ValueError("set MEDIASERVER_AUTH_SECRET (signed join tokens) or run with --dev "
+                         "(development mode: no tokens, local use only)")
+    cfg = replace(cfg, media=media, enhance=enhance, limits=limits, auth=auth)
     top = {k: v for k, v in overrides.items() if v is not None and k in ServerConfig.__dataclass_fields__}
     cfg = replace(cfg, **top)  # type: ignore[arg-type]
     if "stages" in overrides and overrides["stages"] is not None:

@@ -58,6 +58,8 @@ class Participant:
     echo_cancellation_client: bool = True
     published: Optional[PublishedStream] = None
     muted: bool = False
+    can_publish: bool = True
+    can_subscribe: bool = True
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -113,7 +115,7 @@ class Room:
                     log.debug("send to %s failed", p.id, exc_info=True)
 
     def _hears(self, participant: Participant, stream: PublishedStream) -> bool:
-        if stream.owner_id == participant.id:
+        if stream.owner_id == participant.id or not participant.can_subscribe:
             return False
         targets = self.stream_targets.get(stream.id)
         return targets is None or participant.id in targets

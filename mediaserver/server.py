@@ -12,10 +12,12 @@ import logging
 import time
 from typing import Any, Optional, Sequence
 
+from mediaserver.auth import DEV_GRANT, Grant, TokenVerifier
 from mediaserver.clock import MediaClock
 from mediaserver.config import ServerConfig
 from mediaserver.ingest import InboundRtpSource
 from mediaserver.pipeline import PipelineHub
+from mediaserver.prompts import PromptManager  # prompts: TTS prompt tracks
 from mediaserver.room import (
     MediaSession,
     Participant,
@@ -28,6 +30,7 @@ from mediaserver.room import (
 )
 from mediaserver.session import PeerSession
 from mediaserver.stream import ChunkSource, PublishedStream
+from synth import VoiceOptions
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +57,10 @@ class MediaServer:
         self.hub = PipelineHub()
         self.rooms = RoomRegistry(list(config.enhance.default_stages), config.limits.max_rooms,
                                   config.limits.max_participants_per_room)
+        self.auth = TokenVerifier(config.auth.secret, config.auth.dev_mode)
         self.started_at = time.time()
         self._ticker: Optional[asyncio.Task[None]] = None
+        self.prompts = PromptManager(self)  # prompts: the SynthService and every room's prompt tracks
 
     async def start(self) -> None:
         validate_stages(self.config.enhance.default_stages)
@@ -70,6 +75,7 @@ class MediaServer:
 
     async def close(self) -> None:
         await cancel_quietly(self._ticker)
+        await self.prompts.close()  # prompts
         for room in list(self.rooms.rooms.values()):
             for p in list(room.participants.values()):
                 try:
@@ -87,14 +93,23 @@ class MediaServer:
     async def join(self, room_id: str, name: str, send: Send, *, kind: str = "webrtc",
                    stages: Optional[Sequence[str] | str] = None,
                    echo_cancellation: bool = True,
-                   session: Optional[MediaSession] = None) -> Participant:
-        """Add a participant; WebRTC ones get a PeerSession, others bring their own session."""
+                   session: Optional[MediaSession] = None,
+                   grant: Grant = DEV_GRANT) -> Participant:
+        """Add a participant; WebRTC ones get a PeerSession, others bring their own session.
+
+        ``grant`` (from a verified join token) decides whether it may publish
+        and subscribe; callers check that it names this room.
+        """
+        if not (grant.allows("publish", room_id) or grant.allows("subscribe", room_id)):
+            raise RoomError("forbidden", "the token allows neither publishing nor subscribing here", status=403)
         room = self.rooms.get_or_create(room_id)
         pid = new_id("p-")
         if session is None:
             session = PeerSession(pid, self.config.media, self.config.limits, send)
         participant = Participant(id=pid, name=name, room=room, session=session, send=send, kind=kind,
-                                  echo_cancellation_client=echo_cancellation)
+                                  echo_cancellation_client=echo_cancellation,
+                                  can_publish=grant.allows("publish", room_id),
+                                  can_subscribe=grant.allows("subscribe", room_id))
         if stages is not None:
             participant.stages = validate_stages(stages)
         room.add_participant(participant)
@@ -140,7 +155,7 @@ class MediaServer:
         answer = await session.accept_offer(sdp)
         await participant.send({"type": "answer", "sdp": answer})
         room = participant.room
-        if session.publish_transceiver is not None:
+        if session.publish_transceiver is not None and participant.can_publish:
             m = self.config.media
             source = InboundRtpSource(session.publish_transceiver.receiver, min_delay_ms=m.jitter_min_ms,
                                       max_delay_ms=m.jitter_max_ms, start_delay_ms=m.jitter_start_ms)
@@ -172,7 +187,21 @@ class MediaServer:
         log.info("room %s: %s left (%s)", room.id, participant.id, reason)
         await room.broadcast({"type": "participant-left", "participant": participant.describe(),
                               "reason": reason})
+        await self.prompts.participant_left(participant)  # prompts: close tracks nobody hears
         self.rooms.drop_if_empty(room)
+
+    async def kick(self, participant: Participant, reason: str = "removed by an administrator") -> None:
+        try:
+            await participant.send({"type": "bye", "reason": reason})
+        except Exception:
+            pass
+        await self.leave(participant, reason="kicked")
+
+    # -- prompts (mediaserver/prompts.py) -------------------------------------------
+    async def play_prompt(self, room: str, text: str, options: Optional[VoiceOptions] = None,
+                          to: Optional[str] = None, interrupt: bool = False) -> str:
+        """Speak ``text`` into a room (or to participant ``to``) as a synthetic prompt track; the prompt id."""
+        return (await self.prompts.play(room, text, options, to=to, interrupt=interrupt)).id
 
     async def set_muted(self, participant: Participant, muted: bool) -> None:
         participant.muted = bool(muted)

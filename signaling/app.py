@@ -15,9 +15,11 @@ from typing import Any
 
 from aiohttp import web
 
+from mediaserver.auth import AuthError
 from mediaserver.room import RoomError
 from mediaserver.server import MediaServer
 from signaling.metrics import render_metrics
+from signaling.prompts_api import post_prompt
 from signaling.websocket import SignalingConnection
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,8 @@ def json_error(status: int, code: str, message: str) -> web.Response:
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
-    except RoomError as exc:
-        log.info("%s %s: %s", request.method, request.path, exc)
+    except (RoomError, AuthError) as exc:
+        log.info("%s %s: %s (%s)", request.method, request.path, exc, exc.code)
         return json_error(exc.status, exc.code, str(exc))
     except web.HTTPException as exc:
         if exc.status >= 400 and request.path.startswith("/api"):
@@ -58,6 +60,16 @@ async def read_json(request: web.Request, max_bytes: int = 64 * 1024) -> dict[st
     if not isinstance(body, dict):
         raise RoomError("bad-json", "the request body must be a JSON object")
     return body
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
+def require_admin(request: web.Request, room_id: str) -> None:
+    """Admin actions on a room need a token with the admin permission (any token in dev mode)."""
+    request.app[SERVER_KEY].auth.require(bearer(request), "admin", room_id)
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -96,6 +108,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def list_rooms(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
+    require_admin(request, "*")
     rooms = [{"id": r.id, "participants": len(r.participants), "stages": r.stages}
              for r in server.rooms.rooms.values()]
     return web.json_response({"rooms": rooms})
@@ -103,6 +116,7 @@ async def list_rooms(request: web.Request) -> web.Response:
 
 async def get_room(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
+    require_admin(request, request.match_info["room_id"])
     room = server.rooms.get(request.match_info["room_id"])
     body = room.describe()
     body["stats"] = [server.stream_stats(s) for s in room.streams.values()]
@@ -111,6 +125,7 @@ async def get_room(request: web.Request) -> web.Response:
 
 async def put_room_stages(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
+    require_admin(request, request.match_info["room_id"])
     room = server.rooms.get(request.match_info["room_id"])
     body = await read_json(request)
     stages = body.get("stages")
@@ -122,6 +137,7 @@ async def put_room_stages(request: web.Request) -> web.Response:
 
 async def put_participant_stages(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
+    require_admin(request, request.match_info["room_id"])
     room = server.rooms.get(request.match_info["room_id"])
     participant = room.participants.get(request.match_info["participant_id"])
     if participant is None:
@@ -132,6 +148,17 @@ async def put_participant_stages(request: web.Request) -> web.Response:
         raise RoomError("bad-request", "'stages' is a comma-separated string, a list or null")
     await server.set_participant_stages(participant, stages)
     return web.json_response(participant.describe())
+
+
+async def kick_participant(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    require_admin(request, request.match_info["room_id"])
+    room = server.rooms.get(request.match_info["room_id"])
+    participant = room.participants.get(request.match_info["participant_id"])
+    if participant is None:
+        raise RoomError("unknown-participant", "no such participant in this room", status=404)
+    await server.kick(participant)
+    return web.json_response({"kicked": participant.id})
 
 
 async def list_stages(request: web.Request) -> web.Response:
@@ -153,6 +180,8 @@ def create_app(server: MediaServer) -> web.Application:
     app.router.add_get("/api/rooms/{room_id}", get_room)
     app.router.add_put("/api/rooms/{room_id}/stages", put_room_stages)
     app.router.add_put("/api/rooms/{room_id}/participants/{participant_id}/stages", put_participant_stages)
+    app.router.add_delete("/api/rooms/{room_id}/participants/{participant_id}", kick_participant)
+    app.router.add_post("/api/rooms/{room_id}/prompts", post_prompt)  # signaling/prompts_api.py
     app.router.add_static("/static/", STATIC)
 
     async def on_startup(app: web.Application) -> None:

@@ -33,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stages", help="default stages of new rooms, e.g. 'vad,limiter' (env MEDIASERVER_STAGES)")
     serve.add_argument("--device", help="enhancement device: auto, cpu or cuda (env MEDIASERVER_DEVICE)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (env MEDIASERVER_LOG_LEVEL)")
+    serve.add_argument("--dev", action="store_true",
+                       help="development mode: no join tokens needed, everyone is admin (env MEDIASERVER_DEV=1); "
+                            "local use only")
+    serve.add_argument("--auth-secret", help="HMAC secret for join tokens (env MEDIASERVER_AUTH_SECRET)")
+    token = sub.add_parser("token", help="create a signed join token")
+    token.add_argument("--room", required=True, help="room id, or '*' for every room")
+    token.add_argument("--identity", required=True, help="who the token is for")
+    token.add_argument("--name", help="display name")
+    token.add_argument("--admin", action="store_true", help="add the admin permission")
+    token.add_argument("--listen-only", action="store_true", help="subscribe only, no publishing")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+    token.add_argument("--secret", help="signing secret (default: env MEDIASERVER_AUTH_SECRET)")
     return parser
 
 
@@ -48,11 +60,27 @@ def serve(config: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "token":
+        import os
+
+        from mediaserver.auth import create_token
+
+        secret = args.secret or os.environ.get("MEDIASERVER_AUTH_SECRET")
+        if not secret:
+            print("mediaserver token: give --secret or set MEDIASERVER_AUTH_SECRET", file=sys.stderr)
+            return 2
+        perms = ["subscribe"] if args.listen_only else ["publish", "subscribe"]
+        if args.admin:
+            perms.append("admin")
+        print(create_token(secret, room=args.room, identity=args.identity, permissions=tuple(perms),
+                           ttl_s=args.ttl, name=args.name))
+        return 0
     if args.command == "serve":
         try:
             config = load_config(host=args.host, port=args.port, sip_port=args.sip_port,
                                  log_level=args.log_level.upper() if args.log_level else None,
-                                 stages=args.stages, device=args.device)
+                                 stages=args.stages, device=args.device, dev=args.dev,
+                                 auth_secret=args.auth_secret)
         except ValueError as exc:
             print(f"mediaserver: bad configuration: {exc}", file=sys.stderr)
             return 2

@@ -14,7 +14,7 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 
-CLIENT_TYPES = {"join", "offer", "answer", "mute", "set-stages", "leave", "ping"}
+CLIENT_TYPES = {"join", "offer", "answer", "mute", "set-stages", "leave", "ping", "prompt"}
 
 
 class ProtocolError(Exception):

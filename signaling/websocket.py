@@ -8,9 +8,11 @@ from typing import Any, Optional
 
 from aiohttp import WSMsgType, web
 
+from mediaserver.auth import AuthError
 from mediaserver.room import Participant, RoomError
 from mediaserver.server import MediaServer
 from mediaserver.session import NegotiationError
+from signaling.prompts_api import handle_prompt_message
 from signaling.protocol import (
     PROTOCOL_VERSION,
     ProtocolError,
@@ -64,8 +66,8 @@ class SignalingConnection:
                     except ProtocolError as exc:
                         log.info("%s: refused message: %s (%s)", self.peer, exc, exc.code)
                         await self.send(error(exc.code, str(exc)))
-                    except RoomError as exc:
-                        log.info("%s: room error: %s", self.peer, exc)
+                    except (RoomError, AuthError) as exc:
+                        log.info("%s: refused: %s (%s)", self.peer, exc, exc.code)
                         await self.send(error(exc.code, str(exc)))
                     except NegotiationError as exc:
                         log.info("%s: negotiation error: %s", self.peer, exc)
@@ -106,6 +108,8 @@ class SignalingConnection:
             if isinstance(stages, list) and not all(isinstance(s, str) for s in stages):
                 raise ProtocolError("bad-message", "'stages' list items must be strings")
             await self.server.set_participant_stages(p, stages)
+        elif mtype == "prompt":  # signaling/prompts_api.py
+            await handle_prompt_message(self.server, p, msg, self.send)
         elif mtype == "leave":
             self.participant = None
             await self.server.leave(p)
@@ -123,7 +127,13 @@ class SignalingConnection:
         if stages is not None and not isinstance(stages, (str, list)):
             raise ProtocolError("bad-message", "'stages' is a comma-separated string or a list")
         echo = require_bool(msg, "echoCancellation", True)
-        p = await self.server.join(room_id, name, self.send, stages=stages, echo_cancellation=echo)
+        token = require_str(msg, "token", max_len=4096, optional=True) or None
+        grant = self.server.auth.verify(token)
+        if grant.room not in ("*", room_id):
+            raise AuthError("wrong-room", f"the token is for room {grant.room!r}", status=403)
+        if grant.name and name == "guest":
+            name = grant.name
+        p = await self.server.join(room_id, name, self.send, stages=stages, echo_cancellation=echo, grant=grant)
         self.participant = p
         await self.send({
             "type": "joined",

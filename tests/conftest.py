@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from enhancers.audio_io import read_48k
-from mediaserver.config import EnhanceConfig, ServerConfig
+from mediaserver.config import AuthConfig, EnhanceConfig, ServerConfig
 from mediaserver.server import MediaServer
 from signaling.app import create_app
 
@@ -58,7 +58,7 @@ async def start_server() -> AsyncIterator[ServerFactory]:
     started: list[RunningServer] = []
 
     async def factory(config: ServerConfig | None = None, stages: tuple[str, ...] = ()) -> RunningServer:
-        cfg = config or ServerConfig(host="127.0.0.1", port=0,
+        cfg = config or ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
                                      enhance=replace(EnhanceConfig(), default_stages=stages, device="cpu"))
         server = MediaServer(cfg)
         runner = web.AppRunner(create_app(server))

@@ -161,7 +161,9 @@ class DeepFilterNet3Stage(Stage):
         for j in range(order):
             ext[:, :, j : j + t] += taps[:, :, :, j].transpose(1, 2)
         path = torch.relu_(ext[:, :, :t] + net.df_decoder.convp_b).transpose(1, 2)  # [B, T, F, 2*order]
-        coefs = net.df_decoder.coefs(y_df.reshape(b * t, -1), emb.reshape(b * t, -1), path.reshape(b * t, nb_df, -1))
+        coefs = net.df_decoder.coefs(
+            y_df.reshape(b * t, -1), emb.reshape(b * t, -1), path.reshape(b * t, nb_df, -1)
+        )
         filt = torch.view_as_complex(coefs.view(b, t, nb_df, order, 2)).transpose(1, 2)  # [B, F, T, order]
 
         # enhance the frames `lookahead` behind: ERB gains, then the deep filter on the low bins
@@ -198,7 +200,9 @@ class DeepFilterNet3Stage(Stage):
         return out, new_state
 
     @torch.inference_mode()
-    def enhance(self, audio: torch.Tensor, atten_lim_db: float | None = None, block_frames: int = 500) -> torch.Tensor:
+    def enhance(
+        self, audio: torch.Tensor, atten_lim_db: float | None = None, block_frames: int = 500
+    ) -> torch.Tensor:
         """Whole signals [B, N] at once (fresh state, frames batched over time, ``block_frames`` at a time).
 
         Returns [B, N] aligned like the streaming output: delayed by ``latency_samples``.

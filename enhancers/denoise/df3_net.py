@@ -1,14 +1,17 @@
-"""DeepFilterNet3's three networks as single-frame streaming steps in torch.
+"""DeepFilterNet3's three networks as streaming steps in torch.
 
 The official export (``enc.onnx``, ``erb_dec.onnx``, ``df_dec.onnx``) runs
-whole sequences; libDF pulses it one frame at a time.  Here each network is
-a ``forward`` over one frame of ``B`` streams plus their recurrent state (GRU
-hiddens, the frames kept for causal time convolutions), returning the new
+whole sequences; libDF pulses it one frame at a time.  Here each network's
+``forward`` takes one frame of ``B`` streams plus their recurrent state (GRU
+hiddens, the frames kept for causal time convolutions) and returns the new
 state: the caller owns the state, so any set of streams steps together.
+For many frames at once the frame-local parts (``convs``, ``decode``,
+``pathway_taps``, ``coefs``) take any number of rows and the GRUs step
+through the frames (``SqueezedGru.sequence``).
 
 Weights come from the ONNX graphs, found by the nodes that use them.  For
 speed on small per-frame tensors everything runs channels-last (``[B, F,
-C]``) as GEMMs: each frequency convolution is an unfold plus one matmul,
+C]``) as GEMMs: each frequency convolution is one matmul (:class:`FreqConv`),
 depthwise + pointwise pairs (no nonlinearity between them) are fused into
 one dense kernel, and the deep-filter pathway's causal time convolution
 keeps running partial sums (transposed FIR form) instead of past frames.
@@ -137,7 +140,9 @@ class SqueezedGru(torch.nn.Module):
             y = torch.relu_(self.linear_out(y))
         return y, hidden
 
-    def sequence(self, x: torch.Tensor, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def sequence(
+        self, x: torch.Tensor, hidden: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """All frames of ``x`` [B, T, I] (the linear layers batched over time)."""
         b, t, _ = x.shape
         z = torch.relu_(self.linear_in(x.reshape(b * t, -1))).view(b, t, -1)

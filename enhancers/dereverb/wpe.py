@@ -121,9 +121,12 @@ class RecursiveWpe:
         prediction_error = frame - torch.einsum("nfk,nfk->nf", state.filter.conj(), window)
 
         power = self.power(frame, state.history)
+        wf = float(os.environ.get("WFLOOR", "0"))
+        if wf:
+            power = torch.maximum(power, wf * (window.real.square() + window.imag.square()).mean(-1))
         alpha = state.alpha.view(-1, 1)
         gain_dir = torch.einsum("nfij,nfj->nfi", state.inv_cov, window)  # P w
-        quad = torch.einsum("nfk,nfk->nf", window.conj(), gain_dir).real  # w^H P w
+        quad = torch.einsum("nfk,nfk->nf", window.conj(), gain_dir).real.clamp_min(0.0)  # w^H P w
         denominator = alpha * power + quad
         active = (window.real.square() + window.imag.square()).mean(-1) > SILENCE_POWER
         inv_den = torch.where(active, 1.0 / denominator, torch.zeros_like(denominator))

@@ -76,7 +76,10 @@ async function join(ev) {
   setStatus("connecting…", "idle");
   ws.onopen = () => {
     const settings = state.mic.getAudioTracks()[0].getSettings();
-    send({ type: "join", version: 1, room, name, echoCancellation: settings.echoCancellation !== false });
+    const join = { type: "join", version: 1, room, name, echoCancellation: settings.echoCancellation !== false };
+    const token = new URLSearchParams(location.search).get("token");
+    if (token) join.token = token;
+    send(join);
   };
   // Handle messages strictly one after another: an offer must never overtake the answer before it.
   let chain = Promise.resolve();

@@ -1,0 +1,327 @@
+"""Spoken prompts: synthesized speech published into rooms as extra, synthetic tracks.
+
+A prompt track is an ordinary ``PublishedStream`` (kind ``"prompt"``, ``synthetic=True``, no
+enhancement stages) whose source is a :class:`PromptSource`: the media clock pulls 480 samples every
+10 ms from it, it plays queued prompts back to back and is silent when idle.  Each room gets one
+room-wide prompt track at its first room-wide prompt, and one per participant that a prompt was
+addressed to; they stay (silent) until the room empties or the target leaves, so a prompt costs no
+renegotiation once its track exists.  A new track holds its first prompt until the subscribers'
+senders read from it (the renegotiation is done), so its beginning is not lost.
+
+``interrupt`` cuts the playing prompt at the next tick and drops the queue.  Everyone who hears a
+prompt receives ``prompt.started`` when its first chunk is pulled and ``prompt.finished`` when its last
+one is (or when it is cut).  Being published like any stream, prompts reach the echo reference of
+every participant who hears them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mediaserver.audio_format import CHUNK, SAMPLE_RATE
+from mediaserver.room import Participant, Room, RoomError, cancel_quietly, new_id
+from mediaserver.stream import PublishedStream
+from synth import (
+    EmptyText,
+    EngineFailure,
+    InvalidOption,
+    InvalidRequest,
+    SynthResult,
+    SynthService,
+    TextTooLong,
+    UnknownVoice,
+    VoiceOptions,
+)
+
+if TYPE_CHECKING:
+    from mediaserver.server import MediaServer
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED = 16  # prompts waiting on one track
+MAX_PENDING_SYNTHESES = 8  # prompts of one room being synthesized at once
+READY_TIMEOUT_S = 2.0  # how long a new track holds its first prompt for the subscribers' renegotiation
+
+
+@dataclass
+class Prompt:
+    """One prompt: its synthesized audio (48 kHz mono float32, read-only) and where playback stands.
+
+    Sample positions count the samples its track's source had produced (``-1``: not yet).
+    """
+
+    id: str
+    text: str
+    audio: np.ndarray
+    to: str | None
+    voice: str
+    cache_hit: bool
+    queued_sample: int = -1
+    started_sample: int = -1
+    ended_sample: int = -1
+    played: int = 0
+    interrupted: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+    def started_event(self, stream_id: str) -> dict[str, Any]:
+        return {"type": "prompt.started", "prompt": self.id, "text": self.text, "synthetic": True,
+                "to": self.to, "stream": stream_id, "duration_s": round(self.duration_s, 3)}
+
+    def finished_event(self, stream_id: str) -> dict[str, Any]:
+        return {"type": "prompt.finished", "prompt": self.id, "interrupted": self.interrupted,
+                "synthetic": True, "to": self.to, "stream": stream_id,
+                "played_s": round(self.played / SAMPLE_RATE, 4)}
+
+
+PromptEvent = Callable[[str, Prompt], None]  # ("started" | "finished", prompt)
+
+
+class PromptSource:
+    """A ChunkSource that owns a queue of prompts and the one playing now; silence when idle.
+
+    ``held`` keeps it silent without starting anything (a new track waiting for its subscribers).
+    ``samples`` counts every sample it produced, silence included.
+    """
+
+    def __init__(self, on_event: PromptEvent, max_queued: int = MAX_QUEUED) -> None:
+        self._on_event = on_event
+        self._max_queued = max_queued
+        self._queue: collections.deque[Prompt] = collections.deque()
+        self.current: Prompt | None = None
+        self.held = False
+        self.samples = 0
+        self.closed = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None or bool(self._queue)
+
+    def enqueue(self, prompt: Prompt, interrupt: bool = False) -> None:
+        """Queue a prompt; ``interrupt`` first cuts the playing one and drops every queued one."""
+        if interrupt:
+            self._queue.clear()
+            if self.current is not None:
+                self._finish(self.samples, interrupted=True)
+        elif len(self._queue) >= self._max_queued:
+            raise RoomError("too-many-prompts", f"{self._max_queued} prompts are already queued", status=429)
+        prompt.queued_sample = self.samples
+        self._queue.append(prompt)
+
+    def _finish(self, at_sample: int, interrupted: bool) -> None:
+        prompt = self.current
+        assert prompt is not None
+        prompt.interrupted = interrupted
+        prompt.ended_sample = at_sample
+        self.current = None
+        self._on_event("finished", prompt)
+
+    def pull(self) -> tuple[np.ndarray, float | None]:
+        out = np.zeros(CHUNK, dtype=np.float32)
+        filled = 0
+        while not self.held and filled < CHUNK:
+            if self.current is None:
+                if not self._queue:
+                    break
+                self.current = self._queue.popleft()
+                self.current.started_sample = self.samples + filled
+                self._on_event("started", self.current)
+            prompt = self.current
+            take = min(CHUNK - filled, len(prompt.audio) - prompt.played)
+            out[filled:filled + take] = prompt.audio[prompt.played:prompt.played + take]
+            prompt.played += take
+            filled += take
+            if prompt.played >= len(prompt.audio):
+                self._finish(self.samples + filled, interrupted=False)
+        self.samples += CHUNK
+        return out, time.monotonic()
+
+    def close(self) -> None:
+        self.closed = True
+        self._queue.clear()
+        self.current = None
+
+
+class PromptPlayer:
+    """Owns one prompt track of a room (room-wide, or for one participant): its source, its published
+    stream, the task that sends the prompt events and the task that releases a new track's hold."""
+
+    def __init__(self, server: MediaServer, room: Room, target: str | None, *,
+                 max_queued: int = MAX_QUEUED, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+        self.room = room
+        self.target = target
+        owner = f"prompt-{room.id}" if target is None else f"prompt-{room.id}-{target}"
+        self.source = PromptSource(self._on_event, max_queued)
+        self.source.held = True
+        pipeline = server.hub.open(f"{room.id}/{owner}", [])
+        self.stream = PublishedStream(owner, owner, "prompt", self.source, pipeline, server.clock,
+                                      bitrate=server.config.media.opus_bitrate, synthetic=True)
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.stream.start()
+        room.add_stream(self.stream, targets=None if target is None else {target})
+        self._sender = loop.create_task(self._send_events(), name=f"prompt-events-{owner}")
+        self._release = loop.create_task(self._release_when_heard(ready_timeout_s), name=f"prompt-hold-{owner}")
+
+    def listeners(self) -> list[Participant]:
+        """The participants who hear this track."""
+        if self.target is None:
+            return list(self.room.participants.values())
+        p = self.room.participants.get(self.target)
+        return [p] if p is not None else []
+
+    def _on_event(self, kind: str, prompt: Prompt) -> None:
+        event = prompt.started_event(self.stream.id) if kind == "started" else prompt.finished_event(self.stream.id)
+        self._events.put_nowait(event)
+
+    async def _send_events(self) -> None:
+        while True:
+            event = await self._events.get()
+            for p in self.listeners():
+                try:
+                    await p.send(event)
+                except Exception:  # a broken socket must not stop the others
+                    log.debug("prompt event to %s failed", p.id, exc_info=True)
+
+    def _reading_tracks(self) -> list[Any]:
+        tracks = []
+        for p in self.listeners():
+            for track in getattr(p.session, "subscriber_tracks", []):
+                if track.source is self.stream.fanout:
+                    tracks.append(track)
+        return tracks
+
+    async def _release_when_heard(self, timeout_s: float) -> None:
+        """Hold the first prompt until every subscriber's sender reads from this track (or timeout)."""
+        baseline = {id(t): t.sent for t in self._reading_tracks()}
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(t.sent > baseline.get(id(t), 0) for t in self._reading_tracks()):
+                break
+            await asyncio.sleep(0.02)
+        self.source.held = False
+
+    async def close(self) -> None:
+        await cancel_quietly(self._release)
+        await cancel_quietly(self._sender)
+        await self.room.remove_stream(self.stream)  # closes the stream, its pipeline and the source
+
+
+def _synth_error(exc: Exception) -> RoomError:
+    """The protocol error for a synth package error."""
+    if isinstance(exc, TextTooLong):
+        return RoomError("too-large", str(exc), status=413)
+    if isinstance(exc, EmptyText):
+        return RoomError("empty-text", str(exc))
+    if isinstance(exc, UnknownVoice):
+        return RoomError("unknown-voice", str(exc))
+    if isinstance(exc, InvalidOption):
+        return RoomError("bad-option", str(exc))
+    if isinstance(exc, InvalidRequest):
+        return RoomError("bad-request", str(exc))
+    return RoomError("synth-failed", f"speech synthesis failed: {exc}", status=503)
+
+
+class PromptManager:
+    """Owns the server's one SynthService and the prompt players of every room."""
+
+    def __init__(self, server: MediaServer, *, max_queued: int = MAX_QUEUED,
+                 max_pending: int = MAX_PENDING_SYNTHESES, ready_timeout_s: float = READY_TIMEOUT_S,
+                 synth: SynthService | None = None) -> None:
+        self._server = server
+        self._synth = synth
+        self.max_queued = max_queued
+        self.max_pending = max_pending
+        self.ready_timeout_s = ready_timeout_s
+        self.players: dict[tuple[str, str | None], PromptPlayer] = {}
+        self._pending: collections.Counter[str] = collections.Counter()
+
+    @property
+    def synth(self) -> SynthService:
+        """The synthesis service, created on first use (it loads the TTS engine)."""
+        if self._synth is None:
+            self._synth = SynthService()
+        return self._synth
+
+    def _target(self, room: Room, to: str | None) -> None:
+        if to is not None and to not in room.participants:
+            raise RoomError("unknown-participant", f"no participant {to[:64]!r} in room {room.id!r}", status=404)
+
+    async def play(self, room_id: str, text: str, options: VoiceOptions | None = None, *,
+                   to: str | None = None, interrupt: bool = False) -> Prompt:
+        """Synthesize ``text`` (off the event loop, cached) and queue it on the room's (or ``to``'s) track.
+
+        Raises RoomError: unknown room or participant (404), synthesis errors (400/413/503), too many
+        prompts queued or being synthesized (429).
+        """
+        room = self._server.rooms.get(room_id)
+        self._target(room, to)
+        max_chars = self.synth.engine.max_chars
+        if len(text) > max_chars:  # refuse before any work
+            raise _synth_error(TextTooLong(len(text), max_chars))
+        player = self.players.get((room.id, to))
+        if not interrupt and player is not None and player.source.queued >= self.max_queued:
+            raise RoomError("too-many-prompts", f"{self.max_queued} prompts are already queued", status=429)
+        if self._pending[room.id] >= self.max_pending:
+            raise RoomError("too-many-prompts", "too many prompts are being synthesized", status=429)
+        self._pending[room.id] += 1
+        try:
+            result = await self.synth.synthesize(text, options or VoiceOptions())
+        except (InvalidRequest, EngineFailure) as exc:
+            raise _synth_error(exc) from exc
+        finally:
+            self._pending[room.id] -= 1
+            if self._pending[room.id] <= 0:
+                del self._pending[room.id]
+        # the room or the target may have gone while the text was being synthesized
+        room = self._server.rooms.get(room_id)
+        self._target(room, to)
+        prompt = self._prompt(text, to, result)
+        self._player(room, to).source.enqueue(prompt, interrupt=interrupt)
+        log.info("room %s: prompt %s queued (%.2f s%s)", room.id, prompt.id, prompt.duration_s,
+                 f", to {to}" if to else "")
+        return prompt
+
+    @staticmethod
+    def _prompt(text: str, to: str | None, result: SynthResult) -> Prompt:
+        return Prompt(id=new_id("prompt-"), text=text, audio=result.audio, to=to, voice=result.voice,
+                      cache_hit=result.cache_hit, metadata=result.metadata())
+
+    def _player(self, room: Room, to: str | None) -> PromptPlayer:
+        player = self.players.get((room.id, to))
+        if player is None or player.room is not room or player.stream.closed:
+            player = PromptPlayer(self._server, room, to, max_queued=self.max_queued,
+                                  ready_timeout_s=self.ready_timeout_s)
+            self.players[(room.id, to)] = player
+        return player
+
+    async def participant_left(self, participant: Participant) -> None:
+        """Close the tracks nobody can hear any more: the one addressed to ``participant``, and all of
+        the room's once it is empty (so that the room can be dropped)."""
+        room = participant.room
+        for key, player in list(self.players.items()):
+            if player.room is room and (not room.participants or player.target == participant.id):
+                del self.players[key]
+                await player.close()
+
+    async def close(self) -> None:
+        for player in list(self.players.values()):
+            await player.close()
+        self.players.clear()
+        if self._synth is not None:
+            await self._synth.aclose()
