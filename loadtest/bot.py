@@ -41,7 +41,7 @@ class PcmTrack(MediaStreamTrack):
         self.position = 0
         self._pts = 0
         self._start: Optional[float] = None
-        self.send_log: list[tuple[float, int]] = []  # (wall time, sample position) every frame
+        self.send_log: list[tuple[float, int]] = []  # (monotonic time, sample position) every frame
 
     def next_block(self) -> np.ndarray:
         n = len(self.samples)
@@ -80,16 +80,59 @@ class PcmTrack(MediaStreamTrack):
 
 @dataclass
 class Recording:
-    """What a bot received on one transceiver: 48 kHz mono float32 blocks with arrival times."""
+    """What a bot received on one transceiver: 48 kHz mono float32 blocks with arrival times.
+
+    Besides the decoded blocks (``arrivals``: when ``track.recv()`` returned them,
+    ``pts``: their RTP timestamps relative to the first frame), it keeps the
+    wire-level view of the same stream: every RTP packet's arrival time,
+    sequence number and raw timestamp, seen before aiortc's receive buffer.
+    ``owners`` logs which participant the server said this transceiver carried.
+    """
 
     mid: str
     blocks: list[np.ndarray] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
     participant: Optional[str] = None
+    pts: list[int] = field(default_factory=list)
+    rtp_arrivals: list[float] = field(default_factory=list)
+    rtp_seq: list[int] = field(default_factory=list)
+    rtp_ts: list[int] = field(default_factory=list)
+    owners: list[tuple[float, Optional[str]]] = field(default_factory=list)
+    receiver: Any = None
+    ts_origin: Optional[int] = None  # set on snapshots, which carry no receiver
 
     def audio(self, since: float = 0.0) -> np.ndarray:
         blocks = [b for b, t in zip(self.blocks, self.arrivals) if t >= since]
         return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+
+    def set_owner(self, participant: Optional[str]) -> None:
+        if not self.owners or self.owners[-1][1] != participant:
+            self.owners.append((time.monotonic(), participant))
+        self.participant = participant
+
+    def rtp_origin(self) -> Optional[int]:
+        """The raw RTP timestamp aiortc subtracted to make frame pts (its timestamp mapper's origin)."""
+        if self.ts_origin is not None:
+            return self.ts_origin
+        mapper = getattr(self.receiver, "_RTCRtpReceiver__timestamp_mapper", None)
+        origin = getattr(mapper, "_origin", None)
+        if origin is not None:
+            return int(origin)
+        return self.rtp_ts[0] if self.rtp_ts else None
+
+    def snapshot(self) -> "Recording":
+        """A copy that later arrivals do not change (for analysis off the event loop)."""
+        return Recording(mid=self.mid, blocks=list(self.blocks), arrivals=list(self.arrivals),
+                         participant=self.participant, pts=list(self.pts),
+                         rtp_arrivals=list(self.rtp_arrivals), rtp_seq=list(self.rtp_seq),
+                         rtp_ts=list(self.rtp_ts), owners=list(self.owners), ts_origin=self.rtp_origin())
+
+    def trim(self, before: float) -> None:
+        """Forget blocks and packets that arrived before ``before`` (bounded memory in long runs)."""
+        k = next((i for i, t in enumerate(self.arrivals) if t >= before), len(self.arrivals))
+        del self.blocks[:k], self.arrivals[:k], self.pts[:k]
+        j = next((i for i, t in enumerate(self.rtp_arrivals) if t >= before), len(self.rtp_arrivals))
+        del self.rtp_arrivals[:j], self.rtp_seq[:j], self.rtp_ts[:j]
 
 
 class Bot:
@@ -97,8 +140,11 @@ class Bot:
 
     def __init__(self, url: str, room: str, name: str = "bot", audio: Optional[np.ndarray] = None, *,
                  loop: bool = True, stages: Optional[str | list[str]] = None,
-                 echo_cancellation: bool = True, publish: bool = True) -> None:
+                 echo_cancellation: bool = True, publish: bool = True,
+                 token: Optional[str] = None, local_addr: Optional[str] = None) -> None:
         self.url = url.rstrip("/")
+        self.token = token
+        self.local_addr = local_addr  # source address of the WebSocket (spreads per-address limits)
         self.room = room
         self.name = name
         self.track = PcmTrack(audio, loop=loop) if publish else None
@@ -117,17 +163,23 @@ class Bot:
         self._joined = asyncio.Event()
         self.errors: list[dict[str, Any]] = []
         self.renegotiations = 0
+        self.times: dict[str, float] = {}  # monotonic milestones: join_start, joined, answered, connected
         self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_connection_state)
 
     # -- lifecycle --------------------------------------------------------------
     async def join(self, timeout: float = 10.0) -> None:
-        self._session = aiohttp.ClientSession()
+        self.times["join_start"] = time.monotonic()
+        connector = aiohttp.TCPConnector(local_addr=(self.local_addr, 0)) if self.local_addr else None
+        self._session = aiohttp.ClientSession(connector=connector)
         self._ws = await self._session.ws_connect(self.url.replace("http", "ws", 1) + "/ws")
         self._reader = asyncio.get_running_loop().create_task(self._read())
         msg: dict[str, Any] = {"type": "join", "version": 1, "room": self.room, "name": self.name,
                                "echoCancellation": self.echo_cancellation}
         if self.stages is not None:
             msg["stages"] = self.stages
+        if self.token is not None:
+            msg["token"] = self.token
         await self.send(msg)
         await asyncio.wait_for(self._joined.wait(), timeout)
         if self.track is not None:
@@ -173,15 +225,17 @@ class Bot:
             mtype = msg.get("type")
             if mtype == "joined":
                 self.id = msg["participant"]["id"]
+                self.times["joined"] = time.monotonic()
                 self._joined.set()
             elif mtype == "answer":
                 await self.pc.setRemoteDescription(RTCSessionDescription(sdp=msg["sdp"], type="answer"))
+                self.times["answered"] = time.monotonic()
                 self._answered.set()
             elif mtype == "offer":
                 self.track_info.update(msg.get("tracks") or {})
                 for mid, info in (msg.get("tracks") or {}).items():
                     if mid in self.recordings:
-                        self.recordings[mid].participant = info.get("participant")
+                        self.recordings[mid].set_owner(info.get("participant"))
                 await self.pc.setRemoteDescription(RTCSessionDescription(sdp=msg["sdp"], type="offer"))
                 await self.pc.setLocalDescription(await self.pc.createAnswer())
                 await self.send({"type": "answer", "sdp": self.pc.localDescription.sdp})
@@ -189,13 +243,36 @@ class Bot:
             elif mtype == "error":
                 self.errors.append(msg)
 
+    def _on_connection_state(self) -> None:
+        if self.pc.connectionState == "connected" and "connected" not in self.times:
+            self.times["connected"] = time.monotonic()
+
     def _on_track(self, track: MediaStreamTrack) -> None:
-        mid = next((t.mid for t in self.pc.getTransceivers() if t.receiver.track is track), None)
-        if mid is None:
+        transceiver = next((t for t in self.pc.getTransceivers() if t.receiver.track is track), None)
+        if transceiver is None or transceiver.mid is None:
             return
-        rec = self.recordings.setdefault(str(mid), Recording(mid=str(mid)))
-        rec.participant = self.track_info.get(str(mid), {}).get("participant")
+        mid = str(transceiver.mid)
+        rec = self.recordings.setdefault(mid, Recording(mid=mid))
+        rec.set_owner(self.track_info.get(mid, {}).get("participant"))
+        self._tap_rtp(transceiver.receiver, rec)
         self._tasks.append(asyncio.get_running_loop().create_task(self._record(track, rec)))
+
+    @staticmethod
+    def _tap_rtp(receiver: Any, rec: Recording) -> None:
+        """Log every RTP packet's arrival before aiortc's receive buffer (wire-level timing)."""
+        rec.receiver = receiver
+        if getattr(receiver, "_loadtest_tapped", False):
+            return
+        handle = receiver._handle_rtp_packet
+
+        async def tapped(packet: Any, arrival_time_ms: int) -> None:
+            rec.rtp_arrivals.append(time.monotonic())
+            rec.rtp_seq.append(int(packet.sequence_number))
+            rec.rtp_ts.append(int(packet.timestamp))
+            await handle(packet, arrival_time_ms=arrival_time_ms)
+
+        receiver._handle_rtp_packet = tapped
+        receiver._loadtest_tapped = True
 
     async def _record(self, track: MediaStreamTrack, rec: Recording) -> None:
         while True:
@@ -208,6 +285,7 @@ class Bot:
             mono = data.reshape(-1, channels).mean(axis=1) if channels > 1 else data.reshape(-1)
             rec.blocks.append(mono.astype(np.float32))
             rec.arrivals.append(time.monotonic())
+            rec.pts.append(int(frame.pts) if frame.pts is not None else -1)
 
     # -- results --------------------------------------------------------------------
     def received_from(self, participant_id: str, since: float = 0.0) -> np.ndarray:
@@ -218,3 +296,13 @@ class Bot:
 
     def events_of(self, mtype: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("type") == mtype]
+
+    def trim(self, before: float) -> None:
+        """Drop received audio, packets, send-log entries and events older than ``before``."""
+        for rec in self.recordings.values():
+            rec.trim(before)
+        if self.track is not None:
+            log_ = self.track.send_log
+            k = next((i for i, (t, _) in enumerate(log_) if t >= before), len(log_))
+            del log_[:k]
+        self.events = [e for e in self.events if e.get("_t", 0.0) >= before or e.get("type") != "stats"]

@@ -59,6 +59,28 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class SipConfig:
+    """The SIP/IVR bridge (signaling/sip, docs/SIP.md): dial plan, prompts, ports and call limits."""
+
+    room_prefix: str = "room-"  # sip:room-<name>@host joins room <name> directly
+    menu_users: tuple[str, ...] = ("ivr", "menu", "conference", "")  # these users hear the spoken menu
+    dial_plan: tuple[tuple[str, str], ...] = ()  # (request-URI user or menu digits, room id)
+    digits_name_rooms: bool = True  # menu digits not in the dial plan name the room itself ("1234")
+    menu_text: str = "Welcome. Enter the room number followed by the pound key."
+    invalid_text: str = "Sorry, that room is not available."
+    goodbye_text: str = "Goodbye."
+    menu_attempts: int = 3
+    digit_timeout_s: float = 8.0
+    rtp_port_min: int = 20000
+    rtp_port_max: int = 20999
+    max_calls: int = 100
+    call_rate: float = 10.0  # new calls per second, sustained
+    call_burst: int = 20
+    media_timeout_s: float = 60.0  # hang up when no RTP arrives for this long (not on hold)
+    public_address: Optional[str] = None  # address in SDP/Contact; default: the interface facing the caller
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything the process needs, built once by ``load_config``."""
 
@@ -70,6 +92,7 @@ class ServerConfig:
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    sip: SipConfig = field(default_factory=SipConfig)
 
 
 def _split(value: str) -> tuple[str, ...]:

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 MAX_QUEUED = 16  # prompts waiting on one track
 MAX_PENDING_SYNTHESES = 8  # prompts of one room being synthesized at once
 READY_TIMEOUT_S = 2.0  # how long a new track holds its first prompt for the subscribers' renegotiation
+WARM_UP_TEXT = "Ready."
 
 
 @dataclass
@@ -250,12 +251,27 @@ class PromptManager:
         self.ready_timeout_s = ready_timeout_s
         self.players: dict[tuple[str, str | None], PromptPlayer] = {}
         self._pending: collections.Counter[str] = collections.Counter()
+        self._synth_lock: asyncio.Lock | None = None
+        self._warm_up: asyncio.Task[None] | None = None
 
-    @property
-    def synth(self) -> SynthService:
-        """The synthesis service, created on first use (it loads the TTS engine)."""
+    def start(self) -> None:
+        """Load the TTS engine and speak a warm-up phrase in the background, so the first prompt is quick."""
+        self._warm_up = asyncio.get_running_loop().create_task(self._warm(), name="synth-warm-up")
+
+    async def _warm(self) -> None:
+        try:
+            await (await self.service()).synthesize(WARM_UP_TEXT)
+        except Exception:  # the first prompt will say what is wrong
+            log.warning("the speech synthesizer could not be loaded", exc_info=True)
+
+    async def service(self) -> SynthService:
+        """The synthesis service, created on first use off the event loop (loading the engine takes a while)."""
         if self._synth is None:
-            self._synth = SynthService()
+            if self._synth_lock is None:
+                self._synth_lock = asyncio.Lock()
+            async with self._synth_lock:
+                if self._synth is None:
+                    self._synth = await asyncio.to_thread(SynthService)
         return self._synth
 
     def _target(self, room: Room, to: str | None) -> None:
@@ -271,9 +287,6 @@ class PromptManager:
         """
         room = self._server.rooms.get(room_id)
         self._target(room, to)
-        max_chars = self.synth.engine.max_chars
-        if len(text) > max_chars:  # refuse before any work
-            raise _synth_error(TextTooLong(len(text), max_chars))
         player = self.players.get((room.id, to))
         if not interrupt and player is not None and player.source.queued >= self.max_queued:
             raise RoomError("too-many-prompts", f"{self.max_queued} prompts are already queued", status=429)
@@ -281,7 +294,10 @@ class PromptManager:
             raise RoomError("too-many-prompts", "too many prompts are being synthesized", status=429)
         self._pending[room.id] += 1
         try:
-            result = await self.synth.synthesize(text, options or VoiceOptions())
+            synth = await self.service()
+            if len(text) > synth.engine.max_chars:  # refuse before queueing work on the synthesis thread
+                raise TextTooLong(len(text), synth.engine.max_chars)
+            result = await synth.synthesize(text, options or VoiceOptions())
         except (InvalidRequest, EngineFailure) as exc:
             raise _synth_error(exc) from exc
         finally:
@@ -320,6 +336,7 @@ class PromptManager:
                 await player.close()
 
     async def close(self) -> None:
+        await cancel_quietly(self._warm_up)
         for player in list(self.players.values()):
             await player.close()
         self.players.clear()

@@ -60,6 +60,7 @@ class MediaServer:
         self.auth = TokenVerifier(config.auth.secret, config.auth.dev_mode)
         self.started_at = time.time()
         self._ticker: Optional[asyncio.Task[None]] = None
+        self._closed = False
         self.prompts = PromptManager(self)  # prompts: the SynthService and every room's prompt tracks
 
     async def start(self) -> None:
@@ -70,10 +71,17 @@ class MediaServer:
         executor = Executor(ExecutorConfig(device=e.device, deadline_ms=e.deadline_ms,
                                            max_wait_ms=e.max_wait_ms, torch_threads=e.torch_threads))
         await executor.start()
+        if e.default_stages:
+            await executor.preload(list(e.default_stages))  # first chunks already get their stages
         self.hub.executor = executor
         self._ticker = asyncio.get_running_loop().create_task(self._room_ticker(), name="room-ticker")
+        self.prompts.start()  # prompts: load the speech synthesizer in the background
 
     async def close(self) -> None:
+        """Tell every participant, close every session and stream, stop the executor (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         await cancel_quietly(self._ticker)
         await self.prompts.close()  # prompts
         for room in list(self.rooms.rooms.values()):

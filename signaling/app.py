@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 SERVER_KEY: web.AppKey[MediaServer] = web.AppKey("server", MediaServer)
 CONN_KEY: web.AppKey[Counter[str]] = web.AppKey("connections", Counter)
+SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets", set)
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:
@@ -83,9 +84,12 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=limits.max_ws_message_bytes)
     await ws.prepare(request)
     conns[peer] += 1
+    sockets = request.app[SOCKETS_KEY]
+    sockets.add(ws)
     try:
         await SignalingConnection(ws, server, peer).run()
     finally:
+        sockets.discard(ws)
         conns[peer] -= 1
         if conns[peer] <= 0:
             del conns[peer]
@@ -171,6 +175,7 @@ def create_app(server: MediaServer) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=256 * 1024)
     app[SERVER_KEY] = server
     app[CONN_KEY] = Counter()
+    app[SOCKETS_KEY] = set()
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
@@ -187,9 +192,14 @@ def create_app(server: MediaServer) -> web.Application:
     async def on_startup(app: web.Application) -> None:
         await server.start()
 
-    async def on_cleanup(app: web.Application) -> None:
+    async def on_shutdown(app: web.Application) -> None:
+        # Graceful drain (SIGTERM): tell every participant, close sessions, then the sockets,
+        # so that aiohttp does not wait for the WebSocket handlers to time out.
+        log.info("shutting down: draining %d participants", server.rooms.participant_count)
         await server.close()
+        for ws in list(app[SOCKETS_KEY]):
+            await ws.close(code=1001, message=b"server shutting down")
 
     app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
+    app.on_shutdown.append(on_shutdown)
     return app

@@ -1,0 +1,176 @@
+"""Per received stream figures: packets, jitter, drops, gaps and marker latency over a time window.
+
+Works on a ``Recording`` of ``loadtest.bot`` (decoded frames plus the RTP
+packets tapped before aiortc's receive buffer).  Definitions:
+
+- ``frames_expected``: 20 ms frames the publisher's stream covered in the
+  window, from the span of RTP timestamps; ``dropped`` = expected minus
+  frames that arrived (packets lost on the network *and* packets the
+  server dropped for a slow subscriber: both leave holes in the RTP
+  timeline); ``drop_rate`` = dropped / expected.
+- ``rtp_lost``: sequence-number holes only (network loss).
+- ``jitter_ms``: RFC 3550 interarrival jitter (the running estimate
+  J += (|D| - J)/16), averaged over the window; ``max_interarrival_ms``:
+  the longest wait between two packets.
+- ``gaps``: holes in the decoded timeline (missing audio a listener
+  hears as a dropout), ``longest_gap_ms`` the longest of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from loadtest.bot import Recording
+from loadtest.marker import LatencySample, MarkerTemplate, ReceivedSegment, SendTimeline, measure_segment
+
+RATE = 48_000
+TS_MOD = 1 << 32
+
+
+@dataclass
+class StreamFigures:
+    """What one subscriber measured of one publisher's stream in one window."""
+
+    subscriber: str
+    publisher: str
+    room: str
+    frames_expected: int = 0
+    frames_received: int = 0
+    dropped: int = 0
+    drop_rate: float = 0.0
+    rtp_lost: int = 0
+    gaps: int = 0
+    longest_gap_ms: float = 0.0
+    jitter_ms: float = 0.0
+    max_interarrival_ms: float = 0.0
+    latency: list[LatencySample] = field(default_factory=list)
+    dnsmos: Optional[dict[str, float]] = None
+    sent_dnsmos: Optional[dict[str, float]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        wire = np.array([s.wire_ms for s in self.latency])
+        e2e = np.array([s.e2e_ms for s in self.latency])
+        ncc = np.array([s.ncc for s in self.latency])
+
+        def pct(x: np.ndarray, q: float) -> Optional[float]:
+            return round(float(np.percentile(x, q)), 2) if len(x) else None
+
+        return {
+            "subscriber": self.subscriber, "publisher": self.publisher, "room": self.room,
+            "frames_expected": self.frames_expected, "frames_received": self.frames_received,
+            "dropped": self.dropped, "drop_rate": round(self.drop_rate, 5), "rtp_lost": self.rtp_lost,
+            "gaps": self.gaps, "longest_gap_ms": round(self.longest_gap_ms, 1),
+            "jitter_ms": round(self.jitter_ms, 3), "max_interarrival_ms": round(self.max_interarrival_ms, 1),
+            "latency_windows": len(self.latency),
+            "latency_ms": {"p50": pct(wire, 50), "p99": pct(wire, 99), "max": pct(wire, 100)},
+            "e2e_latency_ms": {"p50": pct(e2e, 50), "p99": pct(e2e, 99), "max": pct(e2e, 100)},
+            "marker_ncc_median": pct(ncc, 50),
+            "latency_samples": [[round(s.t, 3), round(s.wire_ms, 2), round(s.e2e_ms, 2)] for s in self.latency],
+            "dnsmos": self.dnsmos, "sent_dnsmos": self.sent_dnsmos,
+        }
+
+
+def owner_since(rec: Recording, publisher: str, settle_s: float = 0.5) -> Optional[float]:
+    """From when ``rec`` has carried ``publisher`` without interruption (None if it does not now)."""
+    if not rec.owners or rec.owners[-1][1] != publisher:
+        return None
+    return rec.owners[-1][0] + (settle_s if len(rec.owners) > 1 else 0.0)
+
+
+def _wire_times(rec: Recording) -> dict[int, float]:
+    """Frame pts -> arrival time of the RTP packet that carried it."""
+    origin = rec.rtp_origin()
+    if origin is None:
+        return {}
+    out: dict[int, float] = {}
+    for ts, t in zip(rec.rtp_ts, rec.rtp_arrivals):
+        out.setdefault((ts - origin) % TS_MOD, t)
+    return out
+
+
+def received_segments(rec: Recording, since: float, until: float) -> list[ReceivedSegment]:
+    """Gap-free runs of decoded frames delivered in [since, until)."""
+    wire = _wire_times(rec)
+    segs: list[ReceivedSegment] = []
+    blocks: list[np.ndarray] = []
+    starts: list[int] = []
+    deliver: list[float] = []
+    wires: list[float] = []
+    offset = 0
+    next_pts: Optional[int] = None
+
+    def close() -> None:
+        if blocks:
+            segs.append(ReceivedSegment(np.concatenate(blocks), np.asarray(starts), np.asarray(deliver),
+                                        np.asarray(wires, dtype=np.float64)))
+
+    for block, t, pts in zip(rec.blocks, rec.arrivals, rec.pts):
+        if t < since or t >= until:
+            continue
+        if next_pts is not None and pts != next_pts:
+            close()
+            blocks, starts, deliver, wires, offset = [], [], [], [], 0
+        blocks.append(block)
+        starts.append(offset)
+        deliver.append(t)
+        wires.append(wire.get(pts, float("nan")))
+        offset += len(block)
+        next_pts = pts + len(block)
+    close()
+    return segs
+
+
+def _timeline_figures(fig: StreamFigures, rec: Recording, since: float, until: float) -> None:
+    sel = [(t, s, ts) for t, s, ts in zip(rec.rtp_arrivals, rec.rtp_seq, rec.rtp_ts) if since <= t < until]
+    if len(sel) < 2:
+        return
+    t = np.array([x[0] for x in sel])
+    seq = np.unwrap(np.array([x[1] for x in sel], dtype=np.float64), period=1 << 16)
+    ts = np.unwrap(np.array([x[2] for x in sel], dtype=np.float64), period=float(TS_MOD))
+    uts = np.unique(ts)
+    steps = np.diff(uts)
+    frame = float(np.median(steps)) if len(steps) else 960.0
+    frame = frame if frame > 0 else 960.0
+    fig.frames_expected = int(round((uts[-1] - uts[0]) / frame)) + 1
+    fig.frames_received = len(uts)
+    fig.dropped = max(0, fig.frames_expected - fig.frames_received)
+    fig.drop_rate = fig.dropped / max(1, fig.frames_expected)
+    fig.rtp_lost = max(0, int(seq.max() - seq.min() + 1) - len(np.unique(seq)))
+    holes = steps[steps > 1.5 * frame] - frame
+    fig.gaps = int(len(holes))
+    fig.longest_gap_ms = float(holes.max() / RATE * 1000.0) if len(holes) else 0.0
+    order = np.argsort(t, kind="stable")
+    t, ts = t[order], ts[order]
+    d = np.diff(t) - np.diff(ts) / RATE
+    jitter = 0.0
+    trace = []
+    for x in np.abs(d):
+        jitter += (x - jitter) / 16.0
+        trace.append(jitter)
+    fig.jitter_ms = float(np.mean(trace) * 1000.0)
+    fig.max_interarrival_ms = float(np.max(np.diff(t)) * 1000.0)
+
+
+def measure_stream(rec: Recording, subscriber: str, publisher: str, room: str, since: float, until: float,
+                   template: Optional[MarkerTemplate], send: Optional[SendTimeline],
+                   **marker_options: Any) -> StreamFigures:
+    """All figures of one received stream over [since, until)."""
+    fig = StreamFigures(subscriber=subscriber, publisher=publisher, room=room)
+    start = owner_since(rec, publisher)
+    if start is None:
+        return fig
+    since = max(since, start)
+    _timeline_figures(fig, rec, since, until)
+    if template is not None and send is not None and len(send):
+        for seg in received_segments(rec, since, until):
+            fig.latency += measure_segment(seg, template, send, **marker_options)
+    return fig
+
+
+def window_audio(rec: Recording, since: float, until: float) -> np.ndarray:
+    """Decoded audio delivered in [since, until), holes left out."""
+    parts = [b for b, t in zip(rec.blocks, rec.arrivals) if since <= t < until]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,206 @@
+"""TTS prompts played into rooms as synthetic tracks, heard by real aiortc participants."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from loadtest.bot import Bot
+from tests.audio_checks import best_alignment, content_match
+from tests.conftest import RunningServer
+
+RATE = 48_000
+WELCOME = "Welcome to the planning meeting. The recording starts now."
+PRIVATE = "Your microphone is muted. Press star six to unmute."
+LONG = ("This is a long announcement about the building. The fire alarm will be tested on Monday "
+        "morning between nine and ten. Please do not leave the building when you hear it.")
+BREAKING = "Attention please, the meeting ends in five minutes."
+
+
+async def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def _events(bot: Bot, mtype: str, prompt: str) -> list[dict[str, Any]]:
+    return [e for e in bot.events_of(mtype) if e.get("prompt") == prompt]
+
+
+async def _reply(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0) -> dict[str, Any]:
+    """The next message that answers a request (periodic room broadcasts skipped)."""
+    while True:
+        msg = json.loads((await ws.receive(timeout=timeout)).data)
+        if msg["type"] not in ("stats", "active-speaker", "room-updated", "participant-updated"):
+            return msg  # type: ignore[no-any-return]
+
+
+async def _reference(server: RunningServer, text: str) -> np.ndarray:
+    """The prompt's PCM from the server's own SynthService (a cache hit once the server spoke it)."""
+    return (await (await server.server.prompts.service()).synthesize(text)).audio
+
+
+def _onset(x: np.ndarray) -> int:
+    """First sample of the first 10 ms block that is clearly audible."""
+    blocks = x[: len(x) // 480 * 480].reshape(-1, 480)
+    loud = np.flatnonzero(np.sqrt(np.mean(blocks * blocks, axis=1)) > 0.01)
+    return int(loud[0]) * 480 if loud.size else -1
+
+
+async def test_room_prompt_and_targeted_prompt(server: RunningServer) -> None:
+    a = Bot(server.url, "prompts1", "alice")  # both publish silence
+    b = Bot(server.url, "prompts1", "bob")
+    await a.join()
+    await b.join()
+    try:
+        await _wait_for(lambda: len(a.recordings) == 1 and len(b.recordings) == 1)
+        async with aiohttp.ClientSession() as http:
+            r = await http.post(f"{server.url}/api/rooms/prompts1/prompts", json={"text": WELCOME})
+            assert r.status == 202, await r.text()
+            queued = await r.json()
+            room_prompt = queued["prompt"]
+            assert queued["duration_s"] > 1.0 and queued["synthetic"] is True
+            await _wait_for(lambda: all(_events(x, "prompt.finished", room_prompt) for x in (a, b)), 15)
+            await asyncio.sleep(1.0)  # the end of the prompt is still on its way when it finished playing
+
+            # a targeted prompt: only bob's own prompt track carries it
+            r = await http.post(f"{server.url}/api/rooms/prompts1/prompts", json={"text": PRIVATE, "to": b.id})
+            assert r.status == 202, await r.text()
+            private = (await r.json())["prompt"]
+            t_private = time.monotonic()
+            await _wait_for(lambda: bool(_events(b, "prompt.finished", private)), 15)
+            room = await (await http.get(f"{server.url}/api/rooms/prompts1")).json()
+
+        for bot in (a, b):  # events, in order, to everyone who hears the room-wide prompt
+            started, finished = _events(bot, "prompt.started", room_prompt), _events(bot, "prompt.finished",
+                                                                                       room_prompt)
+            assert len(started) == 1 and len(finished) == 1
+            assert started[0]["text"] == WELCOME and started[0]["synthetic"] is True and started[0]["to"] is None
+            assert finished[0]["interrupted"] is False and finished[0]["_t"] >= started[0]["_t"]
+            # the offer labels the track as synthetic
+            assert any(t["kind"] == "prompt" and t["synthetic"] for t in bot.track_info.values())
+
+        welcome = await _reference(server, WELCOME)
+        for bot in (a, b):
+            heard = bot.received_from("prompt-prompts1")
+            ncc = content_match(heard, welcome)
+            assert ncc > 0.6, f"{bot.name} hears something else than the prompt (ncc {ncc:.2f})"
+            # the first word made it although the track was created (and negotiated) for this prompt
+            head = welcome[: _onset(welcome) + RATE // 2]
+            score, _ = best_alignment(head, heard)
+            print("DEBUG head", score, ncc)
+            assert score > 0.6, f"{bot.name} missed the start of the prompt (ncc {score:.2f})"
+
+        # the targeted prompt reached bob only: alice is not even subscribed to it and got no events
+        private_stream = f"prompt-prompts1-{b.id}"
+        assert _events(b, "prompt.started", private)[0]["to"] == b.id
+        assert not _events(a, "prompt.started", private) and not _events(a, "prompt.finished", private)
+        assert all(t["stream"] != private_stream for t in a.track_info.values())
+        assert a.received_from(private_stream).size == 0
+        ncc = content_match(b.received_from(private_stream), await _reference(server, PRIVATE))
+        assert ncc > 0.6, f"bob hears something else than his prompt (ncc {ncc:.2f})"
+        heard_by_alice = np.concatenate([rec.audio(since=t_private) for rec in a.recordings.values()])
+        assert heard_by_alice.size > RATE and np.max(np.abs(heard_by_alice)) < 0.01, "alice heard bob's prompt"
+
+        # listed and counted as synthetic prompt streams
+        streams = {s["id"]: s for s in room["streams"]}
+        assert streams["prompt-prompts1"]["synthetic"] and streams["prompt-prompts1"]["kind"] == "prompt"
+        assert streams[private_stream]["subscribers"] == 1
+        assert {s["kind"] for s in room["stats"] if s["stream"].startswith("prompt-")} == {"prompt"}
+    finally:
+        await a.leave()
+        await b.leave()
+    # the prompt tracks do not keep an empty room alive
+    await _wait_for(lambda: "prompts1" not in server.server.rooms.rooms, 5)
+
+
+async def test_interrupt_cuts_the_playing_prompt(server: RunningServer) -> None:
+    bot = Bot(server.url, "prompts2", "carol")
+    await bot.join()
+    try:
+        long_ref = await _reference(server, LONG)  # synthesized ahead: the requests below are cache hits
+        breaking_ref = await _reference(server, BREAKING)
+        await bot.send({"type": "prompt", "text": LONG})
+        await _wait_for(lambda: bool(bot.events_of("prompt.queued")))
+        first = bot.events_of("prompt.queued")[0]["prompt"]
+        await _wait_for(lambda: bool(_events(bot, "prompt.started", first)))
+        await asyncio.sleep(1.5)
+        await bot.send({"type": "prompt", "text": BREAKING, "interrupt": True})
+        await _wait_for(lambda: len(bot.events_of("prompt.queued")) == 2)
+        second = bot.events_of("prompt.queued")[1]["prompt"]
+        await _wait_for(lambda: bool(_events(bot, "prompt.finished", second)), 15)
+
+        cut = _events(bot, "prompt.finished", first)[0]
+        assert cut["interrupted"] is True
+        assert _events(bot, "prompt.finished", second)[0]["interrupted"] is False
+        # where the interrupt request found the first prompt, in its own samples (server-side counter)
+        played_at_request = round(cut["played_s"] * RATE)
+        assert 0 < played_at_request < len(long_ref) - RATE
+
+        # in the received audio: where each prompt starts
+        heard = bot.received_from("prompt-prompts2")
+        first_score, first_at = best_alignment(long_ref[: RATE], heard)
+        second_score, second_at = best_alignment(breaking_ref[: RATE], heard)
+        assert first_score > 0.6 and second_score > 0.6, (first_score, second_score)
+        # the first prompt played right up to the request, then the second began: the audible cut
+        # lies within 100 ms of the request (measured in the stream's own samples)
+        cut_delay = second_at - (first_at + played_at_request)
+        assert abs(cut_delay) <= RATE // 10, f"the cut came {cut_delay / RATE * 1000:.0f} ms after the request"
+        before = heard[first_at + played_at_request - RATE: second_at]
+        expected = long_ref[played_at_request - RATE: played_at_request]
+        assert content_match(before, expected) > 0.5, "the first prompt was not playing until the cut"
+        # nothing of the first prompt's rest is heard after the cut
+        after = heard[second_at: second_at + RATE]
+        assert content_match(after, long_ref[played_at_request:]) < 0.4
+    finally:
+        await bot.leave()
+
+
+async def test_bad_prompt_requests_get_clear_errors(server: RunningServer) -> None:
+    url = f"{server.url}/api/rooms/prompts3/prompts"
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(f"{server.url}/api/rooms/nowhere/prompts", json={"text": "hello"})
+        assert r.status == 404 and (await r.json())["error"] == "unknown-room"
+        ws = await http.ws_connect(server.url.replace("http", "ws") + "/ws")
+        await ws.send_str(json.dumps({"type": "join", "room": "prompts3", "name": "admin"}))
+        assert (await _reply(ws))["type"] == "joined"
+        cases: list[tuple[Any, int, str]] = [
+            ({"text": ""}, 400, "empty-text"),
+            ({"text": "   "}, 400, "empty-text"),
+            ({"text": "x" * 100_000}, 413, "too-large"),  # over the HTTP body limit
+            ({"text": "word " * 1_200}, 413, "too-large"),  # over the synthesizer's limit
+            ({"text": "hello", "voice": "klingon"}, 400, "unknown-voice"),
+            ({"text": "hello", "to": "p-nobody"}, 404, "unknown-participant"),
+            ({"text": "hello", "rate": 10.0}, 400, "bad-option"),
+            ({"text": 5}, 400, "bad-request"),
+            ({"text": "hello", "rate": "fast"}, 400, "bad-request"),
+            ({"text": "hello", "interrupt": "yes"}, 400, "bad-request"),
+            ({}, 400, "bad-request"),
+        ]
+        for body, status, code in cases:
+            r = await http.post(url, json=body)
+            reply = await r.json()
+            assert (r.status, reply["error"]) == (status, code), (str(body)[:60], reply)
+            assert reply["message"]
+        r = await http.post(url, data=b"{oops")
+        assert r.status == 400 and (await r.json())["error"] == "bad-json"
+
+        # the same over the WebSocket: an error reply, and the connection stays usable
+        for msg, code in [({"type": "prompt", "text": ""}, "empty-text"),
+                          ({"type": "prompt"}, "bad-message"),
+                          ({"type": "prompt", "text": "hi", "voice": "klingon"}, "unknown-voice"),
+                          ({"type": "prompt", "text": "word " * 1_200}, "too-large")]:
+            await ws.send_str(json.dumps(msg))
+            reply = await _reply(ws)
+            assert reply["type"] == "error" and reply["code"] == code, (msg, reply)
+        await ws.send_str(json.dumps({"type": "ping"}))
+        assert (await _reply(ws))["type"] == "pong"
+        await ws.close()
