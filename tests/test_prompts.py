@@ -45,7 +45,13 @@ async def _reply(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0) -> 
 
 async def _reference(server: RunningServer, text: str) -> np.ndarray:
     """The prompt's PCM from the server's own SynthService (a cache hit once the server spoke it)."""
-    return (await (await server.server.prompts.service()).synthesize(text)).audio
+    return _dithered((await (await server.server.prompts.service()).synthesize(text)).audio)
+
+
+def _dithered(x: np.ndarray) -> np.ndarray:
+    """``x`` plus noise at -80 dBFS: the correlation search divides by window energies, and synthesized
+    speech and decoded silence contain runs of exact zeros."""
+    return x + 1e-4 * np.random.default_rng(0).standard_normal(len(x)).astype(np.float32)
 
 
 def _onset(x: np.ndarray) -> int:
@@ -90,13 +96,12 @@ async def test_room_prompt_and_targeted_prompt(server: RunningServer) -> None:
 
         welcome = await _reference(server, WELCOME)
         for bot in (a, b):
-            heard = bot.received_from("prompt-prompts1")
+            heard = _dithered(bot.received_from("prompt-prompts1"))
             ncc = content_match(heard, welcome)
             assert ncc > 0.6, f"{bot.name} hears something else than the prompt (ncc {ncc:.2f})"
             # the first word made it although the track was created (and negotiated) for this prompt
             head = welcome[: _onset(welcome) + RATE // 2]
             score, _ = best_alignment(head, heard)
-            print("DEBUG head", score, ncc)
             assert score > 0.6, f"{bot.name} missed the start of the prompt (ncc {score:.2f})"
 
         # the targeted prompt reached bob only: alice is not even subscribed to it and got no events
@@ -146,7 +151,7 @@ async def test_interrupt_cuts_the_playing_prompt(server: RunningServer) -> None:
         assert 0 < played_at_request < len(long_ref) - RATE
 
         # in the received audio: where each prompt starts
-        heard = bot.received_from("prompt-prompts2")
+        heard = _dithered(bot.received_from("prompt-prompts2"))
         first_score, first_at = best_alignment(long_ref[: RATE], heard)
         second_score, second_at = best_alignment(breaking_ref[: RATE], heard)
         assert first_score > 0.6 and second_score > 0.6, (first_score, second_score)
@@ -157,9 +162,10 @@ async def test_interrupt_cuts_the_playing_prompt(server: RunningServer) -> None:
         before = heard[first_at + played_at_request - RATE: second_at]
         expected = long_ref[played_at_request - RATE: played_at_request]
         assert content_match(before, expected) > 0.5, "the first prompt was not playing until the cut"
-        # nothing of the first prompt's rest is heard after the cut
+        # after the cut the second prompt is heard alone, not mixed with the rest of the first
         after = heard[second_at: second_at + RATE]
-        assert content_match(after, long_ref[played_at_request:]) < 0.4
+        with_second, with_rest = content_match(after, breaking_ref), content_match(after, long_ref[played_at_request:])
+        assert with_second > 0.8 and with_second > with_rest + 0.25, (with_second, with_rest)
     finally:
         await bot.leave()
 

@@ -169,7 +169,7 @@ class RtpSession:
         rtp.on_datagram = self._on_rtp
         rtcp.on_datagram = self._on_rtcp
         self._signaling_ip = signaling_ip
-        self._on_packet = on_packet
+        self.on_packet = on_packet
         self.remote: Optional[tuple[str, int]] = None
         self.remote_rtcp: Optional[tuple[str, int]] = None
         self.ssrc = secrets.randbits(32)
@@ -229,7 +229,7 @@ class RtpSession:
                                             last_sr_ntp=self.reception.last_sr_ntp,
                                             last_sr_at=self.reception.last_sr_at)
         self.reception.update(pkt, now)
-        self._on_packet(pkt, now)
+        self.on_packet(pkt, now)
 
     def _on_rtcp(self, data: bytes, addr: tuple[str, int]) -> None:
         if not self._accept_from(addr, rtcp=True):

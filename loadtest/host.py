@@ -1,0 +1,180 @@
+"""The bots of one process: join them, report progress, and measure what they received.
+
+A ``BotHost`` lives in one event loop (a worker process, or the caller's
+loop for in-process runs).  Its public coroutines are the commands the
+coordinator sends; their arguments and results are plain picklable data.
+Analysis runs on a snapshot of the recordings in a thread, so the bots keep
+streaming meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from loadtest.bot import Bot, Recording
+from loadtest.marker import MarkerTemplate, SendTimeline
+from loadtest.quality import dnsmos
+from loadtest.sources import SourceLibrary
+from loadtest.streams import measure_stream, owner_since, window_audio
+
+log = logging.getLogger(__name__)
+
+STATS_FIELDS = ("participant", "stream", "stages", "server_latency_ms", "processing_ms", "jitter_buffer_ms",
+                "jitter_ms", "received", "lost", "late", "concealed_chunks", "bypassed", "chunks")
+
+
+@dataclass(frozen=True)
+class BotSpec:
+    """Who a bot is: its name, room, signal index and join options."""
+
+    name: str
+    room: str
+    index: int
+    stages: Optional[str] = None
+    token: Optional[str] = None
+    local_addr: Optional[str] = None
+    echo_cancellation: bool = True
+
+
+@dataclass
+class _Snapshot:
+    bot_id: str
+    room: str
+    recordings: list[Recording]
+    send_log: list[tuple[float, int]]
+
+
+class BotHost:
+    """Owns the bots of one process and everything they recorded."""
+
+    def __init__(self, library: SourceLibrary, url: str, max_concurrent_joins: int = 4) -> None:
+        self.library = library
+        self.url = url
+        self.bots: list[tuple[BotSpec, Bot]] = []
+        self._join_gate = asyncio.Semaphore(max_concurrent_joins)
+
+    # -- commands -----------------------------------------------------------------
+    async def add(self, specs: list[BotSpec]) -> list[dict[str, Any]]:
+        """Create and join bots; one result per spec (``ok``, ``id``, ``error``, milestones)."""
+        return list(await asyncio.gather(*(self._join_one(s) for s in specs)))
+
+    async def _join_one(self, spec: BotSpec) -> dict[str, Any]:
+        signal = self.library.signal(spec.index)
+        bot = Bot(self.url, spec.room, spec.name, signal.mix, loop=True, stages=spec.stages,
+                  echo_cancellation=spec.echo_cancellation, token=spec.token, local_addr=spec.local_addr)
+        self.bots.append((spec, bot))
+        error = None
+        async with self._join_gate:
+            try:
+                await bot.join(timeout=20.0)
+            except Exception as exc:  # a failed join is a result of the load test, not a crash
+                error = f"{type(exc).__name__}: {exc}"
+        if bot.errors and error is None:
+            error = str(bot.errors[0])
+        return {"name": spec.name, "index": spec.index, "room": spec.room, "id": bot.id,
+                "ok": error is None and bot.id is not None, "error": error}
+
+    async def status(self) -> dict[str, Any]:
+        bots = [b for _, b in self.bots]
+        return {
+            "bots": len(bots),
+            "joined": sum(1 for b in bots if "answered" in b.times),
+            "connected": sum(1 for b in bots if "connected" in b.times),
+            "streams": sum(len(b.recordings) for b in bots),
+            "frames": sum(len(r.blocks) for b in bots for r in b.recordings.values()),
+            "errors": sum(len(b.errors) for b in bots),
+        }
+
+    async def sendlogs(self, since: float) -> dict[str, list[tuple[float, int]]]:
+        """Every publisher's (time, pts) frame log from ``since`` on."""
+        out: dict[str, list[tuple[float, int]]] = {}
+        for _, bot in self.bots:
+            if bot.id is not None and bot.track is not None:
+                out[bot.id] = [(t, p) for t, p in bot.track.send_log if t >= since]
+        return out
+
+    async def trim(self, before: float) -> None:
+        for _, bot in self.bots:
+            bot.trim(before)
+
+    async def analyze(self, since: float, until: float, sendlogs: dict[str, list[tuple[float, int]]],
+                      signals: dict[str, int], dnsmos_pairs: list[tuple[str, str]],
+                      stats_reporters: list[str], marker: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Figures of every stream this host's bots received in [since, until)."""
+        snaps = [_Snapshot(b.id, spec.room, [r.snapshot() for r in b.recordings.values()],
+                           list(b.track.send_log) if b.track is not None else [])
+                 for spec, b in self.bots if b.id is not None]
+        bots = [self._bot_summary(spec, b) for spec, b in self.bots]
+        server_stats = {b.id: self._stats_samples(b, since, until)
+                        for _, b in self.bots if b.id in set(stats_reporters)}
+        streams, sent = await asyncio.get_running_loop().run_in_executor(
+            None, self._analyze_sync, snaps, since, until, sendlogs, signals, set(map(tuple, dnsmos_pairs)),
+            marker or {})
+        return {"streams": streams, "sent_dnsmos": sent, "bots": bots, "server_stats": server_stats}
+
+    async def stop(self) -> dict[str, Any]:
+        await asyncio.gather(*(b.leave() for _, b in self.bots), return_exceptions=True)
+        return {"stopped": len(self.bots)}
+
+    # -- helpers ------------------------------------------------------------------
+    @staticmethod
+    def _bot_summary(spec: BotSpec, bot: Bot) -> dict[str, Any]:
+        t0 = bot.times.get("join_start")
+        rel = {k: round((v - t0) * 1000.0, 1) for k, v in bot.times.items() if t0 is not None and k != "join_start"}
+        return {**asdict(spec), "token": None, "id": bot.id, "milestones_ms": rel,
+                "errors": [e.get("code") for e in bot.errors], "renegotiations": bot.renegotiations}
+
+    @staticmethod
+    def _stats_samples(bot: Bot, since: float, until: float) -> list[dict[str, Any]]:
+        out = []
+        for e in bot.events_of("stats"):
+            if since <= e["_t"] < until:
+                for s in e.get("streams", []):
+                    out.append({"t": round(e["_t"], 3), **{k: s.get(k) for k in STATS_FIELDS if k in s}})
+        return out
+
+    def _analyze_sync(self, snaps: list[_Snapshot], since: float, until: float,
+                      sendlogs: dict[str, list[tuple[float, int]]], signals: dict[str, int],
+                      dnsmos_pairs: set[tuple[str, ...]], marker: dict[str, Any]
+                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        templates: dict[str, MarkerTemplate] = {}
+        timelines = {pid: SendTimeline.from_log(entries) for pid, entries in sendlogs.items()}
+        streams: list[dict[str, Any]] = []
+        for snap in snaps:
+            for rec in snap.recordings:
+                pub = rec.participant
+                if pub is None or pub == snap.bot_id:
+                    continue
+                template = None
+                if pub in signals:
+                    if pub not in templates:
+                        templates[pub] = MarkerTemplate(self.library.signal(signals[pub]).speech)
+                    template = templates[pub]
+                fig = measure_stream(rec, snap.bot_id, pub, snap.room, since, until, template,
+                                     timelines.get(pub), **marker)
+                if (snap.bot_id, pub) in dnsmos_pairs:
+                    start = owner_since(rec, pub)
+                    if start is not None:
+                        fig.dnsmos = dnsmos(window_audio(rec, max(since, start), until))
+                streams.append(fig.to_dict())
+        sent: dict[str, Any] = {}
+        own = {s.bot_id: s for s in snaps}
+        for _, pub in dnsmos_pairs:
+            if pub in own and pub in signals and pub not in sent:
+                sent[pub] = dnsmos(self._sent_audio(own[pub].send_log, signals[pub], since, until))
+        return streams, sent
+
+    def _sent_audio(self, send_log: list[tuple[float, int]], index: int, since: float, until: float) -> np.ndarray:
+        """What a publisher sent in [since, until): its looped mix at the logged positions."""
+        pts = [p for t, p in send_log if since <= t < until]
+        if not pts:
+            return np.zeros(0, dtype=np.float32)
+        mix = self.library.signal(index).mix
+        idx = (np.arange(pts[0], pts[-1] + 960) % len(mix)).astype(np.int64)
+        return np.clip(mix[idx], -1.0, 1.0)

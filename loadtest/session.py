@@ -1,0 +1,233 @@
+"""One load test against a running server: bot placement over worker processes, windows, progress.
+
+``LoadSession`` owns the bot hosts (worker processes or the caller's loop),
+decides which room and signal each new bot gets, scrapes the server's
+``/metrics`` throughout, prints progress on the terminal, and turns a time
+window into figures (``measure``): publishers' send logs are gathered from
+every host and handed to every host, which measures what its own bots
+received.  ``run_load`` is the fixed-size scenario of ``loadtest run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+import aiohttp
+
+from loadtest.host import BotSpec
+from loadtest.promtext import MetricsScraper, to_json
+from loadtest.sources import SourceConfig
+from loadtest.summary import summarize
+from loadtest.workers import Host, LocalHost, RemoteHost
+
+BOTS_PER_ADDRESS = 24  # the server limits WebSocket connections per source address (32 by default)
+
+
+@dataclass
+class SessionConfig:
+    """How bots are made and measured (everything but how many)."""
+
+    url: str
+    sources: SourceConfig = field(default_factory=SourceConfig)
+    stages: Optional[str] = None  # per-bot join override; None: the room's default; "" or "none": no stages
+    processes: int = 0  # 0: bots in this process's loop
+    token: Optional[str] = None
+    dnsmos_per_publisher: int = 1  # subscribers whose copy of each stream is scored
+    warmup_s: float = 4.0
+    progress: bool = True
+    scrape_interval_s: float = 2.0
+    room_prefix: str = field(default_factory=lambda: f"lt{os.getpid() % 1000}x{int(time.time()) % 100000}")
+    marker: dict[str, Any] = field(default_factory=dict)  # measure_segment options
+    spread_source_addresses: bool = True
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback and ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return False
+
+
+class LoadSession:
+    """Owns the hosts, the bots' placement, the metrics scraper and the progress line of one load test."""
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.config = config
+        self.hosts: list[Host] = []
+        self.specs: list[BotSpec] = []
+        self.joins: list[dict[str, Any]] = []
+        self.scraper = MetricsScraper(config.url, config.scrape_interval_s)
+        self.started = time.monotonic()
+        self.health: dict[str, Any] = {}
+        self._phase = "starting"
+        self._phase_end: Optional[float] = None
+        self._progress_task: Optional[asyncio.Task[None]] = None
+        stages = config.stages
+        self._stages = "" if stages is not None and stages.strip().lower() in ("", "none") else stages
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.health["start"] = await self._get_json("/healthz")
+        n = self.config.processes
+        if n <= 0:
+            self.hosts = [LocalHost(self.config.sources, self.config.url)]
+        else:
+            self.hosts = [RemoteHost(self.config.sources, self.config.url, f"loadtest-worker-{i}") for i in range(n)]
+            await asyncio.gather(*(h.call("status") for h in self.hosts))  # all up (signals load lazily)
+        self.scraper.start()
+        if self.config.progress:
+            self._progress_task = asyncio.get_running_loop().create_task(self._progress())
+
+    async def close(self) -> None:
+        self._phase = "stopping"
+        try:
+            self.health["end"] = await self._get_json("/healthz")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+        await asyncio.gather(*(h.close() for h in self.hosts), return_exceptions=True)
+        await self.scraper.stop()
+        if self._progress_task is not None:
+            self._progress_task.cancel()
+
+    async def _get_json(self, path: str) -> Any:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(self.config.url.rstrip("/") + path, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                return await r.json()
+
+    # -- bots -----------------------------------------------------------------------------
+    def room_name(self, i: int) -> str:
+        return f"{self.config.room_prefix}-{i}"
+
+    async def add_bots(self, rooms: list[str]) -> list[dict[str, Any]]:
+        """One new bot per entry of ``rooms``, spread round-robin over the hosts; their join results."""
+        spread = self.config.spread_source_addresses and _is_loopback(self.config.url)
+        batches: dict[int, list[BotSpec]] = {}
+        for room in rooms:
+            i = len(self.specs)
+            addr = f"127.0.0.{2 + i // BOTS_PER_ADDRESS}" if spread and i // BOTS_PER_ADDRESS < 250 else None
+            spec = BotSpec(name=f"bot{i}", room=room, index=i, stages=self._stages, token=self.config.token,
+                           local_addr=addr)
+            self.specs.append(spec)
+            batches.setdefault(i % len(self.hosts), []).append(spec)
+        self._set_phase(f"joining {len(rooms)}")
+        results = await asyncio.gather(*(self.hosts[h].call("add", specs=s) for h, s in batches.items()))
+        joined = [r for rs in results for r in rs]
+        self.joins += joined
+        return joined
+
+    def _set_phase(self, phase: str, seconds: Optional[float] = None) -> None:
+        self._phase = phase
+        self._phase_end = time.monotonic() + seconds if seconds is not None else None
+
+    async def hold(self, seconds: float, phase: str) -> None:
+        self._set_phase(phase, seconds)
+        await asyncio.sleep(seconds)
+
+    async def status(self) -> dict[str, int]:
+        parts = await asyncio.gather(*(h.call("status") for h in self.hosts), return_exceptions=True)
+        total: dict[str, int] = {}
+        for p in parts:
+            if isinstance(p, dict):
+                for k, v in p.items():
+                    total[k] = total.get(k, 0) + int(v)
+        return total
+
+    async def _progress(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                st = await asyncio.wait_for(self.status(), 5.0)
+            except asyncio.TimeoutError:
+                st = {}
+            left = f" {max(0.0, self._phase_end - time.monotonic()):5.1f}s left" if self._phase_end else ""
+            server = ""
+            for frag in ("participants", "loop_lag"):
+                names = self.scraper.find(frag)
+                if names:
+                    v = self.scraper.latest(names[0], "sum" if frag == "participants" else "max")
+                    server += f" {names[0].replace('mediaserver_', '')}={v:g}"
+            print(f"[loadtest {time.monotonic() - self.started:6.1f}s] {self._phase}{left} | bots "
+                  f"{st.get('connected', 0)}/{st.get('bots', 0)} connected, {st.get('streams', 0)} streams, "
+                  f"{st.get('frames', 0)} frames rx, {st.get('errors', 0)} errors |{server}",
+                  file=sys.stderr, flush=True)
+
+    # -- measurement ----------------------------------------------------------------------
+    async def measure(self, duration_s: float, label: str = "measuring") -> dict[str, Any]:
+        """Hold ``duration_s`` and return the figures of that window (the bots keep running)."""
+        since = time.monotonic()
+        await self.hold(duration_s, label)
+        until = time.monotonic()
+        self._set_phase("analysing")
+        max_latency = float(self.config.marker.get("max_latency_s", 1.5))
+        logs: dict[str, list[tuple[float, int]]] = {}
+        for part in await asyncio.gather(*(h.call("sendlogs", since=since - max_latency - 1.0) for h in self.hosts)):
+            logs.update(part)
+        by_id = {j["id"]: j for j in self.joins if j["ok"]}
+        signals = {pid: j["index"] for pid, j in by_id.items()}
+        pairs: list[tuple[str, str]] = []
+        reporters: dict[str, str] = {}
+        for pid, j in sorted(by_id.items()):
+            reporters.setdefault(j["room"], pid)
+            peers = sorted(p for p, o in by_id.items() if o["room"] == j["room"] and p != pid)
+            pairs += [(sub, pid) for sub in peers[: self.config.dnsmos_per_publisher]]
+        parts = await asyncio.gather(*(h.call("analyze", since=since, until=until, sendlogs=logs,
+                                                    signals=signals, dnsmos_pairs=pairs,
+                                                    stats_reporters=list(reporters.values()),
+                                                    marker=self.config.marker) for h in self.hosts))
+        streams = [s for p in parts for s in p["streams"]]
+        sent = {k: v for p in parts for k, v in p["sent_dnsmos"].items()}
+        bots = [b for p in parts for b in p["bots"]]
+        stats = {k: v for p in parts for k, v in p["server_stats"].items()}
+        for s in streams:
+            s["latency_samples"] = [[round(t - self.started, 3), w, e] for t, w, e in s["latency_samples"]]
+        return {
+            "since_s": round(since - self.started, 3), "until_s": round(until - self.started, 3),
+            "duration_s": round(until - since, 3),
+            "summary": summarize(streams, sent, stats, bots),
+            "streams": streams, "sent_dnsmos": sent, "bots": bots,
+            "server_stats": {k: [{**x, "t": round(x["t"] - self.started, 3)} for x in v] for k, v in stats.items()},
+        }
+
+    async def trim(self, before_s: float) -> None:
+        """Let hosts forget audio older than ``before_s`` seconds into the session."""
+        await asyncio.gather(*(h.call("trim", before=self.started + before_s) for h in self.hosts))
+
+    def server_section(self) -> dict[str, Any]:
+        series = [{"t": round(s["t"] - self.started, 3),
+                   "metrics": {k: round(v["sum"], 4) for k, v in s["metrics"].items()}}
+                  for s in self.scraper.series]
+        return {"url": self.config.url, "health": self.health, "scrape_errors": self.scraper.errors,
+                "metrics_final": to_json(self.scraper.last), "metrics_series": series}
+
+    def scenario(self) -> dict[str, Any]:
+        cfg = asdict(self.config)
+        cfg.pop("token", None)
+        return cfg
+
+
+async def run_load(config: SessionConfig, bots: int, rooms: int, duration_s: float) -> dict[str, Any]:
+    """``bots`` bots spread over ``rooms`` rooms, all publishing and subscribing; one window of figures."""
+    if bots < 1 or rooms < 1:
+        raise ValueError("need at least one bot and one room")
+    session = LoadSession(config)
+    await session.start()
+    try:
+        joins = await session.add_bots([session.room_name(i % rooms) for i in range(bots)])
+        await session.hold(config.warmup_s, "warm-up")
+        window = await session.measure(duration_s)
+        await session.scraper.scrape_once()
+    finally:
+        await session.close()
+    return {"kind": "run", "scenario": {**session.scenario(), "bots": bots, "rooms": rooms,
+                                        "duration_s": duration_s},
+            "joins": joins, "summary": window["summary"], "window": window, "server": session.server_section()}

@@ -1,0 +1,102 @@
+"""Headline figures of one measurement window, from the per-stream figures the bots produced.
+
+Latency comparison with the server (``marker_vs_server``): the server's
+``server_latency_ms`` (stats message, per published stream) runs from the
+RTP arrival of a microphone packet at the server to the encoded packet
+that carries the same audio being handed to the fan-out.  The bots'
+``latency_ms`` (wire latency) runs from the publisher handing a frame to
+its WebRTC sender to the RTP packet arriving at the subscriber.  The two
+differ only by what lies outside the server: two loopback hops and the
+publisher's Opus encode (well under a millisecond each), the subscriber
+queue and aiortc's packetizer on the way out, and where the server's 10 ms
+chunk grid cuts the publisher's 20 ms frames (the server figure is taken on
+the second chunk of each outgoing frame, so 0 or 10 ms), so they must agree
+within about 20 ms as long as no stage adds algorithmic delay (a denoiser's
+look-ahead delays the audio but not the packets, so the marker sees it and
+the server figure does not).  ``e2e_latency_ms`` adds the subscriber's own
+receive buffer and decoder (aiortc holds 4 packets, ~80 ms).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+
+def percentiles(values: list[float], qs: tuple[int, ...] = (50, 90, 99)) -> dict[str, Optional[float]]:
+    if not values:
+        return {**{f"p{q}": None for q in qs}, "max": None, "n": 0}
+    arr = np.asarray(values, dtype=np.float64)
+    out: dict[str, Optional[float]] = {f"p{q}": round(float(np.percentile(arr, q)), 2) for q in qs}
+    out["max"] = round(float(arr.max()), 2)
+    out["n"] = len(values)
+    return out
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    return round(float(np.mean(values)), 3) if values else None
+
+
+def server_latency_by_publisher(server_stats: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """``server_latency_ms`` samples per publishing participant, one reporter bot per room."""
+    out: dict[str, list[float]] = {}
+    for samples in server_stats.values():
+        for s in samples:
+            v = s.get("server_latency_ms")
+            if s.get("participant") and isinstance(v, (int, float)) and v > 0:
+                out.setdefault(str(s["participant"]), []).append(float(v))
+    return out
+
+
+def compare_with_server(streams: list[dict[str, Any]], server: dict[str, list[float]]) -> dict[str, Any]:
+    rows = []
+    for s in streams:
+        measured = s["latency_ms"]["p50"]
+        ref = server.get(s["publisher"])
+        if measured is None or not ref:
+            continue
+        srv = float(np.median(ref))
+        rows.append({"publisher": s["publisher"], "subscriber": s["subscriber"], "marker_ms": measured,
+                     "server_ms": round(srv, 2), "difference_ms": round(measured - srv, 2)})
+    diffs = [abs(r["difference_ms"]) for r in rows]
+    return {"streams": rows, "median_abs_difference_ms": round(float(np.median(diffs)), 2) if diffs else None,
+            "max_abs_difference_ms": round(max(diffs), 2) if diffs else None}
+
+
+def summarize(streams: list[dict[str, Any]], sent_dnsmos: dict[str, Any],
+              server_stats: dict[str, list[dict[str, Any]]], bots: list[dict[str, Any]]) -> dict[str, Any]:
+    wire = [x[1] for s in streams for x in s["latency_samples"]]
+    e2e = [x[2] for s in streams for x in s["latency_samples"]]
+    expected = sum(s["frames_expected"] for s in streams)
+    dropped = sum(s["dropped"] for s in streams)
+    scored = [s["dnsmos"] for s in streams if s.get("dnsmos")]
+    sent = [v for v in sent_dnsmos.values() if v]
+    server = server_latency_by_publisher(server_stats)
+    answered = [b["milestones_ms"]["answered"] for b in bots if "answered" in b["milestones_ms"]]
+    connected = [b["milestones_ms"]["connected"] for b in bots if "connected" in b["milestones_ms"]]
+    return {
+        "bots": len(bots),
+        "bots_failed": sum(1 for b in bots if b["id"] is None or b["errors"]),
+        "streams": len(streams),
+        "streams_silent": sum(1 for s in streams if s["frames_received"] == 0),
+        "streams_measured": sum(1 for s in streams if s["latency_windows"] > 0),
+        "join_ms": percentiles(answered, (50, 95)),
+        "connected_ms": percentiles(connected, (50, 95)),
+        "latency_ms": percentiles(wire),
+        "e2e_latency_ms": percentiles(e2e),
+        "jitter_ms": {"mean": _mean([s["jitter_ms"] for s in streams]),
+                      "max": max((s["jitter_ms"] for s in streams), default=None)},
+        "max_interarrival_ms": max((s["max_interarrival_ms"] for s in streams), default=None),
+        "frames_expected": expected,
+        "frames_dropped": dropped,
+        "drop_rate": round(dropped / expected, 5) if expected else None,
+        "rtp_lost": sum(s["rtp_lost"] for s in streams),
+        "gaps": sum(s["gaps"] for s in streams),
+        "longest_gap_ms": max((s["longest_gap_ms"] for s in streams), default=0.0),
+        "dnsmos": {k: _mean([d[k] for d in scored]) for k in ("sig", "bak", "ovrl", "p808")} | {
+            "ovrl_min": min((d["ovrl"] for d in scored), default=None), "n": len(scored)},
+        "sent_dnsmos": {k: _mean([d[k] for d in sent]) for k in ("sig", "bak", "ovrl", "p808")} | {"n": len(sent)},
+        "server_latency_ms": percentiles([v for vs in server.values() for v in vs]),
+        "marker_vs_server": compare_with_server(streams, server),
+    }
