@@ -21,6 +21,7 @@ import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import is_rtcp
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class PcmTrack(MediaStreamTrack):
         self._pts = 0
         self._start: Optional[float] = None
         self.send_log: list[tuple[float, int]] = []  # (monotonic time, sample position) every frame
+        # (monotonic time, sample position) of every RTP packet as it went to the transport (see Bot._tap_send)
+        self.wire_log: list[tuple[float, int]] = []
 
     def next_block(self) -> np.ndarray:
         n = len(self.samples)
@@ -230,6 +233,7 @@ class Bot:
             elif mtype == "answer":
                 await self.pc.setRemoteDescription(RTCSessionDescription(sdp=msg["sdp"], type="answer"))
                 self.times["answered"] = time.monotonic()
+                self._tap_send()
                 self._answered.set()
             elif mtype == "offer":
                 self.track_info.update(msg.get("tracks") or {})
@@ -256,6 +260,29 @@ class Bot:
         rec.set_owner(self.track_info.get(mid, {}).get("participant"))
         self._tap_rtp(transceiver.receiver, rec)
         self._tasks.append(asyncio.get_running_loop().create_task(self._record(track, rec)))
+
+    def _tap_send(self) -> None:
+        """Log when each of our RTP packets reaches the transport (after aiortc's Opus encode)."""
+        if self.track is None:
+            return
+        transport = next((t.sender.transport for t in self.pc.getTransceivers()
+                          if t.sender is not None and t.sender.track is self.track), None)
+        if transport is None or getattr(transport, "_loadtest_tapped", False):
+            return
+        send = transport._send_rtp
+        wire_log = self.track.wire_log
+        first: list[int] = []
+
+        async def tapped(data: bytes) -> None:
+            if len(data) >= 12 and not is_rtcp(data):
+                ts = int.from_bytes(data[4:8], "big")
+                if not first:
+                    first.append(ts)
+                wire_log.append((time.monotonic(), (ts - first[0]) % (1 << 32)))
+            await send(data)
+
+        transport._send_rtp = tapped
+        transport._loadtest_tapped = True
 
     @staticmethod
     def _tap_rtp(receiver: Any, rec: Recording) -> None:
@@ -302,7 +329,7 @@ class Bot:
         for rec in self.recordings.values():
             rec.trim(before)
         if self.track is not None:
-            log_ = self.track.send_log
-            k = next((i for i, (t, _) in enumerate(log_) if t >= before), len(log_))
-            del log_[:k]
+            for log_ in (self.track.send_log, self.track.wire_log):
+                k = next((i for i, (t, _) in enumerate(log_) if t >= before), len(log_))
+                del log_[:k]
         self.events = [e for e in self.events if e.get("_t", 0.0) >= before or e.get("type") != "stats"]

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from loadtest.bot import Bot, Recording
-from loadtest.marker import MarkerTemplate, SendTimeline
+from loadtest.marker import MarkerTemplate, MatchOptions, SendTimeline
 from loadtest.quality import dnsmos
 from loadtest.sources import SourceLibrary
 from loadtest.streams import measure_stream, owner_since, window_audio
@@ -48,6 +48,7 @@ class _Snapshot:
     room: str
     recordings: list[Recording]
     send_log: list[tuple[float, int]]
+    probes: dict[str, list[tuple[float, float]]]  # publisher -> (time, server_latency_ms) from stats
 
 
 class BotHost:
@@ -91,24 +92,31 @@ class BotHost:
             "errors": sum(len(b.errors) for b in bots),
         }
 
-    async def sendlogs(self, since: float) -> dict[str, list[tuple[float, int]]]:
-        """Every publisher's (time, pts) frame log from ``since`` on."""
-        out: dict[str, list[tuple[float, int]]] = {}
+    async def sendlogs(self, since: float) -> dict[str, dict[str, Any]]:
+        """Every publisher's send timelines from ``since`` on: ``wire`` (RTP packets reaching the
+        transport) and ``frames`` (frames handed to the sender), plus the encode hop between them."""
+        out: dict[str, dict[str, Any]] = {}
         for _, bot in self.bots:
-            if bot.id is not None and bot.track is not None:
-                out[bot.id] = [(t, p) for t, p in bot.track.send_log if t >= since]
+            if bot.id is None or bot.track is None:
+                continue
+            frames = [(t, p) for t, p in bot.track.send_log if t >= since]
+            wire = [(t, p) for t, p in bot.track.wire_log if t >= since]
+            at = dict((p, t) for t, p in frames)
+            hops = [(t - at[p]) * 1000.0 for t, p in wire if p in at]
+            out[bot.id] = {"frames": frames, "wire": wire,
+                           "encode_ms": round(float(np.median(hops)), 3) if hops else None}
         return out
 
     async def trim(self, before: float) -> None:
         for _, bot in self.bots:
             bot.trim(before)
 
-    async def analyze(self, since: float, until: float, sendlogs: dict[str, list[tuple[float, int]]],
+    async def analyze(self, since: float, until: float, sendlogs: dict[str, dict[str, Any]],
                       signals: dict[str, int], dnsmos_pairs: list[tuple[str, str]],
                       stats_reporters: list[str], marker: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Figures of every stream this host's bots received in [since, until)."""
         snaps = [_Snapshot(b.id, spec.room, [r.snapshot() for r in b.recordings.values()],
-                           list(b.track.send_log) if b.track is not None else [])
+                           list(b.track.send_log) if b.track is not None else [], self._probes(b, since, until))
                  for spec, b in self.bots if b.id is not None]
         bots = [self._bot_summary(spec, b) for spec, b in self.bots]
         server_stats = {b.id: self._stats_samples(b, since, until)
@@ -131,6 +139,17 @@ class BotHost:
                 "errors": [e.get("code") for e in bot.errors], "renegotiations": bot.renegotiations}
 
     @staticmethod
+    def _probes(bot: Bot, since: float, until: float) -> dict[str, list[tuple[float, float]]]:
+        out: dict[str, list[tuple[float, float]]] = {}
+        for e in bot.events_of("stats"):
+            if since <= e["_t"] < until:
+                for s in e.get("streams", []):
+                    ms = s.get("server_latency_ms")
+                    if s.get("participant") and isinstance(ms, (int, float)) and ms > 0:
+                        out.setdefault(str(s["participant"]), []).append((float(e["_t"]), float(ms)))
+        return out
+
+    @staticmethod
     def _stats_samples(bot: Bot, since: float, until: float) -> list[dict[str, Any]]:
         out = []
         for e in bot.events_of("stats"):
@@ -140,24 +159,24 @@ class BotHost:
         return out
 
     def _analyze_sync(self, snaps: list[_Snapshot], since: float, until: float,
-                      sendlogs: dict[str, list[tuple[float, int]]], signals: dict[str, int],
+                      sendlogs: dict[str, dict[str, Any]], signals: dict[str, int],
                       dnsmos_pairs: set[tuple[str, ...]], marker: dict[str, Any]
                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        templates: dict[str, MarkerTemplate] = {}
-        timelines = {pid: SendTimeline.from_log(entries) for pid, entries in sendlogs.items()}
+        templates: dict[str, list[MarkerTemplate]] = {}
+        options = MatchOptions(**marker)
+        timelines = {pid: SendTimeline.from_log(logs["wire"] if len(logs["wire"]) > 1 else logs["frames"])
+                     for pid, logs in sendlogs.items()}
         streams: list[dict[str, Any]] = []
         for snap in snaps:
             for rec in snap.recordings:
                 pub = rec.participant
                 if pub is None or pub == snap.bot_id:
                     continue
-                template = None
-                if pub in signals:
-                    if pub not in templates:
-                        templates[pub] = MarkerTemplate(self.library.signal(signals[pub]).speech)
-                    template = templates[pub]
-                fig = measure_stream(rec, snap.bot_id, pub, snap.room, since, until, template,
-                                     timelines.get(pub), **marker)
+                if pub in signals and pub not in templates:
+                    signal = self.library.signal(signals[pub])
+                    templates[pub] = [MarkerTemplate(signal.speech), MarkerTemplate(signal.mix)]
+                fig = measure_stream(rec, snap.bot_id, pub, snap.room, since, until, templates.get(pub, []),
+                                     timelines.get(pub), options, snap.probes.get(pub))
                 if (snap.bot_id, pub) in dnsmos_pairs:
                     start = owner_since(rec, pub)
                     if start is not None:

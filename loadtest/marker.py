@@ -18,10 +18,12 @@ Method, per received stream:
    (``deliver``).  Frames with consecutive pts form a gap-free segment.
 3. Every 0.5 s window of a segment (16 kHz, zero-phase decimated) is matched
    by normalized cross-correlation against the publisher's clean speech
-   (``MarkerTemplate``), searched over the sent positions that could
-   precede it (up to ``max_latency_s`` earlier).  A match (NCC >= ``min_ncc``,
-   i.e. speech was present and recognisable) gives the sent position ``p``
-   of the window's first sample, to 1/16 ms.
+   (``MarkerTemplate``) and against the published mix (speech plus noise:
+   the better template when no denoiser runs), searched over the sent
+   positions that could precede it (up to ``max_latency_s`` earlier).  A
+   match (NCC >= ``min_ncc``, and ``min_margin`` above any other peak, which
+   rejects noise-only windows of a looped noise bed) gives the sent
+   position ``p`` of the window's first sample, to 1/16 ms.
 4. Latency = receive time of that sample minus ``time_of(p)``, both
    referenced to their frame start: ``wire_ms`` (publisher's send to the
    subscriber's RTP arrival: the network plus the whole server) and
@@ -36,6 +38,7 @@ matches hold with enhancement on; a stage's algorithmic delay (its
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from scipy.signal import fftconvolve, resample_poly
@@ -114,10 +117,14 @@ class LatencySample:
     ncc: float
 
 
-def best_match(window: np.ndarray, search: np.ndarray) -> tuple[float, int]:
-    """Position in ``search`` where ``window`` fits best, by normalized cross-correlation."""
+def best_match(window: np.ndarray, search: np.ndarray, exclude: int = 160) -> tuple[float, int, float]:
+    """Where ``window`` fits best in ``search`` by normalized cross-correlation.
+
+    Returns (best NCC, its position, best NCC farther than ``exclude`` samples
+    from it): a repeating template (looped noise) gives two equal peaks.
+    """
     if len(search) < len(window):
-        return 0.0, 0
+        return 0.0, 0, 0.0
     corr = fftconvolve(search, window[::-1], mode="valid")
     csum = np.concatenate([[0.0], np.cumsum(search * search)])
     energy = csum[len(window):] - csum[: len(search) - len(window) + 1]
@@ -125,36 +132,90 @@ def best_match(window: np.ndarray, search: np.ndarray) -> tuple[float, int]:
     floor = 1e-3 * float(np.max(energy)) if len(energy) else 0.0
     ncc = corr / (np.sqrt(np.maximum(energy, floor) * ww) + 1e-12)
     k = int(np.argmax(ncc))
-    return float(ncc[k]), k
+    rest = np.concatenate([ncc[: max(0, k - exclude)], ncc[k + exclude + 1:]])
+    return float(ncc[k]), k, float(rest.max()) if len(rest) else -1.0
 
 
-def measure_segment(seg: ReceivedSegment, template: MarkerTemplate, send: SendTimeline, *,
-                    window_s: float = 0.5, hop_s: float = 0.5, max_latency_s: float = 1.5,
-                    min_ncc: float = 0.5, min_rms: float = 0.003) -> list[LatencySample]:
-    """Latency samples for every window of ``seg`` whose speech is found in what was sent."""
-    if len(send) == 0 or len(seg.audio) < int(window_s * RATE) + 2 * RATE // 10:
+@dataclass
+class MatchOptions:
+    """Knobs of the window matching (all have working defaults)."""
+
+    window_s: float = 0.5
+    hop_s: float = 0.5
+    max_latency_s: float = 1.5
+    min_ncc: float = 0.5
+    min_margin: float = 0.1  # best peak over the best elsewhere: rejects ambiguous (periodic) matches
+    min_rms: float = 0.003
+
+
+def _match_window(seg: ReceivedSegment, low: np.ndarray, i: int, templates: list[MarkerTemplate],
+                  send: SendTimeline, opt: MatchOptions) -> Optional[LatencySample]:
+    win = int(opt.window_s * RATE_LOW)
+    window = low[i:i + win]
+    if len(window) < win or float(np.sqrt(np.mean(window * window))) < opt.min_rms:
+        return None
+    t_wire, t_deliver = seg.times_at(i * DECIM)
+    p_hi = send.pts_at(t_wire) + 0.02 * RATE
+    p_lo = max(send.pts_at(t_wire - opt.max_latency_s), float(send.pts[0]))
+    if p_hi - p_lo < DECIM:
+        return None
+    p0 = int(p_lo) - int(p_lo) % DECIM
+    best: Optional[tuple[float, int]] = None
+    for template in templates:
+        ncc, k, other = best_match(window, template.segment(p0, int((p_hi - p0) / DECIM) + win))
+        if ncc >= opt.min_ncc and ncc - other >= opt.min_margin and (best is None or ncc > best[0]):
+            best = (ncc, k)
+    if best is None:
+        return None
+    t_sent = send.time_of(p0 + best[1] * DECIM)
+    return LatencySample(t=t_wire, wire_ms=(t_wire - t_sent) * 1000.0, e2e_ms=(t_deliver - t_sent) * 1000.0,
+                         ncc=best[0])
+
+
+def _decimated(seg: ReceivedSegment) -> np.ndarray:
+    return resample_poly(seg.audio.astype(np.float64), 1, DECIM)
+
+
+def measure_segment(seg: ReceivedSegment, templates: list[MarkerTemplate], send: SendTimeline,
+                    opt: Optional[MatchOptions] = None) -> list[LatencySample]:
+    """Latency samples for every window of ``seg`` whose content is found in what was sent."""
+    opt = opt or MatchOptions()
+    if len(send) == 0 or len(seg.audio) < int(opt.window_s * RATE) + RATE // 5:
         return []
-    low = resample_poly(seg.audio.astype(np.float64), 1, DECIM)
-    win = int(window_s * RATE_LOW)
-    hop = int(hop_s * RATE_LOW)
+    low = _decimated(seg)
     edge = RATE_LOW // 20  # skip the decimation filter's edge effects
-    out: list[LatencySample] = []
-    for i in range(edge, len(low) - win - edge + 1, hop):
-        window = low[i:i + win]
-        if float(np.sqrt(np.mean(window * window))) < min_rms:
-            continue
-        q = i * DECIM
-        t_wire, t_deliver = seg.times_at(q)
-        p_hi = send.pts_at(t_wire) + 0.02 * RATE
-        p_lo = max(send.pts_at(t_wire - max_latency_s), float(send.pts[0]))
-        if p_hi - p_lo < DECIM:
-            continue
-        p0 = int(p_lo) - int(p_lo) % DECIM
-        search = template.segment(p0, int((p_hi - p0) / DECIM) + win)
-        ncc, k = best_match(window, search)
-        if ncc < min_ncc:
-            continue
-        t_sent = send.time_of(p0 + k * DECIM)
-        out.append(LatencySample(t=t_wire, wire_ms=(t_wire - t_sent) * 1000.0,
-                                 e2e_ms=(t_deliver - t_sent) * 1000.0, ncc=ncc))
+    out = []
+    for i in range(edge, len(low) - int(opt.window_s * RATE_LOW) - edge + 1, int(opt.hop_s * RATE_LOW)):
+        sample = _match_window(seg, low, i, templates, send, opt)
+        if sample is not None:
+            out.append(sample)
+    return out
+
+
+def measure_at(seg: ReceivedSegment, templates: list[MarkerTemplate], send: SendTimeline, times: list[float],
+               opt: Optional[MatchOptions] = None, tries_s: tuple[float, ...] = (0.0, -0.1, -0.2, -0.3)
+               ) -> list[Optional[LatencySample]]:
+    """For each time in ``times``: the latency of the audio whose packets arrived then.
+
+    The window starts at the packet that arrived last before that time (or up
+    to 0.3 s earlier when that stretch holds no speech); None if no window
+    of this segment matches.
+    """
+    opt = opt or MatchOptions()
+    out: list[Optional[LatencySample]] = []
+    if len(send) == 0 or len(seg.audio) < int(opt.window_s * RATE) + RATE // 5:
+        return [None] * len(times)
+    low = _decimated(seg)
+    wire = np.where(np.isfinite(seg.wire), seg.wire, seg.deliver)
+    edge = RATE_LOW // 20
+    for t in times:
+        sample = None
+        for dt in tries_s:
+            f = int(np.searchsorted(wire, t + dt, side="right")) - 1
+            i = int(seg.starts[f]) // DECIM if f >= 0 else -1
+            if edge <= i <= len(low) - int(opt.window_s * RATE_LOW) - edge:
+                sample = _match_window(seg, low, i, templates, send, opt)
+                if sample is not None:
+                    break
+        out.append(sample)
     return out

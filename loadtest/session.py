@@ -44,7 +44,7 @@ class SessionConfig:
     progress: bool = True
     scrape_interval_s: float = 2.0
     room_prefix: str = field(default_factory=lambda: f"lt{os.getpid() % 1000}x{int(time.time()) % 100000}")
-    marker: dict[str, Any] = field(default_factory=dict)  # measure_segment options
+    marker: dict[str, Any] = field(default_factory=dict)  # MatchOptions fields (loadtest.marker)
     spread_source_addresses: bool = True
 
 
@@ -169,7 +169,7 @@ class LoadSession:
         until = time.monotonic()
         self._set_phase("analysing")
         max_latency = float(self.config.marker.get("max_latency_s", 1.5))
-        logs: dict[str, list[tuple[float, int]]] = {}
+        logs: dict[str, dict[str, Any]] = {}
         for part in await asyncio.gather(*(h.call("sendlogs", since=since - max_latency - 1.0) for h in self.hosts)):
             logs.update(part)
         by_id = {j["id"]: j for j in self.joins if j["ok"]}
@@ -185,15 +185,18 @@ class LoadSession:
                                                     stats_reporters=list(reporters.values()),
                                                     marker=self.config.marker) for h in self.hosts))
         streams = [s for p in parts for s in p["streams"]]
+        encode = [v["encode_ms"] for v in logs.values() if v.get("encode_ms") is not None]
         sent = {k: v for p in parts for k, v in p["sent_dnsmos"].items()}
         bots = [b for p in parts for b in p["bots"]]
         stats = {k: v for p in parts for k, v in p["server_stats"].items()}
         for s in streams:
             s["latency_samples"] = [[round(t - self.started, 3), w, e] for t, w, e in s["latency_samples"]]
+            s["server_pairs"] = [[round(t - self.started, 3), a, b] for t, a, b in s["server_pairs"]]
         return {
             "since_s": round(since - self.started, 3), "until_s": round(until - self.started, 3),
             "duration_s": round(until - since, 3),
-            "summary": summarize(streams, sent, stats, bots),
+            "summary": {**summarize(streams, sent, stats, bots),
+                        "publisher_encode_ms": round(float(sorted(encode)[len(encode) // 2]), 3) if encode else None},
             "streams": streams, "sent_dnsmos": sent, "bots": bots,
             "server_stats": {k: [{**x, "t": round(x["t"] - self.started, 3)} for x in v] for k, v in stats.items()},
         }

@@ -24,7 +24,8 @@ from typing import Any, Optional
 import numpy as np
 
 from loadtest.bot import Recording
-from loadtest.marker import LatencySample, MarkerTemplate, ReceivedSegment, SendTimeline, measure_segment
+from loadtest.marker import (LatencySample, MarkerTemplate, MatchOptions, ReceivedSegment, SendTimeline,
+                            measure_at, measure_segment)
 
 RATE = 48_000
 TS_MOD = 1 << 32
@@ -47,6 +48,7 @@ class StreamFigures:
     jitter_ms: float = 0.0
     max_interarrival_ms: float = 0.0
     latency: list[LatencySample] = field(default_factory=list)
+    server_pairs: list[tuple[float, float, float]] = field(default_factory=list)  # (t, server ms, marker ms)
     dnsmos: Optional[dict[str, float]] = None
     sent_dnsmos: Optional[dict[str, float]] = None
 
@@ -68,6 +70,7 @@ class StreamFigures:
             "latency_ms": {"p50": pct(wire, 50), "p99": pct(wire, 99), "max": pct(wire, 100)},
             "e2e_latency_ms": {"p50": pct(e2e, 50), "p99": pct(e2e, 99), "max": pct(e2e, 100)},
             "marker_ncc_median": pct(ncc, 50),
+            "server_pairs": [[round(t, 3), round(a, 2), round(b, 2)] for t, a, b in self.server_pairs],
             "latency_samples": [[round(s.t, 3), round(s.wire_ms, 2), round(s.e2e_ms, 2)] for s in self.latency],
             "dnsmos": self.dnsmos, "sent_dnsmos": self.sent_dnsmos,
         }
@@ -155,18 +158,29 @@ def _timeline_figures(fig: StreamFigures, rec: Recording, since: float, until: f
 
 
 def measure_stream(rec: Recording, subscriber: str, publisher: str, room: str, since: float, until: float,
-                   template: Optional[MarkerTemplate], send: Optional[SendTimeline],
-                   **marker_options: Any) -> StreamFigures:
-    """All figures of one received stream over [since, until)."""
+                   templates: list[MarkerTemplate], send: Optional[SendTimeline],
+                   options: Optional[MatchOptions] = None,
+                   probes: Optional[list[tuple[float, float]]] = None) -> StreamFigures:
+    """All figures of one received stream over [since, until).
+
+    ``probes``: (time, server_latency_ms) as the subscriber got them in
+    ``stats`` messages; each is paired with the marker latency of the packets
+    that arrived just before it (``server_pairs``).
+    """
     fig = StreamFigures(subscriber=subscriber, publisher=publisher, room=room)
     start = owner_since(rec, publisher)
     if start is None:
         return fig
     since = max(since, start)
     _timeline_figures(fig, rec, since, until)
-    if template is not None and send is not None and len(send):
-        for seg in received_segments(rec, since, until):
-            fig.latency += measure_segment(seg, template, send, **marker_options)
+    if not templates or send is None or not len(send):
+        return fig
+    for seg in received_segments(rec, since, until):
+        fig.latency += measure_segment(seg, templates, send, options)
+        if probes and len(seg.deliver):
+            inside = [(t, ms) for t, ms in probes if seg.deliver[0] + 1.0 <= t <= seg.deliver[-1]]
+            found = measure_at(seg, templates, send, [t for t, _ in inside], options)
+            fig.server_pairs += [(t, ms, m.wire_ms) for (t, ms), m in zip(inside, found) if m is not None]
     return fig
 
 

@@ -49,16 +49,18 @@ def server_latency_by_publisher(server_stats: dict[str, list[dict[str, Any]]]) -
     return out
 
 
-def compare_with_server(streams: list[dict[str, Any]], server: dict[str, list[float]]) -> dict[str, Any]:
+def compare_with_server(streams: list[dict[str, Any]]) -> dict[str, Any]:
+    """Marker latency minus the server's figure, paired in time (each stats message the subscriber got)."""
     rows = []
     for s in streams:
-        measured = s["latency_ms"]["p50"]
-        ref = server.get(s["publisher"])
-        if measured is None or not ref:
+        pairs = s.get("server_pairs") or []
+        if not pairs:
             continue
-        srv = float(np.median(ref))
-        rows.append({"publisher": s["publisher"], "subscriber": s["subscriber"], "marker_ms": measured,
-                     "server_ms": round(srv, 2), "difference_ms": round(measured - srv, 2)})
+        srv = [p[1] for p in pairs]
+        mark = [p[2] for p in pairs]
+        rows.append({"publisher": s["publisher"], "subscriber": s["subscriber"], "pairs": len(pairs),
+                     "marker_ms": round(float(np.median(mark)), 2), "server_ms": round(float(np.median(srv)), 2),
+                     "difference_ms": round(float(np.median(np.subtract(mark, srv))), 2)})
     diffs = [abs(r["difference_ms"]) for r in rows]
     return {"streams": rows, "median_abs_difference_ms": round(float(np.median(diffs)), 2) if diffs else None,
             "max_abs_difference_ms": round(max(diffs), 2) if diffs else None}
@@ -98,5 +100,5 @@ def summarize(streams: list[dict[str, Any]], sent_dnsmos: dict[str, Any],
             "ovrl_min": min((d["ovrl"] for d in scored), default=None), "n": len(scored)},
         "sent_dnsmos": {k: _mean([d[k] for d in sent]) for k in ("sig", "bak", "ovrl", "p808")} | {"n": len(sent)},
         "server_latency_ms": percentiles([v for vs in server.values() for v in vs]),
-        "marker_vs_server": compare_with_server(streams, server),
+        "marker_vs_server": compare_with_server(streams),
     }

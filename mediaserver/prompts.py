@@ -182,9 +182,11 @@ class PromptPlayer:
     def listeners(self) -> list[Participant]:
         """The participants who hear this track."""
         if self.target is None:
-            return list(self.room.participants.values())
-        p = self.room.participants.get(self.target)
-        return [p] if p is not None else []
+            heard_by = list(self.room.participants.values())
+        else:
+            p = self.room.participants.get(self.target)
+            heard_by = [p] if p is not None else []
+        return [p for p in heard_by if getattr(p, "can_subscribe", True)]
 
     def _on_event(self, kind: str, prompt: Prompt) -> None:
         event = prompt.started_event(self.stream.id) if kind == "started" else prompt.finished_event(self.stream.id)

@@ -30,6 +30,7 @@ from mediaserver.room import (
 )
 from mediaserver.session import PeerSession
 from mediaserver.stream import ChunkSource, PublishedStream
+from mediaserver.telemetry import MediaTelemetry  # telemetry: spans and OTel instruments
 from synth import VoiceOptions
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class MediaServer:
         self._ticker: Optional[asyncio.Task[None]] = None
         self._closed = False
         self.prompts = PromptManager(self)  # prompts: the SynthService and every room's prompt tracks
+        self.telemetry = MediaTelemetry(self)  # telemetry: spans, per-stream figures, sampler
 
     async def start(self) -> None:
         validate_stages(self.config.enhance.default_stages)
@@ -76,6 +78,7 @@ class MediaServer:
         self.hub.executor = executor
         self._ticker = asyncio.get_running_loop().create_task(self._room_ticker(), name="room-ticker")
         self.prompts.start()  # prompts: load the speech synthesizer in the background
+        self.telemetry.start()  # telemetry
 
     async def close(self) -> None:
         """Tell every participant, close every session and stream, stop the executor (idempotent)."""
@@ -83,6 +86,7 @@ class MediaServer:
             return
         self._closed = True
         await cancel_quietly(self._ticker)
+        await self.telemetry.close()  # telemetry: end every span
         await self.prompts.close()  # prompts
         for room in list(self.rooms.rooms.values()):
             for p in list(room.participants.values()):
@@ -121,6 +125,7 @@ class MediaServer:
         if stages is not None:
             participant.stages = validate_stages(stages)
         room.add_participant(participant)
+        self.telemetry.participant_joined(participant)  # telemetry
         log.info("room %s: %s (%s) joined as %s", room.id, name, kind, pid)
         return participant
 
@@ -138,6 +143,7 @@ class MediaServer:
         self._wire_echo_reference(participant)
         stream.start()
         room.add_stream(stream)
+        self.telemetry.stream_started(stream, room.id)  # telemetry
         return stream
 
     def _wire_echo_reference(self, participant: Participant) -> None:
@@ -186,6 +192,7 @@ class MediaServer:
         if not isinstance(session, PeerSession):
             raise RoomError("bad-request", "this participant has no WebRTC session")
         await session.accept_answer(sdp)
+        self.telemetry.renegotiated(participant)  # telemetry
 
     async def leave(self, participant: Participant, reason: str = "left") -> None:
         room = participant.room
@@ -196,6 +203,7 @@ class MediaServer:
         await room.broadcast({"type": "participant-left", "participant": participant.describe(),
                               "reason": reason})
         await self.prompts.participant_left(participant)  # prompts: close tracks nobody hears
+        self.telemetry.participant_left(participant, reason)  # telemetry
         self.rooms.drop_if_empty(room)
 
     async def kick(self, participant: Participant, reason: str = "removed by an administrator") -> None:
@@ -209,7 +217,10 @@ class MediaServer:
     async def play_prompt(self, room: str, text: str, options: Optional[VoiceOptions] = None,
                           to: Optional[str] = None, interrupt: bool = False) -> str:
         """Speak ``text`` into a room (or to participant ``to``) as a synthetic prompt track; the prompt id."""
-        return (await self.prompts.play(room, text, options, to=to, interrupt=interrupt)).id
+        requested_ns = time.time_ns()  # telemetry: the prompt's span starts at the request
+        prompt = await self.prompts.play(room, text, options, to=to, interrupt=interrupt)
+        self.telemetry.prompt_queued(room, prompt, requested_ns)  # telemetry
+        return prompt.id
 
     async def set_muted(self, participant: Participant, muted: bool) -> None:
         participant.muted = bool(muted)
@@ -222,6 +233,7 @@ class MediaServer:
         if participant.published is not None:
             participant.published.pipeline.set_stages(participant.effective_stages())
             self._wire_echo_reference(participant)
+            self.telemetry.stages_changed(participant.published)  # telemetry
         await participant.room.broadcast({"type": "participant-updated", "participant": participant.describe()})
 
     async def set_room_stages(self, room: Room, stages: Sequence[str] | str) -> None:
@@ -230,6 +242,7 @@ class MediaServer:
             if p.stages is None and p.published is not None:
                 p.published.pipeline.set_stages(p.effective_stages())
                 self._wire_echo_reference(p)
+                self.telemetry.stages_changed(p.published)  # telemetry
         await room.broadcast({"type": "room-updated", "room": room.describe()})
 
     # -- periodic work -----------------------------------------------------------
@@ -248,6 +261,7 @@ class MediaServer:
                         "concealed_chunks": jb.concealed_chunks, "fec_recovered": jb.fec_recovered,
                         "jitter_ms": round(jb.jitter_ms, 2), "jitter_buffer_ms": round(jb.buffer_ms, 1),
                         "jitter_target_ms": round(jb.target_ms, 1)})
+        out.update(self.telemetry.stream_extras(stream))  # telemetry: e2e latency, drops
         return out
 
     async def _room_ticker(self) -> None:

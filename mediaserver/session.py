@@ -181,7 +181,7 @@ class PeerSession:
 
     async def _offer(self) -> None:
         async with self._lock:
-            if self._negotiating or not self._dirty or self.closed:
+            if self._negotiating or not self._dirty or self.closed or self.pc.connectionState == "closed":
                 return
             self._negotiating = True
             self._dirty = False

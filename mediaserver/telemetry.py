@@ -24,13 +24,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from mediaserver.jitter import JitterStats
-from mediaserver.stream import PublishedStream
+from mediaserver.stream import PublishedStream, StreamCounters
 from mediaserver.telemetry_instruments import Instruments, instruments
 
 if TYPE_CHECKING:
@@ -45,13 +45,13 @@ SAMPLE_RATE = 48_000
 class SendLatency:
     """``SubscriberTrack.on_sent`` hook: RTP arrival to RTP send of each packet, as plain floats."""
 
-    __slots__ = ("count", "total", "peak", "last")
+    __slots__ = ("count", "last", "peak", "total")
 
     def __init__(self) -> None:
         self.count = 0
         self.total = 0.0
         self.peak = 0.0
-        self.last: Optional[float] = None
+        self.last: float | None = None
 
     def __call__(self, packet: Any) -> None:
         origin = packet.origin
@@ -59,8 +59,7 @@ class SendLatency:
             latency = time.monotonic() - origin
             self.count += 1
             self.total += latency
-            if latency > self.peak:
-                self.peak = latency
+            self.peak = max(self.peak, latency)
             self.last = latency
 
     def take(self) -> tuple[int, float, float]:
@@ -74,17 +73,17 @@ class StreamState:
     """Telemetry's view of one published stream: metric attributes, span, interval figures."""
 
     def __init__(self, stream: PublishedStream, room_id: str, span: Span) -> None:
-        self.stream = stream
-        self.counters = stream.counters
+        self.stream: PublishedStream = stream
+        self.counters: StreamCounters = stream.counters
         self.attrs = {"room": room_id, "stream": stream.id, "participant": stream.owner_id, "kind": stream.kind}
         stats = getattr(stream.source, "stats", None)
-        self.jitter: Optional[JitterStats] = stats if isinstance(stats, JitterStats) else None
+        self.jitter: JitterStats | None = stats if isinstance(stats, JitterStats) else None
         self.span = span
-        self.subscriber_dropped = 0
-        self.e2e_mean: Optional[float] = None  # seconds, over the last sampler interval
-        self.e2e_max: Optional[float] = None
-        self.e2e_last: Optional[float] = None  # one packet's latency: the histogram's sample
-        self.loss_ratio = 0.0
+        self.subscriber_dropped: int = 0
+        self.e2e_mean: float | None = None  # seconds, over the last sampler interval
+        self.e2e_max: float | None = None
+        self.e2e_last: float | None = None  # one packet's latency: the histogram's sample
+        self.loss_ratio: float = 0.0
         self._prev = self._snapshot()
 
     def _snapshot(self) -> tuple[int, int, int, int, int]:
@@ -142,11 +141,11 @@ def _ago_ns(samples: int) -> int:
 class MediaTelemetry:
     """Owns the spans and per-stream bookkeeping of one MediaServer, and the sampler task feeding them."""
 
-    def __init__(self, server: "MediaServer", interval_s: float = 1.0) -> None:
+    def __init__(self, server: MediaServer, interval_s: float = 1.0) -> None:
         self._server = server
         self.interval_s = interval_s
         self._tracer = trace.get_tracer("mediaserver")
-        self._instruments: Optional[Instruments] = None
+        self._instruments: Instruments | None = None
         self.streams: dict[PublishedStream, StreamState] = {}
         self._sessions: dict[str, Span] = {}
         self._prompts: list[_PromptTrace] = []
@@ -154,13 +153,14 @@ class MediaTelemetry:
         self._stage_prev: dict[str, tuple[int, float]] = {}
         self._exec_prev: tuple[int, int] = (0, 0)
         self.executor_stages: dict[str, dict[str, Any]] = {}
-        self.batch_size = 0.0
-        self.tick_s = 0.0
+        self.executor_live_streams: int = 0
+        self.batch_size: float = 0.0
+        self.tick_s: float = 0.0
         self.prompts_requested: dict[str, int] = {}
-        self._task: Optional[asyncio.Task[None]] = None
+        self._task: asyncio.Task[None] | None = None
 
     @property
-    def server(self) -> "MediaServer":
+    def server(self) -> MediaServer:
         return self._server
 
     # -- lifecycle ------------------------------------------------------------------
@@ -191,19 +191,20 @@ class MediaTelemetry:
             self._instruments.forget(self)
 
     # -- hooks called by MediaServer ---------------------------------------------------
-    def participant_joined(self, participant: "Participant") -> None:
+    def participant_joined(self, participant: Participant) -> None:
         self._sessions[participant.id] = self._tracer.start_span("participant.session", attributes={
             "mediaserver.room": participant.room.id, "mediaserver.participant": participant.id,
             "mediaserver.participant.kind": participant.kind})
 
-    def participant_left(self, participant: "Participant", reason: str) -> None:
+    def participant_left(self, participant: Participant, reason: str) -> None:
+        self._follow_prompts()
         self.sweep()
         span = self._sessions.pop(participant.id, None)
         if span is not None:
             span.set_attribute("mediaserver.leave_reason", reason)
             span.end()
 
-    def renegotiated(self, participant: "Participant") -> None:
+    def renegotiated(self, participant: Participant) -> None:
         span = self._sessions.get(participant.id)
         if span is not None:
             span.add_event("renegotiation", {"mediaserver.renegotiations":
@@ -222,7 +223,7 @@ class MediaTelemetry:
             st = self.streams[stream] = StreamState(stream, room_id, span)
         return st
 
-    def stages_changed(self, stream: Optional[PublishedStream]) -> None:
+    def stages_changed(self, stream: PublishedStream | None) -> None:
         st = self.streams.get(stream) if stream is not None else None
         if st is not None:
             st.span.add_event("stages.changed", {"mediaserver.stages": ",".join(st.stream.pipeline.stages)})
@@ -337,12 +338,12 @@ class MediaTelemetry:
         for key in [k for k in self._taps if k not in seen]:
             del self._taps[key]
         for st in self.streams.values():
-            acc = totals.get(st)
-            if acc is None or acc[0] == 0:
+            figures = totals.get(st)
+            if figures is None or figures[0] == 0:
                 st.e2e_mean = st.e2e_max = st.e2e_last = None
             else:
-                st.e2e_mean, st.e2e_max = acc[1] / acc[0], acc[2]
-                st.e2e_last = acc[3] if acc[3] >= 0 else None
+                st.e2e_mean, st.e2e_max = figures[1] / figures[0], figures[2]
+                st.e2e_last = figures[3] if figures[3] >= 0 else None
 
     def _sample_executor(self) -> None:
         executor = self._server.hub.executor
@@ -355,6 +356,7 @@ class MediaTelemetry:
         self._exec_prev = (chunks, batches)
         stages: dict[str, dict[str, Any]] = dict(stats.get("stages") or {})
         self.executor_stages = stages
+        self.executor_live_streams = int(stats.get("live_streams", 0))
         busy_s = 0.0
         for spec, s in stages.items():
             calls = int(s.get("calls", 0))

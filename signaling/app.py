@@ -18,8 +18,10 @@ from aiohttp import web
 from mediaserver.auth import AuthError
 from mediaserver.room import RoomError
 from mediaserver.server import MediaServer
+from signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from signaling.metrics import render_metrics
 from signaling.prompts_api import post_prompt
+from signaling.sip.server import SipEndpoint  # sip: the SIP/IVR bridge (docs/SIP.md)
 from signaling.websocket import SignalingConnection
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ STATIC = Path(__file__).parent / "static"
 SERVER_KEY: web.AppKey[MediaServer] = web.AppKey("server", MediaServer)
 CONN_KEY: web.AppKey[Counter[str]] = web.AppKey("connections", Counter)
 SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets", set)
+SIP_KEY: web.AppKey[SipEndpoint] = web.AppKey("sip", SipEndpoint)  # sip: set when config.sip_port is
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:
@@ -106,8 +109,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     body = render_metrics(request.app[SERVER_KEY])
-    return web.Response(body=body, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    if body is None:  # telemetry: no SDK configured at the entry point (signaling/telemetry_setup.py)
+        return json_error(503, "telemetry-disabled", "no OpenTelemetry SDK configured in this process")
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE,
+                                            "X-Content-Type-Options": "nosniff"})
 
 
 async def list_rooms(request: web.Request) -> web.Response:
@@ -191,11 +196,15 @@ def create_app(server: MediaServer) -> web.Application:
 
     async def on_startup(app: web.Application) -> None:
         await server.start()
+        if server.config.sip_port is not None:  # sip: phones call in (0: any free port)
+            app[SIP_KEY] = await SipEndpoint.start(server)
 
     async def on_shutdown(app: web.Application) -> None:
         # Graceful drain (SIGTERM): tell every participant, close sessions, then the sockets,
         # so that aiohttp does not wait for the WebSocket handlers to time out.
         log.info("shutting down: draining %d participants", server.rooms.participant_count)
+        if SIP_KEY in app:  # sip: BYE to every call first
+            await app[SIP_KEY].close()
         await server.close()
         for ws in list(app[SOCKETS_KEY]):
             await ws.close(code=1001, message=b"server shutting down")

@@ -10,8 +10,9 @@ import sys
 from aiohttp import web
 
 from mediaserver.config import ServerConfig, load_config
-from mediaserver.server import MediaServer
+from mediaserver.server import VERSION, MediaServer
 from signaling.app import create_app
+from signaling.telemetry_setup import configure_telemetry
 
 
 def _install_uvloop() -> None:
@@ -51,11 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(config: ServerConfig) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _install_uvloop()
+    try:  # telemetry: the OTel SDK, once, from the OTEL_* variables (signaling/telemetry_setup.py)
+        telemetry = configure_telemetry(service_version=VERSION)
+    except ValueError as exc:
+        raise SystemExit(f"mediaserver: bad telemetry configuration: {exc}") from exc
     server = MediaServer(config)
     app = create_app(server)
     print(f"mediaserver: open http://{'localhost' if config.host in ('0.0.0.0', '::') else config.host}"
           f":{config.port}/ in two browser tabs", flush=True)
-    web.run_app(app, host=config.host, port=config.port, print=None)
+    try:
+        web.run_app(app, host=config.host, port=config.port, print=None)
+    finally:
+        telemetry.shutdown()  # telemetry: flush spans and metrics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,9 +113,13 @@ async def handle_prompt_message(server: MediaServer, participant: Participant, m
     connection's other messages (answers to server offers) do not wait for it.  The reply is
     ``prompt.queued``, or an ``error`` with ``"request": "prompt"``.
     """
-    if not getattr(participant, "can_publish", True):
-        raise RoomError("forbidden", "a listen-only participant cannot play prompts", status=403)
-    req = parse_prompt_request(msg, code="bad-message")
+    try:
+        if not getattr(participant, "can_publish", True):
+            raise RoomError("forbidden", "a listen-only participant cannot play prompts", status=403)
+        req = parse_prompt_request(msg, code="bad-message")
+    except RoomError as exc:
+        await send(error(exc.code, str(exc), request="prompt"))
+        return
     room_id = participant.room.id
 
     async def play() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import pytest
 
 from loadtest.bot import Bot
 from tests.audio_checks import best_alignment, content_match
@@ -210,3 +211,23 @@ async def test_bad_prompt_requests_get_clear_errors(server: RunningServer) -> No
         await ws.send_str(json.dumps({"type": "ping"}))
         assert (await _reply(ws))["type"] == "pong"
         await ws.close()
+
+
+def test_prompt_source_queues_and_cuts_within_one_tick() -> None:
+    from mediaserver.prompts import Prompt, PromptSource
+
+    events: list[tuple[str, str, bool]] = []
+    source = PromptSource(lambda kind, p: events.append((kind, p.id, p.interrupted)))
+
+    def prompt(name: str, value: float, chunks: int) -> Prompt:
+        return Prompt(id=name, text=name, audio=np.full(480 * chunks, value, np.float32), to=None,
+                      voice="en-us", cache_hit=False)
+
+    assert not source.pull()[0].any()  # silent when idle
+    source.enqueue(prompt("a", 0.1, 10))
+    source.enqueue(prompt("b", 0.2, 2))
+    assert [float(source.pull()[0][0]) for _ in range(3)] == pytest.approx([0.1] * 3)
+    source.enqueue(prompt("c", 0.3, 2), interrupt=True)  # drops "b", cuts "a" at once
+    assert [float(source.pull()[0][0]) for _ in range(3)] == pytest.approx([0.3, 0.3, 0.0])
+    assert events == [("started", "a", False), ("finished", "a", True), ("started", "c", False),
+                      ("finished", "c", False)]

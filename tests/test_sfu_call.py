@@ -96,7 +96,7 @@ async def test_three_participants_each_receive_two_streams(server: RunningServer
                 if i == j:
                     continue
                 got = bot.received_from(other.id)  # type: ignore[arg-type]
-                assert len(got) > 48_000 * 2, f"p{i} got no audio from p{j}"
+                assert len(got) > 48_000 * 1.5, f"p{i} got no audio from p{j}"
                 ncc = content_match(got[24_000:], looped(srcs[j]))
                 assert ncc > 0.5, f"p{i} hears p{j} badly (ncc {ncc:.2f})"
         # encode once per published stream: one stream per participant, two subscribers each

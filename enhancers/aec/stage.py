@@ -169,7 +169,8 @@ class EchoCancellerStage(Stage):
         echo_window = torch.cat([st["echo_prev"], lin.echo], dim=-1)
         gain, diverged = sup.gains(st, far_aligned, mic_spec, sup.spectrum(err_window), sup.spectrum(echo_window))
         base = torch.where(diverged[:, None], mic_window, err_window)
-        out = sup.apply(st, gain, base)
+        noise = sup.track_noise(st, mic_spec)
+        out = sup.apply(st, gain, base) + sup.comfort_noise(st, noise, gain, count)
 
         st["mic_prev"], st["err_prev"], st["echo_prev"] = mic, lin.error, lin.echo
         st["count"] = count + 1

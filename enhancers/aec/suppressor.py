@@ -13,6 +13,12 @@ is ``hNl ** (overdrive * curve)``, stronger at high frequencies.  Where the far
 end has been silent for longer than the echo tail the gain is exactly 1, so
 near-end-only talk passes untouched.
 
+Suppressed bins are filled with comfort noise at the microphone's noise
+floor (a minimum-tracked PSD), ``sqrt(1 - gain^2)`` of it, so the output does
+not pump between noise and silence.  Its random phases come from a counter
+hash, so a stream's output does not depend on which other streams share its
+batch.
+
 The gains are applied with zero latency: they are turned into a minimum-phase
 FIR (real cepstrum folding) truncated to one chunk and run as overlap-save on
 ``[previous, current]`` output, cross-faded from the previous block's filter.
@@ -48,6 +54,9 @@ class SuppressorConfig:
     pref_high_hz: float = 3000.0
     far_active_dbfs: float = -60.0
     hangover_chunks: int = 30
+    noise_smoothing: float = 0.9
+    noise_rise: float = 1.0012  # per chunk, ~0.5 dB/s
+    noise_bias: float = 1.5  # minimum of a smoothed PSD underestimates its mean
 
     @property
     def n_fft(self) -> int:
@@ -69,6 +78,9 @@ def suppressor_initial_state(cfg: SuppressorConfig) -> dict[str, torch.Tensor]:
         "sup_cross": torch.zeros(3, f, dtype=torch.complex64),  # X D*, D E*, Y D*
         "sup_scalars": scalars,
         "sup_filter": h,  # last applied (minimum-phase) filter spectrum
+        "sup_noise_psd": torch.zeros(f),  # mic PSD smoothed for the noise tracker
+        "sup_noise": torch.full((f,), 1e12),  # mic noise floor (tracked minimum)
+        "sup_cn_tail": torch.zeros(cfg.frame),  # comfort noise overlap-add tail
         "sup_target": torch.tensor(-11.5),
         "sup_min_overdrive": torch.tensor(2.0),
         "sup_enabled": torch.tensor(1.0),
@@ -97,6 +109,10 @@ class ResidualEchoSuppressor:
         taper[-cfg.frame // 8 :] = torch.hann_window(cfg.frame // 4, periodic=False, device=device)[cfg.frame // 8 :]
         self.taper = taper
         self.fade = torch.linspace(0.0, 1.0, cfg.frame + 1, device=device)[1:]
+        # Comfort-noise synthesis window (sqrt-Hann: its square overlap-adds to 1), and the
+        # factor undoing the Hann analysis window's power loss (0.375).
+        self.cn_window = torch.sqrt(self.window) / (0.375**0.5)
+        self.bin_index = torch.arange(f, device=device, dtype=torch.long)
         # Far-end "active" threshold on the windowed pref-band power, 16-bit units.
         self.far_active = (10 ** (cfg.far_active_dbfs / 20) * 32768) ** 2 * 0.375 / n * len(self.pref)
 
@@ -180,6 +196,31 @@ class ResidualEchoSuppressor:
         gain = torch.where(active[:, None], gain, 1.0)
         st["sup_scalars"] = sc
         return gain, diverged & active
+
+    def track_noise(self, st: dict[str, torch.Tensor], dw: torch.Tensor) -> torch.Tensor:
+        """Update and return the microphone's noise floor PSD ``[B, bins]``."""
+        cfg = self.cfg
+        a = cfg.noise_smoothing
+        psd = a * st["sup_noise_psd"] + (1 - a) * dw.abs().square()
+        noise = torch.where(psd < st["sup_noise"], psd, st["sup_noise"] * cfg.noise_rise)
+        st["sup_noise_psd"], st["sup_noise"] = psd, noise
+        return noise * cfg.noise_bias
+
+    def comfort_noise(self, st: dict[str, torch.Tensor], noise: torch.Tensor, gain: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """One chunk of noise shaped like ``noise * (1 - gain^2)``, with per-stream deterministic phases."""
+        frame = self.cfg.frame
+        key = count[:, None] * 1_000_003 + self.bin_index[None, :] * 7919
+        key = (key ^ (key >> 13)) * 0x5BD1E995
+        key = key ^ (key >> 15)
+        phase = torch.remainder(key, 1 << 16).float() * (2 * torch.pi / (1 << 16))
+        mag = torch.sqrt((noise * (1 - gain.square())).clamp_min(0.0))
+        spec = torch.polar(mag, phase)
+        spec[:, 0] = spec[:, 0].real.to(spec.dtype)
+        spec[:, -1] = spec[:, -1].real.to(spec.dtype)
+        noise_frame = torch.fft.irfft(spec, n=self.cfg.n_fft, norm="forward") * self.cn_window
+        out = st["sup_cn_tail"] + noise_frame[:, :frame]
+        st["sup_cn_tail"] = noise_frame[:, frame:]
+        return out
 
     def minimum_phase(self, gain: torch.Tensor) -> torch.Tensor:
         """Spectrum of a causal, chunk-long minimum-phase FIR with magnitude ``gain``."""

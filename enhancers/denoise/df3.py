@@ -25,6 +25,7 @@ per-frame stage skipping.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,19 @@ from enhancers.stage import CHUNK, SAMPLE_RATE, BatchContext, Stage, StageStream
 
 NO_LIMIT_DB = 100.0  # libDF: limits at or above 100 dB mean "no limit"
 MIN_NORM_STATE = 1e-30  # keeps the complex-feature normalizer finite on long digital silence
+
+
+def post_filter(noisy: torch.Tensor, enhanced: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """libDF's optional post filter (after PercepNet): deepens the attenuation of bins the network
+    already attenuates.  Spectra as real views [B, T, F, 2]; ``beta`` [B] (0 leaves a row unchanged)."""
+    eps = 1e-12
+    g = (torch.linalg.vector_norm(enhanced, dim=-1) / (torch.linalg.vector_norm(noisy, dim=-1) + eps)).clamp(
+        eps, 1.0
+    )
+    g_sin = g * torch.sin(g * (math.pi / 2))
+    b = beta[:, None, None]
+    gain = (1.0 + b) * g / (1.0 + b * (g / g_sin).square()) / g
+    return enhanced * gain[..., None]
 
 
 def attenuation_mix(atten_lim_db: float | None) -> float:
@@ -51,13 +65,19 @@ def attenuation_mix(atten_lim_db: float | None) -> float:
 class DeepFilterNet3Stage(Stage):
     """DF3 denoiser: shared DF3 weights plus each stream's STFT, feature, GRU and filter state.
 
-    Per-stream option: ``atten_lim_db`` (attenuation limit in dB; default
-    ``None`` = unlimited, as libDF's default).
+    Per-stream options: ``atten_lim_db`` (attenuation limit in dB; default
+    ``None`` = unlimited, as libDF's default) and ``post_filter_beta`` (libDF's
+    post filter strength, 0 = off as libDF's default; about 0.02 to 0.05).
     """
 
     name = "denoise"
 
-    def __init__(self, device: str | torch.device = "cpu", atten_lim_db: float | None = None) -> None:
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        atten_lim_db: float | None = None,
+        post_filter_beta: float = 0.0,
+    ) -> None:
         super().__init__(device)
         assets = load_df3_assets()
         cfg = assets.config
@@ -67,6 +87,8 @@ class DeepFilterNet3Stage(Stage):
             )
         self.config = cfg
         self.default_atten_lim_db = atten_lim_db
+        self.default_post_filter_beta = post_filter_beta
+        self._post_filter_slots: set[int] = set()  # slots whose stream asked for the post filter
         self.dsp = DF3SignalProcessing(cfg).to(self.device)
         self.net = DF3Network(assets).to(self.device).eval()
         self.latency_samples = (cfg.fft_size - cfg.hop_size) + cfg.lookahead * cfg.hop_size
@@ -92,12 +114,20 @@ class DeepFilterNet3Stage(Stage):
             "spec_low_hist": torch.zeros(nb_df, order - 1, dtype=torch.complex64),
             "spec_hist": torch.zeros(cfg.lookahead, cfg.n_freqs, dtype=torch.complex64),
             "atten_mix": torch.tensor(attenuation_mix(self.default_atten_lim_db)),
+            "pf_beta": torch.tensor(float(self.default_post_filter_beta)),
         }
 
     def open_native(self, stream: StageStream) -> None:
         # per-stream options live in the batched state, written when the stream opens/resets
         limit = stream.options.get("atten_lim_db", self.default_atten_lim_db)
         self.state["atten_mix"][stream.slot] = attenuation_mix(limit)
+        beta = max(float(stream.options.get("post_filter_beta", self.default_post_filter_beta)), 0.0)
+        self.state["pf_beta"][stream.slot] = beta
+        if beta > 0:
+            self._post_filter_slots.add(stream.slot)
+
+    def close_native(self, stream: StageStream) -> None:
+        self._post_filter_slots.discard(stream.slot)
 
     # -- processing ----------------------------------------------------------------
     @torch.inference_mode()
@@ -105,27 +135,29 @@ class DeepFilterNet3Stage(Stage):
         if len(streams) == 0:
             return audio
         audio = audio.to(self.device, torch.float32)
+        post = bool(self._post_filter_slots)
         first = streams[0].slot
         if all(s.slot == first + i for i, s in enumerate(streams)):
             # slots in one run: work on views of the pool, no gather
             rows = slice(first, first + len(streams))
-            out, new_state = self.step(audio, {k: v[rows] for k, v in self.state.items()})
+            out, new_state = self.step(audio, {k: v[rows] for k, v in self.state.items()}, post)
             for key, value in new_state.items():
                 self.state[key][rows] = value
             return out
         slots = self.slots(streams)
-        out, new_state = self.step(audio, {k: v.index_select(0, slots) for k, v in self.state.items()})
+        out, new_state = self.step(audio, {k: v.index_select(0, slots) for k, v in self.state.items()}, post)
         for key, value in new_state.items():
             self.state[key].index_copy_(0, slots, value)
         return out
 
     def step(
-        self, audio: torch.Tensor, st: dict[str, torch.Tensor]
+        self, audio: torch.Tensor, st: dict[str, torch.Tensor], post: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``T`` frames (``audio`` [B, T*hop]) for B streams from their state; returns (output, new state).
 
         The streaming path calls it with one frame; :meth:`enhance` with a whole
         signal.  Both give the same samples: only the batching over time differs.
+        ``post``: run the post filter (rows with ``pf_beta`` 0 come out unchanged).
         """
         dsp, net, cfg = self.dsp, self.net, self.config
         nb_df, order, hop = cfg.nb_df, cfg.df_order, cfg.hop_size
@@ -173,6 +205,8 @@ class DeepFilterNet3Stage(Stage):
         low_all = torch.cat([st["spec_low_hist"], spec[:, :, :nb_df].transpose(1, 2)], dim=2)  # [B, F, 4+T]
         filtered = (low_all.unfold(2, order, 1) * filt).sum(dim=3)  # [B, F, T]
         enhanced[:, :, :nb_df] = torch.view_as_real(filtered.transpose(1, 2))
+        if post:
+            enhanced = post_filter(target, enhanced, st["pf_beta"])
         enhanced = torch.lerp(enhanced, target, st["atten_mix"][:, None, None, None])
 
         # inverse STFT and overlap-add
@@ -201,7 +235,11 @@ class DeepFilterNet3Stage(Stage):
 
     @torch.inference_mode()
     def enhance(
-        self, audio: torch.Tensor, atten_lim_db: float | None = None, block_frames: int = 500
+        self,
+        audio: torch.Tensor,
+        atten_lim_db: float | None = None,
+        post_filter_beta: float = 0.0,
+        block_frames: int = 500,
     ) -> torch.Tensor:
         """Whole signals [B, N] at once (fresh state, frames batched over time, ``block_frames`` at a time).
 
@@ -214,10 +252,13 @@ class DeepFilterNet3Stage(Stage):
         padded = torch.nn.functional.pad(audio, (0, -n % hop))
         init = {k: v.to(self.device) for k, v in self.initial_state().items()}
         init["atten_mix"] = torch.tensor(attenuation_mix(atten_lim_db), device=self.device)
+        init["pf_beta"] = torch.tensor(max(float(post_filter_beta), 0.0), device=self.device)
         state = {k: v.expand(b, *v.shape).clone() for k, v in init.items()}
         outs = []
         for start in range(0, padded.shape[1], block_frames * hop):
-            out, new_state = self.step(padded[:, start : start + block_frames * hop], state)
+            out, new_state = self.step(
+                padded[:, start : start + block_frames * hop], state, post_filter_beta > 0
+            )
             state.update(new_state)
             outs.append(out)
         return torch.cat(outs, dim=1)[:, :n]

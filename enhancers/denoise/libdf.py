@@ -29,6 +29,8 @@ def _library() -> ctypes.CDLL:
     lib.df_process_frame.restype = ctypes.c_float
     lib.df_set_atten_lim.argtypes = [ctypes.c_void_p, ctypes.c_float]
     lib.df_set_atten_lim.restype = None
+    lib.df_set_post_filter_beta.argtypes = [ctypes.c_void_p, ctypes.c_float]
+    lib.df_set_post_filter_beta.restype = None
     lib.df_free.argtypes = [ctypes.c_void_p]
     lib.df_free.restype = None
     return lib
@@ -37,12 +39,14 @@ def _library() -> ctypes.CDLL:
 class LibDfStream:
     """One libDF DeepFilterNet3 state: feed 480-sample frames, get enhanced frames back."""
 
-    def __init__(self, atten_lim_db: float = 100.0) -> None:
+    def __init__(self, atten_lim_db: float = 100.0, post_filter_beta: float = 0.0) -> None:
         self._lib = _library()
         handle = self._lib.df_create(str(model_archive_path()).encode(), float(atten_lim_db), None)
         if not handle:
             raise RuntimeError("libDF df_create failed")
         self._handle: int | None = handle
+        if post_filter_beta > 0:
+            self._lib.df_set_post_filter_beta(handle, float(post_filter_beta))
         self.frame_length = int(self._lib.df_get_frame_length(handle))
         self._out = np.zeros(self.frame_length, dtype=np.float32)
 

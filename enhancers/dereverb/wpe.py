@@ -135,7 +135,10 @@ class RecursiveWpe:
         state.filter.add_(gain_dir * (inv_den * prediction_error.conj()).unsqueeze(-1))
         # P <- (P - (P w)(P w)^H / den) / alpha, using P = P^H; frozen where silent.
         scaled = gain_dir * inv_den.sqrt().unsqueeze(-1)
-        forget = torch.where(active, 1.0 / alpha, torch.ones_like(inv_den)).to(state.inv_cov.dtype)
+        trace = torch.diagonal(state.inv_cov, dim1=-2, dim2=-1).real.sum(-1)
+        tmax = float(os.environ.get("TMAX", "0")) * self.max_taps
+        grow = active & (trace < tmax) if tmax else active
+        forget = torch.where(grow, 1.0 / alpha, torch.ones_like(inv_den)).to(state.inv_cov.dtype)
         state.inv_cov.sub_(scaled.unsqueeze(-1) * scaled.conj().unsqueeze(-2))
         state.inv_cov.mul_(forget.view(*forget.shape, 1, 1))
 

@@ -73,7 +73,9 @@ def build_items(
         clean = read_48k(noisy_dir / "pesq_speech_clean.wav")[:limit]
         n = min(len(noisy), len(clean))
         items.append(Item("babble_0dB (recorded)", "recorded", 0.0, noisy[:n], clean[:n]))
-    speech = sorted((data / "speech").glob("*.wav"))[:max_files]
+    speech = sorted((data / "speech").glob("*.wav"))
+    if max_files > 0:
+        speech = speech[:max_files]
     noises = sorted((data / "noise").glob("*.wav"))
     noise_audio = {p.name: read_48k(p) for p in noises}
     rng = np.random.default_rng(seed)
@@ -108,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snr", default="0,5,10", help="comma list of SNRs (dB) for the speech+noise mixes")
     parser.add_argument("--out", default=None, help="directory for report.json and report.png")
     parser.add_argument("--max-seconds", type=float, default=6.0, help="truncate each clip to this length")
-    parser.add_argument("--max-files", type=int, default=4, help="clean speech files to mix")
+    parser.add_argument("--max-files", type=int, default=0, help="clean speech files to mix (0: all)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="evaluation audio (../shared/eval)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

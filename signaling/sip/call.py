@@ -17,7 +17,8 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -46,14 +47,14 @@ class StreamFeed:
         self.primed = False
         self.dropped = 0
 
-    def push(self, audio: np.ndarray, origin: Optional[float]) -> None:
+    def push(self, audio: np.ndarray, origin: float | None) -> None:
         self.chunks.append(audio)
         if len(self.chunks) > MAX_CHUNKS:
             while len(self.chunks) > PRIME_CHUNKS:
                 self.chunks.popleft()
                 self.dropped += 1
 
-    def pop(self) -> Optional[np.ndarray]:
+    def pop(self) -> np.ndarray | None:
         if not self.primed:
             if len(self.chunks) < PRIME_CHUNKS:
                 return None
@@ -68,7 +69,7 @@ class PromptTrack:
     """The call's own prompt (menu speech), 48 kHz, played 10 ms per tick."""
 
     def __init__(self) -> None:
-        self.audio: Optional[np.ndarray] = None
+        self.audio: np.ndarray | None = None
         self.position = 0
 
     def start(self, audio: np.ndarray) -> None:
@@ -81,7 +82,7 @@ class PromptTrack:
     def playing(self) -> bool:
         return self.audio is not None
 
-    def next_chunk(self) -> Optional[np.ndarray]:
+    def next_chunk(self) -> np.ndarray | None:
         if self.audio is None:
             return None
         chunk = self.audio[self.position:self.position + CHUNK]
@@ -101,7 +102,7 @@ class PhoneUpstream:
         self.stats = jitter.stats  # read by MediaServer.stream_stats like a WebRTC jitter buffer
         self._up = Upsampler()
 
-    def pull(self) -> tuple[np.ndarray, Optional[float]]:
+    def pull(self) -> tuple[np.ndarray, float | None]:
         pcm, arrival = self.jitter.pull()
         return self._up.process(pcm), arrival
 
@@ -123,7 +124,7 @@ class PhoneCall:
         self.jitter = G711JitterBuffer(params.codec, min_delay_ms=m.jitter_min_ms, max_delay_ms=m.jitter_max_ms,
                                        start_delay_ms=m.jitter_start_ms)
         self.upstream = PhoneUpstream(self.jitter)
-        self.participant: Optional[Participant] = None
+        self.participant: Participant | None = None
         self.prompt = PromptTrack()
         self._feeds: dict[str, tuple[PublishedStream, StreamFeed, Callable[..., None]]] = {}
         self._down = Downsampler()
@@ -131,7 +132,7 @@ class PhoneCall:
         self._on_removed = on_removed
         self._leaving = False
         self._closed = False
-        self._t0: Optional[float] = None
+        self._t0: float | None = None
         self._ts0 = rtp.timestamp
         self._next_ts = rtp.timestamp
         self._marker = True
@@ -266,7 +267,7 @@ class PhoneCall:
         self._next_ts += len(pcm)
 
 
-_AEC: Optional[bool] = None
+_AEC: bool | None = None
 
 
 def aec_available() -> bool:
@@ -278,7 +279,7 @@ def aec_available() -> bool:
 
             load_stage_class("aec")
             _AEC = True
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any import failure means: no aec
             log.warning("sip: the aec stage does not load (%s); phones join without echo cancellation", exc)
             _AEC = False
     return _AEC

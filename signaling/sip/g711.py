@@ -13,20 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 
 _ULAW_BIAS = 0x84
-_ULAW_CLIP = 32635
+_ULAW_SEG_END = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF], dtype=np.int32)
 _ALAW_SEG_END = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF], dtype=np.int32)
 
 
 def _ulaw_encode_all() -> np.ndarray:
-    """µ-law byte of every int16 value, indexed by the value viewed as uint16."""
+    """µ-law byte of every int16 value, indexed by the value viewed as uint16 (ITU-T G.191 rules)."""
     x = np.arange(65536, dtype=np.int32)
     x = np.where(x >= 32768, x - 65536, x)  # index -> signed sample
-    sign = np.where(x < 0, 0x80, 0)
-    mag = np.minimum(np.abs(x), _ULAW_CLIP) + _ULAW_BIAS
-    exponent = np.floor(np.log2(mag >> 7 | 1)).astype(np.int32)  # position of the top bit above bit 7
-    exponent = np.clip(exponent, 0, 7)
-    mantissa = (mag >> (exponent + 3)) & 0x0F
-    return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8)
+    magnitude = np.where(x < 0, ~x, x) >> 2  # 14 bits; one's complement for negatives, as G.191 does
+    biased = np.minimum(magnitude + (_ULAW_BIAS >> 2), 0x1FFF)
+    seg = np.searchsorted(_ULAW_SEG_END, biased, side="left").astype(np.int32)
+    uval = (seg << 4) | ((biased >> (seg + 1)) & 0x0F)
+    return (uval ^ np.where(x < 0, 0x7F, 0xFF)).astype(np.uint8)
 
 
 def _ulaw_decode_all() -> np.ndarray:

@@ -14,12 +14,12 @@ import asyncio
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from mediaserver.config import SipConfig
-from mediaserver.room import RoomRegistry
+from mediaserver.room import RoomError, RoomRegistry
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ MAX_DIGITS = 16
 class Destination:
     """Where a call goes: straight into ``room``, or to the menu (``room`` is None)."""
 
-    room: Optional[str]
+    room: str | None
 
     @property
     def menu(self) -> bool:
@@ -45,7 +45,7 @@ class DialPlan:
         self._config = config
         self._mapping = dict(config.dial_plan)
 
-    def resolve(self, user: str) -> Optional[Destination]:
+    def resolve(self, user: str) -> Destination | None:
         """The destination of a request-URI user; None: unknown (404)."""
         if user in self._mapping:
             return Destination(self._mapping[user])
@@ -57,7 +57,7 @@ class DialPlan:
             return Destination(None)
         return None
 
-    def room_for_digits(self, digits: str) -> Optional[str]:
+    def room_for_digits(self, digits: str) -> str | None:
         if digits in self._mapping:
             return self._mapping[digits]
         if self._config.digits_name_rooms and digits.isdigit():
@@ -68,7 +68,7 @@ class DialPlan:
 def _valid_room(room: str) -> bool:
     try:
         RoomRegistry.validate_id(room)
-    except Exception:
+    except RoomError:
         return False
     return True
 
@@ -81,7 +81,7 @@ def parse_telephone_event(payload: bytes) -> tuple[int, bool, int]:
     return event, bool(flags & 0x80), duration
 
 
-def parse_info_digit(content_type: str, body: bytes) -> Optional[str]:
+def parse_info_digit(content_type: str, body: bytes) -> str | None:
     """The digit of a SIP INFO body (application/dtmf-relay ``Signal=5`` or application/dtmf ``5``)."""
     text = body.decode("utf-8", "replace").strip()
     if content_type == "application/dtmf-relay":
@@ -105,7 +105,7 @@ class DtmfReceiver:
 
     def __init__(self) -> None:
         self.digits: asyncio.Queue[str] = asyncio.Queue(maxsize=64)
-        self._last_event: Optional[tuple[int, int]] = None  # (rtp timestamp, event) of the last key press
+        self._last_event: tuple[int, int] | None = None  # (rtp timestamp, event) of the last key press
         self.received = 0
 
     def feed_rtp(self, timestamp: int, payload: bytes) -> None:
@@ -154,7 +154,7 @@ class Prompts(Protocol):
     async def audio(self, text: str) -> np.ndarray: ...
 
 
-async def collect_digits(call: MenuCall, prompt: np.ndarray, digit_timeout_s: float) -> Optional[str]:
+async def collect_digits(call: MenuCall, prompt: np.ndarray, digit_timeout_s: float) -> str | None:
     """Speak ``prompt`` while reading keys: the first key stops it; ``#`` ends, ``*`` starts over.
 
     Returns the digits typed (possibly empty), or None when the caller typed nothing in time.
@@ -165,7 +165,7 @@ async def collect_digits(call: MenuCall, prompt: np.ndarray, digit_timeout_s: fl
     while True:
         try:
             digit = await asyncio.wait_for(call.dtmf.digits.get(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             call.stop_prompt()
             return typed or None
         call.stop_prompt()

@@ -13,7 +13,7 @@ dropped to keep the mouth-to-ear delay short.  Statistics use the same
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -46,24 +46,24 @@ class G711JitterBuffer:
         self._clock = clock
         self._plc = Concealer()
         self._packets: dict[int, tuple[np.ndarray, float]] = {}
-        self._ts_ref: Optional[int] = None
+        self._ts_ref: int | None = None
         self._seq_ref = 0
         self._seq_base = 0
         self._seq_max = 0
-        self._ssrc: Optional[int] = None
+        self._ssrc: int | None = None
         self._started = False
         self._first_arrival = 0.0
         self._play_ts = 0
         self._pending = np.zeros(0, dtype=np.float32)
-        self._pending_arrival: Optional[float] = None
+        self._pending_arrival: float | None = None
         self._conceal_run = 0
-        self._last_transit: Optional[float] = None
+        self._last_transit: float | None = None
         self._jitter = 0.0  # samples, RFC 3550 estimator
         self._last_adapt = 0.0
         self.stats = JitterStats(target_ms=self._target)
 
     # -- arrival side -----------------------------------------------------------
-    def _sequence(self, seq: int, timestamp: int, ssrc: Optional[int]) -> tuple[int, int]:
+    def _sequence(self, seq: int, timestamp: int, ssrc: int | None) -> tuple[int, int]:
         if self._ts_ref is None or (ssrc is not None and ssrc != self._ssrc):
             if self._ts_ref is not None:  # a new source (re-INVITE, device switch): start over
                 self._restart()
@@ -82,13 +82,13 @@ class G711JitterBuffer:
         self._pending = np.zeros(0, dtype=np.float32)
         self._last_transit = None
 
-    def note_other(self, seq: int, timestamp: int, ssrc: Optional[int] = None) -> None:
+    def note_other(self, seq: int, timestamp: int, ssrc: int | None = None) -> None:
         """A packet of the same RTP stream that carries no audio (telephone-event): only count it."""
         self._sequence(seq, timestamp, ssrc)
         self.stats.received += 1
 
-    def push(self, seq: int, timestamp: int, payload: bytes, arrival: Optional[float] = None,
-             ssrc: Optional[int] = None) -> None:
+    def push(self, seq: int, timestamp: int, payload: bytes, arrival: float | None = None,
+             ssrc: int | None = None) -> None:
         """Store one G.711 packet (called from the network path)."""
         now = self._clock() if arrival is None else arrival
         st = self.stats
@@ -123,7 +123,7 @@ class G711JitterBuffer:
         span = newest + len(self._packets[newest][0]) - self._play_ts + len(self._pending)
         return max(0.0, span * 1000.0 / RATE)
 
-    def pull(self) -> tuple[np.ndarray, Optional[float]]:
+    def pull(self) -> tuple[np.ndarray, float | None]:
         """The next 10 ms (80 samples at 8 kHz) and the arrival time of the packet it came from."""
         now = self._clock()
         if not self._started:
@@ -162,13 +162,13 @@ class G711JitterBuffer:
         self.stats.concealed_chunks += 1
         return True
 
-    def _append(self, pcm: np.ndarray, arrival: Optional[float]) -> None:
+    def _append(self, pcm: np.ndarray, arrival: float | None) -> None:
         self._play_ts += len(pcm)
         self._pending = np.concatenate([self._pending, pcm]) if len(self._pending) else pcm
         if arrival is not None:
             self._pending_arrival = arrival
 
-    def _underrun(self) -> tuple[np.ndarray, Optional[float]]:
+    def _underrun(self) -> tuple[np.ndarray, float | None]:
         st = self.stats
         self._conceal_run += 1
         if self._conceal_run == 1:

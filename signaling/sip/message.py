@@ -11,8 +11,8 @@ Header names are matched case-insensitively and compact forms are expanded.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
 
 MAX_MESSAGE_BYTES = 65_535
 MAX_HEADERS = 120
@@ -26,6 +26,7 @@ _CANONICAL = {n.lower(): n for n in ("Via", "From", "To", "Call-ID", "CSeq", "Co
                                      "Retry-After", "Warning", "Subject", "Event", "Content-Encoding")}
 # Headers whose comma-separated values are separate entries (RFC 3261 7.3.1)
 _LIST_HEADERS = {"via", "route", "record-route", "contact", "allow", "supported", "require", "accept"}
+_JOINED_HEADERS = {"allow", "supported", "require", "accept"}
 REQUIRED = ("Via", "From", "To", "Call-ID", "CSeq")
 
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
@@ -38,7 +39,7 @@ _URI_RE = re.compile(r"^(sips?):(?:([^@;?]*)@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.
 class SipParseError(ValueError):
     """A message the bridge cannot accept; ``partial`` is set when a 400 can still be routed back."""
 
-    def __init__(self, message: str, partial: Optional["SipRequest"] = None) -> None:
+    def __init__(self, message: str, partial: SipRequest | None = None) -> None:
         super().__init__(message)
         self.partial = partial
 
@@ -63,9 +64,9 @@ def split_list(value: str) -> list[str]:
     return [v for v in out if v]
 
 
-def parse_params(text: str) -> dict[str, Optional[str]]:
+def parse_params(text: str) -> dict[str, str | None]:
     """``;a=1;b`` -> {"a": "1", "b": None}; names lower-cased."""
-    params: dict[str, Optional[str]] = {}
+    params: dict[str, str | None] = {}
     for part in text.split(";"):
         part = part.strip()
         if not part:
@@ -75,7 +76,7 @@ def parse_params(text: str) -> dict[str, Optional[str]]:
     return params
 
 
-def format_params(params: dict[str, Optional[str]]) -> str:
+def format_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
@@ -86,12 +87,12 @@ class SipUri:
     scheme: str
     user: str
     host: str
-    port: Optional[int] = None
-    params: dict[str, Optional[str]] = field(default_factory=dict)
+    port: int | None = None
+    params: dict[str, str | None] = field(default_factory=dict)
     headers: str = ""
 
     @classmethod
-    def parse(cls, text: str) -> "SipUri":
+    def parse(cls, text: str) -> SipUri:
         m = _URI_RE.match(text.strip())
         if m is None:
             raise SipParseError(f"bad SIP URI {text[:80]!r}")
@@ -113,10 +114,10 @@ class NameAddr:
 
     uri: str
     display: str = ""
-    params: dict[str, Optional[str]] = field(default_factory=dict)
+    params: dict[str, str | None] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "NameAddr":
+    def parse(cls, text: str) -> NameAddr:
         text = text.strip()
         if "<" in text:
             head, _, rest = text.partition("<")
@@ -130,7 +131,7 @@ class NameAddr:
         return cls(uri.strip(), "", parse_params(tail))
 
     @property
-    def tag(self) -> Optional[str]:
+    def tag(self) -> str | None:
         return self.params.get("tag")
 
     def sip_uri(self) -> SipUri:
@@ -147,11 +148,11 @@ class Via:
 
     transport: str
     host: str
-    port: Optional[int]
-    params: dict[str, Optional[str]] = field(default_factory=dict)
+    port: int | None
+    params: dict[str, str | None] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "Via":
+    def parse(cls, text: str) -> Via:
         m = re.match(r"^SIP\s*/\s*2\.0\s*/\s*([A-Za-z]+)\s+(\[[0-9A-Fa-f:.]+\]|[^\s:;]+)(?:\s*:\s*(\d{1,5}))?(.*)$",
                      text.strip())
         if m is None:
@@ -175,7 +176,7 @@ class Via:
 class Headers:
     """Ordered SIP headers with case-insensitive names; list headers keep one entry per value."""
 
-    def __init__(self, items: Optional[list[tuple[str, str]]] = None) -> None:
+    def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
         self._items: list[tuple[str, str]] = []
         for name, value in items or []:
             self.add(name, value)
@@ -204,7 +205,7 @@ class Headers:
         low = self.canonical(name).lower()
         self._items = [(n, v) for n, v in self._items if n.lower() != low]
 
-    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+    def get(self, name: str, default: str | None = None) -> str | None:
         low = self.canonical(name).lower()
         return next((v for n, v in self._items if n.lower() == low), default)
 
@@ -218,7 +219,7 @@ class Headers:
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._items)
 
-    def copy(self) -> "Headers":
+    def copy(self) -> Headers:
         h = Headers()
         h._items = list(self._items)
         return h
@@ -255,7 +256,16 @@ class _Message:
 
     def _serialize(self, start_line: str) -> bytes:
         lines = [start_line]
-        lines += [f"{n}: {v}" for n, v in self.headers if n.lower() != "content-length"]
+        joined: dict[str, int] = {}  # option lists (Allow, Supported...) go on one line each
+        for name, value in self.headers:
+            low = name.lower()
+            if low == "content-length":
+                continue
+            if low in _JOINED_HEADERS and low in joined:
+                lines[joined[low]] += f", {value}"
+                continue
+            joined[low] = len(lines)
+            lines.append(f"{name}: {value}")
         lines.append(f"Content-Length: {len(self.body)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + self.body
 
@@ -282,7 +292,7 @@ class SipResponse(_Message):
         return self._serialize(f"SIP/2.0 {self.status} {self.reason}")
 
 
-SipMessage = Union[SipRequest, SipResponse]
+SipMessage = SipRequest | SipResponse
 
 
 def parse_cseq(value: str) -> tuple[int, str]:
@@ -324,7 +334,7 @@ def parse_message(data: bytes) -> SipMessage:
     if len(lines) > MAX_HEADERS + 1:
         raise SipParseError("too many headers")
     headers = Headers()
-    bad_header: Optional[str] = None
+    bad_header: str | None = None
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not _TOKEN_RE.match(name.strip()):
@@ -348,7 +358,7 @@ def parse_message(data: bytes) -> SipMessage:
     if missing:
         raise SipParseError(f"missing {', '.join(missing)}", partial)
     try:
-        number, method = msg.cseq
+        _number, method = msg.cseq
         msg.vias  # noqa: B018 - validates every Via
         msg.from_, msg.to  # noqa: B018
     except SipParseError as exc:
@@ -387,9 +397,9 @@ REASONS = {100: "Trying", 180: "Ringing", 200: "OK", 400: "Bad Request", 403: "F
            501: "Not Implemented", 503: "Service Unavailable", 513: "Message Too Large"}
 
 
-def make_response(request: SipRequest, status: int, reason: Optional[str] = None, *,
-                  to_tag: Optional[str] = None, extra: Optional[list[tuple[str, str]]] = None,
-                  body: bytes = b"", content_type: Optional[str] = None) -> SipResponse:
+def make_response(request: SipRequest, status: int, reason: str | None = None, *,
+                  to_tag: str | None = None, extra: list[tuple[str, str]] | None = None,
+                  body: bytes = b"", content_type: str | None = None) -> SipResponse:
     """A response to ``request`` (RFC 3261 8.2.6): Via, From, To (+tag), Call-ID and CSeq copied."""
     h = Headers()
     for via in request.headers.get_all("Via"):

@@ -17,8 +17,8 @@ import random
 import secrets
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class RtpPacket:
     marker: bool = False
 
     @classmethod
-    def parse(cls, data: bytes) -> "RtpPacket":
+    def parse(cls, data: bytes) -> RtpPacket:
         if len(data) < 12 or data[0] >> 6 != 2:
             raise RtpError("not RTP version 2")
         first, second, seq, ts, ssrc = struct.unpack("!BBHII", data[:12])
@@ -76,14 +76,14 @@ class ReceptionStats:
     """What the sender report's reception block says about the phone's stream."""
 
     ssrc: int = 0
-    base_seq: Optional[int] = None
+    base_seq: int | None = None
     max_seq: int = 0
     cycles: int = 0
     received: int = 0
     expected_prior: int = 0
     received_prior: int = 0
     jitter: float = 0.0  # in 8 kHz timestamp units
-    last_transit: Optional[float] = None
+    last_transit: float | None = None
     last_sr_ntp: int = 0  # middle 32 bits of the phone's last SR
     last_sr_at: float = 0.0
 
@@ -116,7 +116,7 @@ class ReceptionStats:
 class _Endpoint(asyncio.DatagramProtocol):
     def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
         self.on_datagram = on_datagram
-        self.transport: Optional[asyncio.DatagramTransport] = None
+        self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -170,8 +170,8 @@ class RtpSession:
         rtcp.on_datagram = self._on_rtcp
         self._signaling_ip = signaling_ip
         self.on_packet = on_packet
-        self.remote: Optional[tuple[str, int]] = None
-        self.remote_rtcp: Optional[tuple[str, int]] = None
+        self.remote: tuple[str, int] | None = None
+        self.remote_rtcp: tuple[str, int] | None = None
         self.ssrc = secrets.randbits(32)
         self.seq = secrets.randbits(16)
         self.timestamp = secrets.randbits(32)
@@ -180,14 +180,14 @@ class RtpSession:
         self.received_packets = 0
         self.dropped_foreign = 0
         self.last_received = time.monotonic()
-        self.rtt_ms: Optional[float] = None
+        self.rtt_ms: float | None = None
         self.reception = ReceptionStats()
-        self._rtcp_task: Optional[asyncio.Task[None]] = None
+        self._rtcp_task: asyncio.Task[None] | None = None
         self.cname = f"mediaserver-{secrets.token_hex(4)}"
 
     @classmethod
     async def open(cls, allocator: PortAllocator, host: str, signaling_ip: str,
-                   on_packet: Callable[[RtpPacket, float], None]) -> "RtpSession":
+                   on_packet: Callable[[RtpPacket, float], None]) -> RtpSession:
         rtp, rtcp, port = await allocator.open(host, lambda d, a: None, lambda d, a: None)
         session = cls(rtp, rtcp, port, signaling_ip, on_packet)
         session._rtcp_task = asyncio.get_running_loop().create_task(session._rtcp_loop())

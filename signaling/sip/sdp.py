@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Optional
 
 from signaling.sip.g711 import CODECS, G711Codec
 
@@ -39,18 +38,18 @@ class MediaDescription:
     port: int
     proto: str
     formats: list[str]
-    connection: Optional[str] = None
+    connection: str | None = None
     rtpmap: dict[int, tuple[str, int]] = field(default_factory=dict)
     direction: str = "sendrecv"
-    rtcp_port: Optional[int] = None
-    ptime: Optional[int] = None
+    rtcp_port: int | None = None
+    ptime: int | None = None
 
 
 @dataclass
 class SessionDescription:
     """A parsed SDP: session-level connection address, origin version, media sections."""
 
-    connection: Optional[str]
+    connection: str | None
     media: list[MediaDescription]
     origin: str = ""
     direction: str = "sendrecv"
@@ -62,7 +61,7 @@ class AudioParams:
 
     codec: G711Codec
     payload_type: int
-    event_pt: Optional[int]
+    event_pt: int | None
     remote_ip: str
     remote_port: int
     remote_rtcp_port: int
@@ -94,7 +93,7 @@ def parse_sdp(text: str) -> SessionDescription:
     if len(text) > MAX_SDP_BYTES:
         raise SdpError("SDP too large")
     session = SessionDescription(connection=None, media=[])
-    current: Optional[MediaDescription] = None
+    current: MediaDescription | None = None
     lines = [ln.strip() for ln in text.replace("\r\n", "\n").split("\n") if ln.strip()]
     if not lines or lines[0] != "v=0":
         raise SdpError("SDP must start with v=0")
@@ -126,7 +125,7 @@ def parse_sdp(text: str) -> SessionDescription:
     return session
 
 
-def _attribute(session: SessionDescription, media: Optional[MediaDescription], value: str) -> None:
+def _attribute(session: SessionDescription, media: MediaDescription | None, value: str) -> None:
     name, _, rest = value.partition(":")
     if name in _DIRECTIONS:
         if media is None:
@@ -148,7 +147,7 @@ def _attribute(session: SessionDescription, media: Optional[MediaDescription], v
         media.ptime = int(rest.strip())
 
 
-def _format_name(media: MediaDescription, fmt: str) -> Optional[tuple[str, int]]:
+def _format_name(media: MediaDescription, fmt: str) -> tuple[str, int] | None:
     if not fmt.isdigit():
         return None
     pt = int(fmt)
@@ -163,8 +162,8 @@ def negotiate(desc: SessionDescription, allowed: tuple[str, ...] = ("PCMU", "PCM
     for index, media in enumerate(desc.media):
         if media.kind != "audio" or media.port == 0 or media.proto.upper() not in _PLAIN_RTP:
             continue
-        chosen: Optional[tuple[G711Codec, int]] = None
-        event_pt: Optional[int] = None
+        chosen: tuple[G711Codec, int] | None = None
+        event_pt: int | None = None
         for fmt in media.formats:
             named = _format_name(media, fmt)
             if named is None:
@@ -195,7 +194,7 @@ def _header(local_ip: str, session_id: int, version: int) -> list[str]:
             f"c=IN {v} {local_ip}", "t=0 0"]
 
 
-def _audio_lines(codecs: list[tuple[int, str]], event_pt: Optional[int], direction: str) -> list[str]:
+def _audio_lines(codecs: list[tuple[int, str]], event_pt: int | None, direction: str) -> list[str]:
     lines = [f"a=rtpmap:{pt} {name}/8000" for pt, name in codecs]
     if event_pt is not None:
         lines += [f"a=rtpmap:{event_pt} telephone-event/8000", f"a=fmtp:{event_pt} 0-16"]

@@ -13,8 +13,8 @@ RFC assigns that job to the transaction user.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from signaling.sip.message import MAGIC_COOKIE, SipMessage, SipRequest, SipResponse
 
@@ -45,11 +45,11 @@ class ServerTransaction:
     method: str
     addr: Address
     request: SipRequest
-    response: Optional[bytes] = None
+    response: bytes | None = None
     status: int = 0
     acked: bool = False
-    timer: Optional[asyncio.TimerHandle] = None
-    expiry: Optional[asyncio.TimerHandle] = None
+    timer: asyncio.TimerHandle | None = None
+    expiry: asyncio.TimerHandle | None = None
 
     @property
     def final(self) -> bool:
@@ -63,10 +63,10 @@ class ClientTransaction:
     key: TxKey
     data: bytes
     addr: Address
-    future: "asyncio.Future[Optional[SipResponse]]"
+    future: asyncio.Future[SipResponse | None]
     interval: float = T1
-    timer: Optional[asyncio.TimerHandle] = None
-    deadline: Optional[asyncio.TimerHandle] = None
+    timer: asyncio.TimerHandle | None = None
+    deadline: asyncio.TimerHandle | None = None
     responses: list[int] = field(default_factory=list)
 
 
@@ -81,7 +81,7 @@ class TransactionLayer:
         self.retransmissions = 0
 
     # -- server side --------------------------------------------------------------
-    def lookup(self, request: SipRequest) -> Optional[ServerTransaction]:
+    def lookup(self, request: SipRequest) -> ServerTransaction | None:
         method = "INVITE" if request.method == "ACK" else request.method
         return self.server.get(transaction_key(request, method))
 
@@ -146,7 +146,7 @@ class TransactionLayer:
             del self.server[tx.key]
 
     # -- client side -----------------------------------------------------------------
-    def send_request(self, request: SipRequest, addr: Address) -> "asyncio.Future[Optional[SipResponse]]":
+    def send_request(self, request: SipRequest, addr: Address) -> asyncio.Future[SipResponse | None]:
         """Send a non-INVITE request; the future gets its final response, or None on timeout."""
         loop = asyncio.get_running_loop()
         key = transaction_key(request, request.method)
@@ -180,7 +180,7 @@ class TransactionLayer:
             self._finish(tx, response)
         return True
 
-    def _finish(self, tx: ClientTransaction, response: Optional[SipResponse]) -> None:
+    def _finish(self, tx: ClientTransaction, response: SipResponse | None) -> None:
         for handle in (tx.timer, tx.deadline):
             if handle is not None:
                 handle.cancel()

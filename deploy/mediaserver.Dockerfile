@@ -1,0 +1,20 @@
+# The mediaserver image used by docker-compose.yml: CPU torch, the project, its OpenTelemetry SDK.
+# Build from the repository root:  docker build -f deploy/mediaserver.Dockerfile .
+FROM python:3.11-slim
+
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+WORKDIR /app
+
+# CPU build of torch first, so the range in pyproject never pulls a multi-GB CUDA build.
+RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+
+COPY pyproject.toml README.md ./
+COPY mediaserver mediaserver
+COPY enhancers enhancers
+COPY synth synth
+COPY signaling signaling
+COPY loadtest loadtest
+RUN pip install .
+
+EXPOSE 8080
+CMD ["mediaserver", "serve"]
