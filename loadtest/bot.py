@@ -23,7 +23,10 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import is_rtcp
 
+from loadtest.lightmedia import EncodedPcmTrack, InlineDecoder
+
 log = logging.getLogger(__name__)
+_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
 
 RATE = 48_000
 FRAME = 960  # 20 ms
@@ -102,7 +105,7 @@ class Recording:
     rtp_ts: list[int] = field(default_factory=list)
     owners: list[tuple[float, Optional[str]]] = field(default_factory=list)
     receiver: Any = None
-    ts_origin: Optional[int] = None  # set on snapshots, which carry no receiver
+    ts_origin: Optional[int] = None  # set by snapshots (no receiver) and by the inline decoder
 
     def audio(self, since: float = 0.0) -> np.ndarray:
         blocks = [b for b, t in zip(self.blocks, self.arrivals) if t >= since]
@@ -144,13 +147,17 @@ class Bot:
     def __init__(self, url: str, room: str, name: str = "bot", audio: Optional[np.ndarray] = None, *,
                  loop: bool = True, stages: Optional[str | list[str]] = None,
                  echo_cancellation: bool = True, publish: bool = True,
-                 token: Optional[str] = None, local_addr: Optional[str] = None) -> None:
+                 token: Optional[str] = None, local_addr: Optional[str] = None, light: bool = False) -> None:
         self.url = url.rstrip("/")
+        self.light = light  # pre-encoded sending, inline decoding (loadtest.lightmedia)
         self.token = token
         self.local_addr = local_addr  # source address of the WebSocket (spreads per-address limits)
         self.room = room
         self.name = name
-        self.track = PcmTrack(audio, loop=loop) if publish else None
+        self.track: Optional[PcmTrack | EncodedPcmTrack] = None
+        if publish:
+            self.track = EncodedPcmTrack(audio if audio is not None else np.zeros(FRAME, dtype=np.float32)) \
+                if light else PcmTrack(audio, loop=loop)
         self.stages = stages
         self.echo_cancellation = echo_cancellation
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -259,6 +266,10 @@ class Bot:
         rec = self.recordings.setdefault(mid, Recording(mid=mid))
         rec.set_owner(self.track_info.get(mid, {}).get("participant"))
         self._tap_rtp(transceiver.receiver, rec)
+        if self.light:
+            if not isinstance(getattr(transceiver.receiver, _JITTER_ATTR, None), InlineDecoder):
+                setattr(transceiver.receiver, _JITTER_ATTR, InlineDecoder(rec))
+            return
         self._tasks.append(asyncio.get_running_loop().create_task(self._record(track, rec)))
 
     def _tap_send(self) -> None:

@@ -54,21 +54,36 @@ class _Snapshot:
 class BotHost:
     """Owns the bots of one process and everything they recorded."""
 
-    def __init__(self, library: SourceLibrary, url: str, max_concurrent_joins: int = 4) -> None:
+    def __init__(self, library: SourceLibrary, url: str, max_concurrent_joins: int = 4, light: bool = True) -> None:
         self.library = library
         self.url = url
+        self.light = light
         self.bots: list[tuple[BotSpec, Bot]] = []
         self._join_gate = asyncio.Semaphore(max_concurrent_joins)
+        self.loop_lag: list[tuple[float, float]] = []  # (time, ms late) of a 10 ms timer: is the load generator keeping up?
+        self._lag_task: Optional[asyncio.Task[None]] = None
+
+    async def _watch_loop(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            self.loop_lag.append((now, max(0.0, (now - before - 0.01) * 1000.0)))
+            if len(self.loop_lag) > 200_000:
+                del self.loop_lag[:100_000]
 
     # -- commands -----------------------------------------------------------------
     async def add(self, specs: list[BotSpec]) -> list[dict[str, Any]]:
         """Create and join bots; one result per spec (``ok``, ``id``, ``error``, milestones)."""
+        if self._lag_task is None:
+            self._lag_task = asyncio.get_running_loop().create_task(self._watch_loop())
         return list(await asyncio.gather(*(self._join_one(s) for s in specs)))
 
     async def _join_one(self, spec: BotSpec) -> dict[str, Any]:
         signal = self.library.signal(spec.index)
         bot = Bot(self.url, spec.room, spec.name, signal.mix, loop=True, stages=spec.stages,
-                  echo_cancellation=spec.echo_cancellation, token=spec.token, local_addr=spec.local_addr)
+                  echo_cancellation=spec.echo_cancellation, token=spec.token, local_addr=spec.local_addr,
+                  light=self.light)
         self.bots.append((spec, bot))
         error = None
         async with self._join_gate:
@@ -83,7 +98,9 @@ class BotHost:
 
     async def status(self) -> dict[str, Any]:
         bots = [b for _, b in self.bots]
+        recent = [ms for t, ms in self.loop_lag if t >= time.monotonic() - 2.0]
         return {
+            "loop_lag_max_ms": int(max(recent, default=0.0)),
             "bots": len(bots),
             "joined": sum(1 for b in bots if "answered" in b.times),
             "connected": sum(1 for b in bots if "connected" in b.times),
@@ -124,9 +141,15 @@ class BotHost:
         streams, sent = await asyncio.get_running_loop().run_in_executor(
             None, self._analyze_sync, snaps, since, until, sendlogs, signals, set(map(tuple, dnsmos_pairs)),
             marker or {})
-        return {"streams": streams, "sent_dnsmos": sent, "bots": bots, "server_stats": server_stats}
+        lag = [ms for t, ms in self.loop_lag if since <= t < until]
+        loop_lag = {"p50": round(float(np.percentile(lag, 50)), 2), "p99": round(float(np.percentile(lag, 99)), 2),
+                    "max": round(max(lag), 2)} if lag else None
+        return {"streams": streams, "sent_dnsmos": sent, "bots": bots, "server_stats": server_stats,
+                "loop_lag_ms": loop_lag}
 
     async def stop(self) -> dict[str, Any]:
+        if self._lag_task is not None:
+            self._lag_task.cancel()
         await asyncio.gather(*(b.leave() for _, b in self.bots), return_exceptions=True)
         return {"stopped": len(self.bots)}
 

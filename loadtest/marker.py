@@ -37,7 +37,7 @@ matches hold with enhancement on; a stage's algorithmic delay (its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -146,6 +146,7 @@ class MatchOptions:
     min_ncc: float = 0.5
     min_margin: float = 0.1  # best peak over the best elsewhere: rejects ambiguous (periodic) matches
     min_rms: float = 0.003
+    probe_window_s: float = 0.3  # shorter windows for the time-paired comparison with the server's figure
 
 
 def _match_window(seg: ReceivedSegment, low: np.ndarray, i: int, templates: list[MarkerTemplate],
@@ -201,7 +202,7 @@ def measure_at(seg: ReceivedSegment, templates: list[MarkerTemplate], send: Send
     to 0.3 s earlier when that stretch holds no speech); None if no window
     of this segment matches.
     """
-    opt = opt or MatchOptions()
+    opt = replace(opt or MatchOptions(), window_s=(opt or MatchOptions()).probe_window_s)
     out: list[Optional[LatencySample]] = []
     if len(send) == 0 or len(seg.audio) < int(opt.window_s * RATE) + RATE // 5:
         return [None] * len(times)

@@ -139,7 +139,7 @@ class LoadSession:
         for p in parts:
             if isinstance(p, dict):
                 for k, v in p.items():
-                    total[k] = total.get(k, 0) + int(v)
+                    total[k] = max(total.get(k, 0), int(v)) if k.endswith("_max_ms") else total.get(k, 0) + int(v)
         return total
 
     async def _progress(self) -> None:
@@ -158,7 +158,8 @@ class LoadSession:
                     server += f" {names[0].replace('mediaserver_', '')}={v:g}"
             print(f"[loadtest {time.monotonic() - self.started:6.1f}s] {self._phase}{left} | bots "
                   f"{st.get('connected', 0)}/{st.get('bots', 0)} connected, {st.get('streams', 0)} streams, "
-                  f"{st.get('frames', 0)} frames rx, {st.get('errors', 0)} errors |{server}",
+                  f"{st.get('frames', 0)} frames rx, {st.get('errors', 0)} errors, bot loop lag "
+                  f"{st.get('loop_lag_max_ms', 0)} ms |{server}",
                   file=sys.stderr, flush=True)
 
     # -- measurement ----------------------------------------------------------------------
@@ -186,6 +187,7 @@ class LoadSession:
                                                     marker=self.config.marker) for h in self.hosts))
         streams = [s for p in parts for s in p["streams"]]
         encode = [v["encode_ms"] for v in logs.values() if v.get("encode_ms") is not None]
+        lags = [p["loop_lag_ms"] for p in parts if p.get("loop_lag_ms")]
         sent = {k: v for p in parts for k, v in p["sent_dnsmos"].items()}
         bots = [b for p in parts for b in p["bots"]]
         stats = {k: v for p in parts for k, v in p["server_stats"].items()}
@@ -196,7 +198,9 @@ class LoadSession:
             "since_s": round(since - self.started, 3), "until_s": round(until - self.started, 3),
             "duration_s": round(until - since, 3),
             "summary": {**summarize(streams, sent, stats, bots),
-                        "publisher_encode_ms": round(float(sorted(encode)[len(encode) // 2]), 3) if encode else None},
+                        "publisher_encode_ms": round(float(sorted(encode)[len(encode) // 2]), 3) if encode else None,
+                        "loadgen_loop_lag_ms": {"p99": max((x["p99"] for x in lags), default=None),
+                                                "max": max((x["max"] for x in lags), default=None)}},
             "streams": streams, "sent_dnsmos": sent, "bots": bots,
             "server_stats": {k: [{**x, "t": round(x["t"] - self.started, 3)} for x in v] for k, v in stats.items()},
         }

@@ -96,9 +96,9 @@ def summarize(streams: list[dict[str, Any]], sent_dnsmos: dict[str, Any],
         "rtp_lost": sum(s["rtp_lost"] for s in streams),
         "gaps": sum(s["gaps"] for s in streams),
         "longest_gap_ms": max((s["longest_gap_ms"] for s in streams), default=0.0),
-        "dnsmos": {k: _mean([d[k] for d in scored]) for k in ("sig", "bak", "ovrl", "p808")} | {
+        "dnsmos": {k: _mean([d[k] for d in scored]) for k in ("sig", "bak", "ovrl")} | {
             "ovrl_min": min((d["ovrl"] for d in scored), default=None), "n": len(scored)},
-        "sent_dnsmos": {k: _mean([d[k] for d in sent]) for k in ("sig", "bak", "ovrl", "p808")} | {"n": len(sent)},
+        "sent_dnsmos": {k: _mean([d[k] for d in sent]) for k in ("sig", "bak", "ovrl")} | {"n": len(sent)},
         "server_latency_ms": percentiles([v for vs in server.values() for v in vs]),
         "marker_vs_server": compare_with_server(streams),
     }

@@ -41,6 +41,8 @@ class EnhancedAudioTrack(MediaStreamTrack):
         out: list[np.ndarray] = []
         while not out:
             frame = await self._source.recv()
+            if not isinstance(frame, av.AudioFrame):
+                raise MediaStreamError("enhance_track needs decoded audio frames")
             samples = frame_to_mono48k(frame, self._resampler)
             for chunk in self._assembler.push(samples):
                 result = await self._stream.process(chunk)

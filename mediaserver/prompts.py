@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 
 MAX_QUEUED = 16  # prompts waiting on one track
 MAX_PENDING_SYNTHESES = 8  # prompts of one room being synthesized at once
-READY_TIMEOUT_S = 2.0  # how long a new track holds its first prompt for the subscribers' renegotiation
+READY_TIMEOUT_S = 3.0  # how long a new track holds its first prompt for the subscribers' renegotiation
 WARM_UP_TEXT = "Ready."
+RECENT_PROMPTS = 256  # prompts findable by id after they were queued
 
 
 @dataclass
@@ -254,6 +255,7 @@ class PromptManager:
         self.players: dict[tuple[str, str | None], PromptPlayer] = {}
         self._pending: collections.Counter[str] = collections.Counter()
         self._synth_lock: asyncio.Lock | None = None
+        self._recent: collections.OrderedDict[str, Prompt] = collections.OrderedDict()
         self._warm_up: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -311,9 +313,16 @@ class PromptManager:
         self._target(room, to)
         prompt = self._prompt(text, to, result)
         self._player(room, to).source.enqueue(prompt, interrupt=interrupt)
+        self._recent[prompt.id] = prompt
+        while len(self._recent) > RECENT_PROMPTS:
+            self._recent.popitem(last=False)
         log.info("room %s: prompt %s queued (%.2f s%s)", room.id, prompt.id, prompt.duration_s,
                  f", to {to}" if to else "")
         return prompt
+
+    def find(self, prompt_id: str) -> Prompt | None:
+        """A recently queued prompt (its playback state included), or None."""
+        return self._recent.get(prompt_id)
 
     @staticmethod
     def _prompt(text: str, to: str | None, result: SynthResult) -> Prompt:

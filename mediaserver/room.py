@@ -60,6 +60,7 @@ class Participant:
     muted: bool = False
     can_publish: bool = True
     can_subscribe: bool = True
+    is_admin: bool = True
 
     def describe(self) -> dict[str, Any]:
         return {

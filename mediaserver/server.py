@@ -121,7 +121,8 @@ class MediaServer:
         participant = Participant(id=pid, name=name, room=room, session=session, send=send, kind=kind,
                                   echo_cancellation_client=echo_cancellation,
                                   can_publish=grant.allows("publish", room_id),
-                                  can_subscribe=grant.allows("subscribe", room_id))
+                                  can_subscribe=grant.allows("subscribe", room_id),
+                                  is_admin=grant.allows("admin", room_id))
         if stages is not None:
             participant.stages = validate_stages(stages)
         room.add_participant(participant)

@@ -13,6 +13,7 @@ Names follow OpenTelemetry conventions (dots, base units); the Prometheus reader
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -93,10 +94,10 @@ STREAM_METRICS: tuple[tuple[str, str, str, str, Getter], ...] = (
      _jb("underruns")),
 )
 
-# Executor counters (enhancers.executor_worker.COUNTER_KEYS) -> instrument names
+# Executor counters (enhancers.executor_worker.COUNTER_KEYS) -> instrument names; "stage_calls" is
+# the sum of mediaserver.executor.stage.calls over the stages
 EXECUTOR_COUNTERS = {
     "chunks": ("mediaserver.executor.chunks", "{chunk}"), "batches": ("mediaserver.executor.batches", "{round}"),
-    "stage_calls": ("mediaserver.executor.stage_calls", "{call}"),
     "bypass_deadline": ("mediaserver.executor.bypass.deadline", "{chunk}"),
     "bypass_error": ("mediaserver.executor.bypass.error", "{chunk}"),
     "stage_unavailable": ("mediaserver.executor.stage_unavailable", "{chunk}"),
@@ -189,6 +190,7 @@ class Instruments:
 
     def __init__(self, meter: metrics.Meter | None = None) -> None:
         self._sources: weakref.WeakSet[MediaTelemetry] = weakref.WeakSet()
+        self._lock = threading.Lock()  # callbacks run on exporter / collector threads
         meter = meter or metrics.get_meter("mediaserver")
         create = {"counter": meter.create_observable_counter, "updown": meter.create_observable_up_down_counter,
                   "gauge": meter.create_observable_gauge}
@@ -213,15 +215,21 @@ class Instruments:
             description="How late a once-a-second probe on the event loop woke up.")
 
     def observe(self, tel: MediaTelemetry) -> None:
-        self._sources.add(tel)
+        with self._lock:
+            self._sources.add(tel)
 
     def forget(self, tel: MediaTelemetry) -> None:
-        self._sources.discard(tel)
+        with self._lock:
+            self._sources.discard(tel)
+
+    def _live(self) -> list[MediaTelemetry]:
+        with self._lock:
+            return list(self._sources)
 
     def _per_stream(self, getter: Getter) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             out = []
-            for tel in list(self._sources):
+            for tel in self._live():
                 for st in list(tel.streams.values()):
                     value = getter(st)
                     if value is not None:
@@ -232,7 +240,7 @@ class Instruments:
 
     def _per_server(self, source: ObservationSource) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(value, attrs) for tel in list(self._sources) for value, attrs in source(tel)]
+            return [Observation(value, attrs) for tel in self._live() for value, attrs in source(tel)]
 
         return callback
 

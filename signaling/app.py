@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 SERVER_KEY: web.AppKey[MediaServer] = web.AppKey("server", MediaServer)
 CONN_KEY: web.AppKey[Counter[str]] = web.AppKey("connections", Counter)
-SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets", set)
+SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets", set)  # type: ignore[arg-type]
 SIP_KEY: web.AppKey[SipEndpoint] = web.AppKey("sip", SipEndpoint)  # sip: set when config.sip_port is
 
 
@@ -108,9 +108,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = render_metrics(request.app[SERVER_KEY])
-    if body is None:  # telemetry: no SDK configured at the entry point (signaling/telemetry_setup.py)
-        return json_error(503, "telemetry-disabled", "no OpenTelemetry SDK configured in this process")
+    body = await render_metrics(request.app[SERVER_KEY])  # telemetry: collected off the event loop
+    if body is None:  # telemetry: OTEL_SDK_DISABLED=true (signaling/telemetry_setup.py)
+        return json_error(503, "telemetry-disabled", "the OpenTelemetry SDK is disabled in this process")
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE,
                                             "X-Content-Type-Options": "nosniff"})
 
@@ -206,7 +206,7 @@ def create_app(server: MediaServer) -> web.Application:
         if SIP_KEY in app:  # sip: BYE to every call first
             await app[SIP_KEY].close()
         await server.close()
-        for ws in list(app[SOCKETS_KEY]):
+        for ws in list(app[SOCKETS_KEY]):  # type: ignore[index]
             await ws.close(code=1001, message=b"server shutting down")
 
     app.on_startup.append(on_startup)

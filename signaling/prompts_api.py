@@ -1,9 +1,9 @@
 """Prompt requests from the outside: ``POST /api/rooms/{id}/prompts`` and the ``prompt`` WebSocket message.
 
 Both take the same fields (``text``, and optionally ``voice``, ``rate``, ``pitch``, ``ssml``, ``to``,
-``interrupt``), validate their types here and hand the request to ``MediaServer.prompts``, which
-synthesizes, queues and plays it.  Errors are ``RoomError``s: the HTTP middleware and the WebSocket
-loop turn them into their usual JSON errors.
+``interrupt``), validate their types here and hand the request to ``MediaServer.play_prompt``, whose
+``prompts`` manager synthesizes, queues and plays it.  Errors are ``RoomError``s: the HTTP middleware
+and the WebSocket loop turn them into their usual JSON errors.
 """
 
 from __future__ import annotations
@@ -89,6 +89,14 @@ def prompt_reply(prompt: Prompt) -> dict[str, Any]:
             "voice": prompt.voice, "cached": prompt.cache_hit, "synthetic": True}
 
 
+async def _play(server: MediaServer, room_id: str, req: PromptRequest) -> Prompt:
+    """Through ``MediaServer.play_prompt``, so that every prompt is seen the same way (telemetry)."""
+    prompt_id = await server.play_prompt(room_id, req.text, req.options, to=req.to, interrupt=req.interrupt)
+    prompt = server.prompts.find(prompt_id)
+    assert prompt is not None  # just queued
+    return prompt
+
+
 async def post_prompt(request: web.Request) -> web.Response:
     """``POST /api/rooms/{room_id}/prompts``: 202 ``{prompt, duration_s, ...}`` once the prompt is queued."""
     from signaling.app import SERVER_KEY, read_json, require_admin  # signaling.app imports this module
@@ -98,7 +106,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     require_admin(request, room_id)
     server.rooms.get(room_id)  # 404 before reading the body
     req = parse_prompt_request(await read_json(request))
-    prompt = await server.prompts.play(room_id, req.text, req.options, to=req.to, interrupt=req.interrupt)
+    prompt = await _play(server, room_id, req)
     return web.json_response({"room": room_id, **prompt_reply(prompt)}, status=202)
 
 
@@ -107,15 +115,15 @@ _running: set[asyncio.Task[None]] = set()
 
 async def handle_prompt_message(server: MediaServer, participant: Participant, msg: dict[str, Any],
                                 send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-    """The ``prompt`` message of a joined participant allowed to publish: a prompt into its own room.
+    """The ``prompt`` message of a joined participant with admin rights: a prompt into its own room.
 
     Field types are checked at once (``bad-message``); synthesis runs in a task so that the
     connection's other messages (answers to server offers) do not wait for it.  The reply is
     ``prompt.queued``, or an ``error`` with ``"request": "prompt"``.
     """
     try:
-        if not getattr(participant, "can_publish", True):
-            raise RoomError("forbidden", "a listen-only participant cannot play prompts", status=403)
+        if not participant.is_admin:
+            raise RoomError("forbidden", "playing prompts needs the admin permission", status=403)
         req = parse_prompt_request(msg, code="bad-message")
     except RoomError as exc:
         await send(error(exc.code, str(exc), request="prompt"))
@@ -124,8 +132,7 @@ async def handle_prompt_message(server: MediaServer, participant: Participant, m
 
     async def play() -> None:
         try:
-            prompt = await server.prompts.play(room_id, req.text, req.options, to=req.to,
-                                               interrupt=req.interrupt)
+            prompt = await _play(server, room_id, req)
         except RoomError as exc:
             log.info("participant %s: prompt refused: %s", participant.id, exc)
             await send(error(exc.code, str(exc), request="prompt"))

@@ -170,10 +170,11 @@ def build_telemetry(env: Mapping[str, str] | None = None, *, service_version: st
             setup.span_exporters.append("console")
         elif choice != "none":
             log.warning("telemetry: unknown OTEL_TRACES_EXPORTER value %r ignored", choice)
-    if processors:  # without a processor spans stay no-ops: no cost at all
-        setup.tracer_provider = TracerProvider(resource=resource)
-        for processor in processors:
-            setup.tracer_provider.add_span_processor(processor)
+    # Installed even without exporters (spans are then dropped at their end: a few per participant,
+    # never per frame), so that an embedding application can add its own span processor later.
+    setup.tracer_provider = TracerProvider(resource=resource)
+    for processor in processors:
+        setup.tracer_provider.add_span_processor(processor)
     return setup
 
 

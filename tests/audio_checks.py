@@ -20,7 +20,7 @@ def best_alignment(received: np.ndarray, sent: np.ndarray) -> tuple[float, int]:
     corr = fftconvolve(s, r[::-1], mode="valid")  # corr[k] = sum_n s[n+k] r[n]
     csum = np.concatenate([[0.0], np.cumsum(s * s)])
     win = csum[len(r):] - csum[: len(s) - len(r) + 1]
-    denom = np.sqrt(win * float(np.dot(r, r))) + 1e-12
+    denom = np.sqrt(np.maximum(win, 1e-9 * len(r)) * float(np.dot(r, r))) + 1e-12
     ncc = corr / denom
     k = int(np.argmax(ncc))
     return float(ncc[k]), k

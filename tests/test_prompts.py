@@ -149,20 +149,19 @@ async def test_interrupt_cuts_the_playing_prompt(server: RunningServer) -> None:
         assert _events(bot, "prompt.finished", second)[0]["interrupted"] is False
         # where the interrupt request found the first prompt, in its own samples (server-side counter)
         played_at_request = round(cut["played_s"] * RATE)
-        assert 0 < played_at_request < len(long_ref) - RATE
+        assert RATE < played_at_request < len(long_ref) - RATE
 
-        # in the received audio: where each prompt starts
+        # in the received audio: the last 0.75 s of the first prompt before the request, and the second
         heard = _dithered(bot.received_from("prompt-prompts2"))
-        first_score, first_at = best_alignment(long_ref[: RATE], heard)
+        tail = long_ref[played_at_request - 3 * RATE // 4: played_at_request]
+        tail_score, tail_at = best_alignment(tail, heard)
         second_score, second_at = best_alignment(breaking_ref[: RATE], heard)
-        assert first_score > 0.6 and second_score > 0.6, (first_score, second_score)
-        # the first prompt played right up to the request, then the second began: the audible cut
-        # lies within 100 ms of the request (measured in the stream's own samples)
-        cut_delay = second_at - (first_at + played_at_request)
+        assert tail_score > 0.6, f"the first prompt was not playing until the request (ncc {tail_score:.2f})"
+        assert second_score > 0.6, f"the second prompt is not heard (ncc {second_score:.2f})"
+        # the first prompt stopped where the request found it and the second began right there:
+        # the audible cut lies within 100 ms of the request (measured in the stream's own samples)
+        cut_delay = second_at - (tail_at + len(tail))
         assert abs(cut_delay) <= RATE // 10, f"the cut came {cut_delay / RATE * 1000:.0f} ms after the request"
-        before = heard[first_at + played_at_request - RATE: second_at]
-        expected = long_ref[played_at_request - RATE: played_at_request]
-        assert content_match(before, expected) > 0.5, "the first prompt was not playing until the cut"
         # after the cut the second prompt is heard alone, not mixed with the rest of the first
         after = heard[second_at: second_at + RATE]
         with_second, with_rest = content_match(after, breaking_ref), content_match(after, long_ref[played_at_request:])

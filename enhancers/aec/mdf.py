@@ -19,7 +19,6 @@ they have in speexdsp.  Spectra use ``norm="forward"`` like speexdsp's FFT.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +69,7 @@ def mdf_initial_state(cfg: MdfConfig) -> dict[str, torch.Tensor]:
     scalars[PEY] = 1.0
     scalars[PYY] = 1.0
     return {
-        "mdf_x": torch.zeros(k, f, dtype=torch.complex64),  # far spectra, newest first
+        "mdf_x": torch.zeros(k, f, dtype=torch.complex64),  # far spectra ring, slot = block count mod K
         "mdf_w": torch.zeros(k, f, dtype=torch.complex64),  # background (adapting) filter
         "mdf_wf": torch.zeros(k, f, dtype=torch.complex64),  # foreground (output) filter
         "mdf_prop": prop * (0.8 / float(prop.sum())),
@@ -79,6 +78,17 @@ def mdf_initial_state(cfg: MdfConfig) -> dict[str, torch.Tensor]:
         "mdf_yh": torch.zeros(f),
         "mdf_scalars": scalars,
     }
+
+
+def power(z: torch.Tensor) -> torch.Tensor:
+    """``|z|^2`` of a complex tensor without the square root of ``abs``."""
+    return z.real * z.real + z.imag * z.imag
+
+
+def ring_order(count: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, K]`` ring slot holding the far spectrum of lag 0 ... K-1 at block ``count``."""
+    lags = torch.arange(k, device=count.device)
+    return torch.remainder(count[:, None] - lags[None, :], k)
 
 
 def _time_half(spec: torch.Tensor, n_fft: int, frame: int) -> torch.Tensor:
@@ -102,32 +112,43 @@ def shift_partitions(w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def _adjust_prop(w: torch.Tensor) -> torch.Tensor:
     """Proportionate step per partition: larger where the filter has energy."""
-    norms = torch.sqrt((w.real.square() + w.imag.square()).sum(-1) + 1.0)  # [B, K]
+    norms = torch.sqrt(torch.linalg.vector_norm(torch.view_as_real(w).flatten(2), dim=-1).square() + 1.0)
     norms = norms + 0.1 * norms.amax(dim=1, keepdim=True)
     return 0.99 * norms / (norms.sum(dim=1, keepdim=True) + 1.0)
 
 
-def _constrain(w: torch.Tensor, parts: torch.Tensor, cfg: MdfConfig) -> torch.Tensor:
-    """Zero the second half of the impulse response of partitions ``parts`` [B, P]."""
-    index = parts[:, :, None].expand(-1, -1, w.shape[2])
-    chosen = torch.gather(w, 1, index)
-    taps = torch.fft.irfft(chosen, n=cfg.n_fft)
+def _constrain(w: torch.Tensor, parts: torch.Tensor, cfg: MdfConfig) -> None:
+    """Zero the second half of the impulse response of partitions ``parts`` [B, P], in place."""
+    rows = torch.arange(w.shape[0], device=w.device)[:, None]
+    taps = torch.fft.irfft(w[rows, parts], n=cfg.n_fft)
     taps[..., cfg.frame :] = 0.0
-    return w.scatter(1, index, torch.fft.rfft(taps))
+    w[rows, parts] = torch.fft.rfft(taps)
 
 
 def mdf_step(
-    st: dict[str, torch.Tensor], x_new: torch.Tensor, x_frame: torch.Tensor, mic: torch.Tensor, cfg: MdfConfig
+    st: dict[str, torch.Tensor],
+    x_new: torch.Tensor,
+    x_frame: torch.Tensor,
+    mic: torch.Tensor,
+    count: torch.Tensor,
+    cfg: MdfConfig,
 ) -> MdfOutput:
-    """Run one block for every row; updates ``st`` (the rows' state) in place of its entries.
+    """Run one block for every row.
+
+    The filters and the far-spectrum ring in ``st`` are updated in place (so
+    they may be views of the stage's state); the smaller entries are replaced.
 
     ``x_new`` [B, F] is the spectrum of the newest (delay-compensated) far-end
     window ``[x(t-1), x(t)]``, ``x_frame`` [B, frame] its newest half, ``mic``
-    [B, frame] the microphone block, all in 16-bit units.
+    [B, frame] the microphone block, all in 16-bit units; ``count`` [B] is
+    each row's block counter (it positions the far-spectrum ring).
     """
     n, frame, k = cfg.n_fft, cfg.frame, cfg.partitions
     sc = st["mdf_scalars"].clone()
-    x = torch.cat([x_new[:, None], st["mdf_x"][:, :-1]], dim=1)
+    rows = torch.arange(mic.shape[0], device=mic.device)
+    ring = st["mdf_x"]
+    ring[rows, torch.remainder(count, k)] = x_new
+    x = ring[rows[:, None], ring_order(count, k)]  # [B, K, F], lag order
     w, wf = st["mdf_w"], st["mdf_wf"]
 
     # Foreground (output) and background (adapting) echo estimates.
@@ -159,8 +180,11 @@ def mdf_step(
     )
     switched = update_fg | reset_bg
     sc[:, DAVG1:DVAR2 + 1] = torch.where(switched[:, None], 0.0, sc[:, DAVG1:DVAR2 + 1])
-    wf = torch.where(update_fg[:, None, None], w, wf)
-    w = torch.where(reset_bg[:, None, None], wf, w)
+    if bool(switched.any()):
+        to_fg = torch.nonzero(update_fg).squeeze(1)
+        wf[to_fg] = w[to_fg]
+        to_bg = torch.nonzero(reset_bg).squeeze(1)
+        w[to_bg] = wf[to_bg]
     # Output echo: cross-fade from the old to the new foreground within the block.
     fade = torch.linspace(0.0, 1.0, frame + 1, device=mic.device)[1:]
     echo = torch.where(update_fg[:, None], yf * (1 - fade) + yb * fade, yf)
@@ -175,13 +199,13 @@ def mdf_step(
     sxx = x_frame.square().sum(-1)
     e_spec = _spectrum_of_tail(eb, n)
     y_spec = _spectrum_of_tail(yb, n)
-    rf = e_spec.real.square() + e_spec.imag.square()
-    yf_pow = y_spec.real.square() + y_spec.imag.square()
-    xf_pow = x_new.real.square() + x_new.imag.square()
+    rf = power(e_spec)
+    yf_pow = power(y_spec)
+    xf_pow = power(x_new)
     # Smoothed far power; a running mean over the first blocks so a young
     # stream does not start with a huge step.
     ss = torch.clamp(1.0 / (sc[:, BLOCKS] + 1.0), min=0.35 / k)[:, None]
-    power = (1 - ss) * st["mdf_power"] + 1.0 + ss * xf_pow
+    far_power = (1 - ss) * st["mdf_power"] + 1.0 + ss * xf_pow
 
     spec_average = frame / 48_000.0 * 1.0
     beta0 = 2.0 * spec_average
@@ -210,25 +234,19 @@ def mdf_step(
     # Per-bin step: adaptive (leakage-based) once adapted, fixed before.
     r = torch.minimum(leak[:, None] * yf_pow, 0.5 * (rf + 1.0))
     r = 0.7 * r + 0.3 * rer[:, None] * (rf + 1.0)
-    step_adapted = r / ((rf + 1.0) * (power + 10.0))
+    step_adapted = r / ((rf + 1.0) * (far_power + 10.0))
     warm_rate = torch.where(sxx > n * 1000.0, torch.minimum(0.25 * sxx, 0.25 * see) / see, 0.0)
-    step_warm = warm_rate[:, None] / (power + 10.0)
+    step_warm = warm_rate[:, None] / (far_power + 10.0)
     sc[:, SUM_ADAPT] = torch.where(adapted, sc[:, SUM_ADAPT], sc[:, SUM_ADAPT] + warm_rate)
     step = torch.where(adapted[:, None], step_adapted, step_warm)
-    if os.environ.get("MU"):
-        step = float(os.environ["MU"]) / (power + 10.0) * (sxx > n * 100.0)[:, None]
 
     # Gradient step on the background filter, then the rotating constraint.
     prop = torch.where(adapted[:, None], _adjust_prop(w), st["mdf_prop"])
-    w = w + (prop[:, :, None] * step[:, None, :]) * x.conj() * e_spec[:, None, :]
-    blocks = sc[:, BLOCKS]
-    rotating = 1 + torch.remainder(blocks, max(k - 1, 1)).long()
+    w.addcmul_(x.conj(), prop[:, :, None] * (step * e_spec)[:, None, :])
+    rotating = 1 + torch.remainder(count, max(k - 1, 1))
     parts = torch.stack([torch.zeros_like(rotating), rotating.clamp_max(k - 1)], dim=1)
-    if os.environ.get("ALLC"):
-        parts = torch.arange(k)[None].expand(w.shape[0], -1)
-    w = _constrain(w, parts, cfg)
-    sc[:, BLOCKS] = blocks + 1
+    _constrain(w, parts, cfg)
+    sc[:, BLOCKS] = sc[:, BLOCKS] + 1
 
-    st["mdf_x"], st["mdf_w"], st["mdf_wf"] = x, w, wf
-    st["mdf_prop"], st["mdf_power"], st["mdf_scalars"] = prop, power, sc
+    st["mdf_prop"], st["mdf_power"], st["mdf_scalars"] = prop, far_power, sc
     return MdfOutput(error=mic - echo, echo=echo, leak=leak, adapted=adapted)

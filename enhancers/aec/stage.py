@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from enhancers.aec.delay import DelayConfig, DelayEstimator, delay_initial_state
-from enhancers.aec.mdf import MdfConfig, mdf_initial_state, mdf_step, shift_partitions
+from enhancers.aec.mdf import MdfConfig, mdf_initial_state, mdf_step, power, ring_order, shift_partitions
 from enhancers.aec.suppressor import (
     SUPPRESSION_LEVELS,
     ResidualEchoSuppressor,
@@ -134,8 +134,10 @@ class EchoCancellerStage(Stage):
 
     def process(self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext) -> torch.Tensor:
         rows, index = self._rows(streams)
+        # With consecutive slots ``st`` holds views: in-place updates land in
+        # the pool and only replaced entries are written back.
         st = {k: v[rows] for k, v in self.state.items() if k != "far_ring"}
-        originals = dict(st)
+        originals = dict(st) if isinstance(rows, slice) else {}
         mic = audio.to(self.device, torch.float32) * SCALE
         if ctx.reference is None:
             far = torch.zeros_like(mic)
@@ -149,7 +151,7 @@ class EchoCancellerStage(Stage):
         far_spec = sup.spectrum(self._far_window(index, count))
         mic_window = torch.cat([st["mic_prev"], mic], dim=-1)
         mic_spec = sup.spectrum(mic_window)
-        estimate = self.delay.update(st, far_spec.abs().square(), mic_spec.abs().square(), count).long()
+        estimate = self.delay.update(st, power(far_spec), power(mic_spec), count).long()
         bulk = torch.where(estimate >= 0, estimate, st["hint"].clamp_min(0))
         filter_delay = (bulk - self.margin).clamp_min(0)
         changed = filter_delay != st["filter_delay"]
@@ -160,7 +162,7 @@ class EchoCancellerStage(Stage):
         # Linear echo cancellation on the delay-compensated reference.
         x_window = self._far_window(index, count - filter_delay)
         x_new = torch.fft.rfft(x_window, norm="forward")
-        lin = mdf_step(st, x_new, x_window[:, CHUNK:], mic, self.mdf)
+        lin = mdf_step(st, x_new, x_window[:, CHUNK:], mic, count, self.mdf)
 
         # Residual echo suppression, with the far end aligned to the filter's main peak.
         lag = self._echo_lag(st, filter_delay, bulk, lin.adapted)
@@ -175,7 +177,7 @@ class EchoCancellerStage(Stage):
         st["mic_prev"], st["err_prev"], st["echo_prev"] = mic, lin.error, lin.echo
         st["count"] = count + 1
         for key, value in st.items():
-            if value is not originals[key]:
+            if value is not originals.get(key):
                 self.state[key][rows] = value
         ctx.side["aec_delay_ms"] = bulk.float() * 10.0
         return (out / SCALE).to(audio.dtype)
@@ -192,12 +194,18 @@ class EchoCancellerStage(Stage):
         shift = torch.where(changed, filter_delay - st["filter_delay"], 0)
         st["mdf_w"] = shift_partitions(st["mdf_w"], shift)
         st["mdf_wf"] = shift_partitions(st["mdf_wf"], shift)
-        parts = torch.arange(self.mdf.partitions, device=self.device)
-        # Before this block's update, partition k holds the window ending at chunk count-1-delay-k.
+        k = self.mdf.partitions
+        parts = torch.arange(k, device=self.device)
+        # Before this block's update, lag j+1 (ring slot count-1-j) holds the
+        # window ending at chunk count-1-delay-j.
         ends = count[:, None] - 1 - filter_delay[:, None] - parts[None, :]
         windows = torch.cat([self._ring_chunks(index, ends - 1), self._ring_chunks(index, ends)], dim=-1)
         rebuilt = torch.fft.rfft(windows, norm="forward")
-        st["mdf_x"] = torch.where(changed[:, None, None], rebuilt, st["mdf_x"])
+        slots = ring_order(count - 1, k)
+        rows = torch.arange(count.shape[0], device=self.device)[:, None]
+        ring = st["mdf_x"].clone()
+        ring[rows, slots] = rebuilt
+        st["mdf_x"] = torch.where(changed[:, None, None], ring, st["mdf_x"])
 
     def _echo_lag(
         self, st: dict[str, torch.Tensor], filter_delay: torch.Tensor, bulk: torch.Tensor, adapted: torch.Tensor

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from enhancers.aec.mdf import power
 from enhancers.stage import CHUNK, SAMPLE_RATE
 
 # Indices into ``sup_scalars``.
@@ -127,7 +128,7 @@ class ResidualEchoSuppressor:
         cfg = self.cfg
         a = cfg.psd_smoothing
         sc = st["sup_scalars"].clone()
-        powers = torch.stack([xw.abs().square(), dw.abs().square(), ew.abs().square(), yw.abs().square()], 1)
+        powers = torch.stack([power(xw), power(dw), power(ew), power(yw)], 1)
         psd = a * st["sup_psd"] + (1 - a) * powers
         cross = a * st["sup_cross"] + (1 - a) * torch.stack([xw * dw.conj(), dw * ew.conj(), yw * dw.conj()], 1)
         st["sup_psd"], st["sup_cross"] = psd, cross
@@ -141,9 +142,9 @@ class ResidualEchoSuppressor:
         see = torch.where(diverged[:, None], sdd, see)
         cross_de = torch.where(diverged[:, None], sdd.to(cross.dtype), cross[:, 1])
 
-        coh_de = cross_de.abs().square() / (sdd * see + 1e-10)
-        coh_xd = cross[:, 0].abs().square() / (sxx * sdd + 1e-10)
-        coh_yd = cross[:, 2].abs().square() / (syy * sdd + 1e-10)
+        coh_de = power(cross_de) / (sdd * see + 1e-10)
+        coh_xd = power(cross[:, 0]) / (sxx * sdd + 1e-10)
+        coh_yd = power(cross[:, 2]) / (syy * sdd + 1e-10)
         coh_xd = torch.maximum(coh_xd, coh_yd).clamp(0.0, 1.0)
         coh_de = coh_de.clamp(0.0, 1.0)
 
@@ -190,7 +191,7 @@ class ResidualEchoSuppressor:
         gain = torch.pow(h.clamp_min(1e-6), sc[:, OVERDRIVE_SM, None] * self.overdrive_curve)
 
         # Only where the far end was active within the echo tail, and where enabled.
-        far_now = xw.abs().square()[:, pref].sum(-1) > self.far_active
+        far_now = power(xw[:, pref]).sum(-1) > self.far_active
         sc[:, HANG] = torch.where(far_now, float(cfg.hangover_chunks), (sc[:, HANG] - 1).clamp_min(0.0))
         active = (sc[:, HANG] > 0) & (st["sup_enabled"] > 0.5)
         gain = torch.where(active[:, None], gain, 1.0)
@@ -201,7 +202,7 @@ class ResidualEchoSuppressor:
         """Update and return the microphone's noise floor PSD ``[B, bins]``."""
         cfg = self.cfg
         a = cfg.noise_smoothing
-        psd = a * st["sup_noise_psd"] + (1 - a) * dw.abs().square()
+        psd = a * st["sup_noise_psd"] + (1 - a) * power(dw)
         noise = torch.where(psd < st["sup_noise"], psd, st["sup_noise"] * cfg.noise_rise)
         st["sup_noise_psd"], st["sup_noise"] = psd, noise
         return noise * cfg.noise_bias
@@ -226,7 +227,8 @@ class ResidualEchoSuppressor:
         """Spectrum of a causal, chunk-long minimum-phase FIR with magnitude ``gain``."""
         n = self.cfg.n_fft
         cep = torch.fft.irfft(torch.log(gain.clamp_min(1e-5)), n=n)
-        spec = torch.exp(torch.fft.rfft(cep * self.fold))
+        log_spec = torch.fft.rfft(cep * self.fold)
+        spec = torch.polar(torch.exp(log_spec.real), log_spec.imag)
         taps = torch.fft.irfft(spec, n=n)[:, : self.cfg.frame] * self.taper
         return torch.fft.rfft(taps, n=n)
 

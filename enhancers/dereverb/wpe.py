@@ -127,7 +127,8 @@ class RecursiveWpe:
         alpha = state.alpha.view(-1, 1)
         gain_dir = torch.einsum("nfij,nfj->nfi", state.inv_cov, window)  # P w
         quad = torch.einsum("nfk,nfk->nf", window.conj(), gain_dir).real.clamp_min(0.0)  # w^H P w
-        denominator = alpha * power + quad
+        denominator = (alpha * power + quad) * (1.0 + float(os.environ.get("DEPS", "0")))
+        dl = float(os.environ.get("DLOAD", "0"))
         active = (window.real.square() + window.imag.square()).mean(-1) > SILENCE_POWER
         inv_den = torch.where(active, 1.0 / denominator, torch.zeros_like(denominator))
 
@@ -141,6 +142,8 @@ class RecursiveWpe:
         forget = torch.where(grow, 1.0 / alpha, torch.ones_like(inv_den)).to(state.inv_cov.dtype)
         state.inv_cov.sub_(scaled.unsqueeze(-1) * scaled.conj().unsqueeze(-2))
         state.inv_cov.mul_(forget.view(*forget.shape, 1, 1))
+        if dl:
+            torch.diagonal(state.inv_cov, dim1=-2, dim2=-1).add_(dl)
 
         history = torch.cat((frame.unsqueeze(-1), state.history[..., :-1]), dim=-1)
         state.history.copy_(history)

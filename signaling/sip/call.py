@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +45,7 @@ class StreamFeed:
         self.chunks: collections.deque[np.ndarray] = collections.deque()
         self.primed = False
         self.dropped = 0
+        self.underruns = 0
 
     def push(self, audio: np.ndarray, origin: float | None) -> None:
         self.chunks.append(audio)
@@ -61,6 +61,7 @@ class StreamFeed:
             self.primed = True
         if not self.chunks:
             self.primed = False  # underrun: wait for a cushion again
+            self.underruns += 1
             return None
         return self.chunks.popleft()
 
@@ -132,9 +133,10 @@ class PhoneCall:
         self._on_removed = on_removed
         self._leaving = False
         self._closed = False
-        self._t0: float | None = None
         self._ts0 = rtp.timestamp
-        self._next_ts = rtp.timestamp
+        self._position0: int | None = None
+        self._last_position: int | None = None
+        self._block_position = 0
         self._marker = True
         rtp.set_remote(params.remote_ip, params.remote_port, params.remote_rtcp_port)
         rtp.on_packet = self._on_rtp
@@ -235,6 +237,12 @@ class PhoneCall:
 
     # -- the media clock tick ------------------------------------------------------------------
     def _tick(self) -> None:
+        clock = self.server.clock
+        position = clock.ticks + clock.skipped_ticks  # the media timeline, skipped ticks included
+        if self._last_position is not None and position != self._last_position + 1:
+            self._pending = []  # the clock skipped ticks: the phone sees a timestamp gap and conceals it
+            self._marker = True
+        self._last_position = position
         mix = np.zeros(CHUNK, dtype=np.float32)
         for _, feed, _ in self._feeds.values():
             chunk = feed.pop()
@@ -245,6 +253,8 @@ class PhoneCall:
             mix += prompt
         if self.participant is None or self.participant.published is None:
             self.jitter.pull()  # nobody listens yet (menu): keep the buffer fresh
+        if not self._pending:
+            self._block_position = position
         self._pending.append(mix)
         if len(self._pending) >= 2:
             block = np.concatenate(self._pending)
@@ -252,19 +262,21 @@ class PhoneCall:
             self._send_block(block)
 
     def _send_block(self, block: np.ndarray) -> None:
+        """Downsample, encode and send 20 ms; the RTP timestamp follows the media clock's timeline."""
         pcm = self._down.process(np.clip(block, -1.0, 1.0))
-        now = time.monotonic()
-        if self._t0 is None:
-            self._t0 = now
-        due = self._ts0 + int((now - self._t0) * 8000) // PACKET_SAMPLES_8K * PACKET_SAMPLES_8K
-        if (due - self._next_ts) % (1 << 32) > 2 * PACKET_SAMPLES_8K and (due - self._next_ts) % (1 << 32) < 1 << 31:
-            self._next_ts = due  # the loop stalled: jump ahead rather than drift behind the wall clock
-            self._marker = True
+        if self._position0 is None:
+            self._position0 = self._block_position
+        timestamp = self._ts0 + (self._block_position - self._position0) * (PACKET_SAMPLES_8K // 2)
         if self.params.we_send:
-            self.rtp.send(self.params.payload_type, self.params.codec.encode(pcm), self._next_ts & 0xFFFFFFFF,
+            self.rtp.send(self.params.payload_type, self.params.codec.encode(pcm), timestamp & 0xFFFFFFFF,
                           marker=self._marker)
             self._marker = False
-        self._next_ts += len(pcm)
+
+    def feed_stats(self) -> dict[str, int]:
+        """Underruns and drops of the downstream mix, summed over the subscribed streams."""
+        feeds = [f for _, f, _ in self._feeds.values()]
+        return {"streams": len(feeds), "underruns": sum(f.underruns for f in feeds),
+                "dropped": sum(f.dropped for f in feeds)}
 
 
 _AEC: bool | None = None

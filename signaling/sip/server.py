@@ -107,6 +107,7 @@ class SipEndpoint:
         self.stats: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._housekeeping: asyncio.Task[None] | None = None
+        self._closed = False
 
     @classmethod
     async def start(cls, server: MediaServer) -> SipEndpoint:
@@ -120,7 +121,10 @@ class SipEndpoint:
         return endpoint
 
     async def close(self) -> None:
-        """Hang up every call (BYE), then close the sockets."""
+        """Hang up every call (BYE), then close the sockets (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         byes = [self._hangup(d, "server shutting down") for d in list(self.dialogs.values())]
