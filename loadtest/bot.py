@@ -147,7 +147,8 @@ class Bot:
     def __init__(self, url: str, room: str, name: str = "bot", audio: Optional[np.ndarray] = None, *,
                  loop: bool = True, stages: Optional[str | list[str]] = None,
                  echo_cancellation: bool = True, publish: bool = True,
-                 token: Optional[str] = None, local_addr: Optional[str] = None, light: bool = False) -> None:
+                 token: Optional[str] = None, local_addr: Optional[str] = None, light: bool = False,
+                 opus_packets: Optional[list[bytes]] = None) -> None:
         self.url = url.rstrip("/")
         self.light = light  # pre-encoded sending, inline decoding (loadtest.lightmedia)
         self.token = token
@@ -156,7 +157,8 @@ class Bot:
         self.name = name
         self.track: Optional[PcmTrack | EncodedPcmTrack] = None
         if publish:
-            self.track = EncodedPcmTrack(audio if audio is not None else np.zeros(FRAME, dtype=np.float32)) \
+            silence = np.zeros(FRAME, dtype=np.float32)
+            self.track = EncodedPcmTrack(audio if audio is not None else silence, opus_packets) \
                 if light else PcmTrack(audio, loop=loop)
         self.stages = stages
         self.echo_cancellation = echo_cancellation

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from loadtest.bot import Bot, Recording
+from loadtest.lightmedia import encode_opus
 from loadtest.marker import MarkerTemplate, MatchOptions, SendTimeline
 from loadtest.quality import dnsmos
 from loadtest.sources import SourceLibrary
@@ -60,6 +61,7 @@ class BotHost:
         self.light = light
         self.bots: list[tuple[BotSpec, Bot]] = []
         self._join_gate = asyncio.Semaphore(max_concurrent_joins)
+        self._opus: dict[int, list[bytes]] = {}
         self.loop_lag: list[tuple[float, float]] = []  # (time, ms late) of a 10 ms timer: is the load generator keeping up?
         self._lag_task: Optional[asyncio.Task[None]] = None
 
@@ -79,11 +81,18 @@ class BotHost:
             self._lag_task = asyncio.get_running_loop().create_task(self._watch_loop())
         return list(await asyncio.gather(*(self._join_one(s) for s in specs)))
 
+    def _media(self, index: int) -> tuple[np.ndarray, Optional[list[bytes]]]:
+        """A bot's signal and, for light bots, its Opus packets (built off the event loop)."""
+        mix = self.library.signal(index).mix
+        if self.light and index not in self._opus:
+            self._opus[index] = encode_opus(mix)
+        return mix, self._opus.get(index)
+
     async def _join_one(self, spec: BotSpec) -> dict[str, Any]:
-        signal = self.library.signal(spec.index)
-        bot = Bot(self.url, spec.room, spec.name, signal.mix, loop=True, stages=spec.stages,
+        mix, packets = await asyncio.get_running_loop().run_in_executor(None, self._media, spec.index)
+        bot = Bot(self.url, spec.room, spec.name, mix, loop=True, stages=spec.stages,
                   echo_cancellation=spec.echo_cancellation, token=spec.token, local_addr=spec.local_addr,
-                  light=self.light)
+                  light=self.light, opus_packets=packets)
         self.bots.append((spec, bot))
         error = None
         async with self._join_gate:
@@ -147,11 +156,19 @@ class BotHost:
         return {"streams": streams, "sent_dnsmos": sent, "bots": bots, "server_stats": server_stats,
                 "loop_lag_ms": loop_lag}
 
-    async def stop(self) -> dict[str, Any]:
+    async def halt(self) -> dict[str, Any]:
+        """All bots leave (their recordings stay for analysis); idempotent."""
         if self._lag_task is not None:
             self._lag_task.cancel()
-        await asyncio.gather(*(b.leave() for _, b in self.bots), return_exceptions=True)
-        return {"stopped": len(self.bots)}
+            self._lag_task = None
+        live = [b for _, b in self.bots if not getattr(b, "_loadtest_left", False)]
+        for b in live:
+            b._loadtest_left = True  # type: ignore[attr-defined]
+        await asyncio.gather(*(b.leave() for b in live), return_exceptions=True)
+        return {"left": len(live)}
+
+    async def stop(self) -> dict[str, Any]:
+        return await self.halt()
 
     # -- helpers ------------------------------------------------------------------
     @staticmethod
@@ -181,7 +198,13 @@ class BotHost:
                     out.append({"t": round(e["_t"], 3), **{k: s.get(k) for k in STATS_FIELDS if k in s}})
         return out
 
-    def _analyze_sync(self, snaps: list[_Snapshot], since: float, until: float,
+    def _analyze_sync(self, *args: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        t0 = time.monotonic()
+        out = self._analyze_windows(*args)
+        log.info("analysis of %d streams took %.1f s", len(out[0]), time.monotonic() - t0)
+        return out
+
+    def _analyze_windows(self, snaps: list[_Snapshot], since: float, until: float,
                       sendlogs: dict[str, dict[str, Any]], signals: dict[str, int],
                       dnsmos_pairs: set[tuple[str, ...]], marker: dict[str, Any]
                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -198,12 +221,16 @@ class BotHost:
                 if pub in signals and pub not in templates:
                     signal = self.library.signal(signals[pub])
                     templates[pub] = [MarkerTemplate(signal.speech), MarkerTemplate(signal.mix)]
+                t = time.monotonic()
                 fig = measure_stream(rec, snap.bot_id, pub, snap.room, since, until, templates.get(pub, []),
                                      timelines.get(pub), options, snap.probes.get(pub))
+                t1 = time.monotonic()
                 if (snap.bot_id, pub) in dnsmos_pairs:
                     start = owner_since(rec, pub)
                     if start is not None:
                         fig.dnsmos = dnsmos(window_audio(rec, max(since, start), until))
+                log.info("stream %s<-%s: marker %.1f s, dnsmos %.1f s", snap.bot_id, pub, t1 - t,
+                         time.monotonic() - t1)
                 streams.append(fig.to_dict())
         sent: dict[str, Any] = {}
         own = {s.bot_id: s for s in snaps}

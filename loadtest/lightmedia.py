@@ -82,9 +82,9 @@ class EncodedPcmTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, samples: np.ndarray) -> None:
+    def __init__(self, samples: np.ndarray, packets: Optional[list[bytes]] = None) -> None:
         super().__init__()
-        self.packets = encode_opus(samples) or encode_opus(np.zeros(FRAME, dtype=np.float32))
+        self.packets = packets or encode_opus(samples) or encode_opus(np.zeros(FRAME, dtype=np.float32))
         self._index = 0
         self._pts = 0
         self._start: Optional[float] = None

@@ -163,11 +163,19 @@ class LoadSession:
                   file=sys.stderr, flush=True)
 
     # -- measurement ----------------------------------------------------------------------
-    async def measure(self, duration_s: float, label: str = "measuring") -> dict[str, Any]:
-        """Hold ``duration_s`` and return the figures of that window (the bots keep running)."""
+    async def measure(self, duration_s: float, label: str = "measuring", halt: bool = False) -> dict[str, Any]:
+        """Hold ``duration_s`` and return the figures of that window.
+
+        ``halt``: the bots leave before the analysis (a final window: frees the
+        CPU for it); otherwise they keep running, as a ramp needs.
+        """
         since = time.monotonic()
         await self.hold(duration_s, label)
         until = time.monotonic()
+        await self.scraper.scrape_once()  # the server's counters at the end of the window
+        if halt:
+            self._set_phase("leaving")
+            await asyncio.gather(*(h.call("halt") for h in self.hosts))
         self._set_phase("analysing")
         max_latency = float(self.config.marker.get("max_latency_s", 1.5))
         logs: dict[str, dict[str, Any]] = {}
@@ -231,8 +239,7 @@ async def run_load(config: SessionConfig, bots: int, rooms: int, duration_s: flo
     try:
         joins = await session.add_bots([session.room_name(i % rooms) for i in range(bots)])
         await session.hold(config.warmup_s, "warm-up")
-        window = await session.measure(duration_s)
-        await session.scraper.scrape_once()
+        window = await session.measure(duration_s, halt=True)
     finally:
         await session.close()
     return {"kind": "run", "scenario": {**session.scenario(), "bots": bots, "rooms": rooms,

@@ -23,7 +23,7 @@ from loadtest.sources import SourceConfig, SourceLibrary
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("add", "status", "sendlogs", "trim", "analyze", "stop")
+COMMANDS = ("add", "status", "sendlogs", "trim", "analyze", "halt", "stop")
 
 
 class WorkerError(RuntimeError):
@@ -113,7 +113,8 @@ class RemoteHost:
     def __init__(self, sources: SourceConfig, url: str, name: str = "loadtest-worker") -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=worker_main, args=(child, sources, url, logging.WARNING),
+        level = logging.getLogger("loadtest").getEffectiveLevel()
+        self.process = ctx.Process(target=worker_main, args=(child, sources, url, level),
                                    name=name, daemon=True)
         self.process.start()
         child.close()

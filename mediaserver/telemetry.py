@@ -318,10 +318,10 @@ class MediaTelemetry:
                     key = id(track)
                     seen.add(key)
                     tap = self._taps.get(key)
-                    if tap is None:
+                    if tap is None or track.on_sent is not tap.latency:
                         if track.on_sent is not None:
                             continue  # someone else's hook: leave it alone
-                        tap = self._taps[key] = _TrackTap(SendLatency(), track.dropped)
+                        tap = self._taps[key] = _TrackTap(SendLatency(), 0)
                         track.on_sent = tap.latency
                     count, total, peak = tap.latency.take()
                     dropped, tap.dropped = track.dropped - tap.dropped, track.dropped

@@ -36,6 +36,14 @@ class _Fifo:
         self._buf = np.concatenate([self._buf, np.asarray(x, dtype=np.float32).reshape(-1)])
 
     def pop(self, n: int) -> np.ndarray:
+        """The oldest ``n`` samples, zero-padded in front when fewer are queued."""
+        out, self._buf = self._buf[:n], self._buf[n:]
+        if len(out) < n:
+            out = np.concatenate([np.zeros(n - len(out), dtype=np.float32), out])
+        return out
+
+    def pop_front(self, n: int) -> np.ndarray:
+        """The oldest ``n`` samples, zero-padded at the end when fewer are queued."""
         out, self._buf = self._buf[:n], self._buf[n:]
         if len(out) < n:
             out = np.concatenate([out, np.zeros(n - len(out), dtype=np.float32)])
@@ -65,12 +73,12 @@ class EchoCanceller:
         self._far = _Fifo()
         self._near = _Fifo()
         self._out = _Fifo()
-        self._primed = False
+        self._padded = 0
 
     @property
     def latency_samples(self) -> int:
         """Buffering delay of :meth:`process_stream` output (0 while frames are whole chunks)."""
-        return len(self._out)
+        return self._padded
 
     def process_reverse_stream(self, far: np.ndarray) -> None:
         """Queue far-end (render) audio; it is consumed in step with the capture side."""
@@ -84,17 +92,13 @@ class EchoCanceller:
         chunks = len(self._near) // CHUNK
         if chunks:
             mic = self._near.pop(chunks * CHUNK).reshape(chunks, CHUNK)
-            far = self._far.pop(chunks * CHUNK).reshape(chunks, CHUNK)
+            far = self._far.pop_front(chunks * CHUNK).reshape(chunks, CHUNK)
             for i in range(chunks):
                 ctx = BatchContext(reference=torch.from_numpy(far[i : i + 1]))
                 out = self.stage.process(torch.from_numpy(mic[i : i + 1]), [self.stream], ctx)
                 self._out.push(out[0].cpu().numpy())
-        if not self._primed:
-            # Pad once so every call can return a full frame when frames are not chunk multiples.
-            missing = len(near) - len(self._out)
-            if missing > 0:
-                self._out.push(np.zeros(missing, dtype=np.float32))
-            self._primed = True
+        # Until a whole chunk is through, the output starts with zeros (buffering latency).
+        self._padded += max(0, len(near) - len(self._out))
         return self._out.pop(len(near))
 
     def set_stream_delay_ms(self, delay_ms: float | None) -> None:

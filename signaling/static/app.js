@@ -189,7 +189,7 @@ async function updateStats() {
       packets: out ? s.packetsSent : s.packetsReceived, lost: out ? "" : s.packetsLost,
       jitter: out ? "" : ((s.jitter || 0) * 1000).toFixed(1),
       level: s.audioLevel !== undefined ? s.audioLevel.toFixed(3) : "", kbps,
-      server: server ? [server.jitter_ms ?? "", server.lost ?? "", server.concealed_chunks ?? "", server.jitter_buffer_ms ?? "", server.server_latency_ms, server.vad].join(" / ") : "",
+      server: server ? [server.jitter_ms ?? "", server.lost ?? "", server.concealed_chunks ?? "", server.jitter_buffer_ms ?? "", server.server_latency_ms, server.e2e_latency_ms ?? "", server.vad].join(" / ") : "",
     });
   });
   const tbody = document.querySelector("#stats tbody");
