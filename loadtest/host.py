@@ -26,7 +26,7 @@ from loadtest.streams import measure_stream, owner_since, window_audio
 
 log = logging.getLogger(__name__)
 
-STATS_FIELDS = ("participant", "stream", "stages", "server_latency_ms", "processing_ms", "jitter_buffer_ms",
+STATS_FIELDS = ("participant", "stream", "stages", "server_latency_ms", "e2e_latency_ms", "subscriber_dropped", "processing_ms", "jitter_buffer_ms",
                 "jitter_ms", "received", "lost", "late", "concealed_chunks", "bypassed", "chunks")
 
 
@@ -49,7 +49,7 @@ class _Snapshot:
     room: str
     recordings: list[Recording]
     send_log: list[tuple[float, int]]
-    probes: dict[str, list[tuple[float, float]]]  # publisher -> (time, server_latency_ms) from stats
+    probes: dict[str, list[dict[str, float]]]  # publisher -> its figures in the stats messages this bot got
 
 
 class BotHost:
@@ -179,14 +179,17 @@ class BotHost:
                 "errors": [e.get("code") for e in bot.errors], "renegotiations": bot.renegotiations}
 
     @staticmethod
-    def _probes(bot: Bot, since: float, until: float) -> dict[str, list[tuple[float, float]]]:
-        out: dict[str, list[tuple[float, float]]] = {}
+    def _probes(bot: Bot, since: float, until: float) -> dict[str, list[dict[str, float]]]:
+        out: dict[str, list[dict[str, float]]] = {}
         for e in bot.events_of("stats"):
             if since <= e["_t"] < until:
                 for s in e.get("streams", []):
-                    ms = s.get("server_latency_ms")
-                    if s.get("participant") and isinstance(ms, (int, float)) and ms > 0:
-                        out.setdefault(str(s["participant"]), []).append((float(e["_t"]), float(ms)))
+                    probe = {"t": float(e["_t"])}
+                    for key in ("server_latency_ms", "e2e_latency_ms"):
+                        if isinstance(s.get(key), (int, float)) and s[key] > 0:
+                            probe[key] = float(s[key])
+                    if s.get("participant") and len(probe) > 1:
+                        out.setdefault(str(s["participant"]), []).append(probe)
         return out
 
     @staticmethod

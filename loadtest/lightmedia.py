@@ -77,6 +77,24 @@ def encode_opus(samples: np.ndarray, bitrate: int = 32_000) -> list[bytes]:
     return packets[: n // FRAME]
 
 
+_lookahead_ms: Optional[float] = None
+
+
+def opus_lookahead_ms() -> float:
+    """Measured content delay of a libopus encode/decode (its look-ahead: 312 samples, 6.5 ms)."""
+    global _lookahead_ms
+    if _lookahead_ms is None:
+        x = np.zeros(RATE // 5, dtype=np.float32)
+        x[RATE // 20:RATE // 20 + 480] = np.hanning(480) * np.sin(np.arange(480) * 0.3) * 0.5
+        decoder = OpusDecoder()
+        out = [f.to_ndarray().astype(np.float32).reshape(-1, len(f.layout.channels)).mean(axis=1)
+               for p in encode_opus(x) for f in decoder.decode(JitterFrame(data=p, timestamp=0))]
+        y = np.concatenate(out)[: len(x)]
+        corr = np.correlate(y, x[RATE // 20 - 480:RATE // 20 + 960], mode="valid")
+        _lookahead_ms = (int(np.argmax(corr)) - (RATE // 20 - 480)) / RATE * 1000.0
+    return _lookahead_ms
+
+
 class EncodedPcmTrack(MediaStreamTrack):
     """Publishes a pre-encoded, looping signal in real time (same logs as ``PcmTrack``)."""
 

@@ -146,7 +146,8 @@ class MatchOptions:
     min_ncc: float = 0.5
     min_margin: float = 0.1  # best peak over the best elsewhere: rejects ambiguous (periodic) matches
     min_rms: float = 0.003
-    probe_window_s: float = 0.3  # shorter windows for the time-paired comparison with the server's figure
+    probe_window_s: float = 0.3  # window before a stats message, paired with the last packet's server figure
+    mean_window_s: float = 1.0  # window before a stats message, paired with the server's 1 s mean
 
 
 def _match_window(seg: ReceivedSegment, low: np.ndarray, i: int, templates: list[MarkerTemplate],
@@ -193,29 +194,32 @@ def measure_segment(seg: ReceivedSegment, templates: list[MarkerTemplate], send:
     return out
 
 
-def measure_at(seg: ReceivedSegment, templates: list[MarkerTemplate], send: SendTimeline, times: list[float],
-               opt: Optional[MatchOptions] = None, tries_s: tuple[float, ...] = (0.0, -0.1, -0.2, -0.3)
-               ) -> list[Optional[LatencySample]]:
-    """For each time in ``times``: the latency of the audio whose packets arrived then.
+def measure_at(seg: ReceivedSegment, templates: list[MarkerTemplate], send: SendTimeline,
+               probes: list[tuple[float, float]], opt: Optional[MatchOptions] = None,
+               tries_s: tuple[float, ...] = (0.0, -0.1, -0.2, -0.3)) -> list[Optional[LatencySample]]:
+    """For each probe ``(t, window_s)``: the latency of the audio whose packets arrived in [t - window_s, t].
 
-    The window starts at the packet that arrived last before that time (or up
-    to 0.3 s earlier when that stretch holds no speech); None if no window
-    of this segment matches.
+    A short window gives the latency of the last packets before ``t``; a long
+    one their average over the window.  When that stretch holds no
+    recognisable speech, the window slides up to 0.3 s earlier.  None where
+    no window of this segment matches.
     """
-    opt = replace(opt or MatchOptions(), window_s=(opt or MatchOptions()).probe_window_s)
+    opt = opt or MatchOptions()
     out: list[Optional[LatencySample]] = []
-    if len(send) == 0 or len(seg.audio) < int(opt.window_s * RATE) + RATE // 5:
-        return [None] * len(times)
+    if len(send) == 0 or len(seg.audio) < RATE // 2:
+        return [None] * len(probes)
     low = _decimated(seg)
     wire = np.where(np.isfinite(seg.wire), seg.wire, seg.deliver)
     edge = RATE_LOW // 20
-    for t in times:
+    for t, window_s in probes:
+        sized = replace(opt, window_s=window_s)
         sample = None
         for dt in tries_s:
-            f = int(np.searchsorted(wire, t + dt, side="right")) - 1
-            i = int(seg.starts[f]) // DECIM if f >= 0 else -1
-            if edge <= i <= len(low) - int(opt.window_s * RATE_LOW) - edge:
-                sample = _match_window(seg, low, i, templates, send, opt)
+            f = int(np.searchsorted(wire, t - window_s + dt, side="right"))
+            f = min(f, len(wire) - 1)
+            i = int(seg.starts[f]) // DECIM
+            if edge <= i <= len(low) - int(window_s * RATE_LOW) - edge:
+                sample = _match_window(seg, low, i, templates, send, sized)
                 if sample is not None:
                     break
         out.append(sample)

@@ -201,7 +201,8 @@ class LoadSession:
         stats = {k: v for p in parts for k, v in p["server_stats"].items()}
         for s in streams:
             s["latency_samples"] = [[round(t - self.started, 3), w, e] for t, w, e in s["latency_samples"]]
-            s["server_pairs"] = [[round(t - self.started, 3), a, b] for t, a, b in s["server_pairs"]]
+            for key in ("server_pairs", "e2e_pairs"):
+                s[key] = [[round(t - self.started, 3), a, b] for t, a, b in s[key]]
         return {
             "since_s": round(since - self.started, 3), "until_s": round(until - self.started, 3),
             "duration_s": round(until - since, 3),

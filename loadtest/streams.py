@@ -49,6 +49,7 @@ class StreamFigures:
     max_interarrival_ms: float = 0.0
     latency: list[LatencySample] = field(default_factory=list)
     server_pairs: list[tuple[float, float, float]] = field(default_factory=list)  # (t, server ms, marker ms)
+    e2e_pairs: list[tuple[float, float, float]] = field(default_factory=list)  # (t, server e2e ms, marker ms)
     dnsmos: Optional[dict[str, float]] = None
     sent_dnsmos: Optional[dict[str, float]] = None
 
@@ -71,6 +72,7 @@ class StreamFigures:
             "e2e_latency_ms": {"p50": pct(e2e, 50), "p99": pct(e2e, 99), "max": pct(e2e, 100)},
             "marker_ncc_median": pct(ncc, 50),
             "server_pairs": [[round(t, 3), round(a, 2), round(b, 2)] for t, a, b in self.server_pairs],
+            "e2e_pairs": [[round(t, 3), round(a, 2), round(b, 2)] for t, a, b in self.e2e_pairs],
             "latency_samples": [[round(s.t, 3), round(s.wire_ms, 2), round(s.e2e_ms, 2)] for s in self.latency],
             "dnsmos": self.dnsmos, "sent_dnsmos": self.sent_dnsmos,
         }
@@ -160,12 +162,15 @@ def _timeline_figures(fig: StreamFigures, rec: Recording, since: float, until: f
 def measure_stream(rec: Recording, subscriber: str, publisher: str, room: str, since: float, until: float,
                    templates: list[MarkerTemplate], send: Optional[SendTimeline],
                    options: Optional[MatchOptions] = None,
-                   probes: Optional[list[tuple[float, float]]] = None) -> StreamFigures:
+                   probes: Optional[list[dict[str, float]]] = None) -> StreamFigures:
     """All figures of one received stream over [since, until).
 
-    ``probes``: (time, server_latency_ms) as the subscriber got them in
-    ``stats`` messages; each is paired with the marker latency of the packets
-    that arrived just before it (``server_pairs``).
+    ``probes``: the publisher's figures from the ``stats`` messages this
+    subscriber got (``t``, ``server_latency_ms``, ``e2e_latency_ms``).  Each
+    ``server_latency_ms`` (the last packet's) is paired with the marker
+    latency of the packets that arrived just before ``t`` (``server_pairs``),
+    each ``e2e_latency_ms`` (a mean over the last second) with the marker
+    latency of the last second (``e2e_pairs``).
     """
     fig = StreamFigures(subscriber=subscriber, publisher=publisher, room=room)
     start = owner_since(rec, publisher)
@@ -178,9 +183,14 @@ def measure_stream(rec: Recording, subscriber: str, publisher: str, room: str, s
     for seg in received_segments(rec, since, until):
         fig.latency += measure_segment(seg, templates, send, options)
         if probes and len(seg.deliver):
-            inside = [(t, ms) for t, ms in probes if seg.deliver[0] + 1.0 <= t <= seg.deliver[-1]]
-            found = measure_at(seg, templates, send, [t for t, _ in inside], options)
-            fig.server_pairs += [(t, ms, m.wire_ms) for (t, ms), m in zip(inside, found) if m is not None]
+            opt = options or MatchOptions()
+            inside = [p for p in probes if seg.deliver[0] + opt.mean_window_s + 0.3 <= p["t"] <= seg.deliver[-1]]
+            last = [p for p in inside if p.get("server_latency_ms")]
+            found = measure_at(seg, templates, send, [(p["t"], opt.probe_window_s) for p in last], opt)
+            fig.server_pairs += [(p["t"], p["server_latency_ms"], m.wire_ms) for p, m in zip(last, found) if m]
+            mean = [p for p in inside if p.get("e2e_latency_ms")]
+            found = measure_at(seg, templates, send, [(p["t"], opt.mean_window_s) for p in mean], opt)
+            fig.e2e_pairs += [(p["t"], p["e2e_latency_ms"], m.wire_ms) for p, m in zip(mean, found) if m]
     return fig
 
 

@@ -10,6 +10,10 @@ structure: a *background* filter adapts all the time and is copied into the
 *foreground* filter (which produces the output) only when it is reliably
 better; when it is reliably worse it is reset from the foreground.
 
+Like WebRTC AEC3 the linear filter may cover only the lower band (``bins``
+below ``max_hz``): speech echo above it is weak and is left to the residual
+echo suppressor, which cuts the cost of the filter by the same ratio.
+
 Everything here is a function of a batch of per-stream state tensors (first
 dimension = rows of the batch) so one call serves every stream.  Samples are
 in 16-bit units (x 32768) so the regularisation constants keep the meaning
@@ -37,10 +41,11 @@ VAR_BACKTRACK = 4.0
 
 @dataclass(frozen=True)
 class MdfConfig:
-    """Sizes of the filter: ``partitions`` blocks of ``frame`` samples each."""
+    """Sizes of the filter: ``partitions`` blocks of ``frame`` samples, bins up to ``max_hz``."""
 
     partitions: int
     frame: int = CHUNK
+    max_hz: float = 8000.0
 
     @property
     def n_fft(self) -> int:
@@ -48,7 +53,8 @@ class MdfConfig:
 
     @property
     def bins(self) -> int:
-        return self.frame + 1
+        """FFT bins the filter adapts (the rest of the spectrum is left alone)."""
+        return min(self.frame + 1, int(round(self.max_hz * self.n_fft / 48_000.0)) + 1)
 
 
 @dataclass
@@ -95,10 +101,10 @@ def _time_half(spec: torch.Tensor, n_fft: int, frame: int) -> torch.Tensor:
     return torch.fft.irfft(spec, n=n_fft, norm="forward")[..., frame:]
 
 
-def _spectrum_of_tail(x: torch.Tensor, n_fft: int) -> torch.Tensor:
-    """Spectrum of ``[zeros, x]`` (x in the second half of the window)."""
+def _spectrum_of_tail(x: torch.Tensor, n_fft: int, bins: int) -> torch.Tensor:
+    """Lowest ``bins`` of the spectrum of ``[zeros, x]`` (x in the second half of the window)."""
     padded = torch.nn.functional.pad(x, (n_fft - x.shape[-1], 0))
-    return torch.fft.rfft(padded, norm="forward")
+    return torch.fft.rfft(padded, norm="forward")[:, :bins]
 
 
 def shift_partitions(w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -119,10 +125,10 @@ def _adjust_prop(w: torch.Tensor) -> torch.Tensor:
 
 def _constrain(w: torch.Tensor, parts: torch.Tensor, cfg: MdfConfig) -> None:
     """Zero the second half of the impulse response of partitions ``parts`` [B, P], in place."""
-    rows = torch.arange(w.shape[0], device=w.device)[:, None]
-    taps = torch.fft.irfft(w[rows, parts], n=cfg.n_fft)
+    index = parts[:, :, None].expand(-1, -1, w.shape[2])
+    taps = torch.fft.irfft(torch.gather(w, 1, index), n=cfg.n_fft)
     taps[..., cfg.frame :] = 0.0
-    w[rows, parts] = torch.fft.rfft(taps)
+    w.scatter_(1, index, torch.fft.rfft(taps)[..., : cfg.bins])
 
 
 def mdf_step(
@@ -138,7 +144,7 @@ def mdf_step(
     The filters and the far-spectrum ring in ``st`` are updated in place (so
     they may be views of the stage's state); the smaller entries are replaced.
 
-    ``x_new`` [B, F] is the spectrum of the newest (delay-compensated) far-end
+    ``x_new`` [B, bins] is the (low band) spectrum of the newest (delay-compensated) far-end
     window ``[x(t-1), x(t)]``, ``x_frame`` [B, frame] its newest half, ``mic``
     [B, frame] the microphone block, all in 16-bit units; ``count`` [B] is
     each row's block counter (it positions the far-spectrum ring).
@@ -182,9 +188,9 @@ def mdf_step(
     sc[:, DAVG1:DVAR2 + 1] = torch.where(switched[:, None], 0.0, sc[:, DAVG1:DVAR2 + 1])
     if bool(switched.any()):
         to_fg = torch.nonzero(update_fg).squeeze(1)
-        wf[to_fg] = w[to_fg]
+        wf.index_copy_(0, to_fg, w.index_select(0, to_fg))
         to_bg = torch.nonzero(reset_bg).squeeze(1)
-        w[to_bg] = wf[to_bg]
+        w.index_copy_(0, to_bg, wf.index_select(0, to_bg))
     # Output echo: cross-fade from the old to the new foreground within the block.
     fade = torch.linspace(0.0, 1.0, frame + 1, device=mic.device)[1:]
     echo = torch.where(update_fg[:, None], yf * (1 - fade) + yb * fade, yf)
@@ -197,8 +203,8 @@ def mdf_step(
     sey = (eb * yb).sum(-1)
     syy = yb.square().sum(-1)
     sxx = x_frame.square().sum(-1)
-    e_spec = _spectrum_of_tail(eb, n)
-    y_spec = _spectrum_of_tail(yb, n)
+    e_spec = _spectrum_of_tail(eb, n, cfg.bins)
+    y_spec = _spectrum_of_tail(yb, n, cfg.bins)
     rf = power(e_spec)
     yf_pow = power(y_spec)
     xf_pow = power(x_new)
@@ -242,7 +248,8 @@ def mdf_step(
 
     # Gradient step on the background filter, then the rotating constraint.
     prop = torch.where(adapted[:, None], _adjust_prop(w), st["mdf_prop"])
-    w.addcmul_(x.conj(), prop[:, :, None] * (step * e_spec)[:, None, :])
+    grad = x.conj() * (step * e_spec)[:, None, :]
+    w.add_(grad.mul_(prop[:, :, None]))
     rotating = 1 + torch.remainder(count, max(k - 1, 1))
     parts = torch.stack([torch.zeros_like(rotating), rotating.clamp_max(k - 1)], dim=1)
     _constrain(w, parts, cfg)

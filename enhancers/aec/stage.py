@@ -43,7 +43,8 @@ class EchoCancellerStage(Stage):
     ``tail_ms`` is the echo tail the adaptive filter covers after the bulk
     delay, ``pre_ms`` how far before the estimated delay it starts (absorbs a
     delay estimate that is a chunk or two off), ``max_delay_ms`` the largest
-    bulk delay searched.
+    bulk delay searched, ``linear_max_hz`` the top of the band the linear
+    filter covers (above it the suppressor alone removes echo, as in AEC3).
     """
 
     name = "aec"
@@ -55,10 +56,12 @@ class EchoCancellerStage(Stage):
         tail_ms: float = 210.0,
         pre_ms: float = 30.0,
         max_delay_ms: float = 600.0,
+        linear_max_hz: float = 8000.0,
     ) -> None:
         super().__init__(device)
         self.margin = max(0, int(math.ceil(pre_ms / 10.0)))
-        self.mdf = MdfConfig(partitions=self.margin + max(1, int(math.ceil(tail_ms / 10.0))))
+        partitions = self.margin + max(1, int(math.ceil(tail_ms / 10.0)))
+        self.mdf = MdfConfig(partitions=partitions, max_hz=linear_max_hz)
         self.delay_cfg = DelayConfig(max_delay_chunks=int(math.ceil(max_delay_ms / 10.0)))
         self.sup_cfg = SuppressorConfig()
         self.ring_chunks = self.delay_cfg.max_delay_chunks + self.mdf.partitions + 3
@@ -161,7 +164,7 @@ class EchoCancellerStage(Stage):
 
         # Linear echo cancellation on the delay-compensated reference.
         x_window = self._far_window(index, count - filter_delay)
-        x_new = torch.fft.rfft(x_window, norm="forward")
+        x_new = torch.fft.rfft(x_window, norm="forward")[:, : self.mdf.bins]
         lin = mdf_step(st, x_new, x_window[:, CHUNK:], mic, count, self.mdf)
 
         # Residual echo suppression, with the far end aligned to the filter's main peak.
@@ -200,7 +203,7 @@ class EchoCancellerStage(Stage):
         # window ending at chunk count-1-delay-j.
         ends = count[:, None] - 1 - filter_delay[:, None] - parts[None, :]
         windows = torch.cat([self._ring_chunks(index, ends - 1), self._ring_chunks(index, ends)], dim=-1)
-        rebuilt = torch.fft.rfft(windows, norm="forward")
+        rebuilt = torch.fft.rfft(windows, norm="forward")[..., : self.mdf.bins]
         slots = ring_order(count - 1, k)
         rows = torch.arange(count.shape[0], device=self.device)[:, None]
         ring = st["mdf_x"].clone()

@@ -53,10 +53,18 @@ def stoi(estimate: np.ndarray, reference: np.ndarray, rate: int) -> float:
 def _dnsmos_model():  # type: ignore[no-untyped-def]
     import os
 
+    import onnxruntime as ort
     import speechmos.dnsmos as dm
 
     base = os.path.join(os.path.dirname(dm.__file__), "dnsmos_models")
-    return dm.DNSMOS(os.path.join(base, "bak_ovr.onnx"), os.path.join(base, "model_v8.onnx"))
+    model = dm.DNSMOS(os.path.join(base, "sig_bak_ovr.onnx"), os.path.join(base, "model_v8.onnx"))
+    # one thread each: evaluation runs beside the server and other work on small machines
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    model.onnx_sess = ort.InferenceSession(model.primary_model_path, opts)
+    model.p808_onnx_sess = ort.InferenceSession(os.path.join(base, "model_v8.onnx"), opts)
+    return model
 
 
 def dnsmos(audio: np.ndarray, rate: int) -> dict[str, float]:

@@ -64,7 +64,7 @@ class Downsampler:
             return np.zeros(0, dtype=np.float32)
         end = len(self._history) + usable
         windows = sliding_window_view(buf[:end], len(self._taps))  # window i ends at sample i + taps - 1
-        out = windows[FACTOR - 1::FACTOR] @ self._taps
+        out = windows[::FACTOR] @ self._taps  # output m sits on input 6m: the grid of the 8 kHz samples
         self._carry = buf[end:]
         self._history = buf[end - len(self._history):end]
         return out.astype(np.float32)

@@ -1,0 +1,55 @@
+"""Server-side echo cancellation end to end: the others must not hear themselves."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from enhancers.audio_io import read_48k
+from loadtest.bot import Bot
+from tests.conftest import ServerFactory, eval_file, speech
+from tests.echo_bot import EchoBot
+
+
+def _energy_db(x: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(x.astype(np.float64) ** 2) + 1e-12))
+
+
+async def test_echo_of_the_others_is_removed_but_the_bots_speech_arrives(start_server: ServerFactory) -> None:
+    rs = await start_server()
+    await rs.server.hub.executor.preload(["aec"])
+    ir = read_48k(eval_file("rir", "rir_48k.wav"))[: 48_000 // 5]  # 200 ms of a measured room
+    ir = ir / (np.max(np.abs(ir)) + 1e-9) * 0.5
+    far = np.concatenate([speech("cmu_arctic_us_aew_a0001.wav"), speech("cmu_arctic_us_aew_a0003.wav")])
+    # the echo bot is silent for 7 s (echo only), then speaks
+    own = np.concatenate([np.zeros(48_000 * 7, dtype=np.float32), speech("cmu_arctic_us_axb_a0005.wav")])
+    talkers = {}
+    echoers = {}
+    for room, stages in (("echo-off", []), ("echo-on", ["aec"])):
+        talkers[room] = Bot(rs.url, room, "talker", far, stages=[])
+        echoers[room] = EchoBot(rs.url, room, "speakerphone", own, ir, delay_s=0.15, stages=stages,
+                                echo_cancellation=not stages)
+    try:
+        for room in talkers:
+            await talkers[room].join()
+            await echoers[room].join()
+        await asyncio.sleep(12.5)
+        measured = {}
+        for room in talkers:
+            heard = talkers[room].received_from(echoers[room].id)  # type: ignore[arg-type]
+            assert len(heard) > 48_000 * 9, f"{room}: too little audio from the speakerphone"
+            # seconds 4-6.5: the speakerphone only plays back the talker (converged by then)
+            echo_part = heard[48_000 * 4: int(48_000 * 6.5)]
+            own_part = heard[48_000 * 8:]
+            measured[room] = (_energy_db(echo_part), _energy_db(own_part))
+        off_echo, off_own = measured["echo-off"]
+        on_echo, on_own = measured["echo-on"]
+        assert off_echo > -45.0, "the simulated echo path produced no echo"
+        assert off_echo - on_echo >= 20.0, f"echo reduced by only {off_echo - on_echo:.1f} dB"
+        # the speakerphone's own speech still arrives at a similar level
+        assert on_own > off_own - 6.0, (on_own, off_own)
+    finally:
+        for bots in (talkers, echoers):
+            for bot in bots.values():
+                await bot.leave()
