@@ -85,7 +85,8 @@ def opus_lookahead_ms() -> float:
     global _lookahead_ms
     if _lookahead_ms is None:
         x = np.zeros(RATE // 5, dtype=np.float32)
-        x[RATE // 20:RATE // 20 + 480] = np.hanning(480) * np.sin(np.arange(480) * 0.3) * 0.5
+        burst = np.random.default_rng(5).standard_normal(480).astype(np.float32)
+        x[RATE // 20:RATE // 20 + 480] = np.hanning(480).astype(np.float32) * burst * 0.3
         decoder = OpusDecoder()
         out = [f.to_ndarray().astype(np.float32).reshape(-1, len(f.layout.channels)).mean(axis=1)
                for p in encode_opus(x) for f in decoder.decode(JitterFrame(data=p, timestamp=0))]

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import aiohttp
 
 from loadtest.host import BotSpec
+from loadtest.lightmedia import opus_lookahead_ms
 from loadtest.promtext import MetricsScraper, to_json
 from loadtest.sources import SourceConfig
 from loadtest.summary import summarize
@@ -206,7 +207,7 @@ class LoadSession:
         return {
             "since_s": round(since - self.started, 3), "until_s": round(until - self.started, 3),
             "duration_s": round(until - since, 3),
-            "summary": {**summarize(streams, sent, stats, bots),
+            "summary": {**summarize(streams, sent, stats, bots, codec_delay_ms=2 * opus_lookahead_ms()),
                         "publisher_encode_ms": round(float(sorted(encode)[len(encode) // 2]), 3) if encode else None,
                         "loadgen_loop_lag_ms": {"p99": max((x["p99"] for x in lags), default=None),
                                                 "max": max((x["max"] for x in lags), default=None)}},

@@ -38,43 +38,63 @@ def _mean(values: list[float]) -> Optional[float]:
     return round(float(np.mean(values)), 3) if values else None
 
 
-def server_latency_by_publisher(server_stats: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
-    """``server_latency_ms`` samples per publishing participant, one reporter bot per room."""
+def server_figures(server_stats: dict[str, list[dict[str, Any]]], key: str) -> dict[str, list[float]]:
+    """Samples of one stats field (``server_latency_ms``...) per publishing participant."""
     out: dict[str, list[float]] = {}
     for samples in server_stats.values():
         for s in samples:
-            v = s.get("server_latency_ms")
+            v = s.get(key)
             if s.get("participant") and isinstance(v, (int, float)) and v > 0:
                 out.setdefault(str(s["participant"]), []).append(float(v))
     return out
 
 
-def compare_with_server(streams: list[dict[str, Any]]) -> dict[str, Any]:
-    """Marker latency minus the server's figure, paired in time (each stats message the subscriber got)."""
+def _pair_table(streams: list[dict[str, Any]], key: str, codec_delay_ms: float) -> dict[str, Any]:
     rows = []
     for s in streams:
-        pairs = s.get("server_pairs") or []
+        pairs = s.get(key) or []
         if not pairs:
             continue
-        srv = [p[1] for p in pairs]
-        mark = [p[2] for p in pairs]
+        srv = np.array([p[1] for p in pairs])
+        mark = np.array([p[2] for p in pairs])
         rows.append({"publisher": s["publisher"], "subscriber": s["subscriber"], "pairs": len(pairs),
                      "marker_ms": round(float(np.median(mark)), 2), "server_ms": round(float(np.median(srv)), 2),
-                     "difference_ms": round(float(np.median(np.subtract(mark, srv))), 2)})
-    diffs = [abs(r["difference_ms"]) for r in rows]
-    return {"streams": rows, "median_abs_difference_ms": round(float(np.median(diffs)), 2) if diffs else None,
-            "max_abs_difference_ms": round(max(diffs), 2) if diffs else None}
+                     "difference_ms": round(float(np.median(mark - srv)) - codec_delay_ms, 2)})
+    diffs = [r["difference_ms"] for r in rows]
+    return {"streams": rows,
+            "median_difference_ms": round(float(np.median(diffs)), 2) if diffs else None,
+            "max_abs_difference_ms": round(max(abs(d) for d in diffs), 2) if diffs else None}
+
+
+def compare_with_server(streams: list[dict[str, Any]], codec_delay_ms: float) -> dict[str, Any]:
+    """Marker latency minus the server's own figure, paired in time, less the codecs' look-ahead.
+
+    ``e2e``: against ``e2e_latency_ms`` (server RTP arrival to RTP send, mean
+    of the last second): the same span as the marker's wire latency but for
+    the loopback hops.  ``last_packet``: against ``server_latency_ms`` (RTP
+    arrival to encoded packet, of the last packet), which leaves out the
+    subscriber queue and the sender.  ``reference`` names the one that counts.
+    """
+    e2e = _pair_table(streams, "e2e_pairs", codec_delay_ms)
+    last = _pair_table(streams, "server_pairs", codec_delay_ms)
+    reference = "e2e" if e2e["streams"] else "last_packet"
+    chosen = e2e if e2e["streams"] else last
+    return {"reference": reference, "codec_delay_ms": round(codec_delay_ms, 2),
+            "difference_ms": chosen["median_difference_ms"], "max_abs_difference_ms": chosen["max_abs_difference_ms"],
+            "e2e": e2e, "last_packet": last}
 
 
 def summarize(streams: list[dict[str, Any]], sent_dnsmos: dict[str, Any],
-              server_stats: dict[str, list[dict[str, Any]]], bots: list[dict[str, Any]]) -> dict[str, Any]:
+              server_stats: dict[str, list[dict[str, Any]]], bots: list[dict[str, Any]],
+              codec_delay_ms: float = 13.0) -> dict[str, Any]:
     wire = [x[1] for s in streams for x in s["latency_samples"]]
     e2e = [x[2] for s in streams for x in s["latency_samples"]]
     expected = sum(s["frames_expected"] for s in streams)
     dropped = sum(s["dropped"] for s in streams)
     scored = [s["dnsmos"] for s in streams if s.get("dnsmos")]
     sent = [v for v in sent_dnsmos.values() if v]
-    server = server_latency_by_publisher(server_stats)
+    server = server_figures(server_stats, "server_latency_ms")
+    server_e2e = server_figures(server_stats, "e2e_latency_ms")
     answered = [b["milestones_ms"]["answered"] for b in bots if "answered" in b["milestones_ms"]]
     connected = [b["milestones_ms"]["connected"] for b in bots if "connected" in b["milestones_ms"]]
     return {
@@ -100,5 +120,6 @@ def summarize(streams: list[dict[str, Any]], sent_dnsmos: dict[str, Any],
             "ovrl_min": min((d["ovrl"] for d in scored), default=None), "n": len(scored)},
         "sent_dnsmos": {k: _mean([d[k] for d in sent]) for k in ("sig", "bak", "ovrl")} | {"n": len(sent)},
         "server_latency_ms": percentiles([v for vs in server.values() for v in vs]),
-        "marker_vs_server": compare_with_server(streams),
+        "server_e2e_latency_ms": percentiles([v for vs in server_e2e.values() for v in vs]),
+        "marker_vs_server": compare_with_server(streams, codec_delay_ms),
     }

@@ -31,6 +31,9 @@ class EchoPathMic(PcmTrack):
     def feed_speaker(self, samples: np.ndarray) -> None:
         self.speaker.append(samples)
         self.speaker_len += len(samples)
+        # a real playout buffer has bounded latency: drop what is more than 100 ms behind
+        while self.speaker_len > 4_800 and len(self.speaker) > 1:
+            self.speaker_len -= len(self.speaker.popleft())
 
     def _speaker_block(self) -> np.ndarray:
         need = FRAME

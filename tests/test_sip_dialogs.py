@@ -234,3 +234,37 @@ async def test_server_shutdown_sends_bye(start_server: ServerFactory) -> None:
     await closing
     assert server.running.server.rooms.participant_count == 0
     ua.close()
+
+
+async def test_mutated_requests_do_not_hurt_a_live_call(start_server: ServerFactory) -> None:
+    """Hundreds of corrupted requests (not of the call's own dialog): answered or dropped; the call carries on."""
+    import random
+
+    server = await start_sip_server(start_server)
+    ua = await call(server)
+    await wait_for(lambda: server.running.server.rooms.participant_count == 1, 5, "the caller joined")
+    attacker = await ScriptedUA.open(server.port)
+    rng = random.Random(7)
+    templates = [attacker.request("INVITE", "room-x", offer(attacker.rtp_port)).encode(),
+                 attacker.request("BYE").encode(), attacker.request("OPTIONS").encode(),
+                 attacker.request("INFO", body="Signal=5\r\n", content_type="application/dtmf-relay").encode()]
+    for _ in range(300):
+        data = bytearray(rng.choice(templates))
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            data = data[: rng.randrange(len(data))]
+        assert attacker.transport is not None
+        attacker.transport.sendto(bytes(data))
+    await asyncio.sleep(1.0)
+    ua.drain_rtp()
+    await asyncio.sleep(0.4)
+    assert ua.drain_rtp() > 5, "the established call stopped"
+    ua.send(ua.request("OPTIONS"))
+    await ua.expect(200, "OPTIONS")
+    ua.send(ua.request("BYE"))
+    await ua.expect(200, "BYE")
+    for dialog in list(server.sip.dialogs.values()):  # calls the corrupted INVITEs may have set up
+        await server.sip._hangup(dialog, "test over")
+    attacker.close()
+    ua.close()

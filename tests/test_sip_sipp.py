@@ -78,7 +78,9 @@ async def test_call_with_rtp_reaches_the_room(start_server: ServerFactory, tmp_p
         got = listener.received_from(phone)
         assert len(got) > 48_000 * 3, "the phone's audio did not reach the WebRTC participant"
         ncc = content_match(got[24_000:], looped(telephone_band(voice)))
-        assert ncc > 0.6, f"the room hears something else than the caller (ncc {ncc:.2f})"
+        assert ncc > 0.5, f"the room hears something else than the caller (ncc {ncc:.2f})"  # typical: 0.9
+        other = content_match(got[24_000:], looped(telephone_band(speech("cmu_arctic_us_axb_a0006.wav"))))
+        assert other < 0.4, f"the check cannot tell speakers apart (ncc {other:.2f})"
         room = server.running.server.rooms.get("sipp")
         stats = {s["participant"]: s for s in (server.running.server.stream_stats(x) for x in room.streams.values())}
         assert stats[phone]["received"] > 150 and stats[phone]["lost"] == 0  # telemetry like any participant

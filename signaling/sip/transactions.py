@@ -150,7 +150,7 @@ class TransactionLayer:
         """Send a non-INVITE request; the future gets its final response, or None on timeout."""
         loop = asyncio.get_running_loop()
         key = transaction_key(request, request.method)
-        tx = ClientTransaction(key, request.serialize(), addr, loop.create_future())
+        tx = ClientTransaction(key, request.serialize(), addr, loop.create_future(), interval=T1)
         self.client[key] = tx
         self._send(tx.data, addr)
         if not self._reliable(addr):
