@@ -84,6 +84,10 @@ class PcmTrack(MediaStreamTrack):
         return frame
 
 
+class JoinError(RuntimeError):
+    """The server answered the join or the offer with an ``error`` message."""
+
+
 @dataclass
 class Recording:
     """What a bot received on one transceiver: 48 kHz mono float32 blocks with arrival times.
@@ -174,6 +178,7 @@ class Bot:
         self._answered = asyncio.Event()
         self._joined = asyncio.Event()
         self.errors: list[dict[str, Any]] = []
+        self._join_error: Optional[dict[str, Any]] = None
         self.renegotiations = 0
         self.times: dict[str, float] = {}  # monotonic milestones: join_start, joined, answered, connected
         self.pc.on("track", self._on_track)
@@ -194,6 +199,7 @@ class Bot:
             msg["token"] = self.token
         await self.send(msg)
         await asyncio.wait_for(self._joined.wait(), timeout)
+        self._raise_join_error()
         if self.track is not None:
             self.pc.addTransceiver(self.track, direction="sendrecv")
         else:
@@ -201,6 +207,12 @@ class Bot:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         await self.send({"type": "offer", "sdp": self.pc.localDescription.sdp})
         await asyncio.wait_for(self._answered.wait(), timeout)
+        self._raise_join_error()
+
+    def _raise_join_error(self) -> None:
+        if self._join_error is not None:
+            err = self._join_error
+            raise JoinError(f"{err.get('code')}: {err.get('message')}")
 
     async def leave(self) -> None:
         if self._ws is not None and not self._ws.closed:
@@ -255,6 +267,10 @@ class Bot:
                 self.renegotiations += 1
             elif mtype == "error":
                 self.errors.append(msg)
+                if not self._answered.is_set():  # the join itself failed: do not wait for its timeout
+                    self._join_error = msg
+                    self._joined.set()
+                    self._answered.set()
 
     def _on_connection_state(self) -> None:
         if self.pc.connectionState == "connected" and "connected" not in self.times:

@@ -139,7 +139,8 @@ class BotHost:
 
     async def analyze(self, since: float, until: float, sendlogs: dict[str, dict[str, Any]],
                       signals: dict[str, int], dnsmos_pairs: list[tuple[str, str]],
-                      stats_reporters: list[str], marker: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                      stats_reporters: list[str], marker: Optional[dict[str, Any]] = None,
+                      score_sent: bool = True) -> dict[str, Any]:
         """Figures of every stream this host's bots received in [since, until)."""
         snaps = [_Snapshot(b.id, spec.room, [r.snapshot() for r in b.recordings.values()],
                            list(b.track.send_log) if b.track is not None else [], self._probes(b, since, until))
@@ -149,7 +150,7 @@ class BotHost:
                         for _, b in self.bots if b.id in set(stats_reporters)}
         streams, sent = await asyncio.get_running_loop().run_in_executor(
             None, self._analyze_sync, snaps, since, until, sendlogs, signals, set(map(tuple, dnsmos_pairs)),
-            marker or {})
+            marker or {}, score_sent)
         lag = [ms for t, ms in self.loop_lag if since <= t < until]
         loop_lag = {"p50": round(float(np.percentile(lag, 50)), 2), "p99": round(float(np.percentile(lag, 99)), 2),
                     "max": round(max(lag), 2)} if lag else None
@@ -208,9 +209,9 @@ class BotHost:
         return out
 
     def _analyze_windows(self, snaps: list[_Snapshot], since: float, until: float,
-                      sendlogs: dict[str, dict[str, Any]], signals: dict[str, int],
-                      dnsmos_pairs: set[tuple[str, ...]], marker: dict[str, Any]
-                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                         sendlogs: dict[str, dict[str, Any]], signals: dict[str, int],
+                         dnsmos_pairs: set[tuple[str, ...]], marker: dict[str, Any], score_sent: bool
+                         ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         templates: dict[str, list[MarkerTemplate]] = {}
         options = MatchOptions(**marker)
         timelines = {pid: SendTimeline.from_log(logs["wire"] if len(logs["wire"]) > 1 else logs["frames"])
@@ -237,7 +238,7 @@ class BotHost:
                 streams.append(fig.to_dict())
         sent: dict[str, Any] = {}
         own = {s.bot_id: s for s in snaps}
-        for _, pub in dnsmos_pairs:
+        for _, pub in dnsmos_pairs if score_sent else ():
             if pub in own and pub in signals and pub not in sent:
                 sent[pub] = dnsmos(self._sent_audio(own[pub].send_log, signals[pub], since, until))
         return streams, sent

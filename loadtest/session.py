@@ -37,10 +37,13 @@ class SessionConfig:
 
     url: str
     sources: SourceConfig = field(default_factory=SourceConfig)
-    stages: Optional[str] = None  # per-bot join override; None: the room's default; "" or "none": no stages
+    # per-bot join override: None: the room's default; "none": no stages; "a;b": bots alternate (A/B runs)
+    stages: Optional[str] = None
     processes: int = 0  # 0: bots in this process's loop
     token: Optional[str] = None
     dnsmos_per_publisher: int = 1  # subscribers whose copy of each stream is scored
+    score_sent: bool = True  # also score what each scored publisher sent (the quality baseline)
+    light: bool = True  # pre-encoded sending, inline decoding (loadtest.lightmedia); False: aiortc's own path
     warmup_s: float = 4.0
     progress: bool = True
     scrape_interval_s: float = 2.0
@@ -73,17 +76,19 @@ class LoadSession:
         self._phase = "starting"
         self._phase_end: Optional[float] = None
         self._progress_task: Optional[asyncio.Task[None]] = None
-        stages = config.stages
-        self._stages = "" if stages is not None and stages.strip().lower() in ("", "none") else stages
+        self._stages: list[Optional[str]] = [None]
+        if config.stages is not None:
+            self._stages = [self._stage_option(part) for part in config.stages.split(";")]
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         self.health["start"] = await self._get_json("/healthz")
         n = self.config.processes
         if n <= 0:
-            self.hosts = [LocalHost(self.config.sources, self.config.url)]
+            self.hosts = [LocalHost(self.config.sources, self.config.url, light=self.config.light)]
         else:
-            self.hosts = [RemoteHost(self.config.sources, self.config.url, f"loadtest-worker-{i}") for i in range(n)]
+            self.hosts = [RemoteHost(self.config.sources, self.config.url, f"loadtest-worker-{i}", self.config.light)
+                          for i in range(n)]
             await asyncio.gather(*(h.call("status") for h in self.hosts))  # all up (signals load lazily)
         self.scraper.start()
         if self.config.progress:
@@ -106,6 +111,18 @@ class LoadSession:
                 return await r.json()
 
     # -- bots -----------------------------------------------------------------------------
+    @staticmethod
+    def _stage_option(text: str) -> Optional[str]:
+        text = text.strip()
+        if text.lower() in ("default", "room"):
+            return None
+        return "" if text.lower() in ("", "none") else text
+
+    def stages_of(self, index: int) -> Optional[str]:
+        """The stages bot ``index`` asks for: bots take the ``;`` alternatives in turn (with as many
+        rooms as alternatives, ``run`` puts each alternative in a room of its own)."""
+        return self._stages[index % len(self._stages)]
+
     def room_name(self, i: int) -> str:
         return f"{self.config.room_prefix}-{i}"
 
@@ -116,7 +133,7 @@ class LoadSession:
         for room in rooms:
             i = len(self.specs)
             addr = f"127.0.0.{2 + i // BOTS_PER_ADDRESS}" if spread and i // BOTS_PER_ADDRESS < 250 else None
-            spec = BotSpec(name=f"bot{i}", room=room, index=i, stages=self._stages, token=self.config.token,
+            spec = BotSpec(name=f"bot{i}", room=room, index=i, stages=self.stages_of(i), token=self.config.token,
                            local_addr=addr)
             self.specs.append(spec)
             batches.setdefault(i % len(self.hosts), []).append(spec)
@@ -193,7 +210,8 @@ class LoadSession:
         parts = await asyncio.gather(*(h.call("analyze", since=since, until=until, sendlogs=logs,
                                                     signals=signals, dnsmos_pairs=pairs,
                                                     stats_reporters=list(reporters.values()),
-                                                    marker=self.config.marker) for h in self.hosts))
+                                                    marker=self.config.marker, score_sent=self.config.score_sent)
+                                     for h in self.hosts))
         streams = [s for p in parts for s in p["streams"]]
         encode = [v["encode_ms"] for v in logs.values() if v.get("encode_ms") is not None]
         lags = [p["loop_lag_ms"] for p in parts if p.get("loop_lag_ms")]

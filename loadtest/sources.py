@@ -80,14 +80,14 @@ class SourceLibrary:
         if not files:
             raise FileNotFoundError(f"no audio files in {self.config.speech_dir}")
         self.utterances = [self._level(read_mono_48k(p)) for p in files]
-        self.noises: list[np.ndarray] = []
+        self.noise_files: list[Path] = []
+        self._noises: dict[Path, np.ndarray] = {}
         if self.config.snr_db is not None:
             if not self.config.noise_dir:
                 raise FileNotFoundError("--snr given but no noise recordings: pass --noise DIR")
-            self.noises = [n for n in (read_mono_48k(p) for p in _audio_files(Path(self.config.noise_dir)))
-                           if len(n) > RATE // 10 and float(np.std(n)) > 1e-5]
-            if not self.noises:
-                raise FileNotFoundError(f"no usable noise files in {self.config.noise_dir}")
+            self.noise_files = _audio_files(Path(self.config.noise_dir))
+            if not self.noise_files:
+                raise FileNotFoundError(f"no noise files in {self.config.noise_dir}")
         self._signals: dict[int, PublishedSignal] = {}
 
     @staticmethod
@@ -97,6 +97,16 @@ class SourceLibrary:
         active = energy > 0.01 * float(np.max(energy)) if len(energy) else np.zeros(0, dtype=bool)
         rms = float(np.sqrt(np.mean(energy[active]))) if active.any() else float(np.std(x)) + 1e-9
         return (x * (SPEECH_RMS / (rms + 1e-9))).astype(np.float32)
+
+    def noise(self, index: int) -> np.ndarray:
+        """Noise recording ``index`` (looping over the folder), loaded on first use."""
+        path = self.noise_files[index % len(self.noise_files)]
+        if path not in self._noises:
+            x = read_mono_48k(path)
+            if len(x) < RATE // 10 or float(np.std(x)) < 1e-6:
+                raise ValueError(f"noise recording {path} is too short or silent")
+            self._noises[path] = x
+        return self._noises[path]
 
     def signal(self, index: int) -> PublishedSignal:
         """Bot ``index``'s signal: utterances in a rotated order with pauses, plus noise at the SNR."""
@@ -120,8 +130,8 @@ class SourceLibrary:
         speech = np.concatenate(parts)[:n_total]
         speech = speech[: len(speech) // 960 * 960]  # whole 20 ms frames: loops stay frame-aligned
         mix = speech.copy()
-        if self.noises:
-            noise = self.noises[index % len(self.noises)]
+        if self.noise_files:
+            noise = self.noise(index)
             start = int(rng.integers(0, len(noise)))
             reps = int(np.ceil((start + len(speech)) / len(noise)))
             bed = np.tile(noise, reps)[start:start + len(speech)]

@@ -3,11 +3,14 @@
 Works on a ``Recording`` of ``loadtest.bot`` (decoded frames plus the RTP
 packets tapped before aiortc's receive buffer).  Definitions:
 
-- ``frames_expected``: 20 ms frames the publisher's stream covered in the
-  window, from the span of RTP timestamps; ``dropped`` = expected minus
-  frames that arrived (packets lost on the network *and* packets the
-  server dropped for a slow subscriber: both leave holes in the RTP
-  timeline); ``drop_rate`` = dropped / expected.
+- ``frames_expected``: 20 ms frames a listener should get in the window: the
+  larger of the window's length over 20 ms and the span of the RTP
+  timestamps that arrived; ``dropped`` = expected minus frames that arrived.
+  This counts packets lost on the network, packets the server dropped for a
+  slow subscriber (holes in the RTP timeline) *and* audio the server never
+  produced because its media clock skipped ticks (the timeline stays
+  continuous but runs slower than real time); ``drop_rate`` = dropped /
+  expected.
 - ``rtp_lost``: sequence-number holes only (network loss).
 - ``jitter_ms``: RFC 3550 interarrival jitter (the running estimate
   J += (|D| - J)/16), averaged over the window; ``max_interarrival_ms``:
@@ -130,7 +133,10 @@ def received_segments(rec: Recording, since: float, until: float) -> list[Receiv
 
 def _timeline_figures(fig: StreamFigures, rec: Recording, since: float, until: float) -> None:
     sel = [(t, s, ts) for t, s, ts in zip(rec.rtp_arrivals, rec.rtp_seq, rec.rtp_ts) if since <= t < until]
-    if len(sel) < 2:
+    if len(sel) < 2:  # nothing arrived: every frame of the window is missing
+        fig.frames_expected = fig.dropped = max(0, int((until - since) * RATE / 960) - 2)
+        fig.frames_received = len(sel)
+        fig.drop_rate = 1.0 if fig.frames_expected else 0.0
         return
     t = np.array([x[0] for x in sel])
     seq = np.unwrap(np.array([x[1] for x in sel], dtype=np.float64), period=1 << 16)
@@ -139,7 +145,8 @@ def _timeline_figures(fig: StreamFigures, rec: Recording, since: float, until: f
     steps = np.diff(uts)
     frame = float(np.median(steps)) if len(steps) else 960.0
     frame = frame if frame > 0 else 960.0
-    fig.frames_expected = int(round((uts[-1] - uts[0]) / frame)) + 1
+    by_time = int((until - since) * RATE / frame) - 2  # two frames of slack at the window's edges
+    fig.frames_expected = max(round((uts[-1] - uts[0]) / frame) + 1, by_time)
     fig.frames_received = len(uts)
     fig.dropped = max(0, fig.frames_expected - fig.frames_received)
     fig.drop_rate = fig.dropped / max(1, fig.frames_expected)

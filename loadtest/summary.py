@@ -84,6 +84,38 @@ def compare_with_server(streams: list[dict[str, Any]], codec_delay_ms: float) ->
             "e2e": e2e, "last_packet": last}
 
 
+def _gain(group: list[dict[str, Any]], sent: dict[str, Any], key: str) -> Optional[float]:
+    """Mean DNSMOS change from what the publisher sent to what was received (content-independent)."""
+    deltas = [s["dnsmos"][key] - sent[s["publisher"]][key] for s in group
+              if s.get("dnsmos") and sent.get(s["publisher"])]
+    return _mean(deltas)
+
+
+def by_stages(streams: list[dict[str, Any]], bots: list[dict[str, Any]], sent: dict[str, Any],
+              codec_delay_ms: float) -> dict[str, Any]:
+    """The main figures per stage set the publishers asked for (A/B runs: ``--stages 'none;denoise'``).
+
+    ``dnsmos_gain``: received minus sent DNSMOS of the same publisher and
+    span, which compares stage sets fairly even when their publishers say
+    different things over different noises.
+    """
+    asked = {b["id"]: ("room default" if b.get("stages") is None else (b["stages"] or "none")) for b in bots}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in streams:
+        groups.setdefault(asked.get(s["publisher"], "?"), []).append(s)
+    out = {}
+    for label, group in sorted(groups.items()):
+        scored = [s["dnsmos"] for s in group if s.get("dnsmos")]
+        out[label] = {"streams": len(group),
+                      "latency_ms": percentiles([x[1] for s in group for x in s["latency_samples"]], (50, 99)),
+                      "dnsmos": {k: _mean([d[k] for d in scored]) for k in ("sig", "bak", "ovrl")} | {"n": len(scored)},
+                      "dnsmos_gain": {k: _gain(group, sent, k) for k in ("sig", "bak", "ovrl")},
+                      "drop_rate": round(sum(s["dropped"] for s in group) / max(1, sum(s["frames_expected"]
+                                                                                      for s in group)), 5),
+                      "marker_vs_server": compare_with_server(group, codec_delay_ms)["difference_ms"]}
+    return out
+
+
 def summarize(streams: list[dict[str, Any]], sent_dnsmos: dict[str, Any],
               server_stats: dict[str, list[dict[str, Any]]], bots: list[dict[str, Any]],
               codec_delay_ms: float = 13.0) -> dict[str, Any]:
@@ -122,4 +154,5 @@ def summarize(streams: list[dict[str, Any]], sent_dnsmos: dict[str, Any],
         "server_latency_ms": percentiles([v for vs in server.values() for v in vs]),
         "server_e2e_latency_ms": percentiles([v for vs in server_e2e.values() for v in vs]),
         "marker_vs_server": compare_with_server(streams, codec_delay_ms),
+        "by_stages": by_stages(streams, bots, sent_dnsmos, codec_delay_ms),
     }

@@ -39,8 +39,8 @@ class Host(Protocol):
 class LocalHost:
     """A ``BotHost`` in the coordinator's own event loop (``--processes 0``)."""
 
-    def __init__(self, sources: SourceConfig, url: str, library: Optional[SourceLibrary] = None) -> None:
-        self.host = BotHost(library or SourceLibrary(sources), url)
+    def __init__(self, sources: SourceConfig, url: str, light: bool = True) -> None:
+        self.host = BotHost(SourceLibrary(sources), url, light=light)
 
     async def call(self, command: str, **kwargs: Any) -> Any:
         if command not in COMMANDS:
@@ -66,8 +66,8 @@ def _pump(conn: Connection, loop: asyncio.AbstractEventLoop, inbox: "asyncio.Que
             return
 
 
-async def _serve(conn: Connection, sources: SourceConfig, url: str) -> None:
-    host = BotHost(SourceLibrary(sources), url)
+async def _serve(conn: Connection, sources: SourceConfig, url: str, light: bool) -> None:
+    host = BotHost(SourceLibrary(sources), url, light=light)
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[Any] = asyncio.Queue()
     threading.Thread(target=_pump, args=(conn, loop, inbox), daemon=True).start()
@@ -98,11 +98,12 @@ async def _serve(conn: Connection, sources: SourceConfig, url: str) -> None:
         task.add_done_callback(tasks.discard)
 
 
-def worker_main(conn: Connection, sources: SourceConfig, url: str, log_level: int = logging.WARNING) -> None:
+def worker_main(conn: Connection, sources: SourceConfig, url: str, light: bool = True,
+                log_level: int = logging.WARNING) -> None:
     """Entry point of a worker process."""
     logging.basicConfig(level=log_level, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(_serve(conn, sources, url))
+        asyncio.run(_serve(conn, sources, url, light))
     finally:
         conn.close()
 
@@ -110,11 +111,11 @@ def worker_main(conn: Connection, sources: SourceConfig, url: str, log_level: in
 class RemoteHost:
     """A ``BotHost`` in a spawned worker process."""
 
-    def __init__(self, sources: SourceConfig, url: str, name: str = "loadtest-worker") -> None:
+    def __init__(self, sources: SourceConfig, url: str, name: str = "loadtest-worker", light: bool = True) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
         level = logging.getLogger("loadtest").getEffectiveLevel()
-        self.process = ctx.Process(target=worker_main, args=(child, sources, url, level),
+        self.process = ctx.Process(target=worker_main, args=(child, sources, url, light, level),
                                    name=name, daemon=True)
         self.process.start()
         child.close()

@@ -99,6 +99,25 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
+def _sip_from_env(env: Mapping[str, str]) -> SipConfig:
+    """sip: MEDIASERVER_SIP_DIAL_PLAN ("5000=standup,9=lobby"), _RTP_PORTS ("20000-20999"), _MAX_CALLS,
+    _PUBLIC_ADDRESS."""
+    sip = SipConfig()
+    if env.get("MEDIASERVER_SIP_DIAL_PLAN"):
+        pairs = [p.split("=", 1) for p in _split(env["MEDIASERVER_SIP_DIAL_PLAN"])]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("MEDIASERVER_SIP_DIAL_PLAN is a list of user=room")
+        sip = replace(sip, dial_plan=tuple((u.strip(), r.strip()) for u, r in pairs))
+    if env.get("MEDIASERVER_SIP_RTP_PORTS"):
+        low, _, high = env["MEDIASERVER_SIP_RTP_PORTS"].partition("-")
+        sip = replace(sip, rtp_port_min=int(low), rtp_port_max=int(high))
+    if env.get("MEDIASERVER_SIP_MAX_CALLS"):
+        sip = replace(sip, max_calls=int(env["MEDIASERVER_SIP_MAX_CALLS"]))
+    if env.get("MEDIASERVER_SIP_PUBLIC_ADDRESS"):
+        sip = replace(sip, public_address=env["MEDIASERVER_SIP_PUBLIC_ADDRESS"])
+    return sip
+
+
 def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> ServerConfig:
     """Build the configuration from ``env`` (default: os.environ) and explicit overrides."""
     env = os.environ if env is None else env
@@ -140,7 +159,7 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
     if not auth.dev_mode and not auth.secret:
         raise ValueError("set MEDIASERVER_AUTH_SECRET (signed join tokens) or run with --dev "
                          "(development mode: no tokens, local use only)")
-    cfg = replace(cfg, media=media, enhance=enhance, limits=limits, auth=auth)
+    cfg = replace(cfg, media=media, enhance=enhance, limits=limits, auth=auth, sip=_sip_from_env(env))
     top = {k: v for k, v in overrides.items() if v is not None and k in ServerConfig.__dataclass_fields__}
     cfg = replace(cfg, **top)  # type: ignore[arg-type]
     if "stages" in overrides and overrides["stages"] is not None:

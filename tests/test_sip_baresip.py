@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import soundfile as sf
@@ -21,7 +20,14 @@ from enhancers.audio_io import read_48k
 from loadtest.bot import Bot
 from tests.audio_checks import content_match, looped
 from tests.conftest import ServerFactory, speech
-from tests.test_sip_support import BARESIP, free_port, needs_baresip, start_sip_server, telephone_band, wait_for
+from tests.test_sip_support import (
+    BARESIP,
+    free_port,
+    needs_baresip,
+    start_sip_server,
+    telephone_band,
+    wait_for,
+)
 
 pytestmark = needs_baresip
 ROOM = "4321"
@@ -56,14 +62,14 @@ class Baresip:
             f"ctrl_tcp_listen 127.0.0.1:{self.ctrl_port}",
             "",
         ]))
-        self.proc: Optional[asyncio.subprocess.Process] = None
-        self._writer: Optional[asyncio.StreamWriter] = None
+        self._log = (workdir / "baresip.log").open("wb")  # closed in stop()
+        self.proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
 
     async def start(self) -> None:
         assert BARESIP is not None
         self.proc = await asyncio.create_subprocess_exec(BARESIP, "-f", str(self.dir), stdin=asyncio.subprocess.DEVNULL,
-                                                         stdout=open(self.dir / "baresip.log", "wb"),
-                                                         stderr=asyncio.subprocess.STDOUT)
+                                                         stdout=self._log, stderr=asyncio.subprocess.STDOUT)
         for _ in range(100):
             try:
                 _, self._writer = await asyncio.open_connection("127.0.0.1", self.ctrl_port)
@@ -81,15 +87,17 @@ class Baresip:
 
     async def stop(self) -> None:
         if self.proc is None or self.proc.returncode is not None:
+            self._log.close()
             return
         try:
             await self.command("quit")
             await asyncio.wait_for(self.proc.wait(), 3.0)
-        except (OSError, asyncio.TimeoutError, AssertionError):
+        except (TimeoutError, OSError, AssertionError):
             self.proc.terminate()
             await self.proc.wait()
         if self._writer is not None:
             self._writer.close()
+        self._log.close()
 
     def received(self) -> np.ndarray:
         """What the phone received, at 48 kHz."""

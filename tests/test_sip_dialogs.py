@@ -13,7 +13,6 @@ import asyncio
 import re
 import secrets
 import socket
-from typing import Optional
 
 from signaling.sip.message import SipRequest, SipResponse, parse_message
 from signaling.sip.rtp import RtpPacket
@@ -32,7 +31,7 @@ class ScriptedUA(asyncio.DatagramProtocol):
 
     def __init__(self) -> None:
         self.inbox: asyncio.Queue[SipRequest | SipResponse] = asyncio.Queue()
-        self.transport: Optional[asyncio.DatagramTransport] = None
+        self.transport: asyncio.DatagramTransport | None = None
         self.call_id = secrets.token_hex(6)
         self.tag = secrets.token_hex(4)
         self.cseq = 0
@@ -41,14 +40,14 @@ class ScriptedUA(asyncio.DatagramProtocol):
         self.rtp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.rtp_sock.bind(("127.0.0.1", 0))
         self.rtp_sock.setblocking(False)
-        self.server_rtp: Optional[tuple[str, int]] = None
+        self.server_rtp: tuple[str, int] | None = None
 
     @property
     def rtp_port(self) -> int:
         return int(self.rtp_sock.getsockname()[1])
 
     @classmethod
-    async def open(cls, sip_port: int) -> "ScriptedUA":
+    async def open(cls, sip_port: int) -> ScriptedUA:
         loop = asyncio.get_running_loop()
         _, ua = await loop.create_datagram_endpoint(cls, local_addr=("127.0.0.1", 0),
                                                     remote_addr=("127.0.0.1", sip_port))
@@ -65,8 +64,8 @@ class ScriptedUA(asyncio.DatagramProtocol):
         assert self.transport is not None
         return int(self.transport.get_extra_info("sockname")[1])
 
-    def request(self, method: str, user: str = "room-dialogs", body: str = "", *, cseq: Optional[int] = None,
-                branch: Optional[str] = None, extra: str = "", content_type: str = "application/sdp") -> str:
+    def request(self, method: str, user: str = "room-dialogs", body: str = "", *, cseq: int | None = None,
+                branch: str | None = None, extra: str = "", content_type: str = "application/sdp") -> str:
         if cseq is None:
             self.cseq += 1
             cseq = self.cseq
@@ -84,7 +83,7 @@ class ScriptedUA(asyncio.DatagramProtocol):
         assert self.transport is not None
         self.transport.sendto(text.encode())
 
-    async def expect(self, status: int, method: Optional[str] = None, timeout: float = 5.0) -> SipResponse:
+    async def expect(self, status: int, method: str | None = None, timeout: float = 5.0) -> SipResponse:
         """The next response with ``status`` (provisional ones and others skipped)."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
@@ -268,3 +267,46 @@ async def test_mutated_requests_do_not_hurt_a_live_call(start_server: ServerFact
         await server.sip._hangup(dialog, "test over")
     attacker.close()
     ua.close()
+
+
+async def test_tcp_transport_frames_and_answers(start_server: ServerFactory) -> None:
+    from signaling.sip.transport import split_stream
+
+    server = await start_sip_server(start_server)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    local_port = writer.get_extra_info("sockname")[1]
+
+    def request(method: str, cseq: int, body: str = "", to_tag: str = "") -> bytes:
+        return (f"{method} sip:room-tcp@127.0.0.1 SIP/2.0\r\n"
+                f"Via: SIP/2.0/TCP 127.0.0.1:{local_port};branch=z9hG4bK{secrets.token_hex(5)}\r\n"
+                f"From: <sip:tcp@127.0.0.1>;tag=tcp1\r\nTo: <sip:room-tcp@127.0.0.1>{to_tag}\r\n"
+                f"Call-ID: tcp-call\r\nCSeq: {cseq} {method}\r\nContact: <sip:tcp@127.0.0.1:{local_port};transport=tcp>\r\n"
+                + ("Content-Type: application/sdp\r\n" if body else "")
+                + f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+
+    buffer = b""
+
+    async def responses(n: int) -> list[SipResponse]:
+        nonlocal buffer
+        out: list[SipResponse] = []
+        while len(out) < n:
+            buffer += await asyncio.wait_for(reader.read(8192), 5.0)
+            messages, buffer = split_stream(buffer)
+            out += [m for m in map(parse_message, messages) if isinstance(m, SipResponse)]
+        return out
+
+    writer.write(request("OPTIONS", 1) + request("OPTIONS", 2))  # two messages in one segment
+    assert [r.status for r in await responses(2)] == [200, 200]
+    rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rtp.bind(("127.0.0.1", 0))
+    writer.write(request("INVITE", 3, offer(rtp.getsockname()[1])))
+    ok = next(r for r in await responses(2) if r.status == 200)
+    assert "transport=tcp" in (ok.headers.get("Contact") or "")
+    tag = f";tag={ok.to.tag}"
+    writer.write(request("ACK", 3, to_tag=tag))
+    await wait_for(lambda: server.running.server.rooms.participant_count == 1, 5, "the TCP caller joined")
+    writer.write(request("BYE", 4, to_tag=tag))
+    assert (await responses(1))[0].status == 200
+    await wait_for(lambda: server.running.server.rooms.participant_count == 0, 5, "the TCP caller left")
+    writer.close()
+    rtp.close()

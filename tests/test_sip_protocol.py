@@ -196,3 +196,16 @@ async def test_client_transaction_retransmits_until_answered(monkeypatch: pytest
     assert layer.on_response(make_response(bye, 200))
     assert (await future).status == 200  # type: ignore[union-attr]
     layer.close()
+
+
+def test_sip_settings_from_the_environment() -> None:
+    from mediaserver.config import load_config
+
+    cfg = load_config({"MEDIASERVER_DEV": "1", "MEDIASERVER_SIP_PORT": "5062",
+                       "MEDIASERVER_SIP_DIAL_PLAN": "5000=standup, 9=lobby", "MEDIASERVER_SIP_RTP_PORTS": "30000-30100",
+                       "MEDIASERVER_SIP_MAX_CALLS": "12"})
+    assert cfg.sip_port == 5062 and cfg.sip.max_calls == 12
+    assert cfg.sip.dial_plan == (("5000", "standup"), ("9", "lobby"))
+    assert (cfg.sip.rtp_port_min, cfg.sip.rtp_port_max) == (30000, 30100)
+    with pytest.raises(ValueError):
+        load_config({"MEDIASERVER_DEV": "1", "MEDIASERVER_SIP_DIAL_PLAN": "standup"})

@@ -55,7 +55,7 @@ async def test_refusals_and_options(start_server: ServerFactory, tmp_path: Path)
         await asyncio.sleep(0.3)
         try:
             reply = s.recv(4096)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             reply = b""
     assert reply == b""
     again = await run_sipp("options.xml", server.port, "anyone", tmp_path, timeout_s=10)
@@ -128,7 +128,13 @@ async def test_invite_flood_is_refused_and_other_calls_keep_flowing(start_server
         assert stats["calls_answered"] <= 1 + 4 + int(2.0 * flood_s) + 2
         around = listener.received_from(phone, since=t_flood)
         assert len(around) > 48_000 * min(flood_s, 1.0) * 0.8, "the steady call stopped during the flood"
-        assert longest_silence_ms(around[4800:]) < 250.0, "the steady call was interrupted by the flood"
+        # an outage caused by the flood would last as long as the flood (about a second); shorter gaps are
+        # scheduling hiccups of this shared test machine, where one event loop runs the server and the bot
+        gap = longest_silence_ms(around[4800:])
+        assert gap < 400.0, f"the steady call was interrupted by the flood ({gap:.0f} ms)"
+        steady_stats = server.running.server.stream_stats(server.running.server.rooms.get("steady").streams[
+            f"{phone}-mic"])
+        assert steady_stats["lost"] == 0, "RTP of the steady call was lost during the flood"
         assert sip_participants(server, "steady") == [phone]
         ok = await run_sipp("options.xml", server.port, "anyone", tmp_path, timeout_s=10)
         assert ok.rc == 0, "the endpoint stopped answering after the flood"

@@ -10,9 +10,9 @@ import asyncio
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -92,7 +92,7 @@ async def run_sipp(scenario: str, port: int, service: str, workdir: Path, *, cal
                                                 stderr=asyncio.subprocess.STDOUT)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout_s + 10)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         out, _ = await proc.communicate()
     errors_file = workdir / f"{scenario}.errors"

@@ -28,6 +28,8 @@ HIGH_BAND_SMOOTHING = 0.9
 HIGH_BAND_MIN_GAIN = 0.1
 # Width of the top of the processed band that the high-band gain is measured on.
 HIGH_BAND_REFERENCE_HZ = 2000.0
+# Every this many calls, bound the inverse correlation matrices (see RecursiveWpe.limit_growth).
+GROWTH_CHECK_INTERVAL = 32
 
 
 class DereverbStage(Stage):
@@ -54,6 +56,7 @@ class DereverbStage(Stage):
         alpha: float = 0.999,
         max_delay: int = 4,
         power_frames: int = 1,
+        power_floor: float = 0.03,
         max_frequency_hz: float = 8000.0,
         overlap: int = 3,
     ) -> None:
@@ -63,10 +66,13 @@ class DereverbStage(Stage):
         self.processed_bins = max(1, self.stft.bin_of_frequency(max_frequency_hz, SAMPLE_RATE))
         reference_bins = self.stft.bin_of_frequency(HIGH_BAND_REFERENCE_HZ, SAMPLE_RATE)
         self.reference_start = max(0, self.processed_bins - reference_bins)
-        self.wpe = RecursiveWpe(self.processed_bins, taps, max(max_delay, delay), power_frames)
+        self.wpe = RecursiveWpe(
+            self.processed_bins, taps, max(max_delay, delay), power_frames, power_floor
+        )
         self.default_taps = taps
         self.default_delay = self.wpe.check_delay(delay)
         self.default_alpha = self._check_alpha(alpha)
+        self._ticks = 0
 
     # -- per-stream state -------------------------------------------------
     def initial_state(self) -> dict[str, torch.Tensor]:
@@ -75,7 +81,7 @@ class DereverbStage(Stage):
             "stft_history": torch.zeros(history),
             "ola_tail": torch.zeros(history),
             "frames": self.wpe.initial_history(),
-            "inv_cov": self.wpe.initial_inv_cov(self.default_taps),
+            "inv_cov_root": self.wpe.initial_inv_cov_root(self.default_taps),
             "filter": self.wpe.initial_filter(),
             "high_gain": torch.ones(()),
             "delay": torch.tensor(self.default_delay, dtype=torch.long),
@@ -89,7 +95,7 @@ class DereverbStage(Stage):
         delay = self.wpe.check_delay(int(options.get("delay", self.default_delay)))
         alpha = self._check_alpha(float(options.get("alpha", self.default_alpha)))
         if taps != self.default_taps:
-            self.state["inv_cov"][stream.slot] = self.wpe.initial_inv_cov(taps).to(self.device)
+            self.state["inv_cov_root"][stream.slot] = self.wpe.initial_inv_cov_root(taps).to(self.device)
         self.state["delay"][stream.slot] = delay
         self.state["alpha"][stream.slot] = alpha
 
@@ -129,8 +135,11 @@ class DereverbStage(Stage):
 
         bins = self.processed_bins
         low = spectrum[:, :bins].to(state['frames'].dtype)
-        wpe_state = WpeState(state["frames"], state["inv_cov"], state["filter"], state["delay"], state["alpha"])
+        wpe_state = WpeState(state["frames"], state["inv_cov_root"], state["filter"], state["delay"], state["alpha"])
         clean_low = self.wpe.step(low, wpe_state)
+        self._ticks += 1
+        if self._ticks % GROWTH_CHECK_INTERVAL == 0:
+            self.wpe.limit_growth(wpe_state)
         if bins < spectrum.shape[1]:
             gain = self._high_band_gain(low, clean_low, state["high_gain"])
             spectrum = torch.cat((clean_low.to(spectrum.dtype), spectrum[:, bins:] * gain.unsqueeze(1)), dim=1)

@@ -31,8 +31,7 @@ import torch
 SILENCE_POWER = 1e-12
 # Relative floor of the power estimate (as nara_wpe's _stable_positive_inverse).
 RELATIVE_POWER_FLOOR = 1e-10
-import os
-COMPLEX = torch.complex128 if os.environ.get('C128') else torch.complex64
+COMPLEX = torch.complex64
 
 
 @dataclass
@@ -48,7 +47,7 @@ class WpeState:
     """
 
     history: torch.Tensor
-    inv_cov: torch.Tensor
+    inv_cov_root: torch.Tensor
     filter: torch.Tensor
     delay: torch.Tensor
     alpha: torch.Tensor
@@ -63,20 +62,23 @@ class RecursiveWpe:
     averages.  Owns no per-stream state; see :class:`WpeState`.
     """
 
-    def __init__(self, bins: int, max_taps: int, max_delay: int, power_frames: int) -> None:
+    def __init__(
+        self, bins: int, max_taps: int, max_delay: int, power_frames: int = 1, power_floor: float = 0.0
+    ) -> None:
         if max_taps < 1 or max_delay < 1 or power_frames < 1:
             raise ValueError("taps, delay and power_frames must be at least 1")
         self.bins = bins
         self.max_taps = max_taps
         self.max_delay = max_delay
         self.power_frames = power_frames
+        self.power_floor = power_floor
         self.history_length = max(max_delay + max_taps - 1, power_frames - 1)
 
     # -- state -------------------------------------------------------------
     def initial_history(self) -> torch.Tensor:
         return torch.zeros(self.bins, self.history_length, dtype=COMPLEX)
 
-    def initial_inv_cov(self, taps: int) -> torch.Tensor:
+    def initial_inv_cov_root(self, taps: int) -> torch.Tensor:
         """Identity on the first ``taps`` taps, zero elsewhere, for every bin."""
         if not 1 <= taps <= self.max_taps:
             raise ValueError(f"taps must be in 1..{self.max_taps}, got {taps}")
@@ -99,52 +101,61 @@ class RecursiveWpe:
         index = (state.delay.unsqueeze(1) - 1 + offsets).view(n, 1, self.max_taps)
         return torch.gather(state.history, 2, index.expand(n, self.bins, self.max_taps))
 
-    def power(self, frame: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """Power estimate ``[N, F]``: mean |y|^2 over the last ``power_frames`` frames."""
+    def power(self, frame: torch.Tensor, history: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """Power estimate ``[N, F]`` of the desired signal, used as the inverse frame weight.
+
+        The mean |y|^2 over the last ``power_frames`` frames, floored at
+        ``power_floor`` times the mean power of the prediction window: that
+        caps the weight of a frame much quieter than its predecessors (the end
+        of a reverberant tail), which both regularises the estimate and keeps
+        the recursion well conditioned in float32.
+        """
         power = frame.real.square() + frame.imag.square()
         if self.power_frames > 1:
             past = history[..., : self.power_frames - 1]
             power = power + (past.real.square() + past.imag.square()).sum(-1)
             power = power / self.power_frames
-        fs = int(os.environ.get("FSMOOTH", "0"))
-        if fs:
-            power = torch.nn.functional.avg_pool1d(power.unsqueeze(1), 2 * fs + 1, 1, fs, count_include_pad=False).squeeze(1)
-        tf = float(os.environ.get("TFLOOR", "0"))
-        if tf:
-            power = torch.maximum(power, tf * power.mean(dim=1, keepdim=True))
+        if self.power_floor > 0:
+            window_power = (window.real.square() + window.imag.square()).mean(-1)
+            power = torch.maximum(power, self.power_floor * window_power)
         floor = power.amax(dim=1, keepdim=True) * RELATIVE_POWER_FLOOR
         return torch.maximum(power, floor.clamp_min(SILENCE_POWER))
 
     def step(self, frame: torch.Tensor, state: WpeState) -> torch.Tensor:
         """Dereverberate one frame ``[N, F]`` (complex64) and advance ``state``."""
         window = self.window(state)
+        root = state.inv_cov_root
         prediction_error = frame - torch.einsum("nfk,nfk->nf", state.filter.conj(), window)
 
-        power = self.power(frame, state.history)
-        wf = float(os.environ.get("WFLOOR", "0"))
-        if wf:
-            power = torch.maximum(power, wf * (window.real.square() + window.imag.square()).mean(-1))
         alpha = state.alpha.view(-1, 1)
-        gain_dir = torch.einsum("nfij,nfj->nfi", state.inv_cov, window)  # P w
-        quad = torch.einsum("nfk,nfk->nf", window.conj(), gain_dir).real.clamp_min(0.0)  # w^H P w
-        denominator = (alpha * power + quad) * (1.0 + float(os.environ.get("DEPS", "0")))
-        dl = float(os.environ.get("DLOAD", "0"))
+        scaled_power = alpha * self.power(frame, state.history, window)  # c = alpha * lambda
+        # Potter's square-root update of P = S S^H: z = S^H w, P w = S z.
+        z = torch.einsum("nfji,nfj->nfi", root, window.conj()).conj()
+        gain_dir = torch.einsum("nfij,nfj->nfi", root, z)
+        z_power = (z.real.square() + z.imag.square()).sum(-1)  # w^H P w
         active = (window.real.square() + window.imag.square()).mean(-1) > SILENCE_POWER
-        inv_den = torch.where(active, 1.0 / denominator, torch.zeros_like(denominator))
+        inv_den = torch.where(active, 1.0 / (scaled_power + z_power), torch.zeros_like(z_power))
 
-        # Kalman gain k = P w / den; filter += k e*.
+        # Kalman gain k = P w / (c + w^H P w); filter += k e*.
         state.filter.add_(gain_dir * (inv_den * prediction_error.conj()).unsqueeze(-1))
-        # P <- (P - (P w)(P w)^H / den) / alpha, using P = P^H; frozen where silent.
-        scaled = gain_dir * inv_den.sqrt().unsqueeze(-1)
-        trace = torch.diagonal(state.inv_cov, dim1=-2, dim2=-1).real.sum(-1)
-        tmax = float(os.environ.get("TMAX", "0")) * self.max_taps
-        grow = active & (trace < tmax) if tmax else active
-        forget = torch.where(grow, 1.0 / alpha, torch.ones_like(inv_den)).to(state.inv_cov.dtype)
-        state.inv_cov.sub_(scaled.unsqueeze(-1) * scaled.conj().unsqueeze(-2))
-        state.inv_cov.mul_(forget.view(*forget.shape, 1, 1))
-        if dl:
-            torch.diagonal(state.inv_cov, dim1=-2, dim2=-1).add_(dl)
+        # S <- (S - gamma (S z) z^H) / sqrt(alpha), gamma = a / (1 + sqrt(c a)): P stays S S^H >= 0.
+        gamma = inv_den / (1.0 + (scaled_power * inv_den).sqrt())
+        forget = torch.where(active, alpha.rsqrt(), torch.ones_like(inv_den))
+        root.sub_((gain_dir * gamma.unsqueeze(-1)).unsqueeze(-1) * z.conj().unsqueeze(-2))
+        root.mul_(forget.to(root.dtype).view(*forget.shape, 1, 1))
 
         history = torch.cat((frame.unsqueeze(-1), state.history[..., :-1]), dim=-1)
         state.history.copy_(history)
         return prediction_error
+
+    def limit_growth(self, state: WpeState) -> None:
+        """Scale down any bin whose ``trace(P)`` exceeds its initial value ``max_taps``.
+
+        Without excitation in some direction (a steady tone) ``P`` grows by
+        ``1/alpha`` per frame there and would overflow; calling this every few
+        dozen frames bounds it at the regularisation it started with.
+        """
+        root = state.inv_cov_root
+        trace = (root.real.square() + root.imag.square()).sum((-1, -2))
+        scale = (self.max_taps / trace.clamp_min(1e-30)).clamp(max=1.0).sqrt()
+        root.mul_(scale.to(root.dtype).view(*scale.shape, 1, 1))

@@ -27,6 +27,7 @@ from mediaserver.server import MediaServer
 from mediaserver.stream import PublishedStream
 from signaling.sip.ivr import DtmfReceiver
 from signaling.sip.jitter import G711JitterBuffer
+from signaling.sip.message import SipParseError, SipRequest, SipUri
 from signaling.sip.resample import Downsampler, Upsampler
 from signaling.sip.rtp import RtpPacket, RtpSession
 from signaling.sip.sdp import AudioParams
@@ -203,6 +204,10 @@ class PhoneCall:
         except RoomError as exc:
             log.info("sip call %s: cannot join %s: %s", self.name, room_id, exc)
             return False
+        if self._closed:  # the caller hung up while joining
+            self._leaving = True
+            await self.server.leave(participant, reason="hangup")
+            return False
         self.participant = participant
         self.server.publish(participant, self.upstream)
         participant.room.subscribe_existing(participant)
@@ -277,6 +282,19 @@ class PhoneCall:
         feeds = [f for _, f, _ in self._feeds.values()]
         return {"streams": len(feeds), "underruns": sum(f.underruns for f in feeds),
                 "dropped": sum(f.dropped for f in feeds)}
+
+
+def caller_name(invite: SipRequest, max_length: int) -> str:
+    """The participant name of a caller: the From display name, else its user part."""
+    caller = invite.from_
+    name = caller.display
+    if not name:
+        try:
+            name = SipUri.parse(caller.uri).user
+        except SipParseError:
+            name = ""
+    name = "".join(ch for ch in name if ch.isprintable())[:max_length]
+    return name or "phone"
 
 
 _AEC: bool | None = None

@@ -85,11 +85,6 @@ class G711Codec:
         codes = np.frombuffer(payload, dtype=np.uint8)
         return self.decode_table[codes].astype(np.float32) / 32768.0
 
-    @property
-    def silence(self) -> int:
-        """The byte that decodes closest to zero."""
-        return int(self.encode_table[0])
-
 
 PCMU = G711Codec("PCMU", 0, ULAW_ENCODE, ULAW_DECODE)
 PCMA = G711Codec("PCMA", 8, ALAW_ENCODE, ALAW_DECODE)

@@ -6,6 +6,7 @@ refused (404).  ``DtmfReceiver`` turns telephone-event packets and SIP INFO
 bodies into digits, once per key press.  ``run_menu`` speaks the menu, lets
 the caller interrupt it by typing, collects digits up to ``#`` and joins the
 room they name; after the configured attempts it says goodbye and hangs up.
+``MenuPrompts`` speaks the menu texts through the server's SynthService.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from mediaserver.config import SipConfig
 from mediaserver.room import RoomError, RoomRegistry
+from mediaserver.server import MediaServer
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +194,18 @@ async def run_menu(call: MenuCall, prompts: Prompts, plan: DialPlan, config: Sip
         call.dtmf.clear()
     await call.play(await prompts.audio(config.goodbye_text))
     return False
+
+
+class MenuPrompts:
+    """Speech for the menu, from the server's SynthService (cached there)."""
+
+    def __init__(self, server: MediaServer) -> None:
+        self._server = server
+
+    async def audio(self, text: str) -> np.ndarray:
+        try:
+            synth = await self._server.prompts.service()
+            return (await synth.synthesize(text)).audio
+        except Exception:
+            log.exception("sip: cannot synthesize %r; the caller hears silence", text)
+            return np.zeros(48_000, dtype=np.float32)

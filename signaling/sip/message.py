@@ -197,14 +197,6 @@ class Headers:
         else:
             self._items.append((name, value.strip()))
 
-    def set(self, name: str, value: str) -> None:
-        self.remove(name)
-        self.add(name, value)
-
-    def remove(self, name: str) -> None:
-        low = self.canonical(name).lower()
-        self._items = [(n, v) for n, v in self._items if n.lower() != low]
-
     def get(self, name: str, default: str | None = None) -> str | None:
         low = self.canonical(name).lower()
         return next((v for n, v in self._items if n.lower() == low), default)
@@ -218,11 +210,6 @@ class Headers:
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._items)
-
-    def copy(self) -> Headers:
-        h = Headers()
-        h._items = list(self._items)
-        return h
 
 
 @dataclass

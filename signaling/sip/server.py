@@ -15,18 +15,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import socket
 import time
 from typing import Any
 
-import numpy as np
-
 from mediaserver.config import SipConfig
 from mediaserver.server import MediaServer
-from signaling.sip.call import PhoneCall
+from signaling.sip.call import PhoneCall, aec_available, caller_name
 from signaling.sip.dialog import ACCEPT, ALLOW, USER_AGENT, Dialog, DialogKey, new_tag
 from signaling.sip.g711 import PCMU
-from signaling.sip.ivr import Destination, DialPlan, run_menu
+from signaling.sip.ivr import Destination, DialPlan, MenuPrompts, run_menu
 from signaling.sip.message import (
     NameAddr,
     SipParseError,
@@ -39,7 +36,6 @@ from signaling.sip.message import (
 from signaling.sip.rtp import PortAllocator, RtpSession
 from signaling.sip.sdp import (
     AudioParams,
-    NoCommonCodec,
     SdpError,
     build_answer,
     build_offer,
@@ -47,46 +43,15 @@ from signaling.sip.sdp import (
     parse_sdp,
 )
 from signaling.sip.transactions import Address, ServerTransaction, TransactionLayer, transaction_key
-from signaling.sip.transport import SipTransport
+from signaling.sip.transport import SipTransport, TokenBucket, local_address_towards
+from signaling.sip.validate import check_request, read_offer, warning
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 1.0
 _NO_DIALOG_METHODS = {"BYE", "INFO", "UPDATE", "PRACK"}
 _REFUSED_METHODS = {"REGISTER", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"}
-
-
-class TokenBucket:
-    """Owns the budget of new calls: ``rate`` per second, bursts up to ``burst``."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, float(burst)
-        self.tokens = float(burst)
-        self.updated = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-class MenuPrompts:
-    """Speech for the menu, from the server's SynthService (cached there)."""
-
-    def __init__(self, server: MediaServer) -> None:
-        self._server = server
-
-    async def audio(self, text: str) -> np.ndarray:
-        try:
-            synth = await self._server.prompts.service()
-            return (await synth.synthesize(text)).audio
-        except Exception:
-            log.exception("sip: cannot synthesize %r; the caller hears silence", text)
-            return np.zeros(48_000, dtype=np.float32)
+_KNOWN_METHODS = {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS"} | _NO_DIALOG_METHODS | _REFUSED_METHODS
 
 
 class SipEndpoint:
@@ -117,6 +82,7 @@ class SipEndpoint:
         endpoint.port = await endpoint.transport.open(cfg.host, endpoint.port)
         endpoint._housekeeping = asyncio.get_running_loop().create_task(endpoint._housekeep(), name="sip-housekeeping")
         endpoint._spawn(endpoint._warm_prompts())
+        endpoint._spawn(asyncio.to_thread(aec_available))  # import the aec stage off the event loop, once
         log.info("sip: listening on %s:%d (udp, tcp)", cfg.host, endpoint.port)
         return endpoint
 
@@ -129,14 +95,25 @@ class SipEndpoint:
             self._housekeeping.cancel()
         byes = [self._hangup(d, "server shutting down") for d in list(self.dialogs.values())]
         if byes:
-            await asyncio.wait_for(asyncio.gather(*byes, return_exceptions=True), 3.0)
+            try:
+                await asyncio.wait_for(asyncio.gather(*byes, return_exceptions=True), 3.0)
+            except TimeoutError:
+                log.warning("sip: some calls did not end in time")
         for task in list(self._tasks):
             task.cancel()
         self.tx.close()
         self.transport.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"port": self.port, "calls": len(self.dialogs), "stats": dict(self.stats)}
+        """Counters and the live calls, for health and metrics pages."""
+        calls = [{"call_id": d.call_id, "state": d.state, "room": d.call.participant.room.id
+                  if d.call is not None and d.call.participant is not None else None,
+                  "codec": d.call.params.codec.name if d.call is not None else None,
+                  "rtp_received": d.call.rtp.received_packets if d.call is not None else 0,
+                  "rtp_sent": d.call.rtp.sent_packets if d.call is not None else 0,
+                  "rtt_ms": d.call.rtp.rtt_ms if d.call is not None else None}
+                 for d in self.dialogs.values()]
+        return {"port": self.port, "calls": calls, "stats": dict(self.stats)}
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -157,11 +134,9 @@ class SipEndpoint:
             msg = parse_message(data)
         except SipParseError as exc:
             self.stats["malformed"] += 1
-            log.info("sip: malformed message from %s: %s", addr, exc)
+            log.debug("sip: malformed message from %s: %s", addr, exc)
             if exc.partial is not None and exc.partial.method != "ACK":
-                warning = str(exc).replace('"', "'")[:120]
-                self.transport.send(make_response(exc.partial, 400, extra=[
-                    ("Warning", f'399 mediaserver "{warning}"')]).serialize(), addr)
+                self.transport.send(make_response(exc.partial, 400, extra=[warning(str(exc))]).serialize(), addr)
                 self.stats["status_400"] += 1
             return
         if isinstance(msg, SipResponse):
@@ -173,7 +148,8 @@ class SipEndpoint:
             log.exception("sip: %s from %s failed", msg.method, addr)
 
     def _on_request(self, req: SipRequest, addr: Address) -> None:
-        self.stats[f"request_{req.method.lower()}" if len(req.method) < 12 else "request_other"] += 1
+        known = req.method in _KNOWN_METHODS  # the counter's keys stay bounded whatever peers send
+        self.stats[f"request_{req.method.lower()}" if known else "request_other"] += 1
         tx = self.tx.lookup(req)
         if req.method == "ACK":
             if not self.tx.absorb_ack(req):
@@ -199,24 +175,8 @@ class SipEndpoint:
         self.stats[f"status_{status}"] += 1
         return response
 
-    def _check(self, req: SipRequest) -> tuple[int, list[tuple[str, str]]] | None:
-        """Request-wide checks (RFC 3261 8.2): a refusal status, or None."""
-        hops = req.headers.get("Max-Forwards")
-        if hops is not None and (not hops.strip().isdigit() or int(hops) == 0):
-            return (483 if hops.strip() == "0" else 400), []
-        if not req.uri.lower().startswith(("sip:", "sips:")):
-            return 416, []
-        try:
-            SipUri.parse(req.uri)
-        except SipParseError:
-            return 400, []
-        required = [r for r in req.headers.get_all("Require") if r]
-        if required and req.method not in ("CANCEL",):
-            return 420, [("Unsupported", ", ".join(required))]
-        return None
-
     def _handle(self, req: SipRequest, tx: ServerTransaction) -> None:
-        refusal = self._check(req)
+        refusal = check_request(req)
         if refusal is not None:
             self._respond(tx, refusal[0], extra=refusal[1])
             return
@@ -250,46 +210,32 @@ class SipEndpoint:
             return
         contact = req.headers.get("Contact")
         if contact is None or not req.from_.tag:
-            self._respond(tx, 400, extra=[("Warning", '399 mediaserver "INVITE needs a Contact and a From tag"')])
+            self._respond(tx, 400, extra=[warning("INVITE needs a Contact and a From tag")])
             return
         if len(self.dialogs) >= self.config.max_calls or not self.bucket.take():
             self.stats["calls_refused_busy"] += 1
             self._respond(tx, 503, extra=[("Retry-After", "5")])
             return
-        offer, params = self._read_offer(req, tx)
-        if offer is None and req.body:
-            return  # refused in _read_offer
+        offer, params, refusal = read_offer(req)
+        if refusal is not None:
+            self._respond(tx, refusal[0], extra=refusal[1])
+            return
         try:
             target = NameAddr.parse(contact).sip_uri()
         except SipParseError:
-            self._respond(tx, 400, extra=[("Warning", '399 mediaserver "bad Contact"')])
+            self._respond(tx, 400, extra=[warning("bad Contact")])
             return
         to = req.to
         to.params.pop("tag", None)
+        local_ip = local_address_towards(tx.addr[0], self.host, self.config.public_address)
         dialog = Dialog(call_id=req.call_id, local_tag=new_tag(), remote_tag=req.from_.tag or "",
                         local_party=str(to), remote_party=req.headers.get("From") or "", remote_target=str(target),
                         route_set=req.headers.get_all("Record-Route"), addr=tx.addr,
                         transport="TCP" if self.transport.is_reliable(tx.addr) else "UDP",
-                        remote_cseq=req.cseq[0], destination=destination,
-                        local_ip=self._local_ip_for(tx.addr[0]), local_port=self.port, invite_tx=tx, offer=offer)
+                        remote_cseq=req.cseq[0], destination=destination, local_ip=local_ip,
+                        local_port=self.port, invite_tx=tx, offer=offer)
         self.dialogs[dialog.key] = dialog
         self._spawn(self._answer(dialog, req, tx, params))
-
-    def _read_offer(self, req: SipRequest, tx: ServerTransaction) -> tuple[Any, AudioParams | None]:
-        if not req.body:
-            return None, None
-        if req.content_type != "application/sdp":
-            self._respond(tx, 415, extra=[("Accept", "application/sdp")])
-            return None, None
-        try:
-            offer = parse_sdp(req.body.decode("utf-8"))
-            return offer, negotiate(offer)
-        except NoCommonCodec:
-            self._respond(tx, 488, extra=[("Warning", '305 mediaserver "PCMU or PCMA over RTP/AVP only"')])
-        except (SdpError, UnicodeDecodeError) as exc:
-            text = str(exc).replace('"', "'")[:60]
-            self._respond(tx, 400, extra=[("Warning", f'399 mediaserver "bad SDP: {text}"')])
-        return None, None
 
     async def _answer(self, dialog: Dialog, req: SipRequest, tx: ServerTransaction,
                       params: AudioParams | None) -> None:
@@ -306,7 +252,8 @@ class SipEndpoint:
         offerless = params is None
         if params is None:  # the caller's answer comes in the ACK; until then nothing is sent
             params = AudioParams(PCMU, 0, None, "0.0.0.0", 9, 9, "sendrecv", 0)
-        dialog.call = PhoneCall(self.server, rtp, params, _caller_name(req, self.server),
+        name = caller_name(req, self.server.config.limits.max_name_length)
+        dialog.call = PhoneCall(self.server, rtp, params, name,
                                 on_removed=lambda reason: self._hangup_later(dialog, reason))
         dialog.expecting_answer = offerless
         self._send_ok(dialog, tx)
@@ -373,7 +320,7 @@ class SipEndpoint:
     def _in_dialog(self, dialog: Dialog, req: SipRequest, tx: ServerTransaction) -> None:
         number = req.cseq[0]
         if number <= dialog.remote_cseq:
-            self._respond(tx, 500, to_tag=dialog.local_tag, extra=[("Warning", '399 mediaserver "CSeq out of order"')])
+            self._respond(tx, 500, to_tag=dialog.local_tag, extra=[warning("CSeq out of order")])
             return
         dialog.remote_cseq = number
         dialog.addr = tx.addr
@@ -397,16 +344,11 @@ class SipEndpoint:
         if dialog.awaiting_ack or dialog.call is None:
             self._respond(tx, 500, to_tag=dialog.local_tag, extra=[("Retry-After", "1")])
             return
-        if req.body:
-            try:
-                offer = parse_sdp(req.body.decode("utf-8"))
-                params = negotiate(offer)
-            except NoCommonCodec:
-                self._respond(tx, 488, to_tag=dialog.local_tag)
-                return
-            except (SdpError, UnicodeDecodeError):
-                self._respond(tx, 400, to_tag=dialog.local_tag)
-                return
+        offer, params, refusal = read_offer(req)
+        if refusal is not None:
+            self._respond(tx, refusal[0], to_tag=dialog.local_tag, extra=refusal[1])
+            return
+        if offer is not None and params is not None:
             dialog.offer = offer
             dialog.call.update_media(params)
             log.info("sip: %s re-INVITE: %s %s:%d", dialog.call_id, params.direction, params.remote_ip,
@@ -463,31 +405,6 @@ class SipEndpoint:
                 if dialog.state == "confirmed" and call is not None and not call.params.on_hold \
                         and now - call.rtp.last_received > self.config.media_timeout_s:
                     self._spawn(self._hangup(dialog, "media timeout"))
-
-    def _local_ip_for(self, remote_ip: str) -> str:
-        if self.config.public_address:
-            return self.config.public_address
-        if self.host not in ("", "0.0.0.0", "::"):
-            return self.host
-        family = socket.AF_INET6 if ":" in remote_ip else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:  # the route towards the caller
-            try:
-                probe.connect((remote_ip, 9))
-                return str(probe.getsockname()[0])
-            except OSError:
-                return "127.0.0.1"
-
-
-def _caller_name(req: SipRequest, server: MediaServer) -> str:
-    caller = req.from_
-    name = caller.display
-    if not name:
-        try:
-            name = SipUri.parse(caller.uri).user
-        except SipParseError:
-            name = ""
-    name = "".join(ch for ch in name if ch.isprintable())[: server.config.limits.max_name_length]
-    return name or "phone"
 
 
 __all__ = ["Destination", "SipEndpoint"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -128,3 +130,36 @@ class SipTransport:
         for writer in list(self._connections.values()):
             writer.close()
         self._connections.clear()
+
+
+def local_address_towards(remote_ip: str, bind_host: str, public: str | None = None) -> str:
+    """The address to put in SDP and Contact for a caller at ``remote_ip``."""
+    if public:
+        return public
+    if bind_host not in ("", "0.0.0.0", "::"):
+        return bind_host
+    family = socket.AF_INET6 if ":" in remote_ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:  # the interface the route to the caller uses
+        try:
+            probe.connect((remote_ip, 9))
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+class TokenBucket:
+    """Owns the budget of new calls: ``rate`` per second, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
