@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import aiohttp
 import av
@@ -23,7 +23,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import is_rtcp
 
-from loadtest.lightmedia import EncodedPcmTrack, InlineDecoder
+from loadtest.lightmedia import EncodedPcmTrack, InlineDecoder, frame_mono
 
 log = logging.getLogger(__name__)
 _JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
@@ -38,13 +38,13 @@ class PcmTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, samples: Optional[np.ndarray], loop: bool = True) -> None:
+    def __init__(self, samples: np.ndarray | None, loop: bool = True) -> None:
         super().__init__()
         self.samples = samples if samples is not None else np.zeros(FRAME, dtype=np.float32)
         self.loop = loop
         self.position = 0
         self._pts = 0
-        self._start: Optional[float] = None
+        self._start: float | None = None
         self.send_log: list[tuple[float, int]] = []  # (monotonic time, sample position) every frame
         # (monotonic time, sample position) of every RTP packet as it went to the transport (see Bot._tap_send)
         self.wire_log: list[tuple[float, int]] = []
@@ -102,25 +102,25 @@ class Recording:
     mid: str
     blocks: list[np.ndarray] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
-    participant: Optional[str] = None
+    participant: str | None = None
     pts: list[int] = field(default_factory=list)
     rtp_arrivals: list[float] = field(default_factory=list)
     rtp_seq: list[int] = field(default_factory=list)
     rtp_ts: list[int] = field(default_factory=list)
-    owners: list[tuple[float, Optional[str]]] = field(default_factory=list)
+    owners: list[tuple[float, str | None]] = field(default_factory=list)
     receiver: Any = None
-    ts_origin: Optional[int] = None  # set by snapshots (no receiver) and by the inline decoder
+    ts_origin: int | None = None  # set by snapshots (no receiver) and by the inline decoder
 
     def audio(self, since: float = 0.0) -> np.ndarray:
         blocks = [b for b, t in zip(self.blocks, self.arrivals) if t >= since]
         return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
 
-    def set_owner(self, participant: Optional[str]) -> None:
+    def set_owner(self, participant: str | None) -> None:
         if not self.owners or self.owners[-1][1] != participant:
             self.owners.append((time.monotonic(), participant))
         self.participant = participant
 
-    def rtp_origin(self) -> Optional[int]:
+    def rtp_origin(self) -> int | None:
         """The raw RTP timestamp aiortc subtracted to make frame pts (its timestamp mapper's origin)."""
         if self.ts_origin is not None:
             return self.ts_origin
@@ -130,7 +130,7 @@ class Recording:
             return int(origin)
         return self.rtp_ts[0] if self.rtp_ts else None
 
-    def snapshot(self) -> "Recording":
+    def snapshot(self) -> Recording:
         """A copy that later arrivals do not change (for analysis off the event loop)."""
         return Recording(mid=self.mid, blocks=list(self.blocks), arrivals=list(self.arrivals),
                          participant=self.participant, pts=list(self.pts),
@@ -148,18 +148,18 @@ class Recording:
 class Bot:
     """One participant: WebSocket signaling, a peer connection, a published track, recordings."""
 
-    def __init__(self, url: str, room: str, name: str = "bot", audio: Optional[np.ndarray] = None, *,
-                 loop: bool = True, stages: Optional[str | list[str]] = None,
+    def __init__(self, url: str, room: str, name: str = "bot", audio: np.ndarray | None = None, *,
+                 loop: bool = True, stages: str | list[str] | None = None,
                  echo_cancellation: bool = True, publish: bool = True,
-                 token: Optional[str] = None, local_addr: Optional[str] = None, light: bool = False,
-                 opus_packets: Optional[list[bytes]] = None) -> None:
+                 token: str | None = None, local_addr: str | None = None, light: bool = False,
+                 opus_packets: list[bytes] | None = None) -> None:
         self.url = url.rstrip("/")
         self.light = light  # pre-encoded sending, inline decoding (loadtest.lightmedia)
         self.token = token
         self.local_addr = local_addr  # source address of the WebSocket (spreads per-address limits)
         self.room = room
         self.name = name
-        self.track: Optional[PcmTrack | EncodedPcmTrack] = None
+        self.track: PcmTrack | EncodedPcmTrack | None = None
         if publish:
             silence = np.zeros(FRAME, dtype=np.float32)
             self.track = EncodedPcmTrack(audio if audio is not None else silence, opus_packets) \
@@ -167,18 +167,18 @@ class Bot:
         self.stages = stages
         self.echo_cancellation = echo_cancellation
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.id: Optional[str] = None
+        self.id: str | None = None
         self.events: list[dict[str, Any]] = []
         self.recordings: dict[str, Recording] = {}
         self.track_info: dict[str, dict[str, Any]] = {}
-        self._session: Optional[aiohttp.ClientSession] = None
-        self._ws: Optional[aiohttp.ClientWebSocketResponse] = None
-        self._reader: Optional[asyncio.Task[None]] = None
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._answered = asyncio.Event()
         self._joined = asyncio.Event()
         self.errors: list[dict[str, Any]] = []
-        self._join_error: Optional[dict[str, Any]] = None
+        self._join_error: dict[str, Any] | None = None
         self.renegotiations = 0
         self.times: dict[str, float] = {}  # monotonic milestones: join_start, joined, answered, connected
         self.pc.on("track", self._on_track)
@@ -218,8 +218,8 @@ class Bot:
         if self._ws is not None and not self._ws.closed:
             try:
                 await self.send({"type": "leave"})
-            except Exception:
-                pass
+            except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:  # the socket may be half closed
+                log.debug("leave not sent: %s", exc)
             await self._ws.close()
         for task in [self._reader, *self._tasks]:
             if task is not None:
@@ -310,8 +310,8 @@ class Bot:
                 wire_log.append((time.monotonic(), (ts - first[0]) % (1 << 32)))
             await send(data)
 
-        transport._send_rtp = tapped
-        transport._loadtest_tapped = True
+        transport._send_rtp = tapped  # type: ignore[method-assign]
+        transport._loadtest_tapped = True  # type: ignore[attr-defined]
 
     @staticmethod
     def _tap_rtp(receiver: Any, rec: Recording) -> None:
@@ -336,10 +336,7 @@ class Bot:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            data = frame.to_ndarray().astype(np.float32) / 32768.0
-            channels = len(frame.layout.channels)
-            mono = data.reshape(-1, channels).mean(axis=1) if channels > 1 else data.reshape(-1)
-            rec.blocks.append(mono.astype(np.float32))
+            rec.blocks.append(frame_mono(frame))
             rec.arrivals.append(time.monotonic())
             rec.pts.append(int(frame.pts) if frame.pts is not None else -1)
 

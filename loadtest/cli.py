@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from loadtest.ramp import RampPlan, Slo, run_ramp
 from loadtest.report import write_report
@@ -76,7 +76,7 @@ def session_config(args: argparse.Namespace, bots: int) -> SessionConfig:
                          progress=not args.quiet, score_sent=not args.no_sent_dnsmos, light=not args.full_aiortc)
 
 
-def headline(report: dict[str, Any], report_dir: Optional[Path] = None) -> dict[str, Any]:
+def headline(report: dict[str, Any], report_dir: Path | None = None) -> dict[str, Any]:
     """The few figures worth printing: what a reader of the terminal wants to see."""
     s = report.get("summary", {})
     mvs = s.get("marker_vs_server", {})
@@ -114,7 +114,7 @@ async def _main(args: argparse.Namespace) -> int:
     return 0 if report.get("summary", {}).get("streams") else 1
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

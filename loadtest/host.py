@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -37,9 +37,9 @@ class BotSpec:
     name: str
     room: str
     index: int
-    stages: Optional[str] = None
-    token: Optional[str] = None
-    local_addr: Optional[str] = None
+    stages: str | None = None
+    token: str | None = None
+    local_addr: str | None = None
     echo_cancellation: bool = True
 
 
@@ -63,7 +63,7 @@ class BotHost:
         self._join_gate = asyncio.Semaphore(max_concurrent_joins)
         self._opus: dict[int, list[bytes]] = {}
         self.loop_lag: list[tuple[float, float]] = []  # (time, ms late) of a 10 ms timer: is the load generator keeping up?
-        self._lag_task: Optional[asyncio.Task[None]] = None
+        self._lag_task: asyncio.Task[None] | None = None
 
     async def _watch_loop(self) -> None:
         while True:
@@ -81,7 +81,7 @@ class BotHost:
             self._lag_task = asyncio.get_running_loop().create_task(self._watch_loop())
         return list(await asyncio.gather(*(self._join_one(s) for s in specs)))
 
-    def _media(self, index: int) -> tuple[np.ndarray, Optional[list[bytes]]]:
+    def _media(self, index: int) -> tuple[np.ndarray, list[bytes] | None]:
         """A bot's signal and, for light bots, its Opus packets (built off the event loop)."""
         mix = self.library.signal(index).mix
         if self.light and index not in self._opus:
@@ -98,7 +98,7 @@ class BotHost:
         async with self._join_gate:
             try:
                 await bot.join(timeout=20.0)
-            except Exception as exc:  # a failed join is a result of the load test, not a crash
+            except Exception as exc:  # noqa: BLE001 - a failed join is a result of the load test, not a crash
                 error = f"{type(exc).__name__}: {exc}"
         if bot.errors and error is None:
             error = str(bot.errors[0])
@@ -127,7 +127,7 @@ class BotHost:
                 continue
             frames = [(t, p) for t, p in bot.track.send_log if t >= since]
             wire = [(t, p) for t, p in bot.track.wire_log if t >= since]
-            at = dict((p, t) for t, p in frames)
+            at = {p: t for t, p in frames}
             hops = [(t - at[p]) * 1000.0 for t, p in wire if p in at]
             out[bot.id] = {"frames": frames, "wire": wire,
                            "encode_ms": round(float(np.median(hops)), 3) if hops else None}
@@ -139,7 +139,7 @@ class BotHost:
 
     async def analyze(self, since: float, until: float, sendlogs: dict[str, dict[str, Any]],
                       signals: dict[str, int], dnsmos_pairs: list[tuple[str, str]],
-                      stats_reporters: list[str], marker: Optional[dict[str, Any]] = None,
+                      stats_reporters: list[str], marker: dict[str, Any] | None = None,
                       score_sent: bool = True) -> dict[str, Any]:
         """Figures of every stream this host's bots received in [since, until)."""
         snaps = [_Snapshot(b.id, spec.room, [r.snapshot() for r in b.recordings.values()],

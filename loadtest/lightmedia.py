@@ -22,7 +22,7 @@ import asyncio
 import fractions
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
@@ -51,6 +51,19 @@ class OpusPacket:
         return self.data
 
 
+def frame_mono(frame: Any) -> np.ndarray:
+    """A decoded s16 ``av.AudioFrame`` (mono or stereo) as mono float32 in [-1, 1]."""
+    pcm = frame.to_ndarray().astype(np.float32) / 32768.0
+    channels = len(frame.layout.channels)
+    return (pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm.reshape(-1)).astype(np.float32)
+
+
+def decode_opus(decoder: OpusDecoder, payload: bytes) -> list[np.ndarray]:
+    """One Opus packet through ``decoder``: its mono float32 frames."""
+    frames: list[Any] = list(decoder.decode(JitterFrame(data=payload, timestamp=0)))
+    return [frame_mono(f) for f in frames]
+
+
 def encode_opus(samples: np.ndarray, bitrate: int = 32_000) -> list[bytes]:
     """``samples`` (48 kHz mono float32) as 20 ms mono Opus packets (libopus, VoIP mode), one per frame.
 
@@ -77,7 +90,7 @@ def encode_opus(samples: np.ndarray, bitrate: int = 32_000) -> list[bytes]:
     return packets[: n // FRAME]
 
 
-_lookahead_ms: Optional[float] = None
+_lookahead_ms: float | None = None
 
 
 def opus_lookahead_ms() -> float:
@@ -88,8 +101,7 @@ def opus_lookahead_ms() -> float:
         burst = np.random.default_rng(5).standard_normal(480).astype(np.float32)
         x[RATE // 20:RATE // 20 + 480] = np.hanning(480).astype(np.float32) * burst * 0.3
         decoder = OpusDecoder()
-        out = [f.to_ndarray().astype(np.float32).reshape(-1, len(f.layout.channels)).mean(axis=1)
-               for p in encode_opus(x) for f in decoder.decode(JitterFrame(data=p, timestamp=0))]
+        out = [block for p in encode_opus(x) for block in decode_opus(decoder, p)]
         y = np.concatenate(out)[: len(x)]
         corr = np.correlate(y, x[RATE // 20 - 480:RATE // 20 + 960], mode="valid")
         _lookahead_ms = (int(np.argmax(corr)) - (RATE // 20 - 480)) / RATE * 1000.0
@@ -101,12 +113,12 @@ class EncodedPcmTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, samples: np.ndarray, packets: Optional[list[bytes]] = None) -> None:
+    def __init__(self, samples: np.ndarray, packets: list[bytes] | None = None) -> None:
         super().__init__()
         self.packets = packets or encode_opus(samples) or encode_opus(np.zeros(FRAME, dtype=np.float32))
         self._index = 0
         self._pts = 0
-        self._start: Optional[float] = None
+        self._start: float | None = None
         self.send_log: list[tuple[float, int]] = []
         self.wire_log: list[tuple[float, int]] = []
 
@@ -128,10 +140,10 @@ class EncodedPcmTrack(MediaStreamTrack):
 class InlineDecoder:
     """Stands in for an aiortc receiver's jitter buffer: decodes each packet as it arrives."""
 
-    def __init__(self, recording: "Recording") -> None:
+    def __init__(self, recording: Recording) -> None:
         self.recording = recording
         self._decoder = OpusDecoder()
-        self._origin: Optional[int] = None
+        self._origin: int | None = None
         self.capacity = 16
 
     def add(self, packet: Any) -> tuple[bool, None]:
@@ -141,11 +153,8 @@ class InlineDecoder:
             rec.ts_origin = self._origin
         data = getattr(packet, "_data", b"")
         if data:
-            for frame in self._decoder.decode(JitterFrame(data=data, timestamp=0)):
-                pcm = frame.to_ndarray().astype(np.float32) / 32768.0
-                channels = len(frame.layout.channels)
-                mono = pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm.reshape(-1)
-                rec.blocks.append(mono.astype(np.float32))
+            for mono in decode_opus(self._decoder, data):
+                rec.blocks.append(mono)
                 rec.arrivals.append(time.monotonic())
                 rec.pts.append((int(packet.timestamp) - self._origin) % TS_MOD)
         return False, None

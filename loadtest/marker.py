@@ -38,7 +38,6 @@ matches hold with enhancement on; a stage's algorithmic delay (its
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import numpy as np
 from scipy.signal import fftconvolve, resample_poly
@@ -56,7 +55,7 @@ class SendTimeline:
     pts: np.ndarray  # first sample position of each frame
 
     @classmethod
-    def from_log(cls, log: list[tuple[float, int]]) -> "SendTimeline":
+    def from_log(cls, log: list[tuple[float, int]]) -> SendTimeline:
         arr = np.asarray(log, dtype=np.float64).reshape(-1, 2)
         return cls(times=arr[:, 0], pts=arr[:, 1].astype(np.int64))
 
@@ -151,7 +150,7 @@ class MatchOptions:
 
 
 def _match_window(seg: ReceivedSegment, low: np.ndarray, i: int, templates: list[MarkerTemplate],
-                  send: SendTimeline, opt: MatchOptions) -> Optional[LatencySample]:
+                  send: SendTimeline, opt: MatchOptions) -> LatencySample | None:
     win = int(opt.window_s * RATE_LOW)
     window = low[i:i + win]
     if len(window) < win or float(np.sqrt(np.mean(window * window))) < opt.min_rms:
@@ -162,7 +161,7 @@ def _match_window(seg: ReceivedSegment, low: np.ndarray, i: int, templates: list
     if p_hi - p_lo < DECIM:
         return None
     p0 = int(p_lo) - int(p_lo) % DECIM
-    best: Optional[tuple[float, int]] = None
+    best: tuple[float, int] | None = None
     for template in templates:
         ncc, k, other = best_match(window, template.segment(p0, int((p_hi - p0) / DECIM) + win))
         if ncc >= opt.min_ncc and ncc - other >= opt.min_margin and (best is None or ncc > best[0]):
@@ -179,7 +178,7 @@ def _decimated(seg: ReceivedSegment) -> np.ndarray:
 
 
 def measure_segment(seg: ReceivedSegment, templates: list[MarkerTemplate], send: SendTimeline,
-                    opt: Optional[MatchOptions] = None) -> list[LatencySample]:
+                    opt: MatchOptions | None = None) -> list[LatencySample]:
     """Latency samples for every window of ``seg`` whose content is found in what was sent."""
     opt = opt or MatchOptions()
     if len(send) == 0 or len(seg.audio) < int(opt.window_s * RATE) + RATE // 5:
@@ -195,8 +194,8 @@ def measure_segment(seg: ReceivedSegment, templates: list[MarkerTemplate], send:
 
 
 def measure_at(seg: ReceivedSegment, templates: list[MarkerTemplate], send: SendTimeline,
-               probes: list[tuple[float, float]], opt: Optional[MatchOptions] = None,
-               tries_s: tuple[float, ...] = (0.0, -0.1, -0.2, -0.3)) -> list[Optional[LatencySample]]:
+               probes: list[tuple[float, float]], opt: MatchOptions | None = None,
+               tries_s: tuple[float, ...] = (0.0, -0.1, -0.2, -0.3)) -> list[LatencySample | None]:
     """For each probe ``(t, window_s)``: the latency of the audio whose packets arrived in [t - window_s, t].
 
     A short window gives the latency of the last packets before ``t``; a long
@@ -205,7 +204,7 @@ def measure_at(seg: ReceivedSegment, templates: list[MarkerTemplate], send: Send
     no window of this segment matches.
     """
     opt = opt or MatchOptions()
-    out: list[Optional[LatencySample]] = []
+    out: list[LatencySample | None] = []
     if len(send) == 0 or len(seg.audio) < RATE // 2:
         return [None] * len(probes)
     low = _decimated(seg)

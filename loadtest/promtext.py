@@ -14,7 +14,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import aiohttp
 
@@ -35,7 +35,7 @@ def _unescape(value: str) -> str:
     return value.replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
 
 
-def _value(text: str) -> Optional[float]:
+def _value(text: str) -> float | None:
     try:
         return float(text)  # also parses NaN, +Inf, -Inf
     except ValueError:
@@ -91,8 +91,8 @@ class MetricsScraper:
     series: list[dict[str, Any]] = field(default_factory=list)  # [{"t": ..., "metrics": {name: agg}}]
     last: list[Sample] = field(default_factory=list)
     errors: int = 0
-    _task: Optional[asyncio.Task[None]] = None
-    _session: Optional[aiohttp.ClientSession] = None
+    _task: asyncio.Task[None] | None = None
+    _session: aiohttp.ClientSession | None = None
 
     async def scrape_once(self) -> list[Sample]:
         if self._session is None:
@@ -103,7 +103,7 @@ class MetricsScraper:
                 text = await r.text()
                 if r.status != 200:
                     raise aiohttp.ClientError(f"HTTP {r.status}")
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             self.errors += 1
             return []
         samples = parse(text)
@@ -119,7 +119,7 @@ class MetricsScraper:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def latest(self, name: str, how: str = "sum") -> Optional[float]:
+    def latest(self, name: str, how: str = "sum") -> float | None:
         if not self.series:
             return None
         agg = self.series[-1]["metrics"].get(name)

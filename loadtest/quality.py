@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from math import gcd
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from scipy.signal import resample_poly
@@ -50,7 +50,7 @@ def _model() -> Any:
     return _session
 
 
-def dnsmos(audio: np.ndarray, rate: int = RATE) -> Optional[dict[str, float]]:
+def dnsmos(audio: np.ndarray, rate: int = RATE) -> dict[str, float] | None:
     """``{"sig", "bak", "ovrl"}`` of ``audio``, or None when there is too little of it."""
     if len(audio) < MIN_SECONDS * rate:
         return None

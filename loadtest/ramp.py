@@ -17,7 +17,7 @@ The report names the largest number of participants that held.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 from loadtest.session import LoadSession, SessionConfig
 
@@ -26,9 +26,9 @@ from loadtest.session import LoadSession, SessionConfig
 class Slo:
     """The objectives a load step must meet (each None to ignore it)."""
 
-    p99_latency_ms: Optional[float] = 400.0
-    drop_rate: Optional[float] = 0.01
-    dnsmos_ovrl: Optional[float] = 2.0
+    p99_latency_ms: float | None = 400.0
+    drop_rate: float | None = 0.01
+    dnsmos_ovrl: float | None = 2.0
 
     def breaches(self, summary: dict[str, Any], joins_failed: int) -> list[str]:
         out = []
@@ -66,7 +66,7 @@ async def run_ramp(config: SessionConfig, plan: RampPlan, slo: Slo) -> dict[str,
     session = LoadSession(config)
     await session.start()
     steps: list[dict[str, Any]] = []
-    held: Optional[int] = None
+    held: int | None = None
     try:
         count = plan.start
         while True:

@@ -18,7 +18,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 SERVER_SERIES = ("participants", "rooms", "clock_lag", "event_loop_lag_seconds_sum", "executor_streams", "bypass",
                  "dropped", "lost", "concealed", "late", "batch", "latency_e2e_seconds_sum", "chunks")

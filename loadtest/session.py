@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 import aiohttp
@@ -38,9 +38,9 @@ class SessionConfig:
     url: str
     sources: SourceConfig = field(default_factory=SourceConfig)
     # per-bot join override: None: the room's default; "none": no stages; "a;b": bots alternate (A/B runs)
-    stages: Optional[str] = None
+    stages: str | None = None
     processes: int = 0  # 0: bots in this process's loop
-    token: Optional[str] = None
+    token: str | None = None
     dnsmos_per_publisher: int = 1  # subscribers whose copy of each stream is scored
     score_sent: bool = True  # also score what each scored publisher sent (the quality baseline)
     light: bool = True  # pre-encoded sending, inline decoding (loadtest.lightmedia); False: aiortc's own path
@@ -74,9 +74,9 @@ class LoadSession:
         self.started = time.monotonic()
         self.health: dict[str, Any] = {}
         self._phase = "starting"
-        self._phase_end: Optional[float] = None
-        self._progress_task: Optional[asyncio.Task[None]] = None
-        self._stages: list[Optional[str]] = [None]
+        self._phase_end: float | None = None
+        self._progress_task: asyncio.Task[None] | None = None
+        self._stages: list[str | None] = [None]
         if config.stages is not None:
             self._stages = [self._stage_option(part) for part in config.stages.split(";")]
 
@@ -98,7 +98,7 @@ class LoadSession:
         self._phase = "stopping"
         try:
             self.health["end"] = await self._get_json("/healthz")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             pass
         await asyncio.gather(*(h.close() for h in self.hosts), return_exceptions=True)
         await self.scraper.stop()
@@ -106,19 +106,19 @@ class LoadSession:
             self._progress_task.cancel()
 
     async def _get_json(self, path: str) -> Any:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(self.config.url.rstrip("/") + path, timeout=aiohttp.ClientTimeout(total=10)) as r:
-                return await r.json()
+        url = self.config.url.rstrip("/") + path
+        async with aiohttp.ClientSession() as http, http.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            return await r.json()
 
     # -- bots -----------------------------------------------------------------------------
     @staticmethod
-    def _stage_option(text: str) -> Optional[str]:
+    def _stage_option(text: str) -> str | None:
         text = text.strip()
         if text.lower() in ("default", "room"):
             return None
         return "" if text.lower() in ("", "none") else text
 
-    def stages_of(self, index: int) -> Optional[str]:
+    def stages_of(self, index: int) -> str | None:
         """The stages bot ``index`` asks for: bots take the ``;`` alternatives in turn (with as many
         rooms as alternatives, ``run`` puts each alternative in a room of its own)."""
         return self._stages[index % len(self._stages)]
@@ -143,7 +143,7 @@ class LoadSession:
         self.joins += joined
         return joined
 
-    def _set_phase(self, phase: str, seconds: Optional[float] = None) -> None:
+    def _set_phase(self, phase: str, seconds: float | None = None) -> None:
         self._phase = phase
         self._phase_end = time.monotonic() + seconds if seconds is not None else None
 
@@ -165,7 +165,7 @@ class LoadSession:
             await asyncio.sleep(2.0)
             try:
                 st = await asyncio.wait_for(self.status(), 5.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 st = {}
             left = f" {max(0.0, self._phase_end - time.monotonic()):5.1f}s left" if self._phase_end else ""
             server = ""

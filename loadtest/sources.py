@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import soundfile as sf
@@ -23,7 +22,7 @@ SPEECH_RMS = 0.06  # about -24 dBFS per utterance: a normal talker level
 EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
 
 
-def default_dir(kind: str) -> Optional[Path]:
+def default_dir(kind: str) -> Path | None:
     """``../shared/eval/<kind>`` relative to the repository, when it exists."""
     path = EVAL / kind
     return path if path.is_dir() else None
@@ -47,13 +46,13 @@ def _audio_files(folder: Path) -> list[Path]:
 class SourceConfig:
     """Where the recordings are and how they are mixed (picklable: it travels to worker processes)."""
 
-    speech_dir: Optional[str] = None
-    noise_dir: Optional[str] = None
-    snr_db: Optional[float] = None  # None: no noise
+    speech_dir: str | None = None
+    noise_dir: str | None = None
+    snr_db: float | None = None  # None: no noise
     seconds: float = 40.0  # length of each bot's signal before it loops
     seed: int = 1234
 
-    def resolved(self) -> "SourceConfig":
+    def resolved(self) -> SourceConfig:
         speech = self.speech_dir or (str(default_dir("speech")) if default_dir("speech") else None)
         noise = self.noise_dir
         if noise is None and self.snr_db is not None and default_dir("noise") is not None:

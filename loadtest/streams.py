@@ -22,13 +22,20 @@ packets tapped before aiortc's receive buffer).  Definitions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from loadtest.bot import Recording
-from loadtest.marker import (LatencySample, MarkerTemplate, MatchOptions, ReceivedSegment, SendTimeline,
-                            measure_at, measure_segment)
+from loadtest.marker import (
+    LatencySample,
+    MarkerTemplate,
+    MatchOptions,
+    ReceivedSegment,
+    SendTimeline,
+    measure_at,
+    measure_segment,
+)
 
 RATE = 48_000
 TS_MOD = 1 << 32
@@ -53,15 +60,15 @@ class StreamFigures:
     latency: list[LatencySample] = field(default_factory=list)
     server_pairs: list[tuple[float, float, float]] = field(default_factory=list)  # (t, server ms, marker ms)
     e2e_pairs: list[tuple[float, float, float]] = field(default_factory=list)  # (t, server e2e ms, marker ms)
-    dnsmos: Optional[dict[str, float]] = None
-    sent_dnsmos: Optional[dict[str, float]] = None
+    dnsmos: dict[str, float] | None = None
+    sent_dnsmos: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         wire = np.array([s.wire_ms for s in self.latency])
         e2e = np.array([s.e2e_ms for s in self.latency])
         ncc = np.array([s.ncc for s in self.latency])
 
-        def pct(x: np.ndarray, q: float) -> Optional[float]:
+        def pct(x: np.ndarray, q: float) -> float | None:
             return round(float(np.percentile(x, q)), 2) if len(x) else None
 
         return {
@@ -81,7 +88,7 @@ class StreamFigures:
         }
 
 
-def owner_since(rec: Recording, publisher: str, settle_s: float = 0.5) -> Optional[float]:
+def owner_since(rec: Recording, publisher: str, settle_s: float = 0.5) -> float | None:
     """From when ``rec`` has carried ``publisher`` without interruption (None if it does not now)."""
     if not rec.owners or rec.owners[-1][1] != publisher:
         return None
@@ -108,7 +115,7 @@ def received_segments(rec: Recording, since: float, until: float) -> list[Receiv
     deliver: list[float] = []
     wires: list[float] = []
     offset = 0
-    next_pts: Optional[int] = None
+    next_pts: int | None = None
 
     def close() -> None:
         if blocks:
@@ -152,7 +159,7 @@ def _timeline_figures(fig: StreamFigures, rec: Recording, since: float, until: f
     fig.drop_rate = fig.dropped / max(1, fig.frames_expected)
     fig.rtp_lost = max(0, int(seq.max() - seq.min() + 1) - len(np.unique(seq)))
     holes = steps[steps > 1.5 * frame] - frame
-    fig.gaps = int(len(holes))
+    fig.gaps = len(holes)
     fig.longest_gap_ms = float(holes.max() / RATE * 1000.0) if len(holes) else 0.0
     order = np.argsort(t, kind="stable")
     t, ts = t[order], ts[order]
@@ -167,9 +174,9 @@ def _timeline_figures(fig: StreamFigures, rec: Recording, since: float, until: f
 
 
 def measure_stream(rec: Recording, subscriber: str, publisher: str, room: str, since: float, until: float,
-                   templates: list[MarkerTemplate], send: Optional[SendTimeline],
-                   options: Optional[MatchOptions] = None,
-                   probes: Optional[list[dict[str, float]]] = None) -> StreamFigures:
+                   templates: list[MarkerTemplate], send: SendTimeline | None,
+                   options: MatchOptions | None = None,
+                   probes: list[dict[str, float]] | None = None) -> StreamFigures:
     """All figures of one received stream over [since, until).
 
     ``probes``: the publisher's figures from the ``stats`` messages this

@@ -19,22 +19,22 @@ receive buffer and decoder (aiortc holds 4 packets, ~80 ms).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 
-def percentiles(values: list[float], qs: tuple[int, ...] = (50, 90, 99)) -> dict[str, Optional[float]]:
+def percentiles(values: list[float], qs: tuple[int, ...] = (50, 90, 99)) -> dict[str, float | None]:
     if not values:
         return {**{f"p{q}": None for q in qs}, "max": None, "n": 0}
     arr = np.asarray(values, dtype=np.float64)
-    out: dict[str, Optional[float]] = {f"p{q}": round(float(np.percentile(arr, q)), 2) for q in qs}
+    out: dict[str, float | None] = {f"p{q}": round(float(np.percentile(arr, q)), 2) for q in qs}
     out["max"] = round(float(arr.max()), 2)
     out["n"] = len(values)
     return out
 
 
-def _mean(values: list[float]) -> Optional[float]:
+def _mean(values: list[float]) -> float | None:
     return round(float(np.mean(values)), 3) if values else None
 
 
@@ -84,7 +84,7 @@ def compare_with_server(streams: list[dict[str, Any]], codec_delay_ms: float) ->
             "e2e": e2e, "last_packet": last}
 
 
-def _gain(group: list[dict[str, Any]], sent: dict[str, Any], key: str) -> Optional[float]:
+def _gain(group: list[dict[str, Any]], sent: dict[str, Any], key: str) -> float | None:
     """Mean DNSMOS change from what the publisher sent to what was received (content-independent)."""
     deltas = [s["dnsmos"][key] - sent[s["publisher"]][key] for s in group
               if s.get("dnsmos") and sent.get(s["publisher"])]

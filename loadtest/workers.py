@@ -16,7 +16,7 @@ import multiprocessing
 import threading
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from loadtest.host import BotHost
 from loadtest.sources import SourceConfig, SourceLibrary
@@ -51,7 +51,7 @@ class LocalHost:
         await self.host.stop()
 
 
-def _pump(conn: Connection, loop: asyncio.AbstractEventLoop, inbox: "asyncio.Queue[Any]") -> None:
+def _pump(conn: Connection, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue[Any]) -> None:
     """Reader thread: every message from ``conn`` into ``inbox`` on ``loop``; None at end of pipe."""
     while True:
         try:
@@ -79,7 +79,7 @@ async def _serve(conn: Connection, sources: SourceConfig, url: str, light: bool)
                 raise ValueError(f"unknown command {command!r}")
             result = await getattr(host, command)(**kwargs)
             conn.send((req_id, True, result))
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure goes back to the coordinator with its traceback
             conn.send((req_id, False, traceback.format_exc()))
 
     while True:
@@ -137,7 +137,7 @@ class RemoteHost:
                 self._pending.clear()
                 return
             req_id, ok, result = msg
-            fut = self._pending.pop(req_id, None)
+            fut: Optional[asyncio.Future[Any]] = self._pending.pop(req_id) if req_id in self._pending else None
             if fut is None or fut.done():
                 continue
             if ok:
@@ -159,7 +159,7 @@ class RemoteHost:
         if self.process.is_alive():
             try:
                 await asyncio.wait_for(self.call("stop"), 15.0)
-            except (asyncio.TimeoutError, WorkerError, OSError):
+            except (TimeoutError, WorkerError, OSError):
                 pass
         await self._loop.run_in_executor(None, self.process.join, 10.0)
         if self.process.is_alive():

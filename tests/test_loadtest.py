@@ -9,9 +9,8 @@ import math
 import numpy as np
 import pytest
 from aiortc.codecs.opus import OpusDecoder
-from aiortc.jitterbuffer import JitterFrame
 
-from loadtest.lightmedia import encode_opus, opus_lookahead_ms
+from loadtest.lightmedia import decode_opus, encode_opus, opus_lookahead_ms
 from loadtest.marker import MarkerTemplate, ReceivedSegment, SendTimeline, measure_segment
 from loadtest.promtext import aggregate, parse
 from loadtest.session import SessionConfig, run_load
@@ -36,18 +35,22 @@ def _denoiser() -> str:
         try:
             importlib.import_module(module)
             return spec
-        except Exception as exc:  # a stage being written elsewhere may not import yet
+        except Exception as exc:  # noqa: BLE001 - a stage being written elsewhere may not import yet
             problems.append(f"{spec}: {exc}")
     pytest.skip("no denoise stage imports: " + "; ".join(problems))
 
 
 def test_prometheus_text_is_parsed_whatever_the_exporter() -> None:
-    text = "\n".join([
-        "# HELP mediaserver_rooms Rooms open.", "# TYPE mediaserver_rooms gauge", "mediaserver_rooms 2",
-        'mediaserver_participants{room="a"} 3', 'mediaserver_participants{room="b",note="say \\"hi\\""} 4',
-        'mediaserver_latency_e2e_seconds_bucket{kind="microphone",le="+Inf"} 17.0 1700000000000',
-        "mediaserver_clock_lag_seconds NaN", 'target_info{service_name="mediaserver"} 1', "garbage line",
-    ])
+    text = """# HELP mediaserver_rooms Rooms open.
+# TYPE mediaserver_rooms gauge
+mediaserver_rooms 2
+mediaserver_participants{room="a"} 3
+mediaserver_participants{room="b",note="say \\"hi\\""} 4
+mediaserver_latency_e2e_seconds_bucket{kind="microphone",le="+Inf"} 17.0 1700000000000
+mediaserver_clock_lag_seconds NaN
+target_info{service_name="mediaserver"} 1
+garbage line
+"""
     samples = parse(text)
     agg = aggregate(samples)
     assert agg["mediaserver_rooms"]["sum"] == 2
@@ -62,8 +65,7 @@ def test_marker_recovers_a_known_delay_from_real_speech_through_opus() -> None:
     lib = _library(snr_db=5.0)
     signal = lib.signal(3)
     decoder = OpusDecoder()
-    decoded = [f.to_ndarray().astype(np.float32).reshape(-1, 2).mean(axis=1) / 32768.0
-               for p in encode_opus(signal.mix) for f in decoder.decode(JitterFrame(data=p, timestamp=0))]
+    decoded = [block for p in encode_opus(signal.mix) for block in decode_opus(decoder, p)]
     n = len(decoded)
     t0, delay = 100.0, 0.1234
     send = SendTimeline(times=t0 + np.arange(n) * 0.02, pts=np.arange(n, dtype=np.int64) * 960)

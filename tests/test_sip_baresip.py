@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ class Baresip:
         self.dir = workdir
         self.rec = workdir / "rec"
         self.rec.mkdir(exist_ok=True)
-        self.ctrl_port = free_port(kind=1)  # SOCK_STREAM
+        self.ctrl_port = free_port(kind=socket.SOCK_STREAM)
         sip_port = free_port()
         rtp = free_port()
         (workdir / "accounts").write_text("<sip:phone@127.0.0.1>;regint=0\n")
