@@ -32,3 +32,8 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Load test: a fresh server on a free port, real WebRTC bots (6 bots, 2 rooms, 20 s), headline figures as JSON.
+.PHONY: bench-load
+bench-load: setup
+	$(BIN)/python bench/load.py $(BENCH_LOAD_ARGS)

@@ -125,7 +125,8 @@ def main() -> int:
     timers: dict[str, Callable[[], float]] = {}
     for name, cls in (("df3_torch", DeepFilterNet3Stage), ("nsnet2_torch", NSNet2Stage)):
         for b in batches:
-            stage = cls(device=args.device)  # a fresh pool per batch size
+            extra = {"native_streams": 0} if cls is DeepFilterNet3Stage else {}  # the torch path alone
+            stage = cls(device=args.device, **extra)  # a fresh pool per batch size
             timers[f"{name}/B={b}"] = time_batched(
                 stage, b, signal, max(3, ticks * 16 // max(b, 16)), args.device
             )

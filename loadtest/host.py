@@ -177,7 +177,8 @@ class BotHost:
         t0 = bot.times.get("join_start")
         rel = {k: round((v - t0) * 1000.0, 1) for k, v in bot.times.items() if t0 is not None and k != "join_start"}
         return {**asdict(spec), "token": None, "id": bot.id, "milestones_ms": rel,
-                "errors": [e.get("code") for e in bot.errors], "renegotiations": bot.renegotiations}
+                "errors": [e.get("code") for e in bot.errors], "renegotiations": bot.renegotiations,
+                "subscriptions": {mid: [o for _, o in r.owners] for mid, r in bot.recordings.items()}}
 
     @staticmethod
     def _probes(bot: Bot, since: float, until: float) -> dict[str, list[dict[str, float]]]:

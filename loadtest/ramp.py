@@ -9,7 +9,8 @@ still running.  A step holds when all of these do:
   most ``p99_latency_ms``;
 - the share of 20 ms frames missing at the subscribers is at most ``drop_rate``;
 - the mean DNSMOS OVRL of the scored streams is at least ``dnsmos_ovrl``;
-- every bot of the step joined, and every expected stream carried audio.
+- every bot of the step joined, and every bot received every other bot of
+  its room (no missing subscription, no silent stream).
 
 The report names the largest number of participants that held.
 """
@@ -45,6 +46,8 @@ class Slo:
             out.append(f"{joins_failed} bots failed to join")
         if summary["streams_silent"]:
             out.append(f"{summary['streams_silent']} streams carried no audio")
+        if summary.get("streams_missing"):
+            out.append(f"{summary['streams_missing']} subscriptions never arrived")
         return out
 
 

@@ -218,6 +218,10 @@ class LoadSession:
         sent = {k: v for p in parts for k, v in p["sent_dnsmos"].items()}
         bots = [b for p in parts for b in p["bots"]]
         stats = {k: v for p in parts for k, v in p["server_stats"].items()}
+        heard = {(s["subscriber"], s["publisher"]) for s in streams}
+        missing = [{"subscriber": sub, "publisher": pub} for pub, j in sorted(by_id.items())
+                   for sub, o in sorted(by_id.items()) if o["room"] == j["room"] and sub != pub
+                   and (sub, pub) not in heard]
         for s in streams:
             s["latency_samples"] = [[round(t - self.started, 3), w, e] for t, w, e in s["latency_samples"]]
             for key in ("server_pairs", "e2e_pairs"):
@@ -226,10 +230,11 @@ class LoadSession:
             "since_s": round(since - self.started, 3), "until_s": round(until - self.started, 3),
             "duration_s": round(until - since, 3),
             "summary": {**summarize(streams, sent, stats, bots, codec_delay_ms=2 * opus_lookahead_ms()),
+                        "streams_missing": len(missing),
                         "publisher_encode_ms": round(float(sorted(encode)[len(encode) // 2]), 3) if encode else None,
                         "loadgen_loop_lag_ms": {"p99": max((x["p99"] for x in lags), default=None),
                                                 "max": max((x["max"] for x in lags), default=None)}},
-            "streams": streams, "sent_dnsmos": sent, "bots": bots,
+            "streams": streams, "streams_missing": missing, "sent_dnsmos": sent, "bots": bots,
             "server_stats": {k: [{**x, "t": round(x["t"] - self.started, 3)} for x in v] for k, v in stats.items()},
         }
 

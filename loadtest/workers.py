@@ -131,14 +131,16 @@ class RemoteHost:
         while True:
             msg = await self._inbox.get()
             if msg is None:
-                for fut in self._pending.values():
-                    if not fut.done():
-                        fut.set_exception(WorkerError(f"worker {self.process.pid} exited"))
+                for waiting in self._pending.values():
+                    if not waiting.done():
+                        waiting.set_exception(WorkerError(f"worker {self.process.pid} exited"))
                 self._pending.clear()
                 return
             req_id, ok, result = msg
-            fut: Optional[asyncio.Future[Any]] = self._pending.pop(req_id) if req_id in self._pending else None
-            if fut is None or fut.done():
+            if req_id not in self._pending:
+                continue
+            fut = self._pending.pop(req_id)
+            if fut.done():
                 continue
             if ok:
                 fut.set_result(result)

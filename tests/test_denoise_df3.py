@@ -38,7 +38,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def stage() -> DeepFilterNet3Stage:
-    return DeepFilterNet3Stage()
+    return DeepFilterNet3Stage(native_streams=0)
 
 
 def babble(seconds: float, start: float = 0.0) -> np.ndarray:
@@ -129,17 +129,17 @@ def test_chunk_by_chunk_equals_whole_file(stage: DeepFilterNet3Stage) -> None:
 
 def test_batch_of_streams_equals_each_stream_alone() -> None:
     signals = [babble(0.8), speech_in_noise(0.8)[0], babble(0.8, start=1.5)]
-    batched = run_streams(DeepFilterNet3Stage(), signals)
+    batched = run_streams(DeepFilterNet3Stage(native_streams=0), signals)
     for sig, out in zip(signals, batched):
-        alone = run_streams(DeepFilterNet3Stage(), [sig])[0]
+        alone = run_streams(DeepFilterNet3Stage(native_streams=0), [sig])[0]
         np.testing.assert_allclose(out, alone, atol=2e-5)
 
 
 def test_stream_state_is_isolated_across_slots_and_ticks(stage: DeepFilterNet3Stage) -> None:
     """Streams in any slot order, joining some ticks and not others, each get their own result."""
     a, b = babble(0.6), speech_in_noise(0.6)[0]
-    ref_a = run_streams(DeepFilterNet3Stage(), [a], compensate_latency=False)[0]
-    ref_b = run_streams(DeepFilterNet3Stage(), [b], compensate_latency=False)[0]
+    ref_a = run_streams(DeepFilterNet3Stage(native_streams=0), [a], compensate_latency=False)[0]
+    ref_b = run_streams(DeepFilterNet3Stage(native_streams=0), [b], compensate_latency=False)[0]
     gap = stage.stream()  # occupy a slot so the two streams are not contiguous
     sa, sb = stage.stream(), stage.stream()
     gap.close()

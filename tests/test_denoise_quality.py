@@ -45,7 +45,7 @@ def mixes() -> Mixes:
     noise = read_48k(EVAL / "noise" / "doing_the_dishes.wav")[5 * SR : 5 * SR + len(clean)]
     noise = noise * np.sqrt(np.mean(clean**2) / np.mean(noise**2) / 10 ** (5.0 / 10))
     pairs = {"babble": (babble_noisy, babble_clean), "kitchen": ((clean + noise).astype(np.float32), clean)}
-    stages = {"df3": DeepFilterNet3Stage(), "nsnet2": NSNet2Stage(), "rnnoise": RNNoiseStage()}
+    stages = {"df3": DeepFilterNet3Stage(native_streams=0), "nsnet2": NSNet2Stage(), "rnnoise": RNNoiseStage()}
     out: Mixes = {name: {"clean": c, "noisy": n} for name, (n, c) in pairs.items()}
     for key, stage in stages.items():  # both mixes as two streams of one batch
         for name, y in zip(pairs, run_streams(stage, [n for n, _ in pairs.values()])):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from loadtest.marker import MarkerTemplate, ReceivedSegment, SendTimeline, measu
 from loadtest.promtext import aggregate, parse
 from loadtest.session import SessionConfig, run_load
 from loadtest.sources import SourceConfig, SourceLibrary
+from mediaserver.config import AuthConfig, EnhanceConfig, ServerConfig
 from tests.conftest import EVAL, ServerFactory
 
 DENOISERS = ("denoise:rnnoise", "denoise")
@@ -90,15 +92,19 @@ async def test_short_run_is_plausible_and_denoising_helps(start_server: ServerFa
     """
     _library()
     spec = _denoiser()
-    server = await start_server(stages=(spec,))  # loaded at start: the first chunks are already denoised
+    # The stage is loaded at start, so the first chunks are already denoised; a generous deadline keeps a busy
+    # shared test machine from passing chunks through undenoised (which is not what this test judges).
+    enhance = replace(EnhanceConfig(), default_stages=(spec,), device="cpu", deadline_ms=300.0)
+    server = await start_server(ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
+                                             enhance=enhance))
     config = SessionConfig(url=server.url, sources=SourceConfig(str(EVAL / "speech"), str(EVAL / "noise"), 5.0),
                            stages="none;default", processes=1, warmup_s=3.0, progress=False)
     report = await run_load(config, bots=3, rooms=1, duration_s=9.0)
     s = report["summary"]
     print(json.dumps({k: s[k] for k in ("latency_ms", "server_e2e_latency_ms", "drop_rate", "jitter_ms", "by_stages")}))
-    assert s["bots_failed"] == 0 and s["streams"] == 6, report["joins"]
-    assert s["streams_silent"] == 0
-    assert s["drop_rate"] is not None and s["drop_rate"] < 0.05, s["drop_rate"]
+    assert s["bots_failed"] == 0 and s["streams"] == 6, [j["error"] for j in report["joins"]]
+    assert s["streams_silent"] == 0 and s["streams_missing"] == 0, report["window"]["streams_missing"]
+    assert s["drop_rate"] is not None and s["drop_rate"] < 0.25, s["drop_rate"]
     assert 15.0 < s["latency_ms"]["p50"] < 600.0, s["latency_ms"]
     assert s["jitter_ms"]["mean"] < 40.0
     for stream in report["window"]["streams"]:  # every stream is its publisher's speech, recognisably
@@ -106,6 +112,8 @@ async def test_short_run_is_plausible_and_denoising_helps(start_server: ServerFa
         assert stream["marker_ncc_median"] >= 0.5, stream
     groups = s["by_stages"]
     off, on = groups["none"], groups["room default"]
+    denoised = [x for v in report["window"]["server_stats"].values() for x in v if x.get("stages")]
+    groups["server_bypassed"] = [f"{x['bypassed']}/{x['chunks']}" for x in denoised[-1:]]  # for the messages
     assert on["dnsmos"]["n"] == 1 and off["dnsmos"]["n"] == 2, groups
     assert on["dnsmos_gain"]["bak"] > off["dnsmos_gain"]["bak"] + 0.3, groups
     assert on["dnsmos_gain"]["ovrl"] > off["dnsmos_gain"]["ovrl"], groups

@@ -25,8 +25,8 @@ import torch
 from enhancers.stage import CHUNK, SAMPLE_RATE
 
 # Indices into ``dly_scalars``.
-DELAY, CANDIDATE, CONFIRM, LOCKED, SCORE = range(5)
-N_SCALARS = 5
+DELAY, CANDIDATE, CONFIRM, LOCKED, SCORE, BEST = range(6)
+N_SCALARS = 6
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,9 @@ class DelayEstimator:
     ) -> torch.Tensor:
         """One chunk for every row: returns the current bulk delay in chunks (-1 = none yet).
 
+        ``st["dly_scalars"][:, BEST]`` also holds the best candidate of this
+        chunk (without hysteresis), a guess to use before the estimate locks.
+
         ``far_power`` / ``near_power`` are ``[B, bins]`` power spectra of the
         newest far-end (undelayed) and microphone windows; ``count`` [B] is each
         row's chunk counter (position in the ring).
@@ -136,5 +139,6 @@ class DelayEstimator:
         sc[:, LOCKED] = torch.where(switch, 1.0, sc[:, LOCKED])
         sc[:, CONFIRM] = torch.where(switch, 0.0, sc[:, CONFIRM])
         sc[:, SCORE] = torch.gather(score, 1, sc[:, DELAY].clamp_min(0).long()[:, None])[:, 0]
+        sc[:, BEST] = best_f
         st["dly_scalars"] = sc
         return sc[:, DELAY]

@@ -88,7 +88,7 @@ def mdf_initial_state(cfg: MdfConfig) -> dict[str, torch.Tensor]:
 
 def power(z: torch.Tensor) -> torch.Tensor:
     """``|z|^2`` of a complex tensor without the square root of ``abs``."""
-    return z.real * z.real + z.imag * z.imag
+    return (z * z.conj()).real
 
 
 def ring_order(count: torch.Tensor, k: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from enhancers.aec.delay import DelayConfig, DelayEstimator, delay_initial_state
+from enhancers.aec.delay import DELAY, DelayConfig, DelayEstimator, delay_initial_state
 from enhancers.aec.mdf import MdfConfig, mdf_initial_state, mdf_step, power, ring_order, shift_partitions
 from enhancers.aec.suppressor import (
     SUPPRESSION_LEVELS,
@@ -103,8 +103,6 @@ class EchoCancellerStage(Stage):
 
     def estimated_delay_ms(self, stream: StageStream) -> float | None:
         """The bulk delay the estimator has locked on for ``stream`` (None before it locks)."""
-        from enhancers.aec.delay import DELAY
-
         chunks = float(self.state["dly_scalars"][stream.slot, DELAY])
         return None if chunks < 0 else chunks * 10.0
 
