@@ -41,6 +41,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sent-dnsmos", action="store_true", help="do not score what publishers sent")
     p.add_argument("--full-aiortc", action="store_true",
                    help="bots use aiortc's own encode/decode threads (heavier) instead of the light media path")
+    p.add_argument("--sequential-joins", action="store_true", help="join bots one at a time")
+    p.add_argument("--no-spread-addresses", action="store_true",
+                   help="do not spread bots over 127.0.0.x source addresses against a loopback server")
     p.add_argument("--out", type=Path, help="report folder (default loadtest-<kind>-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--verbose", action="store_true", help="log the analysis")
@@ -73,7 +76,9 @@ def session_config(args: argparse.Namespace, bots: int) -> SessionConfig:
     processes = args.processes if args.processes is not None else min(os.cpu_count() or 1, bots)
     return SessionConfig(url=args.url, sources=sources, stages=args.stages, processes=processes, token=args.token,
                          dnsmos_per_publisher=args.dnsmos_per_publisher, warmup_s=args.warmup,
-                         progress=not args.quiet, score_sent=not args.no_sent_dnsmos, light=not args.full_aiortc)
+                         progress=not args.quiet, score_sent=not args.no_sent_dnsmos, light=not args.full_aiortc,
+                         sequential_joins=args.sequential_joins,
+                         spread_source_addresses=not args.no_spread_addresses)
 
 
 def headline(report: dict[str, Any], report_dir: Path | None = None) -> dict[str, Any]:

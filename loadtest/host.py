@@ -26,7 +26,8 @@ from loadtest.streams import measure_stream, owner_since, window_audio
 
 log = logging.getLogger(__name__)
 
-STATS_FIELDS = ("participant", "stream", "stages", "server_latency_ms", "e2e_latency_ms", "subscriber_dropped", "processing_ms", "jitter_buffer_ms",
+STATS_FIELDS = ("participant", "stream", "stages", "server_latency_ms", "e2e_latency_ms", "subscriber_dropped",
+                "dropped_backlog", "processing_ms", "jitter_buffer_ms",
                 "jitter_ms", "received", "lost", "late", "concealed_chunks", "bypassed", "chunks")
 
 
@@ -45,6 +46,8 @@ class BotSpec:
 
 @dataclass
 class _Snapshot:
+    """One bot's recordings and logs, copied on the event loop for analysis in a thread."""
+
     bot_id: str
     room: str
     recordings: list[Recording]
@@ -178,7 +181,10 @@ class BotHost:
         rel = {k: round((v - t0) * 1000.0, 1) for k, v in bot.times.items() if t0 is not None and k != "join_start"}
         return {**asdict(spec), "token": None, "id": bot.id, "milestones_ms": rel,
                 "errors": [e.get("code") for e in bot.errors], "renegotiations": bot.renegotiations,
-                "subscriptions": {mid: [o for _, o in r.owners] for mid, r in bot.recordings.items()}}
+                "subscriptions": {mid: [o for _, o in r.owners] for mid, r in bot.recordings.items()},
+                "offered": {mid: info.get("participant") for mid, info in bot.track_info.items()},
+                "transceivers": [[t.mid, t.direction, t.currentDirection, t.receiver.track is not None]
+                                 for t in bot.pc.getTransceivers()]}
 
     @staticmethod
     def _probes(bot: Bot, since: float, until: float) -> dict[str, list[dict[str, float]]]:

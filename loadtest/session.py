@@ -29,6 +29,7 @@ from loadtest.summary import summarize
 from loadtest.workers import Host, LocalHost, RemoteHost
 
 BOTS_PER_ADDRESS = 24  # the server limits WebSocket connections per source address (32 by default)
+PROGRESS_METRICS = ("participants", "rooms", "skipped_ticks", "bypass_deadline", "clock_lag_max")
 
 
 @dataclass
@@ -50,6 +51,7 @@ class SessionConfig:
     room_prefix: str = field(default_factory=lambda: f"lt{os.getpid() % 1000}x{int(time.time()) % 100000}")
     marker: dict[str, Any] = field(default_factory=dict)  # MatchOptions fields (loadtest.marker)
     spread_source_addresses: bool = True
+    sequential_joins: bool = False  # one join at a time (default: all of a step at once, like a meeting start)
 
 
 def _is_loopback(url: str) -> bool:
@@ -138,8 +140,12 @@ class LoadSession:
             self.specs.append(spec)
             batches.setdefault(i % len(self.hosts), []).append(spec)
         self._set_phase(f"joining {len(rooms)}")
-        results = await asyncio.gather(*(self.hosts[h].call("add", specs=s) for h, s in batches.items()))
-        joined = [r for rs in results for r in rs]
+        if self.config.sequential_joins:
+            joined = [r for s in self.specs[-len(rooms):]
+                      for r in await self.hosts[s.index % len(self.hosts)].call("add", specs=[s])]
+        else:
+            results = await asyncio.gather(*(self.hosts[h].call("add", specs=s) for h, s in batches.items()))
+            joined = [r for rs in results for r in rs]
         self.joins += joined
         return joined
 
@@ -169,11 +175,11 @@ class LoadSession:
                 st = {}
             left = f" {max(0.0, self._phase_end - time.monotonic()):5.1f}s left" if self._phase_end else ""
             server = ""
-            for frag in ("participants", "loop_lag"):
-                names = self.scraper.find(frag)
-                if names:
-                    v = self.scraper.latest(names[0], "sum" if frag == "participants" else "max")
-                    server += f" {names[0].replace('mediaserver_', '')}={v:g}"
+            for frag in PROGRESS_METRICS:
+                names = [n for n in self.scraper.find(frag) if not n.endswith(("_bucket", "_count", "_sum"))]
+                value = self.scraper.latest(names[0]) if names else None
+                if value is not None:
+                    server += f" {names[0].replace('mediaserver_', '')}={value:g}"
             print(f"[loadtest {time.monotonic() - self.started:6.1f}s] {self._phase}{left} | bots "
                   f"{st.get('connected', 0)}/{st.get('bots', 0)} connected, {st.get('streams', 0)} streams, "
                   f"{st.get('frames', 0)} frames rx, {st.get('errors', 0)} errors, bot loop lag "

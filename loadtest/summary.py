@@ -1,20 +1,26 @@
 """Headline figures of one measurement window, from the per-stream figures the bots produced.
 
-Latency comparison with the server (``marker_vs_server``): the server's
-``server_latency_ms`` (stats message, per published stream) runs from the
-RTP arrival of a microphone packet at the server to the encoded packet
-that carries the same audio being handed to the fan-out.  The bots'
-``latency_ms`` (wire latency) runs from the publisher handing a frame to
-its WebRTC sender to the RTP packet arriving at the subscriber.  The two
-differ only by what lies outside the server: two loopback hops and the
-publisher's Opus encode (well under a millisecond each), the subscriber
-queue and aiortc's packetizer on the way out, and where the server's 10 ms
-chunk grid cuts the publisher's 20 ms frames (the server figure is taken on
-the second chunk of each outgoing frame, so 0 or 10 ms), so they must agree
-within about 20 ms as long as no stage adds algorithmic delay (a denoiser's
-look-ahead delays the audio but not the packets, so the marker sees it and
-the server figure does not).  ``e2e_latency_ms`` adds the subscriber's own
-receive buffer and decoder (aiortc holds 4 packets, ~80 ms).
+Latency comparison with the server (``marker_vs_server``), paired in time
+with every ``stats`` message a subscriber got:
+
+- the bots' wire latency runs from the publisher's RTP packet reaching its
+  transport to the subscriber's RTP packet arriving, for the same audio
+  (found by the marker, ``loadtest/marker.py``);
+- the server's ``e2e_latency_ms`` runs from the RTP arrival of a microphone
+  packet to the RTP send of the packet carrying the same audio, averaged
+  over the last second: the same span but for the two loopback hops, so it
+  is the reference (``server_latency_ms``, arrival to encoded packet of the
+  last packet, leaves out the subscriber queue and the sender and is only
+  used when the server does not report ``e2e_latency_ms``).
+
+The audio itself is delayed by more than its packets: each Opus encoder on
+the path (the publisher's, the server's) has a 6.5 ms look-ahead, measured
+at run time (``codec_delay_ms``) and removed from the difference; where the
+server's 10 ms chunk grid cuts the publisher's 20 ms frames shifts the
+server's per-packet figure by 0 or -10 ms; the loopback hops and the
+schedulers add a few ms.  So the difference must be within about +-10 ms, and
+a stage with algorithmic delay (a denoiser's look-ahead: RNNoise 20 ms)
+shows up on top of it, since it delays the audio but not the packets.
 """
 
 from __future__ import annotations

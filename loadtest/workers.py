@@ -31,6 +31,8 @@ class WorkerError(RuntimeError):
 
 
 class Host(Protocol):
+    """What the coordinator drives: a ``BotHost`` here or in a worker process."""
+
     async def call(self, command: str, **kwargs: Any) -> Any: ...
 
     async def close(self) -> None: ...

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,4 +75,7 @@ def test_simulated_300ms_echo_with_level_change_is_cancelled() -> None:
     assert erle_db(case.mic[after], out[after], SAMPLE_RATE) >= 25.0
     # The adaptive filter alone removes echo; the suppressor removes much more.
     assert erle_db(case.mic[after], linear[after], SAMPLE_RATE) >= 5.0
-    assert erle_db(case.mic[after], out[after], SAMPLE_RATE) >= erle_db(case.mic[after], linear[after], SAMPLE_RATE) + 10.0
+    assert (
+        erle_db(case.mic[after], out[after], SAMPLE_RATE)
+        >= erle_db(case.mic[after], linear[after], SAMPLE_RATE) + 10.0
+    )

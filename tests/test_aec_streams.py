@@ -44,12 +44,16 @@ def cases() -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def run(stage: EchoCancellerStage, streams: list[StageStream], refs: list[np.ndarray], mics: list[np.ndarray]) -> np.ndarray:
+def run(
+    stage: EchoCancellerStage, streams: list[StageStream], refs: list[np.ndarray], mics: list[np.ndarray]
+) -> np.ndarray:
     n = len(mics[0]) // CHUNK * CHUNK
     far, mic = stack_padded(refs, n), stack_padded(mics, n)
     out = torch.empty_like(mic)
     for i in range(0, n, CHUNK):
-        out[:, i : i + CHUNK] = stage.process(mic[:, i : i + CHUNK], streams, BatchContext(reference=far[:, i : i + CHUNK]))
+        out[:, i : i + CHUNK] = stage.process(
+            mic[:, i : i + CHUNK], streams, BatchContext(reference=far[:, i : i + CHUNK])
+        )
     return out.numpy()
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from enhancers.stage import CHUNK, SAMPLE_RATE
+from enhancers.stage import SAMPLE_RATE
 
 # Indices into ``dly_scalars``.
 DELAY, CANDIDATE, CONFIRM, LOCKED, SCORE, BEST = range(6)
@@ -52,7 +52,9 @@ def band_matrix(cfg: DelayConfig, n_fft: int) -> torch.Tensor:
     """``[bins, bands]`` 0/1 matrix summing FFT bins into log-spaced bands."""
     bins = n_fft // 2 + 1
     hz = torch.arange(bins, dtype=torch.float64) * SAMPLE_RATE / n_fft
-    edges = torch.logspace(math.log10(cfg.low_hz), math.log10(cfg.high_hz), cfg.bands + 1, dtype=torch.float64)
+    edges = torch.logspace(
+        math.log10(cfg.low_hz), math.log10(cfg.high_hz), cfg.bands + 1, dtype=torch.float64
+    )
     m = (hz[:, None] >= edges[None, :-1]) & (hz[:, None] < edges[None, 1:])
     return m.float()
 
@@ -89,7 +91,11 @@ class DelayEstimator:
         return (log_e - last).clamp_min(0.0), log_e
 
     def update(
-        self, st: dict[str, torch.Tensor], far_power: torch.Tensor, near_power: torch.Tensor, count: torch.Tensor
+        self,
+        st: dict[str, torch.Tensor],
+        far_power: torch.Tensor,
+        near_power: torch.Tensor,
+        count: torch.Tensor,
     ) -> torch.Tensor:
         """One chunk for every row: returns the current bulk delay in chunks (-1 = none yet).
 

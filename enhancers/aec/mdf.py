@@ -54,7 +54,7 @@ class MdfConfig:
     @property
     def bins(self) -> int:
         """FFT bins the filter adapts (the rest of the spectrum is left alone)."""
-        return min(self.frame + 1, int(round(self.max_hz * self.n_fft / 48_000.0)) + 1)
+        return min(self.frame + 1, round(self.max_hz * self.n_fft / 48_000.0) + 1)
 
 
 @dataclass
@@ -104,7 +104,7 @@ def _time_half(spec: torch.Tensor, n_fft: int, frame: int) -> torch.Tensor:
 def _spectrum_of_tail(x: torch.Tensor, n_fft: int, bins: int) -> torch.Tensor:
     """Lowest ``bins`` of the spectrum of ``[zeros, x]`` (x in the second half of the window)."""
     padded = torch.nn.functional.pad(x, (n_fft - x.shape[-1], 0))
-    return torch.fft.rfft(padded, norm="forward")[:, :bins]
+    return torch.fft.rfft(padded, norm="forward")[..., :bins]
 
 
 def shift_partitions(w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -158,8 +158,7 @@ def mdf_step(
     w, wf = st["mdf_w"], st["mdf_wf"]
 
     # Foreground (output) and background (adapting) echo estimates.
-    yf = _time_half((x * wf).sum(1), n, frame)
-    yb = _time_half((x * w).sum(1), n, frame)
+    yf, yb = _time_half(torch.stack([(x * wf).sum(1), (x * w).sum(1)], 1), n, frame).unbind(1)
     ef = mic - yf
     eb = mic - yb
     sff = ef.square().sum(-1)
@@ -185,7 +184,7 @@ def mdf_step(
         | (-d2 * d2.abs() > VAR_BACKTRACK * sc[:, DVAR2])
     )
     switched = update_fg | reset_bg
-    sc[:, DAVG1:DVAR2 + 1] = torch.where(switched[:, None], 0.0, sc[:, DAVG1:DVAR2 + 1])
+    sc[:, DAVG1 : DVAR2 + 1] = torch.where(switched[:, None], 0.0, sc[:, DAVG1 : DVAR2 + 1])
     if bool(switched.any()):
         to_fg = torch.nonzero(update_fg).squeeze(1)
         wf.index_copy_(0, to_fg, w.index_select(0, to_fg))
@@ -203,8 +202,7 @@ def mdf_step(
     sey = (eb * yb).sum(-1)
     syy = yb.square().sum(-1)
     sxx = x_frame.square().sum(-1)
-    e_spec = _spectrum_of_tail(eb, n, cfg.bins)
-    y_spec = _spectrum_of_tail(yb, n, cfg.bins)
+    e_spec, y_spec = _spectrum_of_tail(torch.stack([eb, yb], 1), n, cfg.bins).unbind(1)
     rf = power(e_spec)
     yf_pow = power(y_spec)
     xf_pow = power(x_new)

@@ -7,8 +7,9 @@ exactly the server path (one batched :meth:`EchoCancellerStage.process` per
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

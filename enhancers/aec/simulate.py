@@ -40,7 +40,9 @@ def set_level(x: np.ndarray, dbfs: float) -> np.ndarray:
     return (x * 10 ** ((dbfs - rms_dbfs(x)) / 20)).astype(np.float32)
 
 
-def speech(names: tuple[str, ...], seconds: float, eval_dir: Path = EVAL_DIR, gap_s: float = 0.25) -> np.ndarray:
+def speech(
+    names: tuple[str, ...], seconds: float, eval_dir: Path = EVAL_DIR, gap_s: float = 0.25
+) -> np.ndarray:
     """Real speech files back to back (with short pauses), looped to ``seconds``, at -20 dBFS."""
     n = int(seconds * SAMPLE_RATE)
     parts: list[np.ndarray] = []
@@ -80,7 +82,7 @@ def echo_scenario(
 ) -> EchoScenario:
     """Mic = delayed, reverberant echo of ``far`` (+ ``near``) + white noise; level step at the midpoint."""
     n = len(far)
-    shift = int(round(delay_ms * SAMPLE_RATE / 1000))
+    shift = round(delay_ms * SAMPLE_RATE / 1000)
     echo = fftconvolve(far, rir)[:n]
     echo = np.concatenate([np.zeros(shift, dtype=np.float32), echo[: n - shift]])
     echo = set_level(echo, echo_dbfs)
@@ -91,4 +93,6 @@ def echo_scenario(
     near_sig = np.zeros(n, dtype=np.float32) if near is None else near[:n].astype(np.float32)
     mic = (echo + near_sig + noise).astype(np.float32)
     direct = float(np.argmax(np.abs(rir))) * 1000.0 / SAMPLE_RATE
-    return EchoScenario(far=far, mic=mic, echo=echo, near=near_sig, change_at=change_at, true_delay_ms=delay_ms + direct)
+    return EchoScenario(
+        far=far, mic=mic, echo=echo, near=near_sig, change_at=change_at, true_delay_ms=delay_ms + direct
+    )

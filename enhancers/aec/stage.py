@@ -20,7 +20,7 @@ and ``suppression`` (``"off"``, ``"moderate"`` (default), ``"aggressive"``).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -59,10 +59,10 @@ class EchoCancellerStage(Stage):
         linear_max_hz: float = 8000.0,
     ) -> None:
         super().__init__(device)
-        self.margin = max(0, int(math.ceil(pre_ms / 10.0)))
-        partitions = self.margin + max(1, int(math.ceil(tail_ms / 10.0)))
+        self.margin = max(0, math.ceil(pre_ms / 10.0))
+        partitions = self.margin + max(1, math.ceil(tail_ms / 10.0))
         self.mdf = MdfConfig(partitions=partitions, max_hz=linear_max_hz)
-        self.delay_cfg = DelayConfig(max_delay_chunks=int(math.ceil(max_delay_ms / 10.0)))
+        self.delay_cfg = DelayConfig(max_delay_chunks=math.ceil(max_delay_ms / 10.0))
         self.sup_cfg = SuppressorConfig()
         self.ring_chunks = self.delay_cfg.max_delay_chunks + self.mdf.partitions + 3
         self.delay = DelayEstimator(self.delay_cfg, self.mdf.n_fft, self.device)
@@ -97,7 +97,11 @@ class EchoCancellerStage(Stage):
 
     def set_delay_hint(self, stream: StageStream, delay_ms: float | None) -> None:
         """Set (or clear, with ``None``) the stream's expected echo delay; used until the estimator locks."""
-        chunks = -1 if delay_ms is None else max(0, min(int(round(float(delay_ms) / 10.0)), self.delay_cfg.max_delay_chunks))
+        chunks = (
+            -1
+            if delay_ms is None
+            else max(0, min(round(float(delay_ms) / 10.0), self.delay_cfg.max_delay_chunks))
+        )
         stream.options["delay_hint_ms"] = delay_ms
         self.state["hint"][stream.slot] = chunks
 
@@ -122,7 +126,9 @@ class EchoCancellerStage(Stage):
 
     def _far_window(self, index: torch.Tensor, end_chunk: torch.Tensor) -> torch.Tensor:
         """``[B, 2*CHUNK]`` far-end samples of chunks ``end_chunk - 1`` and ``end_chunk``."""
-        return torch.cat([self._ring_chunks(index, end_chunk - 1), self._ring_chunks(index, end_chunk)], dim=-1)
+        return torch.cat(
+            [self._ring_chunks(index, end_chunk - 1), self._ring_chunks(index, end_chunk)], dim=-1
+        )
 
     def _far_at_lag(self, index: torch.Tensor, count: torch.Tensor, lag: torch.Tensor) -> torch.Tensor:
         """The far-end window aligned with the mic window ``[count-1, count]`` delayed by ``lag`` samples."""
@@ -149,9 +155,10 @@ class EchoCancellerStage(Stage):
 
         # Bulk delay: estimator (or the hint until it locks) minus the pre-delay margin.
         sup = self.suppressor
-        far_spec = sup.spectrum(self._far_window(index, count))
         mic_window = torch.cat([st["mic_prev"], mic], dim=-1)
-        mic_spec = sup.spectrum(mic_window)
+        far_spec, mic_spec, mic_rect = sup.spectra(
+            [self._far_window(index, count), mic_window], [mic_window]
+        ).unbind(1)
         estimate = self.delay.update(st, power(far_spec), power(mic_spec), count).long()
         bulk = torch.where(estimate >= 0, estimate, st["hint"].clamp_min(0))
         filter_delay = (bulk - self.margin).clamp_min(0)
@@ -167,13 +174,14 @@ class EchoCancellerStage(Stage):
 
         # Residual echo suppression, with the far end aligned to the filter's main peak.
         lag = self._echo_lag(st, filter_delay, bulk, lin.adapted)
-        far_aligned = sup.spectrum(self._far_at_lag(index, count, lag))
         err_window = torch.cat([st["err_prev"], lin.error], dim=-1)
         echo_window = torch.cat([st["echo_prev"], lin.echo], dim=-1)
-        gain, diverged = sup.gains(st, far_aligned, mic_spec, sup.spectrum(err_window), sup.spectrum(echo_window))
-        base = torch.where(diverged[:, None], mic_window, err_window)
+        far_aligned = self._far_at_lag(index, count, lag)
+        xw, ew, yw, err_rect = sup.spectra([far_aligned, err_window, echo_window], [err_window]).unbind(1)
+        gain, diverged = sup.gains(st, xw, mic_spec, ew, yw)
         noise = sup.track_noise(st, mic_spec)
-        out = sup.apply(st, gain, base) + sup.comfort_noise(st, noise, gain, count)
+        base = torch.where(diverged[:, None], mic_rect, err_rect)
+        out = sup.apply(st, gain, base, sup.comfort_noise_spectrum(noise, gain, count))
 
         st["mic_prev"], st["err_prev"], st["echo_prev"] = mic, lin.error, lin.echo
         st["count"] = count + 1
@@ -209,7 +217,11 @@ class EchoCancellerStage(Stage):
         st["mdf_x"] = torch.where(changed[:, None, None], ring, st["mdf_x"])
 
     def _echo_lag(
-        self, st: dict[str, torch.Tensor], filter_delay: torch.Tensor, bulk: torch.Tensor, adapted: torch.Tensor
+        self,
+        st: dict[str, torch.Tensor],
+        filter_delay: torch.Tensor,
+        bulk: torch.Tensor,
+        adapted: torch.Tensor,
     ) -> torch.Tensor:
         """Echo delay in samples: the foreground filter's main tap once adapted, else the bulk delay."""
         peak_part = st["mdf_prop"].argmax(dim=1)

@@ -24,8 +24,10 @@ hash, so a stream's output does not depend on which other streams share its
 batch.
 
 The gains are applied with zero latency: they are turned into a minimum-phase
-FIR (real cepstrum folding) truncated to one chunk and run as overlap-save on
-``[previous, current]`` output, cross-faded from the previous block's filter.
+response (real cepstrum folding) and applied by overlap-save on ``[previous,
+current]`` output, cross-faded from the previous block's filter.  A
+minimum-phase response has its energy at the front, so what it has beyond one
+chunk (and wraps around in the 2-chunk circular convolution) is negligible.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from enhancers.aec.mdf import power
 from enhancers.stage import CHUNK, SAMPLE_RATE
 
 # Indices into ``sup_scalars``.
-FB_MIN, FB_LOCAL_MIN, XD_AVG_MIN, OVERDRIVE, OVERDRIVE_SM, NEAR_STATE, NEW_MIN, MIN_CTR, DIVERGED, HANG = range(10)
+FB_MIN, FB_LOCAL_MIN, XD_AVG_MIN, OVERDRIVE, OVERDRIVE_SM, NEAR_STATE, NEW_MIN, MIN_CTR, DIVERGED, HANG = (
+    range(10)
+)
 N_SCALARS = 10
 
 # Per-stream suppression levels: (target suppression in nats, minimum overdrive); "off" disables.
@@ -116,7 +120,9 @@ class ResidualEchoSuppressor:
         fold[n // 2] = 1.0
         self.fold = fold
         taper = torch.ones(cfg.frame, device=device)
-        taper[-cfg.frame // 8 :] = torch.hann_window(cfg.frame // 4, periodic=False, device=device)[cfg.frame // 8 :]
+        taper[-cfg.frame // 8 :] = torch.hann_window(cfg.frame // 4, periodic=False, device=device)[
+            cfg.frame // 8 :
+        ]
         self.taper = taper
         self.fade = torch.linspace(0.0, 1.0, cfg.frame + 1, device=device)[1:]
         # Comfort-noise synthesis window (sqrt-Hann: its square overlap-adds to 1), and the
@@ -127,9 +133,11 @@ class ResidualEchoSuppressor:
         pref_bins = len(self.pref) * cfg.band_bins
         self.far_active = (10 ** (cfg.far_active_dbfs / 20) * 32768) ** 2 * 0.375 / n * pref_bins
 
-    def spectrum(self, frame: torch.Tensor) -> torch.Tensor:
-        """Hann-windowed spectrum of ``[B, 2*frame]`` samples."""
-        return torch.fft.rfft(frame * self.window, norm="forward")
+    def spectra(self, windowed: list[torch.Tensor], plain: list[torch.Tensor]) -> torch.Tensor:
+        """``[B, len(windowed) + len(plain), bins]`` spectra (``norm="forward"``) of ``[B, 2*frame]``
+        sample windows: Hann-windowed analysis spectra first, then rectangular ones, in one FFT call."""
+        frames = torch.stack([w * self.window for w in windowed] + plain, dim=1)
+        return torch.fft.rfft(frames, norm="forward")
 
     def to_bands(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``[B, C, bins]`` into ``[B, C, bands]``."""
@@ -148,7 +156,12 @@ class ResidualEchoSuppressor:
         return 0.25 * padded[..., :-2] + 0.5 * x + 0.25 * padded[..., 2:]
 
     def gains(
-        self, st: dict[str, torch.Tensor], xw: torch.Tensor, dw: torch.Tensor, ew: torch.Tensor, yw: torch.Tensor
+        self,
+        st: dict[str, torch.Tensor],
+        xw: torch.Tensor,
+        dw: torch.Tensor,
+        ew: torch.Tensor,
+        yw: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-bin suppression gains ``[B, bins]`` and the divergence flag ``[B]`` (use mic, not error)."""
         cfg = self.cfg
@@ -156,12 +169,19 @@ class ResidualEchoSuppressor:
         sc = st["sup_scalars"].clone()
         spectra = torch.stack([xw, dw, ew, yw], 1)
         powers = self.to_bands(power(spectra))
-        products = torch.view_as_real(spectra[:, [0, 1, 3]] * spectra[:, [1, 2, 1]].conj())  # X D*, D E*, Y D*
+        products = torch.view_as_real(
+            spectra[:, [0, 1, 3]] * spectra[:, [1, 2, 1]].conj()
+        )  # X D*, D E*, Y D*
         bands = torch.view_as_complex(self.to_bands(products.movedim(-1, 2)).movedim(2, -1).contiguous())
         psd = a * st["sup_psd"] + (1 - a) * powers
         cross = a * st["sup_cross"] + (1 - a) * bands
         st["sup_psd"], st["sup_cross"] = psd, cross
-        psd, cross = self.smooth_bands(psd), torch.view_as_complex(self.smooth_bands(torch.view_as_real(cross).movedim(-1, 2)).movedim(2, -1).contiguous())
+        psd, cross = (
+            self.smooth_bands(psd),
+            torch.view_as_complex(
+                self.smooth_bands(torch.view_as_real(cross).movedim(-1, 2)).movedim(2, -1).contiguous()
+            ),
+        )
         sxx, sdd, see, syy = psd.unbind(1)
         sxx = sxx + 1e-3
 
@@ -181,7 +201,9 @@ class ResidualEchoSuppressor:
         pref = self.pref
         xd_avg = 1.0 - coh_xd[:, pref].mean(-1)
         de_avg = coh_de[:, pref].mean(-1)
-        sc[:, XD_AVG_MIN] = torch.where((xd_avg < 0.75) & (xd_avg < sc[:, XD_AVG_MIN]), xd_avg, sc[:, XD_AVG_MIN])
+        sc[:, XD_AVG_MIN] = torch.where(
+            (xd_avg < 0.75) & (xd_avg < sc[:, XD_AVG_MIN]), xd_avg, sc[:, XD_AVG_MIN]
+        )
         near = torch.where((de_avg > 0.98) & (xd_avg > 0.9), 1.0, sc[:, NEAR_STATE])
         near = torch.where((de_avg < 0.95) | (xd_avg < 0.8), 0.0, near)
         sc[:, NEAR_STATE] = near
@@ -209,7 +231,9 @@ class ResidualEchoSuppressor:
         sc[:, XD_AVG_MIN] = (sc[:, XD_AVG_MIN] + 0.00075).clamp_max(1.0)
         sc[:, MIN_CTR] = torch.where(sc[:, NEW_MIN] > 0.5, sc[:, MIN_CTR] + 1, sc[:, MIN_CTR])
         fire = sc[:, MIN_CTR] >= 2
-        od = torch.maximum(st["sup_target"] / (torch.log(sc[:, FB_MIN] + 1e-10) + 1e-10), st["sup_min_overdrive"])
+        od = torch.maximum(
+            st["sup_target"] / (torch.log(sc[:, FB_MIN] + 1e-10) + 1e-10), st["sup_min_overdrive"]
+        )
         sc[:, OVERDRIVE] = torch.where(fire, od, sc[:, OVERDRIVE])
         sc[:, NEW_MIN] = torch.where(fire, 0.0, sc[:, NEW_MIN])
         sc[:, MIN_CTR] = torch.where(fire, 0.0, sc[:, MIN_CTR])
@@ -237,37 +261,43 @@ class ResidualEchoSuppressor:
         st["sup_noise_psd"], st["sup_noise"] = psd, noise
         return noise * cfg.noise_bias
 
-    def comfort_noise(self, st: dict[str, torch.Tensor], noise: torch.Tensor, gain: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """One chunk of noise shaped like ``noise * (1 - gain^2)``, with per-stream deterministic phases."""
-        frame = self.cfg.frame
+    def comfort_noise_spectrum(
+        self, noise: torch.Tensor, gain: torch.Tensor, count: torch.Tensor
+    ) -> torch.Tensor:
+        """Spectrum of one noise frame shaped like ``noise * (1 - gain^2)``, per-stream deterministic phases."""
         key = count[:, None] * 1_000_003 + self.bin_index[None, :] * 7919
         key = (key ^ (key >> 13)) * 0x5BD1E995
         key = key ^ (key >> 15)
         phase = torch.remainder(key, 1 << 16).float() * (2 * torch.pi / (1 << 16))
+        phase[:, 0] = 0.0
+        phase[:, -1] = 0.0
         mag = torch.sqrt((noise * (1 - gain.square())).clamp_min(0.0))
-        spec = torch.polar(mag, phase)
-        spec[:, 0] = spec[:, 0].real.to(spec.dtype)
-        spec[:, -1] = spec[:, -1].real.to(spec.dtype)
-        noise_frame = torch.fft.irfft(spec, n=self.cfg.n_fft, norm="forward") * self.cn_window
-        out = st["sup_cn_tail"] + noise_frame[:, :frame]
-        st["sup_cn_tail"] = noise_frame[:, frame:]
-        return out
+        return torch.polar(mag, phase)
 
     def minimum_phase(self, gain: torch.Tensor) -> torch.Tensor:
-        """Spectrum of a causal, chunk-long minimum-phase FIR with magnitude ``gain``."""
+        """Spectrum of the causal minimum-phase response with magnitude ``gain``."""
         n = self.cfg.n_fft
         cep = torch.fft.irfft(torch.log(gain.clamp_min(1e-5)), n=n)
         log_spec = torch.fft.rfft(cep * self.fold)
-        spec = torch.polar(torch.exp(log_spec.real), log_spec.imag)
-        taps = torch.fft.irfft(spec, n=n)[:, : self.cfg.frame] * self.taper
-        return torch.fft.rfft(taps, n=n)
+        return torch.polar(torch.exp(log_spec.real), log_spec.imag)
 
-    def apply(self, st: dict[str, torch.Tensor], gain: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        """Filter the newest half of ``window`` ``[B, 2*frame]`` with the gains; cross-fade from the last filter."""
-        frame = self.cfg.frame
-        spec = torch.fft.rfft(window)
+    def apply(
+        self,
+        st: dict[str, torch.Tensor],
+        gain: torch.Tensor,
+        spec: torch.Tensor,
+        noise_spec: torch.Tensor,
+    ) -> torch.Tensor:
+        """Output chunk: the newest half of the window whose spectrum is ``spec`` (``norm="forward"``)
+        filtered with the gains (cross-faded from the last filter), plus overlap-added comfort noise."""
+        frame, n = self.cfg.frame, self.cfg.n_fft
         new_h = self.minimum_phase(gain)
-        out_new = torch.fft.irfft(spec * new_h, n=self.cfg.n_fft)[:, frame:]
-        out_old = torch.fft.irfft(spec * st["sup_filter"], n=self.cfg.n_fft)[:, frame:]
+        frames = torch.fft.irfft(
+            torch.stack([spec * st["sup_filter"], spec * new_h, noise_spec], 1), n=n, norm="forward"
+        )
         st["sup_filter"] = new_h
-        return out_old + (out_new - out_old) * self.fade
+        old, new = frames[:, 0, frame:], frames[:, 1, frame:]
+        noise_frame = frames[:, 2] * self.cn_window
+        noise = st["sup_cn_tail"] + noise_frame[:, :frame]
+        st["sup_cn_tail"] = noise_frame[:, frame:]
+        return old + (new - old) * self.fade + noise

@@ -25,6 +25,9 @@ per-frame stage skipping.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import math
 from collections.abc import Sequence
 
@@ -85,6 +88,11 @@ class DeepFilterNet3Stage(Stage):
         # releases the GIL), the others in the batched torch path.  Outputs agree (parity test).
         self.native_streams = native_streams if self.device.type == "cpu" else 0
         self._native_live = 0
+        # libDF's df_create loads and optimizes the model (seconds): keep ready states in a pool,
+        # filled here (the executor's loader thread) and refilled in the background, never on the
+        # audio worker.  Only streams with default options use the pool.
+        self._native_pool: list[Any] = []
+        self._pool_lock = threading.Lock()
         assets = load_df3_assets()
         cfg = assets.config
         if cfg.sr != SAMPLE_RATE or cfg.hop_size != CHUNK:
@@ -99,6 +107,7 @@ class DeepFilterNet3Stage(Stage):
         self.net = DF3Network(assets).to(self.device).eval()
         self.latency_samples = (cfg.fft_size - cfg.hop_size) + cfg.lookahead * cfg.hop_size
         self._hidden = self.net.encoder.emb_gru.gru.hidden_size
+        self._refill()
 
     # -- state -------------------------------------------------------------------
     def initial_state(self) -> dict[str, torch.Tensor]:
@@ -126,17 +135,12 @@ class DeepFilterNet3Stage(Stage):
     def open_native(self, stream: StageStream) -> None:
         # per-stream options live in the batched state, written when the stream opens/resets
         limit = stream.options.get("atten_lim_db", self.default_atten_lim_db)
-        if self._native_live < self.native_streams and self.live_streams < self.native_streams:
-            from enhancers.denoise.libdf import LibDfStream
-
-            try:
-                stream.native = LibDfStream(
-                    atten_lim_db=100.0 if limit is None else float(limit),
-                    post_filter_beta=float(stream.options.get("post_filter_beta", self.default_post_filter_beta)),
-                )
+        default_options = not stream.options
+        if default_options and self._native_live < self.native_streams and self.live_streams < self.native_streams:
+            with self._pool_lock:
+                stream.native = self._native_pool.pop() if self._native_pool else None
+            if stream.native is not None:
                 self._native_live += 1
-            except (OSError, RuntimeError):
-                stream.native = None
         self.state["atten_mix"][stream.slot] = attenuation_mix(limit)
         beta = max(float(stream.options.get("post_filter_beta", self.default_post_filter_beta)), 0.0)
         self.state["pf_beta"][stream.slot] = beta
@@ -149,6 +153,25 @@ class DeepFilterNet3Stage(Stage):
             stream.native.close()
             stream.native = None
             self._native_live -= 1
+            threading.Thread(target=self._refill, name="libdf-refill", daemon=True).start()
+
+    def _refill(self) -> None:
+        """Create libDF states until the pool holds ``native_streams`` of them."""
+        from enhancers.denoise.libdf import LibDfStream
+
+        while True:
+            with self._pool_lock:
+                if len(self._native_pool) >= self.native_streams:
+                    return
+            try:
+                state = LibDfStream(atten_lim_db=100.0 if self.default_atten_lim_db is None
+                                    else float(self.default_atten_lim_db),
+                                    post_filter_beta=self.default_post_filter_beta)
+            except (OSError, RuntimeError):
+                self.native_streams = 0
+                return
+            with self._pool_lock:
+                self._native_pool.append(state)
 
     # -- processing ----------------------------------------------------------------
     @torch.inference_mode()

@@ -43,7 +43,8 @@ class DereverbStage(Stage):
 
     Stage options: ``taps`` (filter length, the most any stream may use),
     ``delay`` and ``alpha`` (defaults for streams), ``max_delay``,
-    ``power_frames`` and ``power_floor`` (see :class:`RecursiveWpe`),
+    ``power_frames``, ``power_floor`` and ``regularization`` (see
+    :class:`RecursiveWpe`),
     ``max_frequency_hz`` (top of the WPE band), ``overlap`` (window length in
     hops), ``block_rows`` (streams per CPU cache block; 0 = all at once).
     Per-stream options given to :meth:`stream`: ``taps`` (1..stage ``taps``),
@@ -61,6 +62,7 @@ class DereverbStage(Stage):
         max_delay: int = 4,
         power_frames: int = 1,
         power_floor: float = 0.05,
+        regularization: float = 100.0,
         max_frequency_hz: float = 6000.0,
         overlap: int = 3,
         block_rows: int | None = None,
@@ -74,7 +76,13 @@ class DereverbStage(Stage):
         if block_rows is None:
             block_rows = 0 if self.device.type == "cuda" else CPU_BLOCK_ROWS
         self.wpe = RecursiveWpe(
-            self.processed_bins, taps, max(max_delay, delay), power_frames, power_floor, block_rows
+            self.processed_bins,
+            taps,
+            max(max_delay, delay),
+            power_frames=power_frames,
+            power_floor=power_floor,
+            regularization=regularization,
+            block_rows=block_rows,
         )
         self.default_taps = taps
         self.default_delay = self.wpe.check_delay(delay)

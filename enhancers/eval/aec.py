@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from enhancers.aec.offline import cancel_echo
-from enhancers.aec.simulate import EVAL_DIR, FAR_SPEECH, NEAR_SPEECH, RIRS, echo_scenario, room_response, speech
+from enhancers.aec.simulate import (
+    EVAL_DIR,
+    FAR_SPEECH,
+    NEAR_SPEECH,
+    RIRS,
+    echo_scenario,
+    room_response,
+    speech,
+)
 from enhancers.audio_io import read_48k, resample
 from enhancers.eval.metrics import align_lengths, erle_db, pesq_wb, si_sdr
 from enhancers.stage import SAMPLE_RATE
@@ -37,14 +45,25 @@ ERLE_FROM_S = 2.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reference", type=Path, help="far-end reference (loopback) file of an explicit pair")
+    parser.add_argument(
+        "--reference", type=Path, help="far-end reference (loopback) file of an explicit pair"
+    )
     parser.add_argument("--mic", type=Path, help="microphone file of an explicit pair")
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS.values()), default="st",
-                        help="talk type of the explicit pair, for AECMOS (st = far-end single talk)")
-    parser.add_argument("--data", type=Path, default=EVAL_DIR, help="shared eval folder (has aec/, speech/, rir/)")
+    parser.add_argument(
+        "--scenario",
+        choices=sorted(SCENARIOS.values()),
+        default="st",
+        help="talk type of the explicit pair, for AECMOS (st = far-end single talk)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=EVAL_DIR, help="shared eval folder (has aec/, speech/, rir/)"
+    )
     parser.add_argument("--out", type=Path, default=Path("eval_out/aec"), help="report folder")
     parser.add_argument("--suppression", choices=["off", "moderate", "aggressive"], default="moderate")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (10 ms chunks: 1 is fastest)"
+    )
     parser.add_argument("--no-sim", action="store_true", help="skip the simulated set")
     parser.add_argument("--quick", action="store_true", help="smaller simulated set")
 
@@ -62,12 +81,20 @@ def aecmos(lpb: np.ndarray, mic: np.ndarray, enh: np.ndarray, talk_type: str) ->
 
 def level_change_db(out: np.ndarray, ref: np.ndarray) -> float:
     out, ref = align_lengths(out, ref)
-    return float(10 * np.log10((np.sum(np.square(out, dtype=np.float64)) + 1e-12) / (np.sum(np.square(ref, dtype=np.float64)) + 1e-12)))
+    return float(
+        10
+        * np.log10(
+            (np.sum(np.square(out, dtype=np.float64)) + 1e-12)
+            / (np.sum(np.square(ref, dtype=np.float64)) + 1e-12)
+        )
+    )
 
 
 def erle_curve(mic: np.ndarray, out: np.ndarray, window_s: float = 0.25) -> list[float]:
     w = int(window_s * SAMPLE_RATE)
-    return [round(erle_db(mic[i : i + w], out[i : i + w], SAMPLE_RATE), 2) for i in range(0, len(mic) - w + 1, w)]
+    return [
+        round(erle_db(mic[i : i + w], out[i : i + w], SAMPLE_RATE), 2) for i in range(0, len(mic) - w + 1, w)
+    ]
 
 
 def segment_erle(mic: np.ndarray, out: np.ndarray, start_s: float, end_s: float) -> float:
@@ -90,7 +117,9 @@ def find_pairs(aec_dir: Path) -> dict[str, dict[str, Path]]:
     return pairs
 
 
-def evaluate_real(pairs: dict[str, dict[str, Path]], talk_types: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+def evaluate_real(
+    pairs: dict[str, dict[str, Path]], talk_types: dict[str, str], args: argparse.Namespace
+) -> dict[str, Any]:
     names = list(pairs)
     fars = [read_48k(pairs[n]["lpb"]) for n in names]
     mics = [read_48k(pairs[n]["mic"]) for n in names]
@@ -99,21 +128,34 @@ def evaluate_real(pairs: dict[str, dict[str, Path]], talk_types: dict[str, str],
     report: dict[str, Any] = {}
     for i, name in enumerate(names):
         far, mic = align_lengths(fars[i], mics[i])
-        outs = {"unprocessed": mic, "aec": result.outputs[i][: len(mic)], "linear_only": result.outputs[i + len(names)][: len(mic)]}
+        outs = {
+            "unprocessed": mic,
+            "aec": result.outputs[i][: len(mic)],
+            "linear_only": result.outputs[i + len(names)][: len(mic)],
+        }
         if "anchor" in pairs[name]:
             outs["dtln_aec_anchor"] = np.pad(read_48k(pairs[name]["anchor"]), (0, len(mic)))[: len(mic)]
         tt = talk_types[name]
-        entry: dict[str, Any] = {"files": {k: str(v) for k, v in pairs[name].items()}, "talk_type": tt,
-                                 "estimated_delay_ms": result.delays_ms[i]}
+        entry: dict[str, Any] = {
+            "files": {k: str(v) for k, v in pairs[name].items()},
+            "talk_type": tt,
+            "estimated_delay_ms": result.delays_ms[i],
+        }
         entry["aecmos"] = {k: aecmos(far, mic, v, tt) for k, v in outs.items()}
         if tt == "st":
-            entry["erle_db_after_2s"] = {k: round(erle_db(mic, v, SAMPLE_RATE, ERLE_FROM_S), 2) for k, v in outs.items()}
+            entry["erle_db_after_2s"] = {
+                k: round(erle_db(mic, v, SAMPLE_RATE, ERLE_FROM_S), 2) for k, v in outs.items()
+            }
             entry["erle_curve_db"] = erle_curve(mic, outs["aec"])
         if tt == "nst":
             entry["vs_mic"] = {
-                k: {"si_sdr_db": round(min(si_sdr(v, mic), 100.0), 2), "pesq_wb": round(pesq_wb(v, mic, SAMPLE_RATE), 3),
-                    "level_change_db": round(level_change_db(v, mic), 3)}
-                for k, v in outs.items() if k != "unprocessed"
+                k: {
+                    "si_sdr_db": round(min(si_sdr(v, mic), 100.0), 2),
+                    "pesq_wb": round(pesq_wb(v, mic, SAMPLE_RATE), 3),
+                    "level_change_db": round(level_change_db(v, mic), 3),
+                }
+                for k, v in outs.items()
+                if k != "unprocessed"
             }
         report[name] = entry
     return report
@@ -137,33 +179,62 @@ def evaluate_simulated(args: argparse.Namespace) -> dict[str, Any]:
     result = cancel_echo(refs, [c.mic for c in all_cases] * 2, opts, device=args.device)
     n_all = len(all_cases)
     mid = seconds / 2
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, ((rir, d, lc), case) in enumerate(zip(specs, cases)):
         out, lin = result.outputs[i], result.outputs[i + n_all]
-        rows.append({
-            "rir": rir, "delay_ms": d, "level_change_db": lc,
-            "true_delay_ms": round(case.true_delay_ms, 1), "estimated_delay_ms": result.delays_ms[i],
-            "erle_db": {"before_change": segment_erle(case.mic, out, 3.0, mid), "first_second_after": segment_erle(case.mic, out, mid, mid + 1),
-                        "reconverged": segment_erle(case.mic, out, mid + 3, seconds)},
-            "linear_only_erle_db": {"before_change": segment_erle(case.mic, lin, 3.0, mid),
-                                    "first_second_after": segment_erle(case.mic, lin, mid, mid + 1),
-                                    "reconverged": segment_erle(case.mic, lin, mid + 3, seconds)},
-            "erle_curve_db": erle_curve(case.mic, out),
-        })
+        rows.append(
+            {
+                "rir": rir,
+                "delay_ms": d,
+                "level_change_db": lc,
+                "true_delay_ms": round(case.true_delay_ms, 1),
+                "estimated_delay_ms": result.delays_ms[i],
+                "erle_db": {
+                    "before_change": segment_erle(case.mic, out, 3.0, mid),
+                    "first_second_after": segment_erle(case.mic, out, mid, mid + 1),
+                    "reconverged": segment_erle(case.mic, out, mid + 3, seconds),
+                },
+                "linear_only_erle_db": {
+                    "before_change": segment_erle(case.mic, lin, 3.0, mid),
+                    "first_second_after": segment_erle(case.mic, lin, mid, mid + 1),
+                    "reconverged": segment_erle(case.mic, lin, mid + 3, seconds),
+                },
+                "erle_curve_db": erle_curve(case.mic, out),
+            }
+        )
     out_dt, lin_dt = result.outputs[n_all - 1], result.outputs[2 * n_all - 1]
     half = len(far) // 2
     doubletalk = {
-        "rir": "rir_clap_44k.wav", "delay_ms": 300.0, "near_end_from_s": mid,
+        "rir": "rir_clap_44k.wav",
+        "delay_ms": 300.0,
+        "near_end_from_s": mid,
         "erle_db_far_only": segment_erle(dt.mic, out_dt, 3.0, mid),
-        "near_si_sdr_db": {"mic": round(si_sdr(dt.mic[half:], near[half:]), 2), "aec": round(si_sdr(out_dt[half:], near[half:]), 2),
-                           "linear_only": round(si_sdr(lin_dt[half:], near[half:]), 2)},
-        "near_pesq_wb": {"mic": round(pesq_wb(dt.mic[half:], near[half:], SAMPLE_RATE), 3),
-                         "aec": round(pesq_wb(out_dt[half:], near[half:], SAMPLE_RATE), 3)},
+        "near_si_sdr_db": {
+            "mic": round(si_sdr(dt.mic[half:], near[half:]), 2),
+            "aec": round(si_sdr(out_dt[half:], near[half:]), 2),
+            "linear_only": round(si_sdr(lin_dt[half:], near[half:]), 2),
+        },
+        "near_pesq_wb": {
+            "mic": round(pesq_wb(dt.mic[half:], near[half:], SAMPLE_RATE), 3),
+            "aec": round(pesq_wb(out_dt[half:], near[half:], SAMPLE_RATE), 3),
+        },
     }
     recon = [r["erle_db"]["reconverged"] for r in rows]
-    return {"seconds": seconds, "cases": rows, "doubletalk": doubletalk,
-            "summary": {"reconverged_erle_db_min": min(recon), "reconverged_erle_db_mean": round(float(np.mean(recon)), 2),
-                        "delay_errors_ms": [None if r["estimated_delay_ms"] is None else round(r["estimated_delay_ms"] - r["true_delay_ms"], 1) for r in rows]}}
+    return {
+        "seconds": seconds,
+        "cases": rows,
+        "doubletalk": doubletalk,
+        "summary": {
+            "reconverged_erle_db_min": min(recon),
+            "reconverged_erle_db_mean": round(float(np.mean(recon)), 2),
+            "delay_errors_ms": [
+                None
+                if r["estimated_delay_ms"] is None
+                else round(r["estimated_delay_ms"] - r["true_delay_ms"], 1)
+                for r in rows
+            ],
+        },
+    }
 
 
 # -- report ---------------------------------------------------------------------------
@@ -210,7 +281,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[1].legend()
     for row in report.get("simulated", {}).get("cases", []):
         curve = row["erle_curve_db"]
-        axes[2].plot(np.arange(len(curve)) * 0.25, curve, lw=0.8, label=f"{row['rir'][:10]} {row['delay_ms']:.0f}ms {row['level_change_db']:+.0f}dB")
+        axes[2].plot(
+            np.arange(len(curve)) * 0.25,
+            curve,
+            lw=0.8,
+            label=f"{row['rir'][:10]} {row['delay_ms']:.0f}ms {row['level_change_db']:+.0f}dB",
+        )
     axes[2].set(title="Simulated: ERLE, echo level step at midpoint", xlabel="s", ylabel="dB")
     axes[2].legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -219,6 +295,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
     if (args.reference is None) != (args.mic is None):
         raise SystemExit("--reference and --mic go together")
     if args.reference is not None:
