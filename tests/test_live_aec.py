@@ -17,8 +17,9 @@ def _energy_db(x: np.ndarray) -> float:
     return float(10 * np.log10(np.mean(x.astype(np.float64) ** 2) + 1e-12))
 
 
-@pytest.mark.skip(reason="issue 5 open: the batched echo canceller is not yet real time on CPU at batch 1 "
-                         "(about 140 ms per 10 ms chunk measured here), so the live path bypasses it")
+@pytest.mark.skip(reason="issue 5 open: in the live path the echo is not reduced yet (0 dB measured), although "
+                         "the stage meets its acceptance offline; the echo path measured here (reference to "
+                         "mic) reaches 0.45-1.1 s on a loaded machine, beyond the 600 ms delay search")
 async def test_echo_of_the_others_is_removed_but_the_bots_speech_arrives(start_server: ServerFactory) -> None:
     rs = await start_server()
     await rs.server.hub.executor.preload(["aec"])
