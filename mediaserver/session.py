@@ -90,6 +90,7 @@ class PeerSession:
         self._lock = asyncio.Lock()
         self._timeout: Optional[asyncio.TimerHandle] = None
         self._audio_extensions: Optional[list[RTCRtpHeaderExtensionParameters]] = None
+        self._pending_subscriptions: list[PublishedStream] = []  # until the first answer is sent
         self.renegotiations = 0
         self.closed = False
 
@@ -131,11 +132,21 @@ class PeerSession:
 
     def mark_ready(self) -> None:
         self._ready = True
+        pending, self._pending_subscriptions = self._pending_subscriptions, []
+        for stream in pending:
+            if not stream.closed:
+                self.subscribe(stream)
         if self._dirty:
             self.request_renegotiation()
 
     # -- subscriptions -----------------------------------------------------
     def subscribe(self, stream: PublishedStream) -> None:
+        if not self._ready:
+            # the client's offer is still being answered: adding a transceiver now would race
+            # setRemoteDescription/createAnswer; subscribe once the answer is out
+            if stream not in self._pending_subscriptions:
+                self._pending_subscriptions.append(stream)
+            return
         if any(s.stream is stream for s in self._slots):
             return
         slot = next((s for s in self._slots if s.stream is None), None)
@@ -152,6 +163,8 @@ class PeerSession:
         self.request_renegotiation()
 
     def unsubscribe(self, stream: PublishedStream) -> None:
+        if stream in self._pending_subscriptions:
+            self._pending_subscriptions.remove(stream)
         for slot in self._slots:
             if slot.stream is stream:
                 slot.track.detach()

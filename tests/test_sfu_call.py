@@ -154,3 +154,18 @@ async def test_enhancement_runs_batched_in_a_live_call(start_server) -> None:  #
     finally:
         for bot in bots:
             await bot.leave()
+
+
+async def test_simultaneous_joins_all_get_every_stream(server: RunningServer) -> None:
+    bots = [Bot(server.url, "rush", f"r{i}", speech(seconds=2.0)) for i in range(4)]
+    await asyncio.gather(*(b.join() for b in bots))
+    try:
+        await asyncio.sleep(3.0)
+        for bot in bots:
+            assert not bot.errors, bot.errors
+            for other in bots:
+                if other is not bot:
+                    assert bot.received_from(other.id).size > 48_000, f"{bot.name} never heard {other.name}"  # type: ignore[arg-type]
+    finally:
+        for bot in bots:
+            await bot.leave()
