@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from enhancers.audio_io import read_48k  # noqa: E402
-from enhancers.dereverb import DereverbStage  # noqa: E402
-from enhancers.dereverb.reference import NaraOnlineWpe, stft  # noqa: E402
-from enhancers.stage import CHUNK, BatchContext, StageStream  # noqa: E402
+from enhancers.audio_io import read_48k
+from enhancers.dereverb import DereverbStage
+from enhancers.dereverb.reference import NaraOnlineWpe, stft
+from enhancers.stage import CHUNK, BatchContext, StageStream
 
 EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
 

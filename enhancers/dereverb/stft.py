@@ -47,7 +47,7 @@ class StreamingStft:
 
     def bin_of_frequency(self, hz: float, sample_rate: int) -> int:
         """Index of the first bin at or above ``hz`` (clamped to the bin count)."""
-        return min(self.bins, int(math.ceil(hz * self.window_length / sample_rate)))
+        return min(self.bins, math.ceil(hz * self.window_length / sample_rate))
 
     def analyze(self, chunk: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Spectrum ``[N, bins]`` of the frame ending with ``chunk`` ``[N, hop]``, and the new history."""

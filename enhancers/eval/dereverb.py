@@ -15,9 +15,10 @@ Each item's speech is the clean files concatenated in a seeded order up to
 the filter converges, are scored too).  Reference: the clean speech convolved
 with the RIR's direct path and early part, i.e. the RIR up to 50 ms after its
 peak (hard cut).  Scores: SI-SDR and wideband PESQ for the unprocessed input,
-the stage, nara_wpe's offline WPE with the same STFT, taps and delay (the
-upper bound), offline WPE at nara's usual 16 kHz set-up and nara's own
-``OnlineWPE``.  Acceptance: on both reference sets, the stage's mean SI-SDR and
+the stage (8 taps spaced by 2 frames), the stage with nara's usual 10
+contiguous taps, nara_wpe's offline WPE with the stage's STFT and 10 taps,
+delay 3 (the upper bound), offline WPE at nara's usual 16 kHz set-up and
+nara's own ``OnlineWPE``.  Acceptance: on both reference sets, the stage's mean SI-SDR and
 PESQ gains are positive and at least 80 % of offline WPE's.
 
 ``--chain`` also measures the order of dereverberation and denoising on the
@@ -30,9 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from scipy.signal import fftconvolve
@@ -46,7 +48,9 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "eval"
 EARLY_SECONDS = 0.05
 PEAK_LEVEL = 0.3
 ACCEPT_FRACTION = 0.8
-METHODS = ("unprocessed", "online", "offline", "offline_16k", "nara_online")
+METHODS = ("unprocessed", "online", "online_contiguous", "offline", "offline_16k", "nara_online")
+# nara_wpe's customary WPE set-up: the offline upper bound and the contiguous-taps variant use it.
+STANDARD_TAPS, STANDARD_DELAY = 10, 3
 
 
 @dataclass
@@ -100,7 +104,11 @@ def build_items(data: Path, seconds: float, rt60s: list[float]) -> list[Item]:
     ]
     for k, rt60 in enumerate(rt60s):
         rir, measured = simulated_rir(rt60, seed=100 + k)
-        items.append(reverberate(f"room_rt60_{rt60:g}s", "simulated", speech_signal(files, seconds, 50 + k), rir, measured))
+        items.append(
+            reverberate(
+                f"room_rt60_{rt60:g}s", "simulated", speech_signal(files, seconds, 50 + k), rir, measured
+            )
+        )
     for p in sorted((data / "reverb").glob("*.wav")):
         x = read_48k(p)
         items.append(Item(p.stem, "recorded", (x * PEAK_LEVEL / np.abs(x).max()).astype(np.float32), None))
@@ -131,7 +139,9 @@ def summarize(items: list[Item], scores: dict[str, list[dict[str, float]]], kind
     chosen = [k for k, it in enumerate(items) if it.kind == kind]
     means = {m: mean_scores([scores[m][k] for k in chosen]) for m in scores}
     gains = {
-        m: {key: means[m][key] - means["unprocessed"][key] for key in means[m]} for m in scores if m != "unprocessed"
+        m: {key: means[m][key] - means["unprocessed"][key] for key in means[m]}
+        for m in scores
+        if m != "unprocessed"
     }
     return {"items": len(chosen), "mean": means, "gain_over_unprocessed": gains}
 
@@ -177,7 +187,9 @@ def chain_order(items: list[Item], args: argparse.Namespace, noise: np.ndarray) 
         "dereverb_then_denoise": denoise(dereverbed),
         "denoise_then_dereverb": dereverb(denoised),
     }
-    means = {name: mean_scores([score(y, it) for y, it in zip(sigs, chosen)]) for name, sigs in outputs.items()}
+    means = {
+        name: mean_scores([score(y, it) for y, it in zip(sigs, chosen)]) for name, sigs in outputs.items()
+    }
     for name, sigs in outputs.items():
         means[name]["dnsmos_ovrl"] = float(np.mean([metrics.dnsmos(y, SAMPLE_RATE)["ovrl"] for y in sigs]))
     better = "dereverb_then_denoise"
@@ -200,7 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rt60", default="0.3,0.45,0.6,0.8,1.0", help="simulated rooms' RT60s (s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda for the stage")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--quick", action="store_true", help="8 s items, three rooms, no nara online/16 kHz rows")
+    parser.add_argument(
+        "--quick", action="store_true", help="8 s items, three rooms, no nara online/16 kHz rows"
+    )
     parser.add_argument("--chain", action="store_true", help="also measure dereverb before/after denoise")
     parser.add_argument("--chain-denoise", default="denoise:df3", help="denoise stage spec for --chain")
     parser.add_argument("--chain-snr", type=float, default=10.0, help="SNR (dB) of the added noise")
@@ -223,8 +237,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"no evaluation audio under {args.data}")
 
     stage = DereverbStage(device=args.device)
+    contiguous = DereverbStage(device=args.device, taps=STANDARD_TAPS, delay=STANDARD_DELAY, tap_spacing=1)
     runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        "offline": lambda x: reference.offline_wpe(x, taps=stage.wpe.max_taps, delay=stage.default_delay),
+        "offline": lambda x: reference.offline_wpe(x, taps=STANDARD_TAPS, delay=STANDARD_DELAY),
     }
     if not args.quick:
         runners["offline_16k"] = reference.offline_wpe_16k
@@ -235,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     outputs["online"] = run_stage(stage, signals)
     seconds["online"] = time.perf_counter() - start
+    outputs["online_contiguous"] = run_stage(contiguous, signals)
     for name, runner in runners.items():
         start = time.perf_counter()
         outputs[name] = [runner(x) for x in signals]
@@ -248,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
         "config": {
             "stage": {
                 "taps": stage.wpe.max_taps,
+                "tap_spacing": stage.wpe.tap_spacing,
+                "update_stride": stage.wpe.update_stride,
                 "delay": stage.default_delay,
                 "alpha": stage.default_alpha,
                 "power_floor": stage.wpe.power_floor,
@@ -261,13 +279,20 @@ def run(args: argparse.Namespace) -> int:
             "seconds_per_item": args.seconds,
             "rt60_nominal_s": rt60s,
             "device": args.device,
-            "offline": "nara_wpe.wpe.wpe, same STFT/taps/delay, 3 iterations",
+            "offline": f"nara_wpe.wpe.wpe on the stage's STFT, taps {STANDARD_TAPS}, delay {STANDARD_DELAY}, "
+            "3 iterations",
+            "online_contiguous": f"the stage with {STANDARD_TAPS} contiguous taps, delay {STANDARD_DELAY}",
         },
         "summary": summary,
         "acceptance": acceptance(summary),
         "real_time_factor": {m: s / audio_seconds for m, s in seconds.items()},
         "items": [
-            {"name": it.name, "kind": it.kind, "rt60_measured_s": it.rt60_s, "scores": {m: scores[m][k] for m in scores}}
+            {
+                "name": it.name,
+                "kind": it.kind,
+                "rt60_measured_s": it.rt60_s,
+                "scores": {m: scores[m][k] for m in scores},
+            }
             for k, it in enumerate(items)
         ],
     }
@@ -296,7 +321,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     summary = report["summary"]
     methods = [m for m in METHODS[1:] if m in summary["measured"]["gain_over_unprocessed"]]
     panels = [("si_sdr", "SI-SDR gain (dB)"), ("pesq", "PESQ gain")]
-    fig, axes = plt.subplots(1, 3 + ("chain_order" in report and "mean" in report["chain_order"]), figsize=(16, 4))
+    fig, axes = plt.subplots(
+        1, 3 + ("chain_order" in report and "mean" in report["chain_order"]), figsize=(16, 4)
+    )
     width = 0.8 / len(methods)
     for ax, (key, label) in zip(axes, panels):
         for j, m in enumerate(methods):
@@ -315,6 +342,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     if len(axes) > 3:
         chain = report["chain_order"]["mean"]
         axes[3].bar(list(chain), [chain[n]["pesq"] for n in chain])
+        axes[3].set_ylim(1.0, max(chain[n]["pesq"] for n in chain) + 0.1)
         axes[3].set_title(f"PESQ, reverb + noise ({report['chain_order']['denoiser']})")
         axes[3].tick_params(axis="x", rotation=30, labelsize=7)
     fig.tight_layout()
