@@ -3,12 +3,16 @@
 Streams submit 10 ms chunks with :meth:`ExecutorStream.process`.  A tick task on
 the asyncio loop gathers the chunks ready from all live streams (after the
 first one arrives it waits up to ``max_wait_ms`` for the others, or until every
-live stream has submitted) and hands them to one worker thread, which runs each
-stage once per tick, batched over the streams that enabled it
-(``enhancers.executor_worker``).  Audio never stalls: a chunk whose result is
-not back ``deadline_ms`` after submission is answered with its input
-(``bypassed=True``); a stage that raises is skipped for that tick; a stage that
-hangs longer than ``stuck_after_ms`` is disabled and the worker replaced.
+live stream has submitted) and hands them to one worker, which runs each stage
+once per tick, batched over the streams that enabled it
+(``enhancers.executor_worker``).  The worker is a thread of this process
+(``isolation="thread"``, :mod:`enhancers.executor_thread`) or a process of its
+own (``"process"``, :mod:`enhancers.executor_process`, what the server uses).
+Audio never stalls: a chunk whose result is not back ``deadline_ms`` after
+submission is answered with its input (``bypassed=True``) and still runs later
+for the stages' state (at most ``max_backlog_chunks`` late per stream); a
+stage that raises is skipped for that tick; a stage that hangs longer than
+``stuck_after_ms`` is disabled and the worker replaced.
 """
 
 from __future__ import annotations
@@ -17,21 +21,20 @@ import asyncio
 import collections
 import gc
 import logging
-import queue
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from enhancers.executor_loading import StageLoader, options_for, resolve_device
+from enhancers.executor_loading import options_for, resolve_device
+from enhancers.executor_process import ProcessWorker
 from enhancers.executor_stream import DeadlineWatch, ExecutorStream
+from enhancers.executor_thread import ThreadWorker
 from enhancers.executor_worker import (
     COUNTER_KEYS,
-    BatchRunner,
     CloseStream,
     ControlOp,
     Job,
@@ -39,10 +42,9 @@ from enhancers.executor_worker import (
     ProcessedChunk,
     RateLimitedLog,
     SetStreamStages,
-    StageLoaded,
 )
 from enhancers.registry import parse_spec, parse_stage_list
-from enhancers.stage import CHUNK, Stage
+from enhancers.stage import CHUNK
 
 __all__ = ["Executor", "ExecutorConfig", "ExecutorStream", "ProcessedChunk", "resolve_device"]
 
@@ -58,22 +60,34 @@ class ExecutorConfig:
     max_wait_ms: float = 3.0  # after a tick's first chunk, wait at most this long for the other streams
     torch_threads: int = 1  # torch.set_num_threads in the worker
     stage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # ctor kwargs per spec
+    # A chunk answered unprocessed on deadline is still run later (results discarded) so stateful
+    # stages (echo canceller, dereverb, denoisers) see a continuous signal; beyond this many chunks
+    # waiting per stream the oldest are dropped: under overload, load is shed, not queued.
+    max_backlog_chunks: int = 3
     stuck_after_ms: float = 2000.0  # a stage call running longer is disabled, the worker replaced
     # gc.freeze() at start and after each stage load: a full collection otherwise rescans every
     # object torch and the models created (~200k; measured 170 ms, stalling all audio) every few s.
     freeze_gc: bool = True
+    # "thread": stages run on a thread of this process (light; shares the GIL with the event loop);
+    # "process": in a worker process of their own (enhancers.executor_process), for servers.
+    isolation: str = "thread"
 
 
 class Executor:
-    """Owns the tick task, the worker thread, the shared stages and all live streams."""
+    """Owns the tick task, the worker (thread or process) and all live streams."""
 
     def __init__(self, config: ExecutorConfig = ExecutorConfig()) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        device = resolve_device(config.device)
         self._deadline_s = config.deadline_ms / 1e3
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_KEYS, 0)
         self._errors = RateLimitedLog()
-        self._runner = BatchRunner(self.device, self.counters, self._errors)
+        if config.isolation not in ("thread", "process"):
+            raise ValueError(f"isolation must be 'thread' or 'process', not {config.isolation!r}")
+        worker_cls = ProcessWorker if config.isolation == "process" else ThreadWorker
+        self._worker: ThreadWorker | ProcessWorker = worker_cls(
+            device, config.stage_options, config.torch_threads, config.freeze_gc, self.counters, self._errors
+        )
         self._streams: dict[int, ExecutorStream] = {}
         self._ready: dict[int, ExecutorStream] = {}  # streams with pending chunks
         self._ops: list[ControlOp] = []
@@ -84,12 +98,14 @@ class Executor:
         self._gate: asyncio.Future[None] | None = None
         self._first_pending_at = 0.0
         self._deadlines: DeadlineWatch | None = None
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._worker: threading.Thread | None = None
         self._job: Job | None = None
-        self._loader = StageLoader(self.device, config.stage_options, config.torch_threads, self._on_loaded)
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
         self._closed = False
+
+    @property
+    def device(self) -> torch.device:
+        """Where the stages run: the configured device, the CPU after the accelerator failed."""
+        return self._worker.device
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -101,7 +117,7 @@ class Executor:
         self._deadlines = DeadlineWatch(self._loop, self._expired)
         if self.config.freeze_gc:
             gc.freeze()
-        self._start_worker()
+        self._worker.start(self._loop, self._finish, self._on_loaded)
         for stream in self._streams.values():
             for spec in stream.stages:
                 self._request_load(spec)
@@ -123,12 +139,7 @@ class Executor:
         if self._deadlines is not None:
             for item in self._deadlines.close():
                 self._bypass(item, "bypass_deadline")
-        worker = self._worker
-        if worker is not None and worker.is_alive():
-            self._jobs.put(Job(ops=self._take_ops(), rounds=[]))
-            self._jobs.put(None)
-            await asyncio.get_running_loop().run_in_executor(None, worker.join, 5.0)
-        self._loader.shutdown()
+        await self._worker.close(self._take_ops())
 
     async def preload(self, stages: Sequence[str] | str) -> None:
         """Load the shared instances of ``stages`` now; raises what a failed load raised."""
@@ -139,7 +150,7 @@ class Executor:
         for spec in specs:
             self._request_load(spec)
         for spec in specs:
-            await self._loader.wait(spec)
+            await self._worker.wait_loaded(spec)
 
     # -- streams -----------------------------------------------------------------
     def open_stream(
@@ -184,18 +195,15 @@ class Executor:
         self._maybe_open_gate()
 
     def _declared_latency(self, spec: str) -> int:
-        return self._loader.declared_latency(spec)
+        return self._worker.declared_latency(spec)
 
     def _request_load(self, spec: str) -> None:
         if self._loop is not None:
-            self._loader.request(spec, self._loop)
+            self._worker.request_load(spec)
 
-    def _on_loaded(self, spec: str, stage: Stage | None) -> None:
-        self._ops.append(StageLoaded(spec, stage))
-        if stage is None:
+    def _on_loaded(self, spec: str, ok: bool) -> None:
+        if not ok:
             return
-        if self.config.freeze_gc:
-            gc.freeze()  # the stage's (long-lived) objects out of the full collections too
         for stream in self._streams.values():
             if spec in stream.stages:
                 stream.latency_samples = sum(self._declared_latency(s) for s in stream.stages)
@@ -247,13 +255,24 @@ class Executor:
             gate.set_result(None)
 
     def _expired(self, item: PendingChunk) -> None:
-        """Deadline passed: answer ``item`` unprocessed; drop it if it was never dispatched."""
-        stream = self._streams.get(item.stream_id)
-        if stream is not None and stream.pending and stream.pending[0] is item:
-            stream.pending.popleft()  # shedding load: a late chunk is not worth processing
-            if not stream.pending:
-                self._ready.pop(item.stream_id, None)
+        """Deadline passed: answer ``item`` unprocessed; it still runs (the stages' state) unless too
+        many late chunks of its stream wait, in which case the oldest are dropped."""
         self._bypass(item, "bypass_deadline")
+        stream = self._streams.get(item.stream_id)
+        if stream is None:
+            return
+        pending = stream.pending
+        late = 0
+        for waiting in pending:  # answered (late) chunks are at the front: deadlines are FIFO
+            if not waiting.future.done():
+                break
+            late += 1
+        while late > self.config.max_backlog_chunks:
+            pending.popleft()
+            late -= 1
+            self.counters["dropped_backlog"] += 1
+        if not pending:
+            self._ready.pop(item.stream_id, None)
 
     def _bypass(self, item: PendingChunk, counter: str | None) -> None:
         if not item.future.done():
@@ -308,7 +327,7 @@ class Executor:
         job.done = self._loop.create_future()
         job.started = time.monotonic()
         self._job = job
-        self._jobs.put(job)
+        self._worker.submit(job)
         timer = self._loop.call_later(self.config.stuck_after_ms / 1e3, self._abandon, job)
         try:
             await job.done
@@ -321,7 +340,8 @@ class Executor:
         if job.abandoned or job.done is None or job.done.done():
             return
         late = 0
-        for items, result in zip(job.rounds, job.results):
+        rounds = cast("list[list[PendingChunk]]", job.rounds)  # the loop's side holds PendingChunks
+        for items, result in zip(rounds, job.results):
             rows, side, failed = list(result.audio), result.side, result.failed
             for i, item in enumerate(items):
                 future = item.future
@@ -329,7 +349,7 @@ class Executor:
                     late += 1
                 else:
                     future.set_result(ProcessedChunk(rows[i], side[i] if side else {}, i in failed))
-        for items in job.rounds[len(job.results) :]:
+        for items in rounds[len(job.results) :]:
             for item in items:
                 self._bypass(item, "bypass_error")
         self.counters["late_discarded"] += late
@@ -340,49 +360,17 @@ class Executor:
         if job.done is None or job.done.done():
             return
         job.abandoned = True
-        spec = job.current_spec
-        runtime = self._runner.stages.get(spec) if spec else None
-        if runtime is not None:
-            runtime.disabled = True
+        spec = self._worker.abandon(job)
         self.counters["stuck_restarts"] += 1
         log.error(
             "executor worker stuck for %.0f ms in stage %r; stage disabled, worker replaced",
             self.config.stuck_after_ms,
             spec,
         )
-        for items in job.rounds:
+        for items in cast("list[list[PendingChunk]]", job.rounds):
             for item in items:
                 self._bypass(item, "bypass_deadline")
-        self._start_worker()
         job.done.set_result(None)
-
-    # -- worker thread ---------------------------------------------------------------------
-    def _start_worker(self) -> None:
-        self._jobs = queue.Queue()
-        self._worker = threading.Thread(
-            target=self._worker_main, args=(self._jobs,), name="executor-worker", daemon=True
-        )
-        self._worker.start()
-
-    def _worker_main(self, jobs: queue.Queue[Job | None]) -> None:
-        torch.set_num_threads(self.config.torch_threads)
-        loop = self._loop
-        assert loop is not None
-        while True:
-            job = jobs.get()
-            if job is None:
-                self._runner.close_all()
-                return
-            try:
-                self._runner.run(job)
-            except Exception as exc:  # noqa: BLE001 - the worker must never die; unanswered chunks bypass
-                self._errors.error("worker", "executor worker failed on a job", exc)
-            if job.abandoned:
-                return  # this thread was replaced while a stage hung
-            try:
-                loop.call_soon_threadsafe(self._finish, job)
-            except RuntimeError:
-                return  # loop closed
 
     # -- introspection ---------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -397,7 +385,9 @@ class Executor:
             "live_streams": len(self._streams),
             "device": str(self.device),
             "worker_busy_ms": round(busy_ms, 3),
-            "stages": {spec: rt.stats() for spec, rt in list(self._runner.stages.items())},
+            "isolation": self.config.isolation,
+            "worker_pid": getattr(self._worker, "pid", None),
+            "stages": self._worker.stage_stats(),
         }
 
 

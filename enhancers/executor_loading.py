@@ -69,6 +69,13 @@ class StageLoader:
         self._loads[spec] = future
         future.add_done_callback(functools.partial(self._done, spec))
 
+    def reload(self, specs: list[str], loop: asyncio.AbstractEventLoop) -> None:
+        """Construct ``specs`` again (on the current ``device``): the accelerator holding them failed."""
+        for spec in specs:
+            self.loaded.pop(spec, None)
+            self._loads.pop(spec, None)
+            self.request(spec, loop)
+
     async def wait(self, spec: str) -> Stage:
         """The loaded instance of a requested ``spec``; raises what its construction raised."""
         return await asyncio.shield(self._loads[spec])
@@ -93,8 +100,8 @@ class StageLoader:
         return create_stage(spec, device=str(self.device), **kwargs)
 
     def _done(self, spec: str, future: asyncio.Future[Stage]) -> None:
-        if future.cancelled():
-            return
+        if future.cancelled() or self._loads.get(spec) is not future:
+            return  # cancelled, or superseded by a reload
         exc = future.exception()
         if exc is not None:
             log.error("stage %r failed to load: %s: %s", spec, type(exc).__name__, exc)

@@ -14,13 +14,14 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from enhancers.executor_device import fall_back_to_cpu, is_device_error, move_to_cpu
 from enhancers.registry import CHAIN_ORDER
 from enhancers.stage import CHUNK, BatchContext, Stage, StageStream
 
@@ -34,7 +35,10 @@ COUNTER_KEYS = (
     "bypass_error",  # stream-chunks that skipped a stage because it raised
     "stage_unavailable",  # stream-chunks that skipped a stage still loading, failed or disabled
     "late_discarded",  # results that came back after their chunk was already bypassed
+    "dropped_backlog",  # late chunks never run: more than max_backlog_chunks were waiting
     "stuck_restarts",  # worker threads abandoned because a stage hung
+    "worker_restarts",  # worker processes started again because the last one died
+    "device_fallbacks",  # the accelerator failed: every stage moved (or reloaded) to the CPU
 )
 
 
@@ -67,6 +71,15 @@ class PendingChunk:
         self.future = future
         self.deadline = deadline
         self.bypass_audio = bypass_audio
+
+
+class ChunkIn(Protocol):
+    """What the batch runner reads of a chunk (a :class:`PendingChunk`, or its copy in a worker process)."""
+
+    stream_id: int
+    audio: np.ndarray
+    reference: np.ndarray | None
+    bypass_audio: np.ndarray
 
 
 @dataclass
@@ -107,7 +120,7 @@ class Job:
     """Work handed to the worker thread; filled with results there."""
 
     ops: list[ControlOp]
-    rounds: list[list[PendingChunk]]
+    rounds: Sequence[Sequence[ChunkIn]]
     results: list[RoundResult] = field(default_factory=list)
     abandoned: bool = False
     current_spec: str | None = None
@@ -178,18 +191,36 @@ class RateLimitedLog:
 
 
 class BatchRunner:
-    """Owns the stage instances and every stream's stage handles (worker thread only)."""
+    """Owns the stage instances and every stream's stage handles (worker thread only).
 
-    def __init__(self, device: torch.device, counters: dict[str, int], errors: RateLimitedLog) -> None:
+    When a round fails with an accelerator error (``is_device_error``) the
+    runner falls back to the CPU once: batches are built on the CPU from then
+    on and every stage is moved there in place, keeping each stream's state;
+    a stage whose move fails (the device no longer answers) is disabled and
+    ``reload(specs)`` asks for fresh CPU instances, swapped in as they load.
+    """
+
+    def __init__(self, device: torch.device, counters: dict[str, int], errors: RateLimitedLog,
+                 reload: Callable[[list[str]], None] | None = None,
+                 on_stage: Callable[[str | None], None] | None = None) -> None:
         self.device = device
+        self.on_stage = on_stage  # told which stage is about to run (None: between stages)
         self.counters = counters
         self.errors = errors
+        self.reload = reload
+        self.fell_back = False
         self.stages: dict[str, StageRuntime] = {}
         self.wanted: dict[int, dict[str, dict[str, Any]]] = {}
         self.handles: dict[int, dict[str, StageStream]] = {}
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self._sync = device.type == "cuda"
         self._on_device = device.type != "cpu"
+
+    def use_device(self, device: torch.device) -> None:
+        """Build batches on ``device`` from the next round on."""
+        self.device = device
+        self._sync, self._on_device = device.type == "cuda", device.type != "cpu"
+        self._plans.clear()  # their row indices live on the old device
 
     # -- control operations ------------------------------------------------
     def apply(self, op: ControlOp) -> None:
@@ -201,6 +232,11 @@ class BatchRunner:
                 self._close_handle(spec, handle)
             self.wanted.pop(op.stream_id, None)
         elif op.stage is not None:
+            if self.fell_back and not move_to_cpu(self, op.spec, op.stage, []):
+                return  # loaded on the lost device before the fallback: a CPU instance is on its way
+            if op.spec in self.stages:  # a CPU instance replacing one lost with its device: fresh states
+                for own in self.handles.values():
+                    own.pop(op.spec, None)
             self.stages[op.spec] = StageRuntime(op.spec, op.stage)
             for sid, wanted in self.wanted.items():
                 if op.spec in wanted and op.spec not in self.handles[sid]:
@@ -247,7 +283,17 @@ class BatchRunner:
             for items in job.rounds:
                 if job.abandoned:
                     return
-                results = self._run_round(job, items)
+                try:
+                    results = self._run_round(job, items)
+                except Exception as exc:
+                    if self.fell_back or not is_device_error(exc):
+                        raise
+                    job.current_spec = None
+                    fall_back_to_cpu(self, exc)
+                    # this round's chunks pass through unprocessed; the next ones run on the CPU
+                    self.counters["bypass_error"] += len(items)
+                    audio = np.stack([it.bypass_audio for it in items]).astype(np.float32, copy=False)
+                    results = RoundResult(audio, None, set(range(len(items))))
                 if results is None:
                     return
                 job.results.append(results)
@@ -279,7 +325,7 @@ class BatchRunner:
         self._plans[sids] = plan
         return plan
 
-    def _run_round(self, job: Job, items: Sequence[PendingChunk]) -> RoundResult | None:
+    def _run_round(self, job: Job, items: Sequence[ChunkIn]) -> RoundResult | None:
         n = len(items)
         plan = self._plan(tuple(it.stream_id for it in items))
         self.counters["batches"] += 1
@@ -314,6 +360,8 @@ class BatchRunner:
                 sub, sub_ref = x.index_select(0, step.index), reference.index_select(0, step.index)
             ctx = BatchContext(reference=sub_ref)
             job.current_spec = runtime.spec
+            if self.on_stage is not None:
+                self.on_stage(runtime.spec)
             start = time.perf_counter()
             try:
                 y = runtime.stage.process(sub, step.handles, ctx)
@@ -323,6 +371,8 @@ class BatchRunner:
                     torch.cuda.synchronize(self.device)
             except Exception as exc:  # noqa: BLE001 - fail open: these rows keep their input
                 runtime.errors += 1
+                if not self.fell_back and is_device_error(exc):
+                    raise  # the device failed, not the stage: run() falls back to the cpu
                 self.counters["bypass_error"] += len(step.handles)
                 failed.update(step.rows if step.rows is not None else range(n))
                 self.errors.error(f"process:{runtime.spec}", f"stage {runtime.spec!r} raised", exc)
@@ -340,6 +390,8 @@ class BatchRunner:
             for key, value in ctx.side.items():
                 sides.append((key, step.rows, value))
         job.current_spec = None
+        if self.on_stage is not None:
+            self.on_stage(None)
         if unavailable:
             self.counters["stage_unavailable"] += unavailable
         if self._on_device or x.dtype != torch.float32:

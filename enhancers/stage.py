@@ -141,6 +141,21 @@ class Stage(ABC):
         for key, value in self.initial_state().items():
             self.state[key][slot] = value.to(self.device)
 
+    # -- device -----------------------------------------------------------
+    def to_device(self, device: str | torch.device) -> None:
+        """Move the weights and every stream's batched state to ``device``, keeping the state.
+
+        The executor calls this when the accelerator fails mid-run (moving to
+        the CPU).  The default walks the instance: tensors, modules, and the
+        project's own helper objects holding them (``enhancers.executor_device``).
+        Stages with device-bound objects of another kind override it; raising
+        makes the executor load a fresh instance on the new device instead.
+        """
+        from enhancers.executor_device import move_tensors
+
+        move_tensors(self, torch.device(device))
+        self.device = torch.device(device)
+
     # -- processing -------------------------------------------------------
     @abstractmethod
     def process(

@@ -33,6 +33,9 @@ class EnhanceConfig:
     deadline_ms: float = 40.0
     max_wait_ms: float = 3.0
     torch_threads: int = 1
+    # "process": stages run in a worker process of their own, off the event loop's GIL (servers);
+    # "thread": on a thread of the server process (no second process; small deployments, debugging)
+    isolation: str = "process"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class LimitsConfig:
     max_connections_per_address: int = 32
     max_name_length: int = 64
     negotiation_timeout_s: float = 15.0
+    # a WebRTC participant whose client sent nothing authenticated (ICE consent check, SRTP, SRTCP) for
+    # this long is removed even though its WebSocket is open (mediaserver/liveness.py); 0: off.  Live
+    # clients send a consent check every ~5 s (RFC 7675), so keep it well above that.
+    peer_timeout_s: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -141,12 +148,16 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         enhance = replace(enhance, default_stages=_split(env["MEDIASERVER_STAGES"]))
     if "MEDIASERVER_DEVICE" in env:
         enhance = replace(enhance, device=env["MEDIASERVER_DEVICE"])
+    if "MEDIASERVER_EXECUTOR" in env:
+        enhance = replace(enhance, isolation=env["MEDIASERVER_EXECUTOR"])
     if "MEDIASERVER_DEADLINE_MS" in env:
         enhance = replace(enhance, deadline_ms=float(env["MEDIASERVER_DEADLINE_MS"]))
     if "MEDIASERVER_MAX_ROOMS" in env:
         limits = replace(limits, max_rooms=int(env["MEDIASERVER_MAX_ROOMS"]))
     if "MEDIASERVER_MAX_PARTICIPANTS" in env:
         limits = replace(limits, max_participants_per_room=int(env["MEDIASERVER_MAX_PARTICIPANTS"]))
+    if "MEDIASERVER_PEER_TIMEOUT_S" in env:
+        limits = replace(limits, peer_timeout_s=float(env["MEDIASERVER_PEER_TIMEOUT_S"]))
     auth = cfg.auth
     if env.get("MEDIASERVER_AUTH_SECRET"):
         auth = replace(auth, secret=env["MEDIASERVER_AUTH_SECRET"])

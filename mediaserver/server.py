@@ -71,7 +71,8 @@ class MediaServer:
 
         e = self.config.enhance
         executor = Executor(ExecutorConfig(device=e.device, deadline_ms=e.deadline_ms,
-                                           max_wait_ms=e.max_wait_ms, torch_threads=e.torch_threads))
+                                           max_wait_ms=e.max_wait_ms, torch_threads=e.torch_threads,
+                                           isolation=e.isolation))
         await executor.start()
         if e.default_stages:
             await executor.preload(list(e.default_stages))  # first chunks already get their stages
@@ -176,6 +177,7 @@ class MediaServer:
                                       max_delay_ms=m.jitter_max_ms, start_delay_ms=m.jitter_start_ms)
             self.publish(participant, source)
         session.mark_ready()
+        session.watch_liveness(lambda silent_s: self._peer_silent(participant, silent_s))
         room.subscribe_existing(participant)
 
         @session.pc.on("connectionstatechange")
@@ -187,6 +189,18 @@ class MediaServer:
         await room.broadcast({"type": "participant-joined", "participant": participant.describe()},
                              exclude=participant.id)
         return answer
+
+    async def _peer_silent(self, participant: Participant, silent_s: float) -> None:
+        """The client vanished with its WebSocket open (no ICE consent, no media): remove it."""
+        if participant.room.participants.get(participant.id) is not participant:
+            return
+        log.warning("participant %s: nothing received for %.1f s (ICE consent, SRTP, SRTCP), removing",
+                    participant.id, silent_s)
+        try:
+            await participant.send({"type": "bye", "reason": f"nothing received for {silent_s:.0f} s"})
+        except Exception:
+            pass
+        await self.leave(participant, reason="timed out")
 
     async def accept_answer(self, participant: Participant, sdp: str) -> None:
         session = participant.session

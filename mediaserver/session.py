@@ -24,6 +24,7 @@ from aiortc.rtcrtpsender import RTCRtpSender
 
 from mediaserver.config import LimitsConfig, MediaConfig
 from mediaserver.fanout import SubscriberTrack
+from mediaserver.liveness import PeerLiveness
 from mediaserver.stream import PublishedStream
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,14 @@ class PeerSession:
         self._pending_subscriptions: list[PublishedStream] = []  # until the first answer is sent
         self.renegotiations = 0
         self.closed = False
+        self.liveness: Optional[PeerLiveness] = None
+
+    def watch_liveness(self, on_silent: Callable[[float], Awaitable[None]]) -> None:
+        """Call ``on_silent(seconds)`` once the client sent nothing for ``limits.peer_timeout_s``."""
+        timeout = self._limits.peer_timeout_s
+        if timeout > 0 and not self.closed and self.liveness is None:
+            self.liveness = PeerLiveness(self.pc, timeout, on_silent)
+            self.liveness.start()
 
     # -- the client's one offer ---------------------------------------------
     async def accept_offer(self, sdp: str) -> str:
@@ -243,6 +252,8 @@ class PeerSession:
                 self._dirty = True
                 raise NegotiationError(f"malformed answer: {exc}") from exc
             self._negotiating = False
+            if self.liveness is not None:
+                self.liveness.attach()  # transports added by this negotiation
         if self._dirty:
             self.request_renegotiation()
 
@@ -252,6 +263,8 @@ class PeerSession:
         self.closed = True
         if self._timeout is not None:
             self._timeout.cancel()
+        if self.liveness is not None:
+            self.liveness.stop()
         for slot in self._slots:
             slot.track.stop()
         await self.pc.close()

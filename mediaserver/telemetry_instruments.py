@@ -102,7 +102,10 @@ EXECUTOR_COUNTERS = {
     "bypass_error": ("mediaserver.executor.bypass.error", "{chunk}"),
     "stage_unavailable": ("mediaserver.executor.stage_unavailable", "{chunk}"),
     "late_discarded": ("mediaserver.executor.late_discarded", "{chunk}"),
+    "dropped_backlog": ("mediaserver.executor.dropped_backlog", "{chunk}"),
     "stuck_restarts": ("mediaserver.executor.stuck_restarts", "{restart}"),
+    "worker_restarts": ("mediaserver.executor.worker_restarts", "{restart}"),
+    "device_fallbacks": ("mediaserver.executor.device_fallbacks", "{fallback}"),
 }
 
 ObservationSource = Callable[["MediaTelemetry"], Iterable[tuple[float, dict[str, Any]]]]

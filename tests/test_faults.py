@@ -11,16 +11,19 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 
 from enhancers import registry
 from loadtest.bot import Bot
+from mediaserver.config import AuthConfig, EnhanceConfig, LimitsConfig, ServerConfig
 from tests import fault_stages
 from tests.audio_checks import content_match, looped
-from tests.conftest import RunningServer, ServerFactory, speech
+from tests.conftest import RunningServer, ServerFactory, noise, speech
 
 
 @pytest.mark.parametrize("spec,target", [("limiter:raise", "RaisingStage"), ("limiter:hang", "HangingStage")])
@@ -44,6 +47,67 @@ async def test_broken_stage_fails_open_in_a_call(start_server: ServerFactory, mo
         assert stats[counter] > 100, stats
     finally:
         fault_stages.RELEASE.set()
+        await talker.leave()
+        await listener.leave()
+
+
+def _tone_share(frame: np.ndarray) -> float:
+    """Share of a frame's energy at the FlakyGpuStage tone: ~1 for processed audio, ~0 for speech."""
+    energy = float(np.sum(frame * frame))
+    if energy < 1e-6:
+        return 0.0
+    n = np.arange(len(frame))
+    bin_ = np.sum(frame * np.exp(-2j * np.pi * fault_stages.TONE_HZ * n / 48_000))
+    return float(2 * abs(bin_) ** 2 / len(frame) / energy)
+
+
+def _longest_unprocessed_ms(bot: Bot, publisher: str, since: float) -> tuple[float, int]:
+    """Longest stretch of media time (RTP timestamps) that arrived without the stage's tone, or not at all."""
+    frames = sorted((pts, block) for rec in bot.recordings.values() if rec.participant == publisher
+                    for block, t, pts in zip(rec.blocks, rec.arrivals, rec.pts) if t >= since and pts >= 0)
+    longest = run = 0
+    previous_end: int | None = None
+    for pts, block in frames:
+        missing = pts - previous_end if previous_end is not None and pts > previous_end else 0
+        if _tone_share(block) > 0.8:
+            run = missing
+        else:
+            run += missing + len(block)
+        longest = max(longest, run)
+        previous_end = pts + len(block)
+    return longest / 48.0, len(frames)
+
+
+@pytest.mark.parametrize("unreachable", [False, True], ids=["state-moved", "stage-reloaded"])
+async def test_gpu_lost_mid_call_falls_back_to_cpu(start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path, unreachable: bool) -> None:
+    """The accelerator fails under a live call (simulated: no GPU in CI): the listener keeps hearing processed
+    audio, with at most a short stretch of unprocessed input while the stages move to the CPU."""
+    spec = "limiter:flakygpu"
+    monkeypatch.setitem(registry.STAGES, spec, "tests.fault_stages:FlakyGpuStage")
+    monkeypatch.setenv("FLAKY_GPU_FLAG", str(tmp_path / "gpu"))
+    rs = await start_server(stages=(spec,))
+    talker = Bot(rs.url, "gpu", "talker", speech())
+    listener = Bot(rs.url, "gpu", "listener", None)
+    await talker.join()
+    await listener.join()
+    try:
+        await asyncio.sleep(2.0)
+        before = listener.received_from(talker.id)  # type: ignore[arg-type]
+        assert np.median([_tone_share(b) for b in before[-48_000:].reshape(-1, 960)]) > 0.8, "stage not running"
+        t_fault = time.monotonic()
+        fault_stages.lose_gpu("cuda-error", unreachable=unreachable)
+        await asyncio.sleep(4.0)
+        stats = rs.server.hub.stats()
+        assert stats["device_fallbacks"] == 1 and stats["device"] == "cpu", stats
+        gap_ms, frames = _longest_unprocessed_ms(listener, talker.id, t_fault - 0.5)  # type: ignore[arg-type]
+        assert frames > 4.0 / 0.02 * 0.8, "audio stalled after the device failed"
+        assert gap_ms <= 200.0, f"{gap_ms:.0f} ms without processed audio"
+        async with aiohttp.ClientSession() as http:
+            text = await (await http.get(f"{rs.url}/metrics")).text()
+        assert re.search(r"^mediaserver_executor_device_fallbacks_total\{[^}]*\} 1(\.0)?$", text, re.M), \
+            [line for line in text.splitlines() if "fallbacks" in line]
+    finally:
         await talker.leave()
         await listener.leave()
 
@@ -81,6 +145,64 @@ async def test_garbage_udp_at_the_media_port_does_not_hurt(server: RunningServer
     finally:
         await a.leave()
         await b.leave()
+
+
+def _cut_media_path(bot: Bot) -> None:
+    """The bot's network goes dead for media: nothing it sends leaves, nothing reaches it; its WebSocket stays."""
+    transports = {}
+    for t in bot.pc.getTransceivers():
+        for end in (t.sender, t.receiver):
+            ice = end.transport.transport._connection  # aiortc RTCDtlsTransport -> RTCIceTransport -> aioice
+            for protocol in ice._protocols:
+                transports[id(protocol.transport)] = protocol.transport
+    assert transports
+    for udp in transports.values():
+        udp.pause_reading()
+        udp.sendto = lambda *args, **kwargs: None  # type: ignore[method-assign]
+
+
+async def test_client_vanishing_with_its_websocket_open_is_removed(start_server: ServerFactory) -> None:
+    timeout_s = 3.0
+    config = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
+                          enhance=replace(EnhanceConfig(), default_stages=(), device="cpu"),
+                          limits=replace(LimitsConfig(), peer_timeout_s=timeout_s))
+    rs = await start_server(config)
+    talker = Bot(rs.url, "vanish", "talker", speech())
+    listener = Bot(rs.url, "vanish", "listener", None)  # sends no audio: consent checks and RTCP only
+    ghost = Bot(rs.url, "vanish", "ghost", noise(seconds=2.0))
+    for bot in (talker, listener, ghost):
+        await bot.join()
+    try:
+        await asyncio.sleep(timeout_s + 1.5)  # live clients, the silent listener included, are not removed
+        room = rs.server.rooms.get("vanish")
+        assert set(room.participants) == {talker.id, listener.id, ghost.id}
+        ghost_p = room.participants[ghost.id]  # type: ignore[index]
+        ghost_stream = ghost_p.published
+        assert ghost_stream is not None and not ghost_stream.closed
+        t_cut = time.monotonic()
+        _cut_media_path(ghost)
+        give_up = t_cut + timeout_s + 20.0  # a hang guard, not a speed check
+        while not [e for e in listener.events_of("participant-left") if e["participant"]["id"] == ghost.id]:
+            assert time.monotonic() < give_up, "the vanished client was never removed"
+            await asyncio.sleep(0.1)
+        removed_after = time.monotonic() - t_cut
+        for bot in (talker, listener):
+            left = [e for e in bot.events_of("participant-left") if e["participant"]["id"] == ghost.id]
+            assert left and left[0]["reason"] == "timed out", bot.events_of("participant-left")
+        assert set(room.participants) == {talker.id, listener.id}
+        assert ghost_stream.closed and ghost_stream.id not in room.streams  # its stream is freed
+        assert ghost_p.session.closed and ghost_p.session.pc.connectionState == "closed"  # type: ignore[attr-defined]
+        assert ghost._ws is not None and not ghost._ws.closed  # the WebSocket itself was never closed
+        assert [e for e in ghost.events_of("bye") if e["reason"].startswith("nothing received")]
+        print(f"vanished client removed {removed_after:.1f} s after its media path was cut "
+              f"(peer_timeout_s={timeout_s})")
+        t_after = time.monotonic()
+        await asyncio.sleep(1.0)
+        heard = listener.received_from(talker.id, since=t_after)  # type: ignore[arg-type]
+        assert content_match(heard, looped(speech())) > 0.5  # the others go on
+    finally:
+        for bot in (talker, listener, ghost):
+            await bot.leave()
 
 
 def _free_port() -> int:

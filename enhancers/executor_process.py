@@ -1,0 +1,301 @@
+"""The executor's worker in a process of its own: stages never hold the server's GIL.
+
+Most of a stage's time at small batches goes into dispatching many small
+torch operations, which holds the interpreter lock: on a thread of the
+server's process that starves the event loop (RTP, Opus, signaling) and the
+loop in turn delays the worker into missed deadlines.  ``ProcessWorker``
+runs the same :class:`~enhancers.executor_worker.BatchRunner` in a child
+process (:mod:`enhancers.executor_child`) and talks to it over a pipe read
+by the event loop itself (``add_reader``: no thread hand-off per tick).
+
+The child is started on the first stage request, so a server with no
+enhancement never starts it.  A child that hangs in a stage is killed and
+that stage disabled (the parent reads which stage was running from a shared
+buffer); a child that dies is started again.  Either way every live stream
+is re-declared to the new child with its stages, which start from fresh
+state, and audio keeps flowing unprocessed meanwhile (the executor's
+deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import multiprocessing.connection
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from enhancers.executor_child import SPEC_BYTES, child_main
+from enhancers.executor_loading import options_for
+from enhancers.executor_worker import CloseStream, ControlOp, Job, RateLimitedLog, RoundResult, SetStreamStages
+from enhancers.registry import STAGES, load_stage_class
+
+log = logging.getLogger("enhancers.executor")
+
+STOP_TIMEOUT_S = 5.0
+# A child that keeps dying right after it starts is not started again: stages then bypass.
+MAX_DEATHS, DEATH_WINDOW_S = 3, 30.0
+
+
+class ProcessWorker:
+    """Owns the worker process, its pipe, the loads asked of it and the streams declared to it."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        stage_options: Mapping[str, Mapping[str, Any]],
+        torch_threads: int,
+        freeze_gc: bool,
+        counters: dict[str, int],
+        errors: RateLimitedLog,
+    ) -> None:
+        self.device = device
+        self.stage_options = stage_options
+        self.torch_threads = torch_threads
+        self.freeze_gc = freeze_gc
+        self.counters = counters
+        self.errors = errors
+        self._ctx = multiprocessing.get_context("spawn")
+        self._process: Any = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._running: Any = None  # shared buffer: the spec the child is running
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finish: Callable[[Job], None] | None = None
+        self._on_loaded: Callable[[str, bool], None] | None = None
+        self._loads: dict[str, asyncio.Future[int]] = {}
+        self._latency: dict[str, int] = {}
+        self._disabled: set[str] = set()
+        self._wanted: dict[int, dict[str, dict[str, Any]]] = {}  # streams as declared to the child
+        self._redeclare = False
+        self._unsent: list[ControlOp] = []
+        self._jobs: dict[int, Job] = {}
+        self._next_job = 0
+        self._stats: dict[str, dict[str, Any]] = {}
+        self._closing: asyncio.Future[None] | None = None
+        self._ready = False  # the child has started (imports done) and reads the pipe
+        self._deaths: list[float] = []
+        self._given_up = False
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        finish: Callable[[Job], None],
+        on_loaded: Callable[[str, bool], None],
+    ) -> None:
+        self._loop, self._finish, self._on_loaded = loop, finish, on_loaded
+
+    def _spawn(self) -> None:
+        assert self._loop is not None
+        parent, child = self._ctx.Pipe(duplex=True)
+        self._running = self._ctx.Array("c", SPEC_BYTES, lock=False)
+        process = self._ctx.Process(
+            target=child_main,
+            args=(child, str(self.device), self.torch_threads, self.freeze_gc, self._running),
+            name="enhancers-worker",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        self._process, self._conn, self._ready = process, parent, False
+        self._loop.add_reader(parent.fileno(), self._readable)
+        log.info("executor worker process %d started on %s", process.pid, self.device)
+        for spec in self._loads:
+            if spec not in self._disabled:
+                self._send_load(spec)
+        self._redeclare = bool(self._wanted)
+        self._unsent = []
+
+    def _ensure_child(self) -> None:
+        if self._process is None and self._closing is None and not self._given_up:
+            self._spawn()
+
+    def _stop_child(self, kill: bool) -> None:
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        if conn is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(conn.fileno())
+            conn.close()
+        if process is not None:
+            if kill:
+                process.kill()
+            process.join(0.5 if kill else STOP_TIMEOUT_S)
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+
+    async def close(self, final_ops: list[ControlOp]) -> None:
+        if self._loop is None:
+            return
+        self._closing = self._loop.create_future()
+        if self._conn is None:
+            return
+        try:
+            self._conn.send(("close", final_ops))
+            await asyncio.wait_for(asyncio.shield(self._closing), STOP_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("executor worker process did not close cleanly: %s", exc)
+        await self._loop.run_in_executor(None, self._stop_child, False)
+
+    # -- stages -------------------------------------------------------------------------
+    def request_load(self, spec: str) -> None:
+        if spec in self._loads:
+            return
+        assert self._loop is not None
+        self._loads[spec] = self._loop.create_future()
+        self._ensure_child()
+        if self._process is not None:
+            self._send_load(spec)
+
+    def _send_load(self, spec: str) -> None:
+        assert self._conn is not None
+        self._conn.send(("load", spec, STAGES[spec], options_for(self.stage_options, spec)))
+
+    async def wait_loaded(self, spec: str) -> None:
+        await asyncio.shield(self._loads[spec])
+
+    def declared_latency(self, spec: str) -> int:
+        if spec in self._latency:
+            return self._latency[spec]
+        try:
+            return int(load_stage_class(spec).latency_samples)
+        except Exception:  # noqa: BLE001 - unloadable: the load itself will report why
+            return 0
+
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id (None before the first stage request)."""
+        return int(self._process.pid) if self._process is not None else None
+
+    def stage_stats(self) -> dict[str, dict[str, Any]]:
+        stats = {spec: dict(s) for spec, s in self._stats.items()}
+        for spec in self._disabled:
+            stats.setdefault(spec, {})["disabled"] = True
+        return stats
+
+    # -- jobs -------------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        self._ensure_child()
+        for op in job.ops:
+            if isinstance(op, SetStreamStages):
+                self._wanted[op.stream_id] = op.wanted
+            elif isinstance(op, CloseStream):
+                self._wanted.pop(op.stream_id, None)
+        ops: list[ControlOp] = self._unsent + list(job.ops)
+        self._unsent = []
+        if self._redeclare:  # a new child: every live stream again, before this job's changes
+            self._redeclare = False
+            ops[:0] = [SetStreamStages(sid, wanted) for sid, wanted in self._wanted.items()]
+        rounds = []
+        for items in job.rounds:
+            sids = [it.stream_id for it in items]
+            audio = np.stack([it.audio for it in items])
+            refs = [it.reference for it in items]
+            reference = None
+            if any(r is not None for r in refs):
+                reference = np.zeros_like(audio)
+                for i, ref in enumerate(refs):
+                    if ref is not None:
+                        reference[i] = ref
+            rounds.append((sids, audio, reference))
+        if self._conn is None or not self._ready:
+            # no worker yet (starting, or given up): the chunks pass through, counted as unavailable
+            self._unsent = ops  # declared to the child once it is ready
+            job.results = [RoundResult(audio, None, set(range(len(sids)))) for sids, audio, _ in rounds]
+            self.counters["stage_unavailable"] += sum(len(sids) for sids, _, _ in rounds)
+            self._loop.call_soon(self._complete, job)  # type: ignore[union-attr]
+            return
+        job_id = self._next_job
+        self._next_job += 1
+        self._jobs[job_id] = job
+        try:
+            self._conn.send(("job", job_id, ops, rounds))
+        except OSError as exc:
+            self.errors.error("worker", "executor worker process unreachable", exc)
+            self._child_died()
+
+    def abandon(self, job: Job) -> str | None:
+        """``job`` hung: kill the child, disable the stage it was in, start a fresh child."""
+        spec = bytes(self._running.raw).rstrip(b"\0").decode() if self._running is not None else ""
+        if spec:
+            self._disabled.add(spec)
+        self._jobs.clear()
+        self._stop_child(kill=True)
+        self._spawn()
+        return spec or None
+
+    # -- messages from the child -------------------------------------------------------------
+    def _readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            while conn.poll():
+                self._handle(conn.recv())
+                if self._conn is not conn:
+                    return
+        except (EOFError, OSError):
+            self._child_died()
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "ready":
+            self._ready = True
+        elif kind == "done":
+            _, job_id, results, counters, stats = message
+            for key, value in counters.items():
+                self.counters[key] = self.counters.get(key, 0) + value
+            if stats is not None:
+                self._stats = stats
+            job = self._jobs.pop(job_id, None)
+            if job is not None:
+                job.results = list(results)
+                self._complete(job)
+        elif kind == "loaded":
+            _, spec, latency, error = message
+            future = self._loads.get(spec)
+            if error is not None:
+                log.error("stage %r failed to load: %s", spec, error)
+                if future is not None and not future.done():
+                    future.set_exception(RuntimeError(f"stage {spec!r} failed to load: {error}"))
+                    future.exception()  # retrieved: a failed load is also reported via on_loaded
+            else:
+                self._latency[spec] = int(latency)
+                if future is not None and not future.done():
+                    future.set_result(int(latency))
+            if self._on_loaded is not None:
+                self._on_loaded(spec, error is None)
+        elif kind == "closed" and self._closing is not None and not self._closing.done():
+            self._closing.set_result(None)
+
+    def _complete(self, job: Job) -> None:
+        if self._finish is not None:
+            self._finish(job)
+
+    def _child_died(self) -> None:
+        if self._closing is not None:
+            if not self._closing.done():
+                self._closing.set_result(None)
+            return
+        code = self._process.exitcode if self._process is not None else None
+        log.error("executor worker process died (exit code %s); starting a new one", code)
+        self.counters["worker_restarts"] = self.counters.get("worker_restarts", 0) + 1
+        jobs, self._jobs = self._jobs, {}
+        self._stop_child(kill=True)
+        for job in jobs.values():
+            job.results = []
+            self._complete(job)  # no results: every chunk of it bypasses
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < DEATH_WINDOW_S] + [now]
+        if len(self._deaths) >= MAX_DEATHS:
+            self._given_up = True
+            log.error("executor worker process died %d times in %.0f s; enhancement disabled, audio passes "
+                      "through unprocessed", len(self._deaths), DEATH_WINDOW_S)
+            return
+        self._spawn()

@@ -1,0 +1,143 @@
+"""The executor's in-process worker: stages run on one thread of the server's own process.
+
+This is the light back end (no second process, stages shared with the
+caller): the default for libraries, the CLI and tests.  Its cost is the GIL:
+a stage whose time goes into many small torch calls holds the interpreter
+lock for most of it, and the event loop (RTP, Opus, signaling) waits.  The
+server therefore runs :mod:`enhancers.executor_process` by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from enhancers.executor_loading import StageLoader
+from enhancers.executor_worker import BatchRunner, ControlOp, Job, RateLimitedLog, StageLoaded
+from enhancers.stage import Stage
+
+
+class ThreadWorker:
+    """Owns the loader, the :class:`BatchRunner` and the worker thread that runs jobs on it."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        stage_options: Mapping[str, Mapping[str, Any]],
+        torch_threads: int,
+        freeze_gc: bool,
+        counters: dict[str, int],
+        errors: RateLimitedLog,
+    ) -> None:
+        self.torch_threads = torch_threads
+        self.freeze_gc = freeze_gc
+        self.errors = errors
+        self.runner = BatchRunner(device, counters, errors, self._reload_on_cpu)
+        self.loader = StageLoader(device, stage_options, torch_threads, self._loaded)
+        self._loaded_ops: list[ControlOp] = []
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finish: Callable[[Job], None] | None = None
+        self._on_loaded: Callable[[str, bool], None] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the stages run: the configured device, the CPU after the accelerator failed."""
+        return self.runner.device
+
+    def _reload_on_cpu(self, specs: list[str]) -> None:
+        """Worker thread, accelerator lost: build fresh CPU instances of ``specs`` (their move failed)."""
+        self.loader.device = torch.device("cpu")
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.loader.reload, specs, self._loop)
+
+    # -- lifecycle ----------------------------------------------------------------
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        finish: Callable[[Job], None],
+        on_loaded: Callable[[str, bool], None],
+    ) -> None:
+        self._loop, self._finish, self._on_loaded = loop, finish, on_loaded
+        self._start_thread()
+
+    async def close(self, final_ops: list[ControlOp]) -> None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._jobs.put(Job(ops=self._take_loaded() + final_ops, rounds=[]))
+            self._jobs.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 5.0)
+        self.loader.shutdown()
+
+    # -- stages ---------------------------------------------------------------------
+    def request_load(self, spec: str) -> None:
+        assert self._loop is not None
+        self.loader.request(spec, self._loop)
+
+    async def wait_loaded(self, spec: str) -> None:
+        await self.loader.wait(spec)
+
+    def declared_latency(self, spec: str) -> int:
+        return self.loader.declared_latency(spec)
+
+    def _loaded(self, spec: str, stage: Stage | None) -> None:
+        self._loaded_ops.append(StageLoaded(spec, stage))
+        if stage is not None and self.freeze_gc:
+            gc.freeze()  # the stage's (long-lived) objects out of the full collections too
+        if self._on_loaded is not None:
+            self._on_loaded(spec, stage is not None)
+
+    def _take_loaded(self) -> list[ControlOp]:
+        ops, self._loaded_ops = self._loaded_ops, []
+        return ops
+
+    def stage_stats(self) -> dict[str, dict[str, Any]]:
+        return {spec: rt.stats() for spec, rt in list(self.runner.stages.items())}
+
+    # -- jobs ---------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        job.ops[:0] = self._take_loaded()
+        self._jobs.put(job)
+
+    def abandon(self, job: Job) -> str | None:
+        """``job`` hung in a stage: disable that stage, leave the thread, start a fresh one."""
+        spec = job.current_spec
+        runtime = self.runner.stages.get(spec) if spec else None
+        if runtime is not None:
+            runtime.disabled = True
+        self._start_thread()
+        return spec
+
+    def _start_thread(self) -> None:
+        self._jobs = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._main, args=(self._jobs,), name="executor-worker", daemon=True
+        )
+        self._thread.start()
+
+    def _main(self, jobs: queue.Queue[Job | None]) -> None:
+        torch.set_num_threads(self.torch_threads)
+        loop, finish = self._loop, self._finish
+        assert loop is not None and finish is not None
+        while True:
+            job = jobs.get()
+            if job is None:
+                self.runner.close_all()
+                return
+            try:
+                self.runner.run(job)
+            except Exception as exc:  # noqa: BLE001 - the worker must never die; unanswered chunks bypass
+                self.errors.error("worker", "executor worker failed on a job", exc)
+            if job.abandoned:
+                return  # this thread was replaced while a stage hung
+            try:
+                loop.call_soon_threadsafe(finish, job)
+            except RuntimeError:
+                return  # loop closed
