@@ -270,6 +270,8 @@ class MediaServer:
             "processing_ms": round(c.processing_ms, 2), "server_latency_ms": round(c.server_latency_ms, 1),
             "subscribers": stream.fanout.subscriber_count,
         }
+        if c.echo_delay_ms >= 0:
+            out["echo_delay_ms"] = round(c.echo_delay_ms, 1)
         jb = getattr(stream.source, "stats", None)
         if jb is not None:
             out.update({"received": jb.received, "lost": jb.lost, "late": jb.late,

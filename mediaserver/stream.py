@@ -45,6 +45,7 @@ class StreamCounters:
     dropped_backlog: int = 0
     level_dbfs: float = -100.0
     vad: float = 0.0
+    echo_delay_ms: float = -1.0  # echo path delay the aec stage uses (-1: no aec stage)
     processing_ms: float = 0.0
     server_latency_ms: float = 0.0
 
@@ -126,6 +127,8 @@ class PublishedStream:
             c.level_dbfs = 0.9 * c.level_dbfs + 0.1 * 20.0 * math.log10(rms)
             if "vad" in result.side:
                 c.vad = float(result.side["vad"])
+            if "aec_delay_ms" in result.side:
+                c.echo_delay_ms = float(result.side["aec_delay_ms"])
             if self._on_chunk is not None:
                 self._on_chunk(self, audio, result)
             self.current_tick = tick

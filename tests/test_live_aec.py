@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from enhancers.audio_io import read_48k
 from loadtest.bot import Bot
+from mediaserver.config import AuthConfig, EnhanceConfig, ServerConfig
+from tests.audio_checks import content_match
 from tests.conftest import ServerFactory, eval_file, speech
 from tests.echo_bot import EchoBot
 
@@ -17,14 +20,16 @@ def _energy_db(x: np.ndarray) -> float:
     return float(10 * np.log10(np.mean(x.astype(np.float64) ** 2) + 1e-12))
 
 
-@pytest.mark.skip(reason="issue 5 open: in the live path the echo is not reduced yet (0 dB measured), although "
-                         "the stage meets its acceptance offline; the echo path measured here (reference to "
-                         "mic) reaches 0.45-1.1 s on a loaded machine, beyond the 600 ms delay search")
 async def test_echo_of_the_others_is_removed_but_the_bots_speech_arrives(start_server: ServerFactory) -> None:
-    rs = await start_server()
+    # The canceller must keep the stream's time continuity to converge, so this test measures it with a
+    # deadline a loaded 2-core CI box can meet; under overload the executor fails open (echo passes
+    # through, counted as bypassed), which tests/test_faults.py covers.
+    config = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
+                          enhance=replace(EnhanceConfig(), device="cpu", deadline_ms=150.0))
+    rs = await start_server(config)
     await rs.server.hub.executor.preload(["aec"])
     ir = read_48k(eval_file("rir", "rir_48k.wav"))[: 48_000 // 5]  # 200 ms of a measured room
-    ir = ir / (np.max(np.abs(ir)) + 1e-9) * 0.5
+    ir = ir / (np.linalg.norm(ir) + 1e-9) * 0.5  # the echo arrives 6 dB below what the speaker plays
     far = np.concatenate([speech("cmu_arctic_us_aew_a0001.wav"), speech("cmu_arctic_us_aew_a0003.wav")])
     # the echo bot is silent for 7 s (echo only), then speaks
     own = np.concatenate([np.zeros(48_000 * 7, dtype=np.float32), speech("cmu_arctic_us_axb_a0005.wav")])
@@ -46,13 +51,20 @@ async def test_echo_of_the_others_is_removed_but_the_bots_speech_arrives(start_s
             # seconds 4-6.5: the speakerphone only plays back the talker (converged by then)
             echo_part = heard[48_000 * 4: int(48_000 * 6.5)]
             own_part = heard[48_000 * 8:]
-            measured[room] = (_energy_db(echo_part), _energy_db(own_part))
-        off_echo, off_own = measured["echo-off"]
-        on_echo, on_own = measured["echo-on"]
+            measured[room] = (_energy_db(echo_part), _energy_db(own_part), content_match(own_part, own))
+        on_stream = rs.server.rooms.get("echo-on").participants[echoers["echo-on"].id].published  # type: ignore[union-attr,index]
+        stats = rs.server.stream_stats(on_stream)  # type: ignore[arg-type]
+        print("measured (echo dB, own speech dB):", measured, "aec stream:",
+              {k: stats.get(k) for k in ("echo_delay_ms", "chunks", "bypassed")},
+              "executor:", {k: v for k, v in rs.server.hub.stats().items() if "bypass" in k or "drop" in k},
+              "mic late frames:", echoers["echo-on"].track.late_frames)  # type: ignore[attr-defined]
+        off_echo, off_own, _ = measured["echo-off"]
+        on_echo, on_own, on_match = measured["echo-on"]
         assert off_echo > -45.0, "the simulated echo path produced no echo"
         assert off_echo - on_echo >= 20.0, f"echo reduced by only {off_echo - on_echo:.1f} dB"
         # the speakerphone's own speech still arrives at a similar level
         assert on_own > off_own - 6.0, (on_own, off_own)
+        assert on_match > 0.5, f"the speakerphone's own speech is damaged (content match {on_match:.2f})"
     finally:
         for bots in (talkers, echoers):
             for bot in bots.values():
