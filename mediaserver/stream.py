@@ -18,6 +18,7 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 
+from mediaserver.audio_format import SAMPLE_RATE
 from mediaserver.clock import MediaClock
 from mediaserver.fanout import Fanout, StreamEncoder
 from mediaserver.pipeline import PipelineResult, StreamPipeline
@@ -132,6 +133,9 @@ class PublishedStream:
             if self._on_chunk is not None:
                 self._on_chunk(self, audio, result)
             self.current_tick = tick
+            if origin is not None and self.pipeline.latency_samples:
+                # a stage that delays the audio (look-ahead) sends out audio that arrived that much earlier
+                origin -= self.pipeline.latency_samples / SAMPLE_RATE
             for listener in self._pcm_listeners:
                 try:
                     listener(result.audio, origin)
