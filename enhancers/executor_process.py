@@ -32,7 +32,14 @@ import torch
 
 from enhancers.executor_child import SPEC_BYTES, child_main
 from enhancers.executor_loading import options_for
-from enhancers.executor_worker import CloseStream, ControlOp, Job, RateLimitedLog, RoundResult, SetStreamStages
+from enhancers.executor_worker import (
+    CloseStream,
+    ControlOp,
+    Job,
+    RateLimitedLog,
+    RoundResult,
+    SetStreamStages,
+)
 from enhancers.registry import STAGES, load_stage_class
 
 log = logging.getLogger("enhancers.executor")

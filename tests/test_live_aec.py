@@ -6,7 +6,6 @@ import asyncio
 from dataclasses import replace
 
 import numpy as np
-import pytest
 
 from enhancers.audio_io import read_48k
 from loadtest.bot import Bot

@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import aiohttp
-import numpy as np
 
 from loadtest.bot import Bot
 from tests.audio_checks import content_match, longest_silence_ms, looped

@@ -25,11 +25,10 @@ per-frame stage skipping.
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
 import math
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
