@@ -42,6 +42,7 @@ from enhancers.executor_worker import (
     ProcessedChunk,
     RateLimitedLog,
     SetStreamStages,
+    WorkerSettings,
 )
 from enhancers.registry import parse_spec, parse_stage_list
 from enhancers.stage import CHUNK
@@ -85,9 +86,8 @@ class Executor:
         if config.isolation not in ("thread", "process"):
             raise ValueError(f"isolation must be 'thread' or 'process', not {config.isolation!r}")
         worker_cls = ProcessWorker if config.isolation == "process" else ThreadWorker
-        self._worker: ThreadWorker | ProcessWorker = worker_cls(
-            device, config.stage_options, config.torch_threads, config.freeze_gc, self.counters, self._errors
-        )
+        settings = WorkerSettings(device, config.stage_options, config.torch_threads, config.freeze_gc)
+        self._worker: ThreadWorker | ProcessWorker = worker_cls(settings, self.counters, self._errors)
         self._streams: dict[int, ExecutorStream] = {}
         self._ready: dict[int, ExecutorStream] = {}  # streams with pending chunks
         self._ops: list[ControlOp] = []

@@ -24,11 +24,10 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
 from enhancers.executor_child import SPEC_BYTES, child_main
 from enhancers.executor_loading import options_for
@@ -39,6 +38,7 @@ from enhancers.executor_worker import (
     RateLimitedLog,
     RoundResult,
     SetStreamStages,
+    WorkerSettings,
 )
 from enhancers.registry import STAGES, load_stage_class
 
@@ -52,15 +52,9 @@ MAX_DEATHS, DEATH_WINDOW_S = 3, 30.0
 class ProcessWorker:
     """Owns the worker process, its pipe, the loads asked of it and the streams declared to it."""
 
-    def __init__(
-        self,
-        device: torch.device,
-        stage_options: Mapping[str, Mapping[str, Any]],
-        torch_threads: int,
-        freeze_gc: bool,
-        counters: dict[str, int],
-        errors: RateLimitedLog,
-    ) -> None:
+    def __init__(self, settings: WorkerSettings, counters: dict[str, int], errors: RateLimitedLog) -> None:
+        device, stage_options = settings.device, settings.stage_options
+        torch_threads, freeze_gc = settings.torch_threads, settings.freeze_gc
         self.device = device
         self.stage_options = stage_options
         self.torch_threads = torch_threads

@@ -13,28 +13,22 @@ import asyncio
 import gc
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from enhancers.executor_loading import StageLoader
-from enhancers.executor_worker import BatchRunner, ControlOp, Job, RateLimitedLog, StageLoaded
+from enhancers.executor_worker import BatchRunner, ControlOp, Job, RateLimitedLog, StageLoaded, WorkerSettings
 from enhancers.stage import Stage
 
 
 class ThreadWorker:
     """Owns the loader, the :class:`BatchRunner` and the worker thread that runs jobs on it."""
 
-    def __init__(
-        self,
-        device: torch.device,
-        stage_options: Mapping[str, Mapping[str, Any]],
-        torch_threads: int,
-        freeze_gc: bool,
-        counters: dict[str, int],
-        errors: RateLimitedLog,
-    ) -> None:
+    def __init__(self, settings: WorkerSettings, counters: dict[str, int], errors: RateLimitedLog) -> None:
+        device, stage_options = settings.device, settings.stage_options
+        torch_threads, freeze_gc = settings.torch_threads, settings.freeze_gc
         self.torch_threads = torch_threads
         self.freeze_gc = freeze_gc
         self.errors = errors

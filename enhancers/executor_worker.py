@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -80,6 +80,16 @@ class ChunkIn(Protocol):
     audio: np.ndarray
     reference: np.ndarray | None
     bypass_audio: np.ndarray
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What either worker backend (thread or process) needs to load and run stages."""
+
+    device: torch.device
+    stage_options: Mapping[str, Mapping[str, Any]]
+    torch_threads: int
+    freeze_gc: bool
 
 
 @dataclass
