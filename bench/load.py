@@ -22,7 +22,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin"
@@ -48,6 +51,29 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 180
     raise TimeoutError("mediaserver did not become healthy")
 
 
+@contextmanager
+def served(stages: str | None,
+           output: IO[bytes] | int = subprocess.DEVNULL) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A fresh ``mediaserver serve --dev`` on a free port, healthy; stopped with SIGINT (drain) at exit."""
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [str(BIN / "mediaserver"), "serve", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--dev",
+           "--log-level", "WARNING"]
+    if stages is not None:
+        cmd += ["--stages", stages]
+    server = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT if output != subprocess.DEVNULL
+                              else subprocess.DEVNULL, cwd=ROOT)
+    try:
+        wait_healthy(url, server)
+        yield url, server
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 bots, 1 room, 8 s")
@@ -56,26 +82,11 @@ def main() -> int:
     args = parser.parse_args()
     bots, rooms, duration = (3, 1, 8.0) if args.quick else (6, 2, 20.0)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-load-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [str(BIN / "mediaserver"), "serve", "--host", "127.0.0.1", "--port", str(port), "--dev",
-           "--log-level", "WARNING"]
-    if args.stages is not None:
-        cmd += ["--stages", args.stages]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     started = time.monotonic()
-    try:
-        wait_healthy(url, server)
+    with served(args.stages) as (url, _):
         run = subprocess.run([str(BIN / "loadtest"), "run", "--url", url, "--bots", str(bots), "--rooms", str(rooms),
                               "--duration", str(duration), "--out", str(out)],
                              stdout=subprocess.PIPE, cwd=ROOT, check=False)
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
     if run.returncode != 0:
         print(run.stdout.decode(), file=sys.stderr)
         return run.returncode

@@ -81,18 +81,22 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     limits = server.config.limits
     peer = request.remote or "?"
     conns = request.app[CONN_KEY]
-    if conns[peer] >= limits.max_connections_per_address:
-        log.warning("%s: too many connections", peer)
-        return json_error(429, "too-many-connections", "too many connections from this address")
-    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=limits.max_ws_message_bytes)
-    await ws.prepare(request)
-    conns[peer] += 1
-    sockets = request.app[SOCKETS_KEY]
-    sockets.add(ws)
+    limit = limits.max_connections_per_address
+    if conns[peer] >= limit:
+        log.warning("%s: too many connections (limit %d)", peer, limit)
+        return json_error(429, "too-many-connections",
+                          f"at most {limit} signaling connections per address; close one and retry")
+    conns[peer] += 1  # counted before the handshake awaits: simultaneous handshakes cannot overshoot
     try:
-        await SignalingConnection(ws, server, peer).run()
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=limits.max_ws_message_bytes)
+        await ws.prepare(request)
+        sockets = request.app[SOCKETS_KEY]
+        sockets.add(ws)
+        try:
+            await SignalingConnection(ws, server, peer).run()
+        finally:
+            sockets.discard(ws)
     finally:
-        sockets.discard(ws)
         conns[peer] -= 1
         if conns[peer] <= 0:
             del conns[peer]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 
 import aiohttp
+import numpy as np
 
 from loadtest.bot import Bot
+from mediaserver.config import AuthConfig, EnhanceConfig, LimitsConfig, ServerConfig
 from tests.audio_checks import longest_silence_ms
-from tests.conftest import RunningServer, noise
+from tests.conftest import RunningServer, ServerFactory, noise
 
 
 async def _next(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> dict:  # type: ignore[type-arg]
@@ -123,3 +126,65 @@ async def test_vanished_client_is_removed(server: RunningServer) -> None:
         await b.pc.close()
         if b._session is not None:
             await b._session.close()
+
+
+async def test_connections_per_address_are_capped(start_server: ServerFactory) -> None:
+    """One address gets ``max_connections_per_address`` sockets, the next is refused with a clear
+    error while the open ones keep working, and closing one makes room again."""
+    limit = 3
+    config = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
+                          enhance=replace(EnhanceConfig(), default_stages=(), device="cpu"),
+                          limits=replace(LimitsConfig(), max_connections_per_address=limit))
+    rs = await start_server(config)
+    ws_url = rs.url.replace("http", "ws") + "/ws"
+    continuous = noise("running_tap.wav") * 4.0
+    a = Bot(rs.url, "capped", "a", continuous)  # two of the three places from 127.0.0.1
+    b = Bot(rs.url, "capped", "b", continuous)
+    await a.join()
+    await b.join()
+    extra: list[aiohttp.ClientWebSocketResponse] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            # three handshakes at once for the last place: exactly one gets it
+            results = await asyncio.gather(*(http.ws_connect(ws_url) for _ in range(3)), return_exceptions=True)
+            extra = [r for r in results if isinstance(r, aiohttp.ClientWebSocketResponse)]
+            refused = [r for r in results if isinstance(r, aiohttp.WSServerHandshakeError)]
+            assert len(extra) == 1 and len(refused) == 2, results
+            assert all(r.status == 429 for r in refused)
+            # what the refusal says (the same answer a browser's handshake gets)
+            r = await http.get(rs.url + "/ws")
+            body = await r.json()
+            assert r.status == 429 and body["error"] == "too-many-connections", body
+            assert f"at most {limit}" in body["message"]
+            # the open connections keep working: the spare socket answers, the call goes on
+            await extra[0].send_str(json.dumps({"type": "ping"}))
+            assert (await _next(extra[0]))["type"] == "pong"
+            t0 = time.monotonic()
+            await asyncio.sleep(1.5)
+            heard = a.received_from(b.id, since=t0)  # type: ignore[arg-type]
+            assert len(heard) > 48_000 * 0.5 and float(np.sqrt(np.mean(heard ** 2))) > 1e-3
+            assert set(rs.server.rooms.get("capped").participants) == {a.id, b.id}
+            # another address is not held to this one's count
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
+                ws2 = await other.ws_connect(ws_url)
+                await ws2.send_str(json.dumps({"type": "ping"}))
+                assert (await _next(ws2))["type"] == "pong"
+                await ws2.close()
+            # closing one makes room for a new connection (once the server has seen the close)
+            await extra.pop().close()
+            deadline = time.monotonic() + 10.0  # a hang guard, not a speed check
+            while True:
+                try:
+                    extra.append(await http.ws_connect(ws_url))
+                    break
+                except aiohttp.WSServerHandshakeError as exc:
+                    assert exc.status == 429 and time.monotonic() < deadline, exc
+                    await asyncio.sleep(0.05)
+            await extra[0].send_str(json.dumps({"type": "join", "room": "capped", "name": "c"}))
+            reply = await _next(extra[0])
+            assert reply["type"] == "joined", reply
+            for ws in extra:
+                await ws.close()
+    finally:
+        await a.leave()
+        await b.leave()

@@ -96,7 +96,7 @@ def parse_info_digit(content_type: str, body: bytes) -> str | None:
             return None
     elif content_type != "application/dtmf":
         return None
-    if text.isdigit() and len(text) <= 2 and int(text) < 16:  # some phones send event numbers
+    if text.isascii() and text.isdigit() and len(text) <= 2 and int(text) < 16:  # some phones send event numbers
         return EVENT_DIGITS[int(text)]
     text = text.upper()
     return text if len(text) == 1 and text in EVENT_DIGITS else None

@@ -44,6 +44,11 @@ class SipParseError(ValueError):
         self.partial = partial
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts "²" and the like, which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def split_list(value: str) -> list[str]:
     """Split a header value on commas outside quotes and angle brackets."""
     out: list[str] = []
@@ -284,7 +289,7 @@ SipMessage = SipRequest | SipResponse
 
 def parse_cseq(value: str) -> tuple[int, str]:
     parts = value.split()
-    if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 10 or not _TOKEN_RE.match(parts[1]):
+    if len(parts) != 2 or not is_number(parts[0]) or len(parts[0]) > 10 or not _TOKEN_RE.match(parts[1]):
         raise SipParseError(f"bad CSeq {value[:40]!r}")
     number = int(parts[0])
     if number >= 2 ** 31:
@@ -354,7 +359,7 @@ def parse_message(data: bytes) -> SipMessage:
         raise SipParseError("CSeq method does not match the request", partial)
     length_text = headers.get("Content-Length")
     if length_text is not None:
-        if not length_text.isdigit() or len(length_text) > 6:
+        if not is_number(length_text) or len(length_text) > 6:
             raise SipParseError("bad Content-Length", partial)
         length = int(length_text)
         if length > len(body):

@@ -13,6 +13,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from signaling.sip.g711 import CODECS, G711Codec
+from signaling.sip.message import is_number
 
 MAX_SDP_BYTES = 16 * 1024
 EVENT_PT_DEFAULT = 101
@@ -105,7 +106,7 @@ def parse_sdp(text: str) -> SessionDescription:
             session.origin = value
         elif kind == "m":
             parts = value.split()
-            if len(parts) < 4 or not parts[1].split("/")[0].isdigit():
+            if len(parts) < 4 or not is_number(parts[1].split("/")[0]):
                 raise SdpError(f"bad m= line {value[:60]!r}")
             port = int(parts[1].split("/")[0])
             if port > 65535:
@@ -137,18 +138,18 @@ def _attribute(session: SessionDescription, media: MediaDescription | None, valu
     elif name == "rtpmap":
         pt_text, _, enc = rest.partition(" ")
         fields = enc.strip().split("/")
-        if pt_text.isdigit() and len(fields) >= 2 and fields[1].isdigit():
+        if is_number(pt_text) and len(fields) >= 2 and is_number(fields[1]):
             media.rtpmap[int(pt_text)] = (fields[0].strip(), int(fields[1]))
     elif name == "rtcp":
         port_text = rest.split()[0] if rest.split() else ""
-        if port_text.isdigit() and 0 < int(port_text) < 65536:
+        if is_number(port_text) and 0 < int(port_text) < 65536:
             media.rtcp_port = int(port_text)
-    elif name == "ptime" and rest.strip().isdigit():
+    elif name == "ptime" and is_number(rest.strip()):
         media.ptime = int(rest.strip())
 
 
 def _format_name(media: MediaDescription, fmt: str) -> tuple[str, int] | None:
-    if not fmt.isdigit():
+    if not is_number(fmt):
         return None
     pt = int(fmt)
     if pt in media.rtpmap:

@@ -8,7 +8,7 @@ raising, so the endpoint answers every problem the same way.
 
 from __future__ import annotations
 
-from signaling.sip.message import SipParseError, SipRequest, SipUri
+from signaling.sip.message import SipParseError, SipRequest, SipUri, is_number
 from signaling.sip.sdp import AudioParams, NoCommonCodec, SdpError, SessionDescription, negotiate, parse_sdp
 
 Refusal = tuple[int, list[tuple[str, str]]]
@@ -22,7 +22,7 @@ def warning(text: str, code: int = 399) -> tuple[str, str]:
 def check_request(req: SipRequest) -> Refusal | None:
     """Hop count (483), URI scheme (416), a well-formed URI (400), extensions in Require (420)."""
     hops = req.headers.get("Max-Forwards")
-    if hops is not None and (not hops.strip().isdigit() or int(hops) == 0):
+    if hops is not None and (not is_number(hops.strip()) or int(hops) == 0):
         return (483 if hops.strip() == "0" else 400), []
     if not req.uri.lower().startswith(("sip:", "sips:")):
         return 416, []
