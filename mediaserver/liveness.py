@@ -47,6 +47,7 @@ class PeerLiveness:
         self.last_heard = self.loop.time()  # the clock starts when the offer is answered
         self.packets = 0
         self._hooked: set[tuple[int, str]] = set()
+        self._hooks: list[tuple[Any, str, Callable[..., Any], Callable[..., Any]]] = []  # obj, name, original, hook
         self._task: asyncio.Task[None] | None = None
 
     def attach(self) -> bool:
@@ -66,9 +67,23 @@ class PeerLiveness:
         self._task = self.loop.create_task(self._watch(), name="peer-liveness")
 
     def stop(self) -> None:
+        """Stop the timer and take the hooks off again.
+
+        The hooks hold this watchdog, hence ``on_silent`` and everything it refers to (the
+        participant, its room, its streams): an aiortc object of the closed connection that
+        outlives it (a task aiortc left running) must not keep all that alive.
+        """
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        for obj, name, original, hook in reversed(self._hooks):
+            if obj.__dict__.get(name) is hook:
+                if getattr(type(obj), name, None) is getattr(original, "__func__", None):
+                    del obj.__dict__[name]  # the class's method again
+                else:
+                    setattr(obj, name, original)  # someone else's hook underneath
+        self._hooks.clear()
+        self._hooked.clear()
 
     @property
     def silent_s(self) -> float:
@@ -92,8 +107,10 @@ class PeerLiveness:
             original = getattr(obj, name, None)
             if original is None:
                 return False
-            setattr(obj, name, self._stamped(original))
+            hook = self._stamped(original)
+            setattr(obj, name, hook)
             self._hooked.add(key)
+            self._hooks.append((obj, name, original, hook))
         return True
 
     def _stamped(self, original: Callable[..., Any]) -> Callable[..., Any]:

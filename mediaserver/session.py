@@ -268,3 +268,30 @@ class PeerSession:
         for slot in self._slots:
             slot.track.stop()
         await self.pc.close()
+        await _stop_late_starters(self.pc)
+
+
+async def _stop_late_starters(pc: RTCPeerConnection) -> None:
+    """Stop the receivers and senders that aiortc started after ``pc.close()`` had stopped them.
+
+    aiortc's connect task (spawned by ``setRemoteDescription``) can still be waiting for the
+    DTLS handshake when the connection is closed: ``close()`` then stops a receiver that has
+    not started (a no-op), and the connect task starts it right after.  Its RTCP task then
+    runs forever and holds the transport and, through it, the whole session (the participant,
+    its room, its streams): a leak per participant that leaves while connecting.  Nothing may
+    start any more once closed, and whatever started in between is stopped again (``stop``
+    is idempotent in aiortc).
+    """
+    for transceiver in pc.getTransceivers():
+        for end, start in ((transceiver.receiver, "receive"), (transceiver.sender, "send")):
+            setattr(end, start, _refuse_start)
+    for transceiver in pc.getTransceivers():
+        try:
+            await transceiver.receiver.stop()
+            await transceiver.sender.stop()
+        except Exception:  # a closing connection must not take the leave down
+            log.debug("stopping a late-started transceiver failed", exc_info=True)
+
+
+async def _refuse_start(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``receive`` / ``send`` of a closed connection's receivers and senders."""
