@@ -53,12 +53,8 @@ class ProcessWorker:
     """Owns the worker process, its pipe, the loads asked of it and the streams declared to it."""
 
     def __init__(self, settings: WorkerSettings, counters: dict[str, int], errors: RateLimitedLog) -> None:
-        device, stage_options = settings.device, settings.stage_options
-        torch_threads, freeze_gc = settings.torch_threads, settings.freeze_gc
-        self.device = device
-        self.stage_options = stage_options
-        self.torch_threads = torch_threads
-        self.freeze_gc = freeze_gc
+        self.settings = settings
+        self.device = settings.device
         self.counters = counters
         self.errors = errors
         self._ctx = multiprocessing.get_context("spawn")
@@ -97,7 +93,7 @@ class ProcessWorker:
         self._running = self._ctx.Array("c", SPEC_BYTES, lock=False)
         process = self._ctx.Process(
             target=child_main,
-            args=(child, str(self.device), self.torch_threads, self.freeze_gc, self._running),
+            args=(child, str(self.device), self.settings.torch_threads, self.settings.freeze_gc, self._running),
             name="enhancers-worker",
             daemon=True,
         )
@@ -156,7 +152,7 @@ class ProcessWorker:
 
     def _send_load(self, spec: str) -> None:
         assert self._conn is not None
-        self._conn.send(("load", spec, STAGES[spec], options_for(self.stage_options, spec)))
+        self._conn.send(("load", spec, STAGES[spec], options_for(self.settings.stage_options, spec)))
 
     async def wait_loaded(self, spec: str) -> None:
         await asyncio.shield(self._loads[spec])

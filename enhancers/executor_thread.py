@@ -27,13 +27,10 @@ class ThreadWorker:
     """Owns the loader, the :class:`BatchRunner` and the worker thread that runs jobs on it."""
 
     def __init__(self, settings: WorkerSettings, counters: dict[str, int], errors: RateLimitedLog) -> None:
-        device, stage_options = settings.device, settings.stage_options
-        torch_threads, freeze_gc = settings.torch_threads, settings.freeze_gc
-        self.torch_threads = torch_threads
-        self.freeze_gc = freeze_gc
+        self.settings = settings
         self.errors = errors
-        self.runner = BatchRunner(device, counters, errors, self._reload_on_cpu)
-        self.loader = StageLoader(device, stage_options, torch_threads, self._loaded)
+        self.runner = BatchRunner(settings.device, counters, errors, self._reload_on_cpu)
+        self.loader = StageLoader(settings.device, settings.stage_options, settings.torch_threads, self._loaded)
         self._loaded_ops: list[ControlOp] = []
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -83,7 +80,7 @@ class ThreadWorker:
 
     def _loaded(self, spec: str, stage: Stage | None) -> None:
         self._loaded_ops.append(StageLoaded(spec, stage))
-        if stage is not None and self.freeze_gc:
+        if stage is not None and self.settings.freeze_gc:
             gc.freeze()  # the stage's (long-lived) objects out of the full collections too
         if self._on_loaded is not None:
             self._on_loaded(spec, stage is not None)
@@ -117,7 +114,7 @@ class ThreadWorker:
         self._thread.start()
 
     def _main(self, jobs: queue.Queue[Job | None]) -> None:
-        torch.set_num_threads(self.torch_threads)
+        torch.set_num_threads(self.settings.torch_threads)
         loop, finish = self._loop, self._finish
         assert loop is not None and finish is not None
         while True:
