@@ -246,3 +246,41 @@ async def test_sigterm_drains_gracefully(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         json.dumps({})
+
+
+async def test_leaving_while_connecting_frees_the_participant(server: RunningServer) -> None:
+    """A client that leaves right after the answer, before DTLS is up, leaves nothing behind.
+
+    aiortc's connect task can start a receiver after ``close()``; its RTCP task then ran
+    forever and, through the liveness hook, kept the participant, its room and streams.
+    """
+    import gc
+    import weakref
+
+    talker = Bot(server.url, "churn", "talker", speech())
+    listener = Bot(server.url, "churn", "listener", None)
+    await talker.join()
+    await listener.join()
+    try:
+        room = server.server.rooms.get("churn")
+        gone: list[weakref.ref[object]] = []
+        for k in range(6):
+            quick = Bot(server.url, "churn", f"quick{k}", noise(seconds=1.0))
+            await quick.join()  # returns at the answer, while ICE/DTLS are still going
+            gone.append(weakref.ref(room.participants[quick.id]))  # type: ignore[index]
+            await quick.leave()
+        deadline = time.monotonic() + 10.0  # a hang guard, not a speed check
+        while set(room.participants) != {talker.id, listener.id}:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the quick leavers were not removed"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # let aiortc's connect tasks run to their end
+        gc.collect()
+        alive = [ref() for ref in gone if ref() is not None]
+        assert not alive, f"{len(alive)} of {len(gone)} participants that left are still in memory"
+        t_after = time.monotonic()
+        await asyncio.sleep(1.0)
+        heard = listener.received_from(talker.id, since=t_after)  # type: ignore[arg-type]
+        assert content_match(heard, looped(speech())) > 0.5  # the others go on
+    finally:
+        await talker.leave()
+        await listener.leave()
