@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	@for b in bench/*.py; do [ $$b = bench/soak.py ] && continue; echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/*.py; do case $$b in bench/soak.py|bench/capacity.py|bench/plain_forwarder.py) continue;; esac; echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lint: setup
 	$(BIN)/ruff check .
@@ -44,3 +44,10 @@ bench-load: setup
 .PHONY: soak
 soak: setup
 	@$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+# Capacity (not part of `make bench`): per configuration (plain aiortc forwarder, no stages, default, denoise,
+# aec,dereverb,denoise) the largest number of streams meeting the SLO, server on core 0, bots on core 1.
+# CAPACITY_ARGS="--quick" for a short run; "--server-cpus 0-1 --bot-cpus 0-1" for both cores.
+.PHONY: bench-capacity
+bench-capacity: setup
+	$(BIN)/python bench/capacity.py $(CAPACITY_ARGS)
