@@ -16,6 +16,10 @@ from enhancers.stage import Stage
 # Order in which stages run on one stream, whatever order the user lists them.
 CHAIN_ORDER = ("aec", "dereverb", "denoise", "vad", "limiter")
 
+# Bounds of a stage list from the network (check_stage_specs): items, characters per item.
+MAX_STAGES = 16
+MAX_SPEC_CHARS = 32
+
 # spec -> "module:Class"
 STAGES: dict[str, str] = {
     "vad": "enhancers.vad:WebRtcVadStage",
@@ -49,11 +53,43 @@ def parse_spec(text: str) -> StageSpec:
 
 def parse_stage_list(text: str) -> list[StageSpec]:
     """Parse ``"aec,denoise:rnnoise"``; at most one stage per kind, canonical order."""
-    specs = [parse_spec(p) for p in text.split(",") if p.strip()]
-    kinds = [s.kind for s in specs]
-    dup = {k for k in kinds if kinds.count(k) > 1}
-    if dup:
-        raise ValueError(f"stage kind listed twice: {', '.join(sorted(dup))}")
+    return check_stage_specs(text)
+
+
+def check_stage_specs(value: object) -> list[StageSpec]:
+    """The one check of a stage spec from the network: a comma-separated string or a list of strings.
+
+    Linear in the input and bounded before any per-item work: at most
+    ``MAX_STAGES`` items of at most ``MAX_SPEC_CHARS`` characters, every one a
+    known spec, one stage per kind.  Raises ``ValueError`` with a message
+    meant for the client; returns the specs in canonical order.
+    """
+    if isinstance(value, str):
+        if len(value) > MAX_STAGES * (MAX_SPEC_CHARS + 2):
+            raise ValueError(f"a stage list is at most {MAX_STAGES} stages")
+        items: list[object] = list(value.split(","))
+    elif isinstance(value, (list, tuple)):
+        if len(value) > MAX_STAGES:
+            raise ValueError(f"a stage list is at most {MAX_STAGES} stages, got {len(value)}")
+        items = list(value)
+    else:
+        raise ValueError("stages are a comma-separated string or a list of strings")
+    specs: list[StageSpec] = []
+    kinds: set[str] = set()
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"stage list items must be strings, got {type(item).__name__}")
+        if len(item) > MAX_SPEC_CHARS:
+            raise ValueError(f"a stage spec is at most {MAX_SPEC_CHARS} characters")
+        if not item.strip():
+            continue
+        spec = parse_spec(item)
+        if spec.kind in kinds:
+            raise ValueError(f"stage kind listed twice: {spec.kind}")
+        kinds.add(spec.kind)
+        specs.append(spec)
+    if len(specs) > MAX_STAGES:
+        raise ValueError(f"a stage list is at most {MAX_STAGES} stages")
     return sorted(specs, key=lambda s: CHAIN_ORDER.index(s.kind))
 
 

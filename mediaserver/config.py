@@ -49,12 +49,47 @@ class LimitsConfig:
     max_ws_messages_per_second: float = 50.0
     max_ws_burst: int = 100
     max_connections_per_address: int = 32
+    # signaling WebSockets of the whole process, all addresses together; the next handshake gets HTTP 503
+    # ``server-busy`` (each one holds a socket, a task and its buffers)
+    max_connections: int = 1000
+    # TCP connections to the HTTP port in all (signaling, API, page, half-open requests); beyond it the
+    # connection is answered 503 ``server-busy`` and closed at once (signaling/main.py)
+    max_http_connections: int = 2000
+    # a request's line and headers must arrive within this long of the connection (or of the previous
+    # request on a keep-alive connection), else the connection is closed (slowloris); signaling/main.py
+    http_header_timeout_s: float = 5.0
+    # a JSON request body must arrive within this long once the handler reads it: 408 ``timeout``
+    http_body_timeout_s: float = 5.0
+    # a WebSocket that has not joined a room within this long (of connecting or of its ``leave``) gets
+    # ``join-timeout`` and is closed (1008)
+    join_timeout_s: float = 10.0
+    # messages a WebSocket may send before its ``join`` succeeds (pings and refused joins included); the
+    # one beyond gets ``not-joined`` and the socket is closed (1008)
+    max_messages_before_join: int = 20
+    # refused (rate-limited) messages one WebSocket may send within ``ws_flood_window_s`` before it is
+    # closed (1008); only the first refusal of a window gets a ``rate-limited`` reply, refusals are not parsed
+    ws_flood_close_after: int = 200
+    ws_flood_window_s: float = 10.0
+    # a joined WebRTC participant that has not sent its ``offer`` within this long gets ``offer-timeout``
+    # and is removed (reason ``no offer``); 0: off
+    offer_timeout_s: float = 15.0
     max_name_length: int = 64
     negotiation_timeout_s: float = 15.0
     # a WebRTC participant whose client sent nothing authenticated (ICE consent check, SRTP, SRTCP) for
     # this long is removed even though its WebSocket is open (mediaserver/liveness.py); 0: off.  Live
     # clients send a consent check every ~5 s (RFC 7675), so keep it well above that.
     peer_timeout_s: float = 15.0
+    # datagrams at a participant's media ports (mediaserver/transport_guard.py), screened before any
+    # parsing: longer ones are dropped (no SRTP/DTLS datagram of a 1500-byte MTU path is longer)
+    media_max_datagram_bytes: int = 1500
+    # per source address that is a remote ICE candidate / check-list pair (a live call sends ~55/s)
+    media_packets_per_second: float = 500.0
+    media_packet_burst: int = 250
+    # any other source may only send STUN (ICE checks from addresses not signaled yet), this much
+    media_stun_per_second: float = 50.0
+    media_stun_burst: int = 50
+    # datagrams waiting for the DTLS/SRTP receive loop of one connection; beyond: dropped
+    media_receive_queue_packets: int = 256
 
 
 @dataclass(frozen=True)
@@ -85,6 +120,22 @@ class SipConfig:
     call_burst: int = 20
     media_timeout_s: float = 60.0  # hang up when no RTP arrives for this long (not on hold)
     public_address: Optional[str] = None  # address in SDP/Contact; default: the interface facing the caller
+    # -- access control (signaling/sip/auth.py, docs/SIP.md "Authentication") --
+    # None: callers must authenticate unless the server runs in development mode; True/False: always/never
+    require_auth: Optional[bool] = None
+    # digest users (RFC 8760 SHA-256 and RFC 2617 MD5, qop=auth): (name, password, rooms); rooms ("*",) = any
+    users: tuple[tuple[str, str, tuple[str, ...]], ...] = field(default=(), repr=False)  # repr: no passwords
+    trusted_networks: tuple[str, ...] = ()  # source networks (trunks, an SBC) that skip authentication
+    realm: str = "mediaserver"
+    nonce_ttl_s: float = 300.0  # a challenge's nonce is good this long; then 401 stale=true
+    # -- flood limits --
+    invite_rate_per_source: float = 5.0  # new INVITEs per second from one IP address (before any other work)
+    invite_burst_per_source: int = 10
+    max_calls_per_room: int = 16  # phone calls in one room (also counted against max_participants_per_room)
+    max_tcp_per_source: int = 16  # TCP connections from one IP address
+    max_tcp_connections: int = 256  # in all; at the cap the oldest idle connection without a call is closed
+    tcp_first_request_s: float = 10.0  # a connection must complete its first request within this long
+    tcp_idle_s: float = 120.0  # a connection without a call that sends nothing for this long is closed
 
 
 @dataclass(frozen=True)
@@ -108,7 +159,8 @@ def _split(value: str) -> tuple[str, ...]:
 
 def _sip_from_env(env: Mapping[str, str]) -> SipConfig:
     """sip: MEDIASERVER_SIP_DIAL_PLAN ("5000=standup,9=lobby"), _RTP_PORTS ("20000-20999"), _MAX_CALLS,
-    _PUBLIC_ADDRESS."""
+    _PUBLIC_ADDRESS, _USERS ("alice:secret:standup|lobby,trunk:pw"), _USERS_FILE (one such entry a line),
+    _TRUSTED ("10.0.0.0/8,127.0.0.1/32"), _REQUIRE_AUTH, _MAX_CALLS_PER_ROOM."""
     sip = SipConfig()
     if env.get("MEDIASERVER_SIP_DIAL_PLAN"):
         pairs = [p.split("=", 1) for p in _split(env["MEDIASERVER_SIP_DIAL_PLAN"])]
@@ -122,7 +174,39 @@ def _sip_from_env(env: Mapping[str, str]) -> SipConfig:
         sip = replace(sip, max_calls=int(env["MEDIASERVER_SIP_MAX_CALLS"]))
     if env.get("MEDIASERVER_SIP_PUBLIC_ADDRESS"):
         sip = replace(sip, public_address=env["MEDIASERVER_SIP_PUBLIC_ADDRESS"])
+    users = list(_parse_sip_users(_split(env.get("MEDIASERVER_SIP_USERS", ""))))
+    if env.get("MEDIASERVER_SIP_USERS_FILE"):
+        with open(env["MEDIASERVER_SIP_USERS_FILE"], encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        users += _parse_sip_users(lines)
+    if users:
+        sip = replace(sip, users=tuple(users))
+    if env.get("MEDIASERVER_SIP_TRUSTED"):
+        import ipaddress
+
+        nets = _split(env["MEDIASERVER_SIP_TRUSTED"])
+        for net in nets:
+            ipaddress.ip_network(net, strict=False)  # ValueError: a bad configuration, said at start
+        sip = replace(sip, trusted_networks=nets)
+    if env.get("MEDIASERVER_SIP_REQUIRE_AUTH"):
+        sip = replace(sip, require_auth=env["MEDIASERVER_SIP_REQUIRE_AUTH"].lower() in ("1", "true", "yes"))
+    if env.get("MEDIASERVER_SIP_MAX_CALLS_PER_ROOM"):
+        sip = replace(sip, max_calls_per_room=int(env["MEDIASERVER_SIP_MAX_CALLS_PER_ROOM"]))
     return sip
+
+
+def _parse_sip_users(entries: list[str] | tuple[str, ...]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``user:password`` (any room) or ``user:password:room1|room2``; a password with ':' needs the rooms."""
+    users = []
+    for entry in entries:
+        name, sep, rest = entry.partition(":")
+        if not sep or not name.strip() or not rest:
+            raise ValueError("MEDIASERVER_SIP_USERS is a list of user:password[:room1|room2]")
+        password, rooms = (rest.rsplit(":", 1) + ["*"])[:2] if ":" in rest else (rest, "*")
+        if not password:
+            raise ValueError(f"SIP user {name.strip()!r} has an empty password")
+        users.append((name.strip(), password, tuple(r.strip() for r in rooms.split("|") if r.strip()) or ("*",)))
+    return users
 
 
 def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> ServerConfig:

@@ -61,6 +61,8 @@ class Participant:
     can_publish: bool = True
     can_subscribe: bool = True
     is_admin: bool = True
+    identity: Optional[str] = None  # the join token's ``sub``; unique in a room (None: development grant)
+    offered: bool = False  # the client's one offer arrived (the join-without-offer timeout stops)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -124,6 +126,10 @@ class Room:
     # -- membership -----------------------------------------------------------
     def add_participant(self, participant: Participant) -> None:
         self.participants[participant.id] = participant
+
+    def with_identity(self, identity: str) -> Optional[Participant]:
+        """The participant that joined with this token identity, if any (identities are unique per room)."""
+        return next((p for p in self.participants.values() if p.identity == identity), None)
 
     def subscribe_existing(self, participant: Participant) -> None:
         """Subscribe a newly ready participant to every stream it should hear."""

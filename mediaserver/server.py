@@ -38,15 +38,19 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
-def validate_stages(stages: Sequence[str] | str) -> list[str]:
-    """Parse and check a stage list; raises RoomError on unknown stages."""
-    from enhancers.registry import parse_stage_list
+def validate_stages(stages: object) -> list[str]:
+    """The one check of a stage spec from any client (WebSocket join and set-stages, HTTP PUTs).
 
-    text = stages if isinstance(stages, str) else ",".join(stages)
+    Anything but a comma-separated string or a list of known spec strings
+    (bounded in count and length, one per kind) is ``RoomError("bad-stages")``,
+    status 400; linear in the input (``enhancers.registry.check_stage_specs``).
+    """
+    from enhancers.registry import check_stage_specs
+
     try:
-        return [s.spec for s in parse_stage_list(text)]
+        return [s.spec for s in check_stage_specs(stages)]
     except ValueError as exc:
-        raise RoomError("bad-stages", str(exc)) from exc
+        raise RoomError("bad-stages", str(exc)) from None
 
 
 class MediaServer:
@@ -61,6 +65,7 @@ class MediaServer:
         self.auth = TokenVerifier(config.auth.secret, config.auth.dev_mode)
         self.started_at = time.time()
         self._ticker: Optional[asyncio.Task[None]] = None
+        self._offer_timers: dict[str, asyncio.Task[None]] = {}  # join-without-offer deadlines, by participant
         self._closed = False
         self.prompts = PromptManager(self)  # prompts: the SynthService and every room's prompt tracks
         self.telemetry = MediaTelemetry(self)  # telemetry: spans, per-stream figures, sampler
@@ -87,6 +92,9 @@ class MediaServer:
             return
         self._closed = True
         await cancel_quietly(self._ticker)
+        for timer in list(self._offer_timers.values()):
+            await cancel_quietly(timer)
+        self._offer_timers.clear()
         await self.telemetry.close()  # telemetry: end every span
         await self.prompts.close()  # prompts
         for room in list(self.rooms.rooms.values()):
@@ -104,7 +112,7 @@ class MediaServer:
 
     # -- participants -------------------------------------------------------
     async def join(self, room_id: str, name: str, send: Send, *, kind: str = "webrtc",
-                   stages: Optional[Sequence[str] | str] = None,
+                   stages: object = None,
                    echo_cancellation: bool = True,
                    session: Optional[MediaSession] = None,
                    grant: Grant = DEV_GRANT) -> Participant:
@@ -115,6 +123,14 @@ class MediaServer:
         """
         if not (grant.allows("publish", room_id) or grant.allows("subscribe", room_id)):
             raise RoomError("forbidden", "the token allows neither publishing nor subscribing here", status=403)
+        checked = None if stages is None else validate_stages(stages)  # before the room is created
+        self.rooms.validate_id(room_id)
+        # a join token's identity (``sub``) is unique per room: a second join replaces the first (as in
+        # LiveKit).  Development grants and SIP calls carry no identity of their own.
+        identity = grant.identity if grant is not DEV_GRANT and kind == "webrtc" else None
+        if identity is not None:
+            while (old := self._identity_in(room_id, identity)) is not None:
+                await self._replace(old)
         room = self.rooms.get_or_create(room_id)
         pid = new_id("p-")
         if session is None:
@@ -123,13 +139,44 @@ class MediaServer:
                                   echo_cancellation_client=echo_cancellation,
                                   can_publish=grant.allows("publish", room_id),
                                   can_subscribe=grant.allows("subscribe", room_id),
-                                  is_admin=grant.allows("admin", room_id))
-        if stages is not None:
-            participant.stages = validate_stages(stages)
+                                  is_admin=grant.allows("admin", room_id), identity=identity)
+        participant.stages = checked
         room.add_participant(participant)
+        if kind == "webrtc" and self.config.limits.offer_timeout_s > 0:
+            self._offer_timers[pid] = asyncio.get_running_loop().create_task(
+                self._offer_deadline(participant), name=f"offer-deadline-{pid}")
         self.telemetry.participant_joined(participant)  # telemetry
         log.info("room %s: %s (%s) joined as %s", room.id, name, kind, pid)
         return participant
+
+    def _identity_in(self, room_id: str, identity: str) -> Optional[Participant]:
+        room = self.rooms.rooms.get(room_id)
+        return room.with_identity(identity) if room is not None else None
+
+    async def _replace(self, old: Participant) -> None:
+        """A second join with the same token identity: the old participant is sent ``bye`` and removed."""
+        log.info("room %s: identity %r joined again, replacing %s", old.room.id, old.identity, old.id)
+        try:
+            await old.send({"type": "bye", "code": "replaced",
+                            "reason": "replaced: the same identity joined this room again"})
+        except Exception:
+            pass
+        await self.leave(old, reason="replaced", keep_room=True)  # the room (and its stages) stays
+
+    async def _offer_deadline(self, participant: Participant) -> None:
+        """Remove a WebRTC participant that joined and never sent its offer."""
+        timeout = self.config.limits.offer_timeout_s
+        await asyncio.sleep(timeout)
+        self._offer_timers.pop(participant.id, None)
+        if participant.offered or participant.room.participants.get(participant.id) is not participant:
+            return
+        log.info("participant %s: no offer within %.0f s of joining, removing", participant.id, timeout)
+        try:
+            await participant.send({"type": "error", "code": "offer-timeout",
+                                    "message": f"no offer within {timeout:.0f} s of joining; join again"})
+        except Exception:
+            pass
+        await self.leave(participant, reason="no offer")
 
     def publish(self, participant: Participant, source: ChunkSource, *, kind: str = "microphone",
                 stream_id: Optional[str] = None, stages: Optional[Sequence[str]] = None) -> PublishedStream:
@@ -169,6 +216,10 @@ class MediaServer:
         if not isinstance(session, PeerSession):
             raise RoomError("bad-request", "this participant has no WebRTC session")
         answer = await session.accept_offer(sdp)
+        participant.offered = True
+        timer = self._offer_timers.pop(participant.id, None)
+        if timer is not None:
+            timer.cancel()
         await participant.send({"type": "answer", "sdp": answer})
         room = participant.room
         if session.publish_transceiver is not None and participant.can_publish:
@@ -209,17 +260,21 @@ class MediaServer:
         await session.accept_answer(sdp)
         self.telemetry.renegotiated(participant)  # telemetry
 
-    async def leave(self, participant: Participant, reason: str = "left") -> None:
+    async def leave(self, participant: Participant, reason: str = "left", keep_room: bool = False) -> None:
         room = participant.room
         if room.participants.get(participant.id) is not participant:
             return
+        timer = self._offer_timers.pop(participant.id, None)
+        if timer is not None and timer is not asyncio.current_task():
+            timer.cancel()
         await room.remove_participant(participant)
         log.info("room %s: %s left (%s)", room.id, participant.id, reason)
         await room.broadcast({"type": "participant-left", "participant": participant.describe(),
                               "reason": reason})
         await self.prompts.participant_left(participant)  # prompts: close tracks nobody hears
         self.telemetry.participant_left(participant, reason)  # telemetry
-        self.rooms.drop_if_empty(room)
+        if not keep_room:
+            self.rooms.drop_if_empty(room)
 
     async def kick(self, participant: Participant, reason: str = "removed by an administrator") -> None:
         try:
@@ -243,7 +298,8 @@ class MediaServer:
             participant.published.muted = participant.muted
         await participant.room.broadcast({"type": "participant-updated", "participant": participant.describe()})
 
-    async def set_participant_stages(self, participant: Participant, stages: Sequence[str] | str | None) -> None:
+    async def set_participant_stages(self, participant: Participant, stages: object) -> None:
+        """Per-participant stages (``None``: the room's); checked by ``validate_stages``."""
         participant.stages = None if stages is None else validate_stages(stages)
         if participant.published is not None:
             participant.published.pipeline.set_stages(participant.effective_stages())
@@ -251,7 +307,8 @@ class MediaServer:
             self.telemetry.stages_changed(participant.published)  # telemetry
         await participant.room.broadcast({"type": "participant-updated", "participant": participant.describe()})
 
-    async def set_room_stages(self, room: Room, stages: Sequence[str] | str) -> None:
+    async def set_room_stages(self, room: Room, stages: object) -> None:
+        """The room's stages, live for every participant without its own; checked by ``validate_stages``."""
         room.stages = validate_stages(stages)
         for p in room.participants.values():
             if p.stages is None and p.published is not None:

@@ -7,6 +7,7 @@ Every request path validates its input and answers errors as JSON
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import Counter
@@ -30,6 +31,7 @@ STATIC = Path(__file__).parent / "static"
 SERVER_KEY: web.AppKey[MediaServer] = web.AppKey("server", MediaServer)
 CONN_KEY: web.AppKey[Counter[str]] = web.AppKey("connections", Counter)
 SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets", set)  # type: ignore[arg-type]
+PREPARED: web.RequestKey[web.WebSocketResponse] = web.RequestKey("prepared", web.WebSocketResponse)  # after handshake
 SIP_KEY: web.AppKey[SipEndpoint] = web.AppKey("sip", SipEndpoint)  # sip: set when config.sip_port is
 
 
@@ -49,18 +51,39 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             log.info("%s %s: %s", request.method, request.path, exc.reason)
             return json_error(exc.status, exc.reason.lower().replace(" ", "-"), exc.reason)
         raise
+    except Exception:  # a bug answers a JSON 500 and a log line, never a dropped connection
+        log.exception("%s %s: internal error", request.method, request.path)
+        prepared = request.get(PREPARED)
+        if prepared is not None:  # a WebSocket already upgraded: nothing more to answer
+            return prepared
+        return json_error(500, "internal-error", "the server failed to handle this request")
 
 
 async def read_json(request: web.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+    """The request's JSON object body: at most ``max_bytes`` (413), within ``http_body_timeout_s`` (408)."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise RoomError("too-large", f"request bodies are limited to {max_bytes} bytes", status=413)
-    raw = await request.content.read(max_bytes + 1)
-    if len(raw) > max_bytes:
+    timeout = request.app[SERVER_KEY].config.limits.http_body_timeout_s
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while size <= max_bytes:
+                chunk = await request.content.read(max_bytes + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+    except TimeoutError:
+        raise RoomError("timeout", f"the request body did not arrive within {timeout:.0f} s", status=408) from None
+    if size > max_bytes:
         raise RoomError("too-large", f"request bodies are limited to {max_bytes} bytes", status=413)
     try:
-        body = json.loads(raw or b"{}")
+        body = json.loads(b"".join(chunks) or b"{}")
     except ValueError:
         raise RoomError("bad-json", "the request body is not valid JSON") from None
+    except RecursionError:
+        raise RoomError("bad-json", "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise RoomError("bad-json", "the request body must be a JSON object")
     return body
@@ -81,6 +104,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     limits = server.config.limits
     peer = request.remote or "?"
     conns = request.app[CONN_KEY]
+    if conns.total() >= limits.max_connections:
+        log.warning("%s: signaling connection refused: the server holds %d (limit)", peer, limits.max_connections)
+        return json_error(503, "server-busy", f"the server is at its limit of {limits.max_connections} "
+                                              "signaling connections; retry later")
     limit = limits.max_connections_per_address
     if conns[peer] >= limit:
         log.warning("%s: too many connections (limit %d)", peer, limit)
@@ -90,6 +117,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     try:
         ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=limits.max_ws_message_bytes)
         await ws.prepare(request)
+        request[PREPARED] = ws
         sockets = request.app[SOCKETS_KEY]
         sockets.add(ws)
         try:
@@ -141,10 +169,7 @@ async def put_room_stages(request: web.Request) -> web.Response:
     require_admin(request, request.match_info["room_id"])
     room = server.rooms.get(request.match_info["room_id"])
     body = await read_json(request)
-    stages = body.get("stages")
-    if not isinstance(stages, (str, list)):
-        raise RoomError("bad-request", "'stages' is a comma-separated string or a list")
-    await server.set_room_stages(room, stages)
+    await server.set_room_stages(room, body.get("stages"))  # validate_stages: 400 bad-stages
     return web.json_response(room.describe())
 
 
@@ -156,10 +181,7 @@ async def put_participant_stages(request: web.Request) -> web.Response:
     if participant is None:
         raise RoomError("unknown-participant", "no such participant in this room", status=404)
     body = await read_json(request)
-    stages = body.get("stages")
-    if stages is not None and not isinstance(stages, (str, list)):
-        raise RoomError("bad-request", "'stages' is a comma-separated string, a list or null")
-    await server.set_participant_stages(participant, stages)
+    await server.set_participant_stages(participant, body.get("stages"))  # null: the room's stages
     return web.json_response(participant.describe())
 
 

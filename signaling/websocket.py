@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Optional
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from mediaserver.auth import AuthError
 from mediaserver.room import Participant, RoomError
-from mediaserver.server import MediaServer
+from mediaserver.server import MediaServer, validate_stages
 from mediaserver.session import NegotiationError
 from signaling.prompts_api import handle_prompt_message
 from signaling.protocol import (
@@ -37,7 +38,12 @@ class SignalingConnection:
         limits = server.config.limits
         self.bucket = TokenBucket(limits.max_ws_messages_per_second, limits.max_ws_burst)
         self.participant: Optional[Participant] = None
-        self.rate_limited = 0
+        self.rate_limited = 0  # refused by the rate limit, ever
+        self.unjoined_messages = 0  # since connecting or since the last leave
+        self.internal_errors = 0
+        self._flood_window_start = time.monotonic()
+        self._flood_refused = 0
+        self._join_deadline = time.monotonic() + limits.join_timeout_s
         self._send_lock = asyncio.Lock()
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -50,37 +56,110 @@ class SignalingConnection:
                 pass
 
     async def run(self) -> None:
-        limits = self.server.config.limits
+        """Read messages until the socket closes; leave the room at the end, whatever happened."""
         try:
-            async for msg in self.ws:
+            while not self.ws.closed:
+                msg = await self._receive()
+                if msg is None or msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    break
+                if msg.type == WSMsgType.ERROR:
+                    log.info("%s: websocket error: %s", self.peer, self.ws.exception())
+                    continue
+                if not await self._admit():
+                    continue
                 if msg.type == WSMsgType.TEXT:
-                    if not self.bucket.take():
-                        self.rate_limited += 1
-                        if self.rate_limited in (1, 10, 100, 1000) or self.rate_limited % 10000 == 0:
-                            log.warning("%s: message rate limit exceeded (%d refused)", self.peer, self.rate_limited)
-                        await self.send(error("rate-limited", "too many messages; slow down"))
-                        continue
-                    try:
-                        message = parse_message(msg.data, limits.max_ws_message_bytes)
-                        await self.handle(message)
-                    except ProtocolError as exc:
-                        log.info("%s: refused message: %s (%s)", self.peer, exc, exc.code)
-                        await self.send(error(exc.code, str(exc)))
-                    except (RoomError, AuthError) as exc:
-                        log.info("%s: refused: %s (%s)", self.peer, exc, exc.code)
-                        await self.send(error(exc.code, str(exc)))
-                    except NegotiationError as exc:
-                        log.info("%s: negotiation error: %s", self.peer, exc)
-                        await self.send(error("bad-sdp", str(exc)))
+                    await self._handle_text(msg.data)
                 elif msg.type == WSMsgType.BINARY:
                     log.info("%s: refused binary message", self.peer)
                     await self.send(error("bad-message", "binary messages are not part of the protocol"))
-                elif msg.type == WSMsgType.ERROR:
-                    log.info("%s: websocket error: %s", self.peer, self.ws.exception())
         finally:
             if self.participant is not None:
                 await self.server.leave(self.participant, reason="disconnected")
                 self.participant = None
+
+    async def _receive(self) -> Optional[WSMessage]:
+        """The next frame; an unjoined socket waits at most until its join deadline (then closed)."""
+        if self._current() is not None:
+            return await self.ws.receive()
+        remaining = self._join_deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await self.ws.receive(timeout=remaining)
+        except asyncio.TimeoutError:
+            s = self.server.config.limits.join_timeout_s
+            log.info("%s: no join within %.0f s, closing", self.peer, s)
+            await self.close_with("join-timeout", f"join a room within {s:.0f} s of connecting")
+            return None
+
+    async def _admit(self) -> bool:
+        """O(1) admission of one frame: rate limit, flood and pre-join budgets.  False: dropped unread."""
+        limits = self.server.config.limits
+        if self._current() is None:
+            self.unjoined_messages += 1
+            if self.unjoined_messages > limits.max_messages_before_join:
+                log.info("%s: %d messages without joining, closing", self.peer, self.unjoined_messages)
+                await self.close_with("not-joined", f"at most {limits.max_messages_before_join} messages "
+                                      "before a successful 'join'")
+                return False
+        if self.bucket.take():
+            return True
+        self.rate_limited += 1
+        now = time.monotonic()
+        if now - self._flood_window_start > limits.ws_flood_window_s:
+            self._flood_window_start, self._flood_refused = now, 0
+        self._flood_refused += 1
+        if self.rate_limited in (1, 10, 100, 1000) or self.rate_limited % 10000 == 0:
+            log.warning("%s: message rate limit exceeded (%d refused)", self.peer, self.rate_limited)
+        if self._flood_refused > limits.ws_flood_close_after:
+            log.warning("%s: %d messages refused within %.0f s, closing", self.peer, self._flood_refused,
+                        limits.ws_flood_window_s)
+            await self.close_with("rate-limited", "too many messages; closing this connection")
+        elif self._flood_refused == 1:  # one reply per window, then silence: refusals cost no writes
+            await self.send(error("rate-limited", "too many messages; slow down (further ones are dropped)"))
+        elif self._flood_refused % 64 == 0:
+            await asyncio.sleep(0)  # a socket with a full buffer does not hold the event loop
+        return False
+
+    async def close_with(self, code: str, message: str) -> None:
+        """Send one last error and close the socket with 1008 (policy violation)."""
+        await self.send(error(code, message))
+        if not self.ws.closed:
+            try:
+                await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=code.encode())
+            except (ConnectionError, RuntimeError):
+                pass
+
+    def _current(self) -> Optional[Participant]:
+        """The participant of this socket, forgetting one the server removed (kicked, replaced, timed out)."""
+        p = self.participant
+        if p is not None and p.room.participants.get(p.id) is not p:
+            self.participant = None
+            self._join_deadline = time.monotonic() + self.server.config.limits.join_timeout_s
+            self.unjoined_messages = 0
+            return None
+        return p
+
+    async def _handle_text(self, data: str) -> None:
+        limits = self.server.config.limits
+        try:
+            message = parse_message(data, limits.max_ws_message_bytes)
+            await self.handle(message)
+        except ProtocolError as exc:
+            log.info("%s: refused message: %s (%s)", self.peer, exc, exc.code)
+            await self.send(error(exc.code, str(exc)))
+        except (RoomError, AuthError) as exc:
+            log.info("%s: refused: %s (%s)", self.peer, exc, exc.code)
+            await self.send(error(exc.code, str(exc)))
+        except NegotiationError as exc:
+            log.info("%s: negotiation error: %s", self.peer, exc)
+            await self.send(error("bad-sdp", str(exc)))
+        except Exception:  # a bug must cost this message, never the socket without a word
+            self.internal_errors += 1
+            if self.internal_errors in (1, 10, 100) or self.internal_errors % 1000 == 0:
+                log.exception("%s: internal error handling a message (%d so far)", self.peer,
+                              self.internal_errors)
+            await self.send(error("internal-error", "the server failed to handle this message"))
 
     async def handle(self, msg: dict[str, Any]) -> None:
         mtype = msg["type"]
@@ -90,7 +169,7 @@ class SignalingConnection:
         if mtype == "join":
             await self._join(msg)
             return
-        p = self.participant
+        p = self._current()
         if p is None:
             raise ProtocolError("not-joined", f"'{mtype}' needs a 'join' first")
         max_sdp = self.server.config.limits.max_sdp_bytes
@@ -102,30 +181,27 @@ class SignalingConnection:
         elif mtype == "mute":
             await self.server.set_muted(p, require_bool(msg, "muted", True))
         elif mtype == "set-stages":
-            stages = msg.get("stages")
-            if stages is not None and not isinstance(stages, (str, list)):
-                raise ProtocolError("bad-message", "'stages' is a comma-separated string, a list or null")
-            if isinstance(stages, list) and not all(isinstance(s, str) for s in stages):
-                raise ProtocolError("bad-message", "'stages' list items must be strings")
-            await self.server.set_participant_stages(p, stages)
+            stages = msg.get("stages")  # null: back to the room's stages
+            await self.server.set_participant_stages(p, None if stages is None else validate_stages(stages))
         elif mtype == "prompt":  # signaling/prompts_api.py
             await handle_prompt_message(self.server, p, msg, self.send)
         elif mtype == "leave":
             self.participant = None
+            self._join_deadline = time.monotonic() + self.server.config.limits.join_timeout_s
+            self.unjoined_messages = 0
             await self.server.leave(p)
             await self.send({"type": "left"})
 
     async def _join(self, msg: dict[str, Any]) -> None:
-        if self.participant is not None:
+        if self._current() is not None:
             raise ProtocolError("already-joined", "this connection already joined a room")
         check_version(msg)
         limits = self.server.config.limits
         room_id = require_str(msg, "room", max_len=64)
         name = require_str(msg, "name", max_len=limits.max_name_length, optional=True, default="guest")
         name = name.strip() or "guest"
-        stages = msg.get("stages")
-        if stages is not None and not isinstance(stages, (str, list)):
-            raise ProtocolError("bad-message", "'stages' is a comma-separated string or a list")
+        raw_stages = msg.get("stages")
+        stages = None if raw_stages is None else validate_stages(raw_stages)  # before any room exists
         echo = require_bool(msg, "echoCancellation", True)
         token = require_str(msg, "token", max_len=4096, optional=True) or None
         grant = self.server.auth.verify(token)
