@@ -26,6 +26,7 @@ from mediaserver.config import LimitsConfig, MediaConfig
 from mediaserver.fanout import SubscriberTrack
 from mediaserver.liveness import PeerLiveness
 from mediaserver.stream import PublishedStream
+from mediaserver.transport_guard import TransportGuard
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ class PeerSession:
         self.renegotiations = 0
         self.closed = False
         self.liveness: Optional[PeerLiveness] = None
+        # bad datagrams at the media ports are dropped and counted, never fatal (transport_guard.py);
+        # attached once the negotiation created the transports and gathered their sockets
+        self.guard = TransportGuard(participant_id, limits)
 
     def watch_liveness(self, on_silent: Callable[[float], Awaitable[None]]) -> None:
         """Call ``on_silent(seconds)`` once the client sent nothing for ``limits.peer_timeout_s``."""
@@ -133,6 +137,7 @@ class PeerSession:
             try:
                 answer = await self.pc.createAnswer()
                 await self.pc.setLocalDescription(answer)
+                self.guard.attach(self.pc)
             except Exception as exc:
                 raise NegotiationError(f"cannot answer this offer (no common audio codec?): {exc}") from exc
             if "opus" not in self.pc.localDescription.sdp.lower() and self.publish_transceiver is not None:
@@ -210,6 +215,7 @@ class PeerSession:
             try:
                 offer = await self._create_offer()
                 await self.pc.setLocalDescription(offer)
+                self.guard.attach(self.pc)  # transports this offer added
             except Exception:
                 log.exception("participant %s: creating an offer failed", self.participant_id)
                 self._negotiating = False

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from mediaserver.transport_guard import PROCESS_DROPS
+
 if TYPE_CHECKING:
     from mediaserver.telemetry import MediaTelemetry, StreamState
 
@@ -155,6 +157,11 @@ def _executor_value(get: Callable[[MediaTelemetry], float]) -> ObservationSource
     return source
 
 
+def _media_drops(tel: MediaTelemetry) -> list[tuple[float, dict[str, Any]]]:
+    """The process's dropped media datagrams by reason (every guard of every server of the process)."""
+    return [(float(n), {"reason": reason}) for reason, n in list(PROCESS_DROPS.items())]
+
+
 def _clock(get: Callable[[Any], float]) -> ObservationSource:
     return lambda tel: [(get(tel.server.clock), {})]
 
@@ -181,6 +188,9 @@ OTHER_METRICS: tuple[tuple[str, str, str, str, ObservationSource], ...] = (
      _stage_field("avg_batch")),
     ("mediaserver.executor.stage.disabled", "updown", "1", "1 when the stage was disabled after hanging.",
      _stage_field("disabled")),
+    ("mediaserver.media.packets.dropped", "counter", "{packet}",
+     "Datagrams at the WebRTC media ports dropped before or while aiortc handled them, by reason "
+     "(mediaserver/transport_guard.py REASONS); counted for the whole process.", _media_drops),
     ("mediaserver.clock.lag", "gauge", "s", "How late the media clock's last 10 ms tick ran.",
      _clock(lambda c: c.last_lag_ms / 1000.0)),
     ("mediaserver.clock.lag_max", "gauge", "s", "Largest media clock lag since start.",
