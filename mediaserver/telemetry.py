@@ -252,8 +252,12 @@ class MediaTelemetry:
         st = self.streams.get(stream)
         if st is None:
             return {}
+        # media_dropped: bad datagrams at the owner's media ports (mediaserver/transport_guard.py)
+        owner = getattr(self.server.rooms.rooms.get(st.attrs["room"]), "participants", {}).get(stream.owner_id)
+        guard = getattr(getattr(owner, "session", None), "guard", None)
         return {"e2e_latency_ms": None if st.e2e_mean is None else round(st.e2e_mean * 1000.0, 1),
-                "subscriber_dropped": st.subscriber_dropped, "dropped_backlog": st.counters.dropped_backlog}
+                "subscriber_dropped": st.subscriber_dropped, "dropped_backlog": st.counters.dropped_backlog,
+                **({"media_dropped": {k: v for k, v in guard.dropped.items() if v}} if guard is not None else {})}
 
     # -- the sampler ----------------------------------------------------------------------
     async def _run(self) -> None:
