@@ -48,9 +48,12 @@ class StreamEncoder:
         self._fill = 0
         self._pts = 0
         self._origin: Optional[float] = None
+        self._clock_pts = 0  # CHUNK per chunk handed in, either way: where real time says the stream is
         self.packets = 0
+        self.forwarded = 0
 
     def push(self, chunk: np.ndarray, origin: Optional[float] = None) -> Optional[EncodedPacket]:
+        self._clock_pts += CHUNK
         self._frame[self._fill:self._fill + CHUNK] = chunk
         if self._fill == 0:
             self._origin = origin
@@ -63,6 +66,26 @@ class StreamEncoder:
         self._pts += FRAME_SAMPLES
         self.packets += 1
         return packet
+
+    def forward(self, entries: list[tuple[Optional[bytes], int]],
+                origin: Optional[float] = None) -> list[EncodedPacket]:
+        """Instead of encoding one chunk: the publisher's own packets that entered playout meanwhile.
+
+        For a stream nothing changes (no stages): no decode-encode generation loss, no encoder
+        cost. Entries without a payload (audio rebuilt by FEC or PLC) advance the timestamps but
+        send nothing, as the loss they conceal did. A partial frame of the encoding path is dropped.
+        """
+        self._clock_pts += CHUNK
+        self._fill = 0
+        if self._pts < self._clock_pts - 2 * FRAME_SAMPLES:  # the source was silent: catch up with real time
+            self._pts = self._clock_pts - FRAME_SAMPLES
+        out = []
+        for payload, samples in entries:
+            if payload is not None:
+                out.append(EncodedPacket(data=payload, pts=self._pts, origin=origin))
+                self.forwarded += 1
+            self._pts += samples
+        return out
 
     def close(self) -> None:
         self._encoder.close()

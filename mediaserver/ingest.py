@@ -63,6 +63,10 @@ class InboundRtpSource:
     def pull(self) -> tuple[np.ndarray, Optional[float]]:
         return self.buffer.pull()
 
+    def take_forwardable(self) -> list[tuple[Optional[bytes], int]]:
+        """The publisher's Opus payloads that entered playout since the last call (``JitterBuffer``)."""
+        return self.buffer.take_forwardable()
+
     @property
     def stats(self) -> JitterStats:
         return self.buffer.stats

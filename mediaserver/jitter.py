@@ -32,6 +32,21 @@ class JitterBuffer(PlayoutBuffer[bytes]):
         super().__init__(rate=SAMPLE_RATE, chunk=CHUNK, max_packets=_MAX_PACKETS, min_delay_ms=min_delay_ms,
                          max_delay_ms=max_delay_ms, start_delay_ms=start_delay_ms, clock=clock)
         self._decoder = OpusDecoder()
+        # What went into the playout queue since the last ``take_forwardable``: the original payload of
+        # each packet played as received, None for samples rebuilt by FEC or PLC (bounded).
+        self._forwardable: list[tuple[bytes | None, int]] = []
+
+    def take_forwardable(self) -> list[tuple[bytes | None, int]]:
+        """The (payload or None, samples) entries queued for playout since the last call, in order.
+
+        A stream that is not processed forwards these payloads instead of re-encoding the audio."""
+        out, self._forwardable = self._forwardable, []
+        return out
+
+    def _record(self, payload: bytes | None, samples: int) -> None:
+        if len(self._forwardable) >= 16:
+            del self._forwardable[0]
+        self._forwardable.append((payload, samples))
 
     def push(self, seq: int, timestamp: int, payload: bytes, arrival: float | None = None) -> None:
         """Store one depayloaded RTP packet (called from the network path); decoded at playout."""
@@ -45,7 +60,9 @@ class JitterBuffer(PlayoutBuffer[bytes]):
         entry = self._packets.pop(self._play_ts, None)
         if entry is not None:
             payload, arrival = entry
-            self._append(self._decoder.decode(payload), arrival)
+            pcm = self._decoder.decode(payload)
+            self._record(payload, len(pcm))
+            self._append(pcm, arrival)
             return True
         if not self._packets:
             return False
@@ -61,8 +78,11 @@ class JitterBuffer(PlayoutBuffer[bytes]):
         else:
             pcm = self._decoder.conceal(gap)
         self.stats.concealed_chunks += max(1, len(pcm) // CHUNK)
+        self._record(None, len(pcm))
         self._append(pcm, None)
         return True
 
     def _conceal(self, samples: int) -> np.ndarray:
-        return self._decoder.conceal(max(samples, 120))  # Opus PLC works in 2.5 ms steps
+        pcm = self._decoder.conceal(max(samples, 120))  # Opus PLC works in 2.5 ms steps
+        self._record(None, len(pcm))
+        return pcm

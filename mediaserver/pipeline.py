@@ -43,6 +43,11 @@ class StreamPipeline:
         return list(self._stages)
 
     @property
+    def has_stages(self) -> bool:
+        """Whether any stage changes this stream's audio (per chunk: no copy)."""
+        return bool(self._stages)
+
+    @property
     def latency_samples(self) -> int:
         s = self._executor_stream
         return int(s.latency_samples) if s is not None else 0

@@ -73,7 +73,8 @@ class PublishedStream:
         self._reference = reference
         self._on_chunk = on_chunk
         self._inflight: asyncio.Queue[
-            tuple[asyncio.Future[PipelineResult], np.ndarray, Optional[float], float, int]
+            tuple[asyncio.Future[PipelineResult], np.ndarray, Optional[float], float, int,
+                  Optional[list[tuple[Optional[bytes], int]]]]
         ] = asyncio.Queue()
         self._drain_task: Optional[asyncio.Task[None]] = None
         self._pcm_listeners: list[PcmListener] = []
@@ -106,13 +107,22 @@ class PublishedStream:
             return
         tick = self._clock.ticks
         reference = self._reference(tick) if self._reference is not None else None
+        forwardable = self._take_forwardable()
         fut = asyncio.ensure_future(self.pipeline.process(audio, reference))
-        self._inflight.put_nowait((fut, audio, origin, time.monotonic(), tick))
+        self._inflight.put_nowait((fut, audio, origin, time.monotonic(), tick, forwardable))
+
+    def _take_forwardable(self) -> Optional[list[tuple[Optional[bytes], int]]]:
+        """The publisher's packets to forward as they are, when this chunk will not be changed."""
+        take = getattr(self.source, "take_forwardable", None)
+        if take is None:
+            return None
+        entries: list[tuple[Optional[bytes], int]] = take()
+        return None if self.muted or self.pipeline.has_stages else entries
 
     async def _drain(self) -> None:
         c = self.counters
         while True:
-            fut, audio, origin, started, tick = await self._inflight.get()
+            fut, audio, origin, started, tick, forwardable = await self._inflight.get()
             try:
                 result = await fut
             except asyncio.CancelledError:
@@ -141,8 +151,12 @@ class PublishedStream:
                     listener(result.audio, origin)
                 except Exception:
                     log.exception("pcm listener failed on stream %s", self.id)
-            packet = self.encoder.push(result.audio, origin)
-            if packet is not None:
+            if forwardable is not None and not result.bypassed:
+                packets = self.encoder.forward(forwardable, origin)
+            else:
+                packet = self.encoder.push(result.audio, origin)
+                packets = [packet] if packet is not None else []
+            for packet in packets:
                 if origin is not None:
                     c.server_latency_ms = (time.monotonic() - origin) * 1000.0
                 self.fanout.publish(packet)
