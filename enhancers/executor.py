@@ -12,7 +12,9 @@ Audio never stalls: a chunk whose result is not back ``deadline_ms`` after
 submission is answered with its input (``bypassed=True``) and still runs later
 for the stages' state (at most ``max_backlog_chunks`` late per stream); a
 stage that raises is skipped for that tick; a stage that hangs longer than
-``stuck_after_ms`` is disabled and the worker replaced.
+``stuck_after_ms`` (or a worker process that stops answering, or dies) gets the
+worker replaced and the stage disabled for a backoff, after which it is loaded
+again; one that keeps failing stays disabled (``enhancers.executor_recovery``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from enhancers.executor_loading import options_for, resolve_device
 from enhancers.executor_process import ProcessWorker
+from enhancers.executor_recovery import RecoveryPolicy
 from enhancers.executor_stream import DeadlineWatch, ExecutorStream
 from enhancers.executor_thread import ThreadWorker
 from enhancers.executor_worker import (
@@ -72,6 +75,9 @@ class ExecutorConfig:
     # "thread": stages run on a thread of this process (light; shares the GIL with the event loop);
     # "process": in a worker process of their own (enhancers.executor_process), for servers.
     isolation: str = "thread"
+    # a stage that hung or crashed the worker is disabled for 1, 2, 4 ... s (at most 60 s), then loaded
+    # fresh; more than 5 faults in 5 minutes: disabled until restart (enhancers/executor_recovery.py)
+    recovery: RecoveryPolicy = RecoveryPolicy()
 
 
 class Executor:
@@ -86,7 +92,8 @@ class Executor:
         if config.isolation not in ("thread", "process"):
             raise ValueError(f"isolation must be 'thread' or 'process', not {config.isolation!r}")
         worker_cls = ProcessWorker if config.isolation == "process" else ThreadWorker
-        settings = WorkerSettings(device, config.stage_options, config.torch_threads, config.freeze_gc)
+        settings = WorkerSettings(device, config.stage_options, config.torch_threads, config.freeze_gc,
+                                  config.recovery)
         self._worker: ThreadWorker | ProcessWorker = worker_cls(settings, self.counters, self._errors)
         self._streams: dict[int, ExecutorStream] = {}
         self._ready: dict[int, ExecutorStream] = {}  # streams with pending chunks
@@ -356,14 +363,14 @@ class Executor:
         job.done.set_result(None)
 
     def _abandon(self, job: Job) -> None:
-        """A stage call hung: disable that stage and carry on with a fresh worker thread."""
+        """A job hung: the worker puts the stage on its backoff and carries on with a fresh worker."""
         if job.done is None or job.done.done():
             return
         job.abandoned = True
         spec = self._worker.abandon(job)
         self.counters["stuck_restarts"] += 1
         log.error(
-            "executor worker stuck for %.0f ms in stage %r; stage disabled, worker replaced",
+            "executor worker stuck for %.0f ms in stage %r; worker replaced, stage retried after a backoff",
             self.config.stuck_after_ms,
             spec,
         )
@@ -388,6 +395,7 @@ class Executor:
             "isolation": self.config.isolation,
             "worker_pid": getattr(self._worker, "pid", None),
             "stages": self._worker.stage_stats(),
+            "worker": self._worker.worker_stats(),
         }
 
 

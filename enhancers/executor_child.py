@@ -154,6 +154,7 @@ class ChildWorker:
             self.runner.run(job)
         except Exception:  # noqa: BLE001 - never die on a job: unanswered rounds bypass in the parent
             log.exception("executor worker process failed on a job")
+        self._on_stage(None)  # between jobs no stage runs: a hang or a death now is not a stage's fault
         counters = {k: v for k, v in self.counters.items() if v}
         for key in counters:
             self.counters[key] = 0

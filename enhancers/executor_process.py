@@ -9,12 +9,16 @@ process (:mod:`enhancers.executor_child`) and talks to it over a pipe read
 by the event loop itself (``add_reader``: no thread hand-off per tick).
 
 The child is started on the first stage request, so a server with no
-enhancement never starts it.  A child that hangs in a stage is killed and
-that stage disabled (the parent reads which stage was running from a shared
-buffer); a child that dies is started again.  Either way every live stream
-is re-declared to the new child with its stages, which start from fresh
-state, and audio keeps flowing unprocessed meanwhile (the executor's
-deadline).
+enhancement never starts it.  A child that hangs (a stage that never
+returns, or the whole process stopped) is killed; a child that dies is
+started again after a backoff (:class:`~enhancers.executor_recovery.RestartBackoff`:
+1, 2, 4 ... s, at most 60 s).  The stage that was running at the time (the
+parent reads it from a shared buffer) takes the fault: it is disabled for its
+own backoff, then loaded fresh into the current child, and after too many
+faults disabled for good (:class:`~enhancers.executor_recovery.StageFaults`).
+Every live stream is re-declared to a new child with its stages, which
+start from fresh state, and audio keeps flowing unprocessed meanwhile (the
+executor's deadline).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 
 from enhancers.executor_child import SPEC_BYTES, child_main
 from enhancers.executor_loading import options_for
+from enhancers.executor_recovery import RestartBackoff, StageFaults
 from enhancers.executor_worker import (
     CloseStream,
     ControlOp,
@@ -45,8 +50,6 @@ from enhancers.registry import STAGES, load_stage_class
 log = logging.getLogger("enhancers.executor")
 
 STOP_TIMEOUT_S = 5.0
-# A child that keeps dying right after it starts is not started again: stages then bypass.
-MAX_DEATHS, DEATH_WINDOW_S = 3, 30.0
 
 
 class ProcessWorker:
@@ -66,7 +69,12 @@ class ProcessWorker:
         self._on_loaded: Callable[[str, bool], None] | None = None
         self._loads: dict[str, asyncio.Future[int]] = {}
         self._latency: dict[str, int] = {}
-        self._disabled: set[str] = set()
+        self.faults = StageFaults(settings.recovery)  # stages disabled after hanging or crashing the child
+        self._restarts = RestartBackoff(settings.recovery)
+        self._restart_timer: asyncio.TimerHandle | None = None  # a child start waiting out its backoff
+        self._timers: set[asyncio.TimerHandle] = set()  # stages waiting out their backoff
+        self._sent_loads: set[str] = set()  # specs asked of the current child
+        self._last_exit: int | None = None
         self._wanted: dict[int, dict[str, dict[str, Any]]] = {}  # streams as declared to the child
         self._redeclare = False
         self._unsent: list[ControlOp] = []
@@ -75,8 +83,6 @@ class ProcessWorker:
         self._stats: dict[str, dict[str, Any]] = {}
         self._closing: asyncio.Future[None] | None = None
         self._ready = False  # the child has started (imports done) and reads the pipe
-        self._deaths: list[float] = []
-        self._given_up = False
 
     # -- lifecycle ------------------------------------------------------------------
     def start(
@@ -102,15 +108,58 @@ class ProcessWorker:
         self._process, self._conn, self._ready = process, parent, False
         self._loop.add_reader(parent.fileno(), self._readable)
         log.info("executor worker process %d started on %s", process.pid, self.device)
+        self._sent_loads = set()
         for spec in self._loads:
-            if spec not in self._disabled:
+            if not self.faults.disabled(spec):
                 self._send_load(spec)
         self._redeclare = bool(self._wanted)
         self._unsent = []
 
     def _ensure_child(self) -> None:
-        if self._process is None and self._closing is None and not self._given_up:
+        if self._process is None and self._closing is None and self._restart_timer is None:
             self._spawn()
+
+    def _restart_later(self) -> None:
+        """Start a new child after the backoff of this death (never at once: no restart storm)."""
+        assert self._loop is not None
+        if self._closing is not None or self._restart_timer is not None:
+            return
+        delay = self._restarts.next_delay()
+        log.warning("executor worker process starts again in %.1f s (%d deaths or hangs in %.0f s)",
+                    delay, self._restarts.recent, self.settings.recovery.fault_window_s)
+        self._restart_timer = self._loop.call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        self._restart_timer = None
+        if self._closing is None and self._process is None:
+            self._spawn()
+
+    def _stage_fault(self, spec: str, reason: str) -> None:
+        """``spec`` hung or crashed the child: disabled for its backoff (or for good), then tried again."""
+        assert self._loop is not None
+        self.counters["stage_faults"] = self.counters.get("stage_faults", 0) + 1
+        delay = self.faults.fault(spec, reason)
+        if delay is None:
+            log.error("stage %r %s; it stays disabled until the server restarts (%s)", spec, reason,
+                      self.faults.describe(spec).get("disabled_reason"))
+            return
+        log.error("stage %r %s; disabled for %.1f s, then loaded again", spec, reason, delay)
+        timer: asyncio.TimerHandle | None = None
+
+        def reenable() -> None:
+            self._timers.discard(timer)  # type: ignore[arg-type]
+            self._reenable(spec)
+
+        timer = self._loop.call_later(delay, reenable)
+        self._timers.add(timer)
+
+    def _reenable(self, spec: str) -> None:
+        if self._closing is not None or not self.faults.enable(spec):
+            return
+        self.counters["stage_recoveries"] = self.counters.get("stage_recoveries", 0) + 1
+        log.info("stage %r enabled again after its backoff", spec)
+        if self._conn is not None and spec in self._loads and spec not in self._sent_loads:
+            self._send_load(spec)  # a child that is down loads it when it starts (_spawn)
 
     def _stop_child(self, kill: bool) -> None:
         process, conn = self._process, self._conn
@@ -126,11 +175,16 @@ class ProcessWorker:
             if process.is_alive():
                 process.kill()
                 process.join(1.0)
+            self._last_exit = process.exitcode
 
     async def close(self, final_ops: list[ControlOp]) -> None:
         if self._loop is None:
             return
         self._closing = self._loop.create_future()
+        for timer in [self._restart_timer, *self._timers]:
+            if timer is not None:
+                timer.cancel()
+        self._restart_timer, self._timers = None, set()
         if self._conn is None:
             return
         try:
@@ -147,11 +201,12 @@ class ProcessWorker:
         assert self._loop is not None
         self._loads[spec] = self._loop.create_future()
         self._ensure_child()
-        if self._process is not None:
+        if self._process is not None and not self.faults.disabled(spec):
             self._send_load(spec)
 
     def _send_load(self, spec: str) -> None:
         assert self._conn is not None
+        self._sent_loads.add(spec)
         self._conn.send(("load", spec, STAGES[spec], options_for(self.settings.stage_options, spec)))
 
     async def wait_loaded(self, spec: str) -> None:
@@ -172,9 +227,16 @@ class ProcessWorker:
 
     def stage_stats(self) -> dict[str, dict[str, Any]]:
         stats = {spec: dict(s) for spec, s in self._stats.items()}
-        for spec in self._disabled:
-            stats.setdefault(spec, {})["disabled"] = True
+        for spec in self.faults.specs():
+            stats.setdefault(spec, {}).update(self.faults.describe(spec))
         return stats
+
+    def worker_stats(self) -> dict[str, Any]:
+        """The child's state for /healthz: running, waiting out a restart backoff, or not needed yet."""
+        state = ("closed" if self._closing is not None else "restarting" if self._restart_timer is not None
+                 else "not started" if self._process is None else "running" if self._ready else "starting")
+        return {"state": state, "pid": self.pid, "recent_restarts": self._restarts.recent,
+                "last_exit_code": self._last_exit}
 
     # -- jobs -------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -217,14 +279,22 @@ class ProcessWorker:
             self.errors.error("worker", "executor worker process unreachable", exc)
             self._child_died()
 
+    def _running_spec(self) -> str:
+        return bytes(self._running.raw).rstrip(b"\0").decode(errors="replace") if self._running is not None else ""
+
     def abandon(self, job: Job) -> str | None:
-        """``job`` hung: kill the child, disable the stage it was in, start a fresh child."""
-        spec = bytes(self._running.raw).rstrip(b"\0").decode() if self._running is not None else ""
-        if spec:
-            self._disabled.add(spec)
-        self._jobs.clear()
+        """``job`` hung (a stage never returned, or the child is stopped): kill the child, put the stage
+        it was in (if any) on its backoff, start a fresh child after the restart backoff."""
+        spec = self._running_spec()
+        jobs, self._jobs = self._jobs, {}
         self._stop_child(kill=True)
-        self._spawn()
+        for other in jobs.values():
+            if other is not job:
+                other.results = []
+                self._complete(other)
+        if spec:
+            self._stage_fault(spec, f"hung (no answer for {time.monotonic() - job.started:.1f} s)")
+        self._restart_later()
         return spec or None
 
     # -- messages from the child -------------------------------------------------------------
@@ -280,19 +350,17 @@ class ProcessWorker:
             if not self._closing.done():
                 self._closing.set_result(None)
             return
-        code = self._process.exitcode if self._process is not None else None
-        log.error("executor worker process died (exit code %s); starting a new one", code)
-        self.counters["worker_restarts"] = self.counters.get("worker_restarts", 0) + 1
+        if self._process is None:
+            return  # already handled (a send and the reader can both notice one death)
+        spec = self._running_spec()
         jobs, self._jobs = self._jobs, {}
         self._stop_child(kill=True)
+        code = self._last_exit
+        log.error("executor worker process died (exit code %s) while running stage %r", code, spec or None)
+        self.counters["worker_restarts"] = self.counters.get("worker_restarts", 0) + 1
         for job in jobs.values():
             job.results = []
             self._complete(job)  # no results: every chunk of it bypasses
-        now = time.monotonic()
-        self._deaths = [t for t in self._deaths if now - t < DEATH_WINDOW_S] + [now]
-        if len(self._deaths) >= MAX_DEATHS:
-            self._given_up = True
-            log.error("executor worker process died %d times in %.0f s; enhancement disabled, audio passes "
-                      "through unprocessed", len(self._deaths), DEATH_WINDOW_S)
-            return
-        self._spawn()
+        if spec:
+            self._stage_fault(spec, f"crashed the worker process (exit code {code})")
+        self._restart_later()

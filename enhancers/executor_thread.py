@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from enhancers.executor_loading import StageLoader
+from enhancers.executor_recovery import StageFaults
 from enhancers.executor_worker import BatchRunner, ControlOp, Job, RateLimitedLog, StageLoaded, WorkerSettings
 from enhancers.stage import Stage
 
@@ -37,6 +38,8 @@ class ThreadWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finish: Callable[[Job], None] | None = None
         self._on_loaded: Callable[[str, bool], None] | None = None
+        self.faults = StageFaults(settings.recovery)  # stages that hung: retried after a backoff
+        self._timers: set[asyncio.TimerHandle] = set()
 
     @property
     def device(self) -> torch.device:
@@ -60,6 +63,9 @@ class ThreadWorker:
         self._start_thread()
 
     async def close(self, final_ops: list[ControlOp]) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
         thread = self._thread
         if thread is not None and thread.is_alive():
             self._jobs.put(Job(ops=self._take_loaded() + final_ops, rounds=[]))
@@ -90,7 +96,13 @@ class ThreadWorker:
         return ops
 
     def stage_stats(self) -> dict[str, dict[str, Any]]:
-        return {spec: rt.stats() for spec, rt in list(self.runner.stages.items())}
+        stats = {spec: rt.stats() for spec, rt in list(self.runner.stages.items())}
+        for spec in self.faults.specs():
+            stats.setdefault(spec, {}).update(self.faults.describe(spec))
+        return stats
+
+    def worker_stats(self) -> dict[str, Any]:
+        return {"state": "running" if self._thread is not None else "not started"}
 
     # -- jobs ---------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -98,11 +110,25 @@ class ThreadWorker:
         self._jobs.put(job)
 
     def abandon(self, job: Job) -> str | None:
-        """``job`` hung in a stage: disable that stage, leave the thread, start a fresh one."""
+        """``job`` hung in a stage: disable that stage, leave the thread, start a fresh one; the stage is
+        loaded fresh after its backoff (the hung instance stays with the thread it holds)."""
         spec = job.current_spec
         runtime = self.runner.stages.get(spec) if spec else None
-        if runtime is not None:
+        if runtime is not None and spec is not None:
             runtime.disabled = True
+            self.runner.counters["stage_faults"] = self.runner.counters.get("stage_faults", 0) + 1
+            delay = self.faults.fault(spec, "hung")
+            if delay is not None and self._loop is not None:
+                timer: asyncio.TimerHandle | None = None
+
+                def reenable() -> None:
+                    self._timers.discard(timer)  # type: ignore[arg-type]
+                    if self.faults.enable(spec) and self._loop is not None:
+                        self.runner.counters["stage_recoveries"] = self.runner.counters.get("stage_recoveries", 0) + 1
+                        self.loader.reload([spec], self._loop)
+
+                timer = self._loop.call_later(delay, reenable)
+                self._timers.add(timer)
         self._start_thread()
         return spec
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from enhancers.executor_device import fall_back_to_cpu, is_device_error, move_to_cpu
+from enhancers.executor_recovery import RecoveryPolicy
 from enhancers.registry import CHAIN_ORDER
 from enhancers.stage import CHUNK, BatchContext, Stage, StageStream
 
@@ -38,6 +39,8 @@ COUNTER_KEYS = (
     "dropped_backlog",  # late chunks never run: more than max_backlog_chunks were waiting
     "stuck_restarts",  # worker threads abandoned because a stage hung
     "worker_restarts",  # worker processes started again because the last one died
+    "stage_faults",  # stages that hung or crashed the worker (each is disabled for a backoff)
+    "stage_recoveries",  # stages loaded again after their backoff
     "device_fallbacks",  # the accelerator failed: every stage moved (or reloaded) to the CPU
 )
 
@@ -90,6 +93,7 @@ class WorkerSettings:
     stage_options: Mapping[str, Mapping[str, Any]]
     torch_threads: int
     freeze_gc: bool
+    recovery: RecoveryPolicy = RecoveryPolicy()  # when a hung or crashed stage is tried again
 
 
 @dataclass

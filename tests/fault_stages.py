@@ -1,10 +1,12 @@
-"""Misbehaving stages for fault tests: one raises on every call, one hangs, one loses its GPU."""
+"""Misbehaving stages for fault tests: raising, hanging (always or once), crashing the worker, losing a GPU."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -32,6 +34,31 @@ class HangingStage(Stage):
     def process(self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext) -> torch.Tensor:
         RELEASE.wait(20.0)
         return audio
+
+
+class CrashingStage(Stage):
+    """Kills the executor's worker process on every call (in the server's own process it raises instead)."""
+
+    name = "denoise"
+
+    def process(self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext) -> torch.Tensor:
+        if multiprocessing.parent_process() is not None:
+            os._exit(3)  # what a segfault in native code or an OOM kill look like to the parent
+        raise RuntimeError("CrashingStage only crashes worker processes")
+
+
+class HangOnceStage(Stage):
+    """Hangs on its first call while the file named by $HANG_ONCE_FLAG does not exist (and creates it);
+    from then on, in any process, it halves its input: a processed chunk differs from the input."""
+
+    name = "denoise"
+
+    def process(self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext) -> torch.Tensor:
+        flag = Path(os.environ["HANG_ONCE_FLAG"])
+        if not flag.exists():
+            flag.write_text("hung")
+            time.sleep(30.0)
+        return audio * 0.5
 
 
 
