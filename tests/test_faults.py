@@ -112,6 +112,58 @@ async def test_gpu_lost_mid_call_falls_back_to_cpu(start_server: ServerFactory, 
         await listener.leave()
 
 
+async def test_stopped_worker_in_a_call_comes_back(start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    """SIGSTOP the executor worker for 4 s, then SIGCONT: the call goes on unprocessed meanwhile, and the
+    stage (its output is a tone: processed audio is recognisable) comes back without a server restart."""
+    spec = "limiter:tone"
+    monkeypatch.setitem(registry.STAGES, spec, "tests.fault_stages:FlakyGpuStage")
+    monkeypatch.setenv("FLAKY_GPU_FLAG", str(tmp_path / "gpu"))  # never written: the stage just works
+    rs = await start_server(stages=(spec,))
+    talker = Bot(rs.url, "stop", "talker", speech())
+    listener = Bot(rs.url, "stop", "listener", None)
+    await talker.join()
+    await listener.join()
+
+    def processed_since(t: float) -> float:
+        got = listener.received_from(talker.id, since=t)  # type: ignore[arg-type]
+        frames = got[: len(got) // 960 * 960].reshape(-1, 960)
+        return float(np.median([_tone_share(b) for b in frames])) if len(frames) >= 10 else 0.0
+
+    pid = rs.server.hub.executor.stats()["worker_pid"]
+    try:
+        await asyncio.sleep(2.0)
+        assert processed_since(time.monotonic() - 1.0) > 0.8, "stage not running"
+        os.kill(pid, signal.SIGSTOP)
+        await asyncio.sleep(4.0)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # killed as hung and replaced already
+        t_cont = time.monotonic()
+        heard_during = listener.received_from(talker.id, since=t_cont - 4.0)  # type: ignore[arg-type]
+        assert len(heard_during) > 48_000 * 2.5, "audio stalled while the worker was stopped"
+        give_up = t_cont + 30.0  # a hang guard, not a speed check
+        while processed_since(time.monotonic() - 1.0) < 0.8:
+            assert time.monotonic() < give_up, rs.server.hub.stats()
+            await asyncio.sleep(0.5)
+        async with aiohttp.ClientSession() as http:
+            health = await (await http.get(f"{rs.url}/healthz")).json()
+            text = await (await http.get(f"{rs.url}/metrics")).text()
+        executor = health["executor"]
+        assert not executor["stages"][spec].get("disabled"), executor
+        assert executor["bypass_deadline"] + executor["stage_unavailable"] > 0, executor  # counted, visible
+        assert re.search(r'^mediaserver_executor_stage_disabled\{[^}]*stage="limiter:tone"[^}]*\} 0(\.0)?$', text,
+                         re.M), [line for line in text.splitlines() if "stage_disabled" in line]
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        await talker.leave()
+        await listener.leave()
+
+
 async def test_garbage_udp_at_the_media_port_does_not_hurt(server: RunningServer) -> None:
     src = speech()
     a = Bot(server.url, "g", "a", src)
