@@ -70,6 +70,10 @@ class LimitsConfig:
     # closed (1008); only the first refusal of a window gets a ``rate-limited`` reply, refusals are not parsed
     ws_flood_close_after: int = 200
     ws_flood_window_s: float = 10.0
+    # an address with more than ``abuse_closes`` such policy closes (flood, no join, join deadline) within
+    # ``abuse_cooldown_s`` has its next handshakes refused for ``abuse_cooldown_s`` (HTTP 429 ``cooling-down``)
+    abuse_closes: int = 8
+    abuse_cooldown_s: float = 10.0
     # a joined WebRTC participant that has not sent its ``offer`` within this long gets ``offer-timeout``
     # and is removed (reason ``no offer``); 0: off
     offer_timeout_s: float = 15.0
@@ -127,6 +131,9 @@ class SipConfig:
     users: tuple[tuple[str, str, tuple[str, ...]], ...] = field(default=(), repr=False)  # repr: no passwords
     trusted_networks: tuple[str, ...] = ()  # source networks (trunks, an SBC) that skip authentication
     realm: str = "mediaserver"
+    # offered in this order (RFC 8760: preferred first); phones that only read the first challenge and know
+    # only MD5 (sipp, older desk phones) need ("MD5", "SHA-256") or ("MD5",)
+    digest_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
     nonce_ttl_s: float = 300.0  # a challenge's nonce is good this long; then 401 stale=true
     # -- flood limits --
     invite_rate_per_source: float = 5.0  # new INVITEs per second from one IP address (before any other work)
@@ -160,7 +167,8 @@ def _split(value: str) -> tuple[str, ...]:
 def _sip_from_env(env: Mapping[str, str]) -> SipConfig:
     """sip: MEDIASERVER_SIP_DIAL_PLAN ("5000=standup,9=lobby"), _RTP_PORTS ("20000-20999"), _MAX_CALLS,
     _PUBLIC_ADDRESS, _USERS ("alice:secret:standup|lobby,trunk:pw"), _USERS_FILE (one such entry a line),
-    _TRUSTED ("10.0.0.0/8,127.0.0.1/32"), _REQUIRE_AUTH, _MAX_CALLS_PER_ROOM."""
+    _TRUSTED ("10.0.0.0/8,127.0.0.1/32"), _DIGEST_ALGORITHMS ("SHA-256,MD5"), _REQUIRE_AUTH,
+    _MAX_CALLS_PER_ROOM."""
     sip = SipConfig()
     if env.get("MEDIASERVER_SIP_DIAL_PLAN"):
         pairs = [p.split("=", 1) for p in _split(env["MEDIASERVER_SIP_DIAL_PLAN"])]
@@ -188,6 +196,11 @@ def _sip_from_env(env: Mapping[str, str]) -> SipConfig:
         for net in nets:
             ipaddress.ip_network(net, strict=False)  # ValueError: a bad configuration, said at start
         sip = replace(sip, trusted_networks=nets)
+    if env.get("MEDIASERVER_SIP_DIGEST_ALGORITHMS"):
+        algorithms = tuple(a.upper() for a in _split(env["MEDIASERVER_SIP_DIGEST_ALGORITHMS"]))
+        if not algorithms or any(a not in ("SHA-256", "MD5") for a in algorithms):
+            raise ValueError("MEDIASERVER_SIP_DIGEST_ALGORITHMS is a list of SHA-256 and MD5")
+        sip = replace(sip, digest_algorithms=algorithms)
     if env.get("MEDIASERVER_SIP_REQUIRE_AUTH"):
         sip = replace(sip, require_auth=env["MEDIASERVER_SIP_REQUIRE_AUTH"].lower() in ("1", "true", "yes"))
     if env.get("MEDIASERVER_SIP_MAX_CALLS_PER_ROOM"):

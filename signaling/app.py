@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,55 @@ CONN_KEY: web.AppKey[Counter[str]] = web.AppKey("connections", Counter)
 SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets", set)  # type: ignore[arg-type]
 PREPARED: web.RequestKey[web.WebSocketResponse] = web.RequestKey("prepared", web.WebSocketResponse)  # after handshake
 SIP_KEY: web.AppKey[SipEndpoint] = web.AppKey("sip", SipEndpoint)  # sip: set when config.sip_port is
+
+
+class AbuseTracker:
+    """Addresses whose sockets keep getting closed for policy violations (floods, no join) are cooled down.
+
+    More than ``closes`` such closes within ``window_s`` refuse that address's
+    next handshakes for ``window_s`` (HTTP 429 ``cooling-down``): a refused
+    handshake costs the server far less than an upgrade and the messages
+    before the next close.  Bounded: at most ``max_addresses`` are tracked.
+    """
+
+    def __init__(self, closes: int, window_s: float, max_addresses: int = 10_000) -> None:
+        self.closes = closes
+        self.window_s = window_s
+        self.max_addresses = max_addresses
+        self._seen: dict[str, tuple[float, int]] = {}  # address -> (window start, policy closes in it)
+        self._blocked: dict[str, float] = {}  # address -> monotonic time its cool-down ends
+        self.refused = 0
+
+    def blocked_for(self, address: str) -> float:
+        """Seconds this address still cools down (0: it may connect)."""
+        until = self._blocked.get(address)
+        if until is None:
+            return 0.0
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._blocked[address]
+            return 0.0
+        return left
+
+    def policy_closed(self, address: str) -> None:
+        now = time.monotonic()
+        start, count = self._seen.get(address, (now, 0))
+        if now - start > self.window_s:
+            start, count = now, 0
+        count += 1
+        if len(self._seen) >= self.max_addresses and address not in self._seen:
+            self._seen = {a: v for a, v in self._seen.items() if now - v[0] <= self.window_s}
+            if len(self._seen) >= self.max_addresses:
+                return
+        self._seen[address] = (start, count)
+        if count > self.closes and address not in self._blocked and len(self._blocked) < self.max_addresses:
+            log.warning("%s: %d policy closes within %.0f s, cooling down for %.0f s", address, count,
+                        self.window_s, self.window_s)
+            self._blocked[address] = now + self.window_s
+            self._seen.pop(address, None)
+
+
+ABUSE_KEY: web.AppKey[AbuseTracker] = web.AppKey("abuse", AbuseTracker)
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:
@@ -108,6 +158,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         log.warning("%s: signaling connection refused: the server holds %d (limit)", peer, limits.max_connections)
         return json_error(503, "server-busy", f"the server is at its limit of {limits.max_connections} "
                                               "signaling connections; retry later")
+    cooling = request.app[ABUSE_KEY].blocked_for(peer)
+    if cooling > 0:
+        request.app[ABUSE_KEY].refused += 1
+        return json_error(429, "cooling-down", f"this address's connections kept breaking the rules; retry in "
+                                               f"{cooling:.0f} s")
     limit = limits.max_connections_per_address
     if conns[peer] >= limit:
         log.warning("%s: too many connections (limit %d)", peer, limit)
@@ -115,15 +170,19 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                           f"at most {limit} signaling connections per address; close one and retry")
     conns[peer] += 1  # counted before the handshake awaits: simultaneous handshakes cannot overshoot
     try:
+        conn: SignalingConnection | None = None
         ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=limits.max_ws_message_bytes)
         await ws.prepare(request)
         request[PREPARED] = ws
         sockets = request.app[SOCKETS_KEY]
         sockets.add(ws)
         try:
-            await SignalingConnection(ws, server, peer).run()
+            conn = SignalingConnection(ws, server, peer, request.transport)
+            await conn.run()
         finally:
             sockets.discard(ws)
+            if conn is not None and conn.policy_closed:
+                request.app[ABUSE_KEY].policy_closed(peer)
     finally:
         conns[peer] -= 1
         if conns[peer] <= 0:
@@ -207,6 +266,7 @@ def create_app(server: MediaServer) -> web.Application:
     app[SERVER_KEY] = server
     app[CONN_KEY] = Counter()
     app[SOCKETS_KEY] = set()
+    app[ABUSE_KEY] = AbuseTracker(server.config.limits.abuse_closes, server.config.limits.abuse_cooldown_s)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)

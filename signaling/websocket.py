@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 class SignalingConnection:
     """Owns one WebSocket: parses messages, drives the MediaServer, sends events."""
 
-    def __init__(self, ws: web.WebSocketResponse, server: MediaServer, peer: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse, server: MediaServer, peer: str,
+                 transport: Optional[asyncio.BaseTransport] = None) -> None:
         self.ws = ws
+        self.transport = transport  # closed right after a policy close frame (see close_with)
+        self.policy_closed = False
         self.server = server
         self.peer = peer
         limits = server.config.limits
@@ -122,13 +125,24 @@ class SignalingConnection:
         return False
 
     async def close_with(self, code: str, message: str) -> None:
-        """Send one last error and close the socket with 1008 (policy violation)."""
+        """Send one last error and close the socket with 1008 (policy violation).
+
+        The TCP connection is closed right after the close frame: a flooding
+        client's remaining frames are not read (aiohttp's own close would read
+        and parse them until the client's close frame, for up to 10 s).
+        """
+        self.policy_closed = True
         await self.send(error(code, message))
-        if not self.ws.closed:
-            try:
-                await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=code.encode())
-            except (ConnectionError, RuntimeError):
-                pass
+        if self.ws.closed:
+            return
+        closing = asyncio.ensure_future(self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=code.encode()))
+        await asyncio.sleep(0)  # the close frame is written
+        if self.transport is not None:
+            self.transport.close()
+        try:
+            await asyncio.wait_for(closing, 2.0)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            pass
 
     def _current(self) -> Optional[Participant]:
         """The participant of this socket, forgetting one the server removed (kicked, replaced, timed out)."""
