@@ -39,6 +39,15 @@ class EnhanceConfig:
 
 
 @dataclass(frozen=True)
+class PromptConfig:
+    """Memory bounds of spoken prompts (mediaserver/prompts.py, synth/cache.py), in audio bytes:
+    one 5000-character prompt is minutes of 48 kHz float32 audio (tens of MiB)."""
+
+    cache_memory_bytes: int = 64 * 1024 * 1024  # the synthesis cache's memory LRU
+    max_queued_bytes: int = 64 * 1024 * 1024  # audio queued (not yet playing) on one prompt track
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """Bounds on what any client may make the server hold or do."""
 
@@ -158,6 +167,7 @@ class ServerConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     sip: SipConfig = field(default_factory=SipConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
 
 
 def _split(value: str) -> tuple[str, ...]:

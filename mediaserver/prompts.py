@@ -40,6 +40,7 @@ from synth import (
     UnknownVoice,
     VoiceOptions,
 )
+from synth.cache import PromptCache
 
 if TYPE_CHECKING:
     from mediaserver.server import MediaServer
@@ -50,7 +51,10 @@ MAX_QUEUED = 16  # prompts waiting on one track
 MAX_PENDING_SYNTHESES = 8  # prompts of one room being synthesized at once
 READY_TIMEOUT_S = 3.0  # how long a new track holds its first prompt for the subscribers' renegotiation
 WARM_UP_TEXT = "Ready."
-RECENT_PROMPTS = 256  # prompts findable by id after they were queued
+RECENT_PROMPTS = 256  # prompts findable by id after they were queued (their audio is let go once played)
+MAX_QUEUED_BYTES = 64 * 1024 * 1024  # audio queued on one track (PromptConfig.max_queued_bytes)
+_NO_AUDIO = np.zeros(0, dtype=np.float32)
+_NO_AUDIO.flags.writeable = False
 
 
 @dataclass
@@ -72,10 +76,19 @@ class Prompt:
     played: int = 0
     interrupted: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
+    samples: int = -1  # len(audio) as synthesized; the audio itself is released once played
+
+    def __post_init__(self) -> None:
+        if self.samples < 0:
+            self.samples = len(self.audio)
 
     @property
     def duration_s(self) -> float:
-        return len(self.audio) / SAMPLE_RATE
+        return self.samples / SAMPLE_RATE
+
+    def release_audio(self) -> None:
+        """Played, cut or dropped: let go of the audio (the cache may keep its own reference)."""
+        self.audio = _NO_AUDIO
 
     def started_event(self, stream_id: str) -> dict[str, Any]:
         return {"type": "prompt.started", "prompt": self.id, "text": self.text, "synthetic": True,
@@ -97,10 +110,13 @@ class PromptSource:
     ``samples`` counts every sample it produced, silence included.
     """
 
-    def __init__(self, on_event: PromptEvent, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(self, on_event: PromptEvent, max_queued: int = MAX_QUEUED,
+                 max_queued_bytes: int = MAX_QUEUED_BYTES) -> None:
         self._on_event = on_event
         self._max_queued = max_queued
+        self._max_queued_bytes = max_queued_bytes
         self._queue: collections.deque[Prompt] = collections.deque()
+        self.queued_bytes = 0  # audio bytes of the queued prompts (the playing one not included)
         self.current: Prompt | None = None
         self.held = False
         self.samples = 0
@@ -116,20 +132,32 @@ class PromptSource:
 
     def enqueue(self, prompt: Prompt, interrupt: bool = False) -> None:
         """Queue a prompt; ``interrupt`` first cuts the playing one and drops every queued one."""
+        size = int(prompt.audio.nbytes)
         if interrupt:
-            self._queue.clear()
+            self._drop_queue()
             if self.current is not None:
                 self._finish(self.samples, interrupted=True)
         elif len(self._queue) >= self._max_queued:
             raise RoomError("too-many-prompts", f"{self._max_queued} prompts are already queued", status=429)
+        elif self._queue and self.queued_bytes + size > self._max_queued_bytes:  # one always fits an empty queue
+            raise RoomError("too-many-prompts", f"{self.queued_bytes // (1024 * 1024)} MiB of prompt audio is "
+                            f"already queued (at most {self._max_queued_bytes // (1024 * 1024)} MiB)", status=429)
         prompt.queued_sample = self.samples
         self._queue.append(prompt)
+        self.queued_bytes += size
+
+    def _drop_queue(self) -> None:
+        for prompt in self._queue:
+            prompt.release_audio()
+        self._queue.clear()
+        self.queued_bytes = 0
 
     def _finish(self, at_sample: int, interrupted: bool) -> None:
         prompt = self.current
         assert prompt is not None
         prompt.interrupted = interrupted
         prompt.ended_sample = at_sample
+        prompt.release_audio()
         self.current = None
         self._on_event("finished", prompt)
 
@@ -141,6 +169,7 @@ class PromptSource:
                 if not self._queue:
                     break
                 self.current = self._queue.popleft()
+                self.queued_bytes -= int(self.current.audio.nbytes)
                 self.current.started_sample = self.samples + filled
                 self._on_event("started", self.current)
             prompt = self.current
@@ -155,7 +184,9 @@ class PromptSource:
 
     def close(self) -> None:
         self.closed = True
-        self._queue.clear()
+        self._drop_queue()
+        if self.current is not None:
+            self.current.release_audio()
         self.current = None
 
 
@@ -164,11 +195,12 @@ class PromptPlayer:
     stream, the task that sends the prompt events and the task that releases a new track's hold."""
 
     def __init__(self, server: MediaServer, room: Room, target: str | None, *,
-                 max_queued: int = MAX_QUEUED, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+                 max_queued: int = MAX_QUEUED, ready_timeout_s: float = READY_TIMEOUT_S,
+                 max_queued_bytes: int = MAX_QUEUED_BYTES) -> None:
         self.room = room
         self.target = target
         owner = f"prompt-{room.id}" if target is None else f"prompt-{room.id}-{target}"
-        self.source = PromptSource(self._on_event, max_queued)
+        self.source = PromptSource(self._on_event, max_queued, max_queued_bytes)
         self.source.held = True
         pipeline = server.hub.open(f"{room.id}/{owner}", [])
         self.stream = PublishedStream(owner, owner, "prompt", self.source, pipeline, server.clock,
@@ -257,6 +289,7 @@ class PromptManager:
         self._synth_lock: asyncio.Lock | None = None
         self._recent: collections.OrderedDict[str, Prompt] = collections.OrderedDict()
         self._warm_up: asyncio.Task[None] | None = None
+        self.config = server.config.prompts  # byte bounds of the cache and of each track's queue
 
     def start(self) -> None:
         """Load the TTS engine and speak a warm-up phrase in the background, so the first prompt is quick."""
@@ -275,7 +308,8 @@ class PromptManager:
                 self._synth_lock = asyncio.Lock()
             async with self._synth_lock:
                 if self._synth is None:
-                    self._synth = await asyncio.to_thread(SynthService)
+                    cache = PromptCache(memory_bytes=self.config.cache_memory_bytes)
+                    self._synth = await asyncio.to_thread(SynthService, None, cache)
         return self._synth
 
     def _target(self, room: Room, to: str | None) -> None:
@@ -333,7 +367,8 @@ class PromptManager:
         player = self.players.get((room.id, to))
         if player is None or player.room is not room or player.stream.closed:
             player = PromptPlayer(self._server, room, to, max_queued=self.max_queued,
-                                  ready_timeout_s=self.ready_timeout_s)
+                                  ready_timeout_s=self.ready_timeout_s,
+                                  max_queued_bytes=self.config.max_queued_bytes)
             self.players[(room.id, to)] = player
         return player
 

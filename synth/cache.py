@@ -22,6 +22,9 @@ import numpy as np
 from synth.engine import SynthResult, VoiceOptions
 
 DEFAULT_MEMORY_ITEMS = 256
+# What the memory LRU may hold in audio bytes: about 5.8 min of 48 kHz float32.  One 5000-character
+# prompt is a few minutes of audio (tens of MiB), so a count alone bounds nothing.
+DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
 
 
 def default_cache_dir() -> Path:
@@ -49,17 +52,25 @@ def cache_key(text: str, engine_identity: str, voice: str, options: VoiceOptions
 
 
 class PromptCache:
-    """Owns the memory LRU (bounded by item count) and the on-disk directory (None = memory only).
+    """Owns the memory LRU (bounded by item count and by audio bytes) and the on-disk directory
+    (None = memory only).  The least recently used entries go first; an entry larger than the whole
+    byte budget is handed out but not kept.
 
     Thread-safe: the service reads it on the event loop and writes it from its worker thread.
     """
 
-    def __init__(self, directory: str | Path | None = None, memory_items: int = DEFAULT_MEMORY_ITEMS) -> None:
+    def __init__(self, directory: str | Path | None = None, memory_items: int = DEFAULT_MEMORY_ITEMS,
+                 memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
         if memory_items < 0:
             raise ValueError("memory_items must be >= 0")
+        if memory_bytes < 0:
+            raise ValueError("memory_bytes must be >= 0")
         self.directory = Path(directory) if directory is not None else None
         self.memory_items = memory_items
+        self.memory_bytes = memory_bytes
         self._memory: OrderedDict[str, SynthResult] = OrderedDict()
+        self._bytes = 0
+        self.evictions = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -99,13 +110,19 @@ class PromptCache:
 
     def _remember(self, key: str, result: SynthResult) -> None:
         result.audio.flags.writeable = False  # shared by every hit: nobody may change it in place
-        if self.memory_items == 0:
+        size = int(result.audio.nbytes)
+        if self.memory_items == 0 or size > self.memory_bytes:
             return
         with self._lock:
+            old = self._memory.pop(key, None)
+            if old is not None:
+                self._bytes -= int(old.audio.nbytes)
             self._memory[key] = result
-            self._memory.move_to_end(key)
-            while len(self._memory) > self.memory_items:
-                self._memory.popitem(last=False)
+            self._bytes += size
+            while len(self._memory) > self.memory_items or self._bytes > self.memory_bytes:
+                _, evicted = self._memory.popitem(last=False)
+                self._bytes -= int(evicted.audio.nbytes)
+                self.evictions += 1
 
     def _store(self, key: str, result: SynthResult) -> None:
         path = self._path(key)
@@ -143,6 +160,13 @@ class PromptCache:
     def clear_memory(self) -> None:
         with self._lock:
             self._memory.clear()
+            self._bytes = 0
+
+    @property
+    def bytes_in_memory(self) -> int:
+        """Audio bytes the memory LRU holds now (at most ``memory_bytes``)."""
+        with self._lock:
+            return self._bytes
 
     def __len__(self) -> int:
         with self._lock:

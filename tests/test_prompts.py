@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 
 from loadtest.bot import Bot
+from mediaserver.config import AuthConfig, EnhanceConfig, PromptConfig, ServerConfig
 from tests.audio_checks import best_alignment, content_match
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, ServerFactory
 
 RATE = 48_000
 WELCOME = "Welcome to the planning meeting. The recording starts now."
@@ -230,3 +232,72 @@ def test_prompt_source_queues_and_cuts_within_one_tick() -> None:
     assert [float(source.pull()[0][0]) for _ in range(3)] == pytest.approx([0.3, 0.3, 0.0])
     assert events == [("started", "a", False), ("finished", "a", True), ("started", "c", False),
                       ("finished", "c", False)]
+
+
+def test_prompt_cache_is_bounded_in_bytes_least_recently_used_first() -> None:
+    from synth.cache import PromptCache
+    from synth.engine import SynthResult
+
+    def result(seconds: float) -> SynthResult:
+        return SynthResult(audio=np.zeros(int(RATE * seconds), np.float32), sample_rate=RATE, engine="t", voice="v")
+
+    budget = 1024 * 1024
+    cache = PromptCache(memory_bytes=budget)
+    for i in range(10):  # 10 x 1 s = 1.9 MB, twice the budget
+        cache.put(f"k{i}", result(1.0))
+        assert cache.get_memory("k0") is not None or i >= 5  # k0 touched: kept while it fits
+        assert cache.bytes_in_memory <= budget
+    assert cache.get_memory("k9") is not None and cache.get_memory("k8") is not None  # the newest stay
+    assert cache.get_memory("k1") is None and cache.evictions > 0
+    cache.put("huge", result(10.0))  # larger than the whole budget: handed out, not kept
+    assert cache.get_memory("huge") is None and cache.bytes_in_memory <= budget
+
+
+def test_queued_prompt_audio_is_bounded_in_bytes_and_released_once_played() -> None:
+    from mediaserver.prompts import Prompt, PromptSource
+    from mediaserver.room import RoomError
+
+    source = PromptSource(lambda kind, p: None, max_queued=16, max_queued_bytes=3 * 480 * 4 * 4)
+
+    def prompt(name: str, chunks: int) -> Prompt:
+        return Prompt(id=name, text=name, audio=np.full(480 * chunks, 0.1, np.float32), to=None,
+                      voice="en-us", cache_hit=False)
+
+    first, second = prompt("a", 4), prompt("b", 4)
+    source.enqueue(first)
+    source.enqueue(second)
+    with pytest.raises(RoomError) as refused:
+        source.enqueue(prompt("c", 6))  # 14 chunks queued would exceed 12 chunks of bytes
+    assert refused.value.status == 429 and "MiB" in str(refused.value)
+    for _ in range(5):
+        source.pull()
+    assert first.audio.size == 0 and first.duration_s == pytest.approx(0.04)  # played: audio let go
+    source.enqueue(prompt("c", 6))  # "a" is done, "b" is playing: room again
+    assert source.queued_bytes == 6 * 480 * 4
+
+
+async def test_many_long_prompts_keep_memory_bounded_and_the_newest_play(start_server: ServerFactory) -> None:
+    """Prompts beyond the cache's byte budget: the cache stays within it and the latest prompts still play."""
+    budget = 1024 * 1024
+    config = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
+                          enhance=replace(EnhanceConfig(), default_stages=(), device="cpu"),
+                          prompts=PromptConfig(cache_memory_bytes=budget))
+    rs = await start_server(config)
+    bot = Bot(rs.url, "budget", "alice")
+    await bot.join()
+    try:
+        texts = [f"Announcement number {n}: the {word} meeting starts in {n + 2} minutes in room {n * 7}."
+                 for n, word in enumerate(["planning", "design", "budget", "review", "hiring", "closing"])]
+        ids = [(await rs.server.prompts.play("budget", text)).id for text in texts]
+        service = await rs.server.prompts.service()
+        await _wait_for(lambda: bool(_events(bot, "prompt.finished", ids[-1])), 60)
+        sizes = [rs.server.prompts.find(i).duration_s * RATE * 4 for i in ids]  # type: ignore[union-attr]
+        assert sum(sizes) > 1.5 * budget, sizes  # the test does go beyond the budget
+        assert service.cache.bytes_in_memory <= budget and service.cache.evictions > 0
+        assert all(rs.server.prompts.find(i).audio.size == 0 for i in ids)  # type: ignore[union-attr]
+        await asyncio.sleep(1.0)
+        heard = _dithered(bot.received_from("prompt-budget"))
+        last = await _reference(rs, texts[-1])  # synthesized again or a cache hit: the same audio
+        assert content_match(heard, last) > 0.6, "the newest prompt did not play"
+    finally:
+        await bot.leave()
