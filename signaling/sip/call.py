@@ -116,7 +116,7 @@ class PhoneCall:
     """Owns one call's media (RTP session, jitter buffer, mix, prompt) and its room membership."""
 
     def __init__(self, server: MediaServer, rtp: RtpSession, params: AudioParams, name: str,
-                 on_removed: Callable[[str], None]) -> None:
+                 on_removed: Callable[[str], None], gate: Callable[[str], bool] = lambda room_id: True) -> None:
         self.server = server
         self.rtp = rtp
         self.params = params
@@ -132,6 +132,7 @@ class PhoneCall:
         self._down = Downsampler()
         self._pending: list[np.ndarray] = []
         self._on_removed = on_removed
+        self._gate = gate  # may this call enter that room?  (rights of the caller, room caps)
         self._leaving = False
         self._closed = False
         self._ts0 = rtp.timestamp
@@ -196,7 +197,7 @@ class PhoneCall:
     # -- rooms --------------------------------------------------------------------------
     async def join_room(self, room_id: str) -> bool:
         """Join ``room_id`` as a participant of kind "sip" and publish the caller's voice."""
-        if self._closed:
+        if self._closed or not self._gate(room_id):
             return False
         try:
             participant = await self.server.join(room_id, self.name, self._send, kind="sip",

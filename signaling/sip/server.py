@@ -5,9 +5,13 @@ they are retransmissions (``TransactionLayer``), and handles INVITE (new
 calls and re-INVITEs), ACK, BYE, CANCEL, OPTIONS and INFO (DTMF).  Hostile
 input never reaches further than it must: unparseable datagrams are dropped,
 malformed requests get 400, unknown users 404, offers without PCMU/PCMA 488,
-INVITEs beyond ``max_calls`` or the call rate 503, and each handler failure
-is confined to its own request.  A call is answered at once; after its ACK
-the caller hears the menu or goes straight to the room of the dial plan.
+INVITEs beyond the per-source rate, ``max_calls`` or the call rate 503, and
+each handler failure is confined to its own request.  A new INVITE passes
+``Admission`` (rate, dial plan, digest authentication in production mode,
+room rights and caps) before it costs anything; refusals are stateless.  An
+admitted call is answered at once; after its ACK the caller hears the menu
+or goes straight to the room of the dial plan.  Nothing of a room reaches a
+caller before it was admitted: there is no early media.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 
 from mediaserver.config import SipConfig
 from mediaserver.server import MediaServer
+from signaling.sip.admission import Admission, Decision
+from signaling.sip.auth import AuthResult
 from signaling.sip.call import PhoneCall, aec_available, caller_name
 from signaling.sip.dialog import ACCEPT, ALLOW, USER_AGENT, Dialog, DialogKey, new_tag
 from signaling.sip.g711 import PCMU
@@ -29,7 +35,6 @@ from signaling.sip.message import (
     SipParseError,
     SipRequest,
     SipResponse,
-    SipUri,
     make_response,
     parse_message,
 )
@@ -43,7 +48,7 @@ from signaling.sip.sdp import (
     parse_sdp,
 )
 from signaling.sip.transactions import Address, ServerTransaction, TransactionLayer, transaction_key
-from signaling.sip.transport import SipTransport, TokenBucket, local_address_towards
+from signaling.sip.transport import SipTransport, local_address_towards
 from signaling.sip.validate import check_request, read_offer, warning
 
 log = logging.getLogger(__name__)
@@ -62,13 +67,17 @@ class SipEndpoint:
         self.config: SipConfig = config or server.config.sip
         self.host = host
         self.port = port
-        self.transport = SipTransport(self._on_message)
+        c = self.config
+        self.transport = SipTransport(self._on_message, max_tcp=c.max_tcp_connections,
+                                      max_tcp_per_source=c.max_tcp_per_source, first_request_s=c.tcp_first_request_s,
+                                      idle_s=c.tcp_idle_s, busy=self._carries_call)
         self.tx = TransactionLayer(self.transport.send, self.transport.is_reliable)
         self.dialogs: dict[DialogKey, Dialog] = {}
         self.plan = DialPlan(self.config)
         self.prompts = MenuPrompts(server)
         self.ports = PortAllocator(self.config.rtp_port_min, self.config.rtp_port_max)
-        self.bucket = TokenBucket(self.config.call_rate, self.config.call_burst)
+        self.admission = Admission(server, self.config, self.plan, self.phone_calls_in, lambda: len(self.dialogs))
+        self._rights: dict[DialogKey, AuthResult] = {}  # who each call authenticated as (the rooms it may enter)
         self.stats: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._housekeeping: asyncio.Task[None] | None = None
@@ -158,9 +167,15 @@ class SipEndpoint:
         if tx is not None:
             self.tx.retransmitted(tx)
             return
+        decision: Decision | None = None
+        if req.method == "INVITE" and not req.to.tag:
+            decision = self.admission.check(req, addr[0])
+            if decision.status:
+                self._refuse_stateless(req, addr, decision)
+                return
         tx = self.tx.create(req, addr)
         try:
-            self._handle(req, tx)
+            self._handle(req, tx, decision)
         except Exception:
             log.exception("sip: handling %s failed", req.method)
             self._respond(tx, 500)
@@ -175,7 +190,36 @@ class SipEndpoint:
         self.stats[f"status_{status}"] += 1
         return response
 
-    def _handle(self, req: SipRequest, tx: ServerTransaction) -> None:
+    def _refuse_stateless(self, req: SipRequest, addr: Address, decision: Decision) -> None:
+        """One response, no transaction, no retransmission (RFC 3261 8.2.7): O(1) for a refused INVITE."""
+        extra = [("Server", USER_AGENT), *decision.headers]
+        self.transport.send(make_response(req, decision.status, to_tag=new_tag(), extra=extra).serialize(), addr)
+        self.stats[f"status_{decision.status}"] += 1
+        self.stats["calls_refused_busy" if decision.status in (486, 503) else "calls_refused"] += 1
+
+    def phone_calls_in(self, room_id: str) -> int:
+        """Calls in ``room_id`` or being set up towards it."""
+        n = 0
+        for d in self.dialogs.values():
+            participant = d.call.participant if d.call is not None else None
+            if (participant.room.id if participant is not None else d.destination.room) == room_id:
+                n += 1
+        return n
+
+    def _carries_call(self, addr: Address) -> bool:
+        return any(d.addr == addr for d in self.dialogs.values())
+
+    def _may_join(self, dialog: Dialog, room_id: str) -> bool:
+        """The gate of every room a call joins (dialled or picked in the menu): rights and room caps."""
+        rights = self._rights.get(dialog.key)
+        if rights is None or not rights.may_enter(room_id):
+            log.info("sip: call %s may not enter room %s", dialog.call_id, room_id)
+            return False
+        if dialog.destination.room != room_id and not self.admission.room_has_space(room_id):
+            return False  # a menu caller: counted once it joins; a dialled call was counted at admission
+        return True
+
+    def _handle(self, req: SipRequest, tx: ServerTransaction, decision: Decision | None = None) -> None:
         refusal = check_request(req)
         if refusal is not None:
             self._respond(tx, refusal[0], extra=refusal[1])
@@ -190,8 +234,8 @@ class SipEndpoint:
                 self._respond(tx, 481)
             else:
                 self._in_dialog(dialog, req, tx)
-        elif req.method == "INVITE":
-            self._on_invite(req, tx)
+        elif req.method == "INVITE" and decision is not None:
+            self._on_invite(req, tx, decision)
         elif req.method == "OPTIONS":
             self._respond(tx, 200, extra=[("Allow", ALLOW), ("Accept", ACCEPT)])
         elif req.method in _NO_DIALOG_METHODS:
@@ -202,20 +246,15 @@ class SipEndpoint:
             self._respond(tx, 501, extra=[("Allow", ALLOW)])
 
     # -- new calls ---------------------------------------------------------------------
-    def _on_invite(self, req: SipRequest, tx: ServerTransaction) -> None:
-        self._respond(tx, 100)
-        destination = self.plan.resolve(SipUri.parse(req.uri).user)
-        if destination is None:
-            self._respond(tx, 404)
-            return
+    def _on_invite(self, req: SipRequest, tx: ServerTransaction, decision: Decision) -> None:
+        """An INVITE that ``Admission`` let through: read the offer, answer."""
+        destination, rights = decision.destination, decision.auth
+        assert destination is not None and rights is not None
         contact = req.headers.get("Contact")
         if contact is None or not req.from_.tag:
             self._respond(tx, 400, extra=[warning("INVITE needs a Contact and a From tag")])
             return
-        if len(self.dialogs) >= self.config.max_calls or not self.bucket.take():
-            self.stats["calls_refused_busy"] += 1
-            self._respond(tx, 503, extra=[("Retry-After", "5")])
-            return
+        self._respond(tx, 100)
         offer, params, refusal = read_offer(req)
         if refusal is not None:
             self._respond(tx, refusal[0], extra=refusal[1])
@@ -235,6 +274,7 @@ class SipEndpoint:
                         remote_cseq=req.cseq[0], destination=destination, local_ip=local_ip,
                         local_port=self.port, invite_tx=tx, offer=offer)
         self.dialogs[dialog.key] = dialog
+        self._rights[dialog.key] = rights
         self._spawn(self._answer(dialog, req, tx, params))
 
     async def _answer(self, dialog: Dialog, req: SipRequest, tx: ServerTransaction,
@@ -243,7 +283,7 @@ class SipEndpoint:
             rtp = await RtpSession.open(self.ports, self.host, tx.addr[0], lambda pkt, t: None)
         except OSError:
             log.warning("sip: no RTP port free for call %s", dialog.call_id)
-            self.dialogs.pop(dialog.key, None)
+            self._forget_dialog(dialog)
             self._respond(tx, 503, to_tag=dialog.local_tag, extra=[("Retry-After", "5")])
             return
         if tx.final or dialog.state == "ended":  # cancelled while the sockets were opening
@@ -254,7 +294,8 @@ class SipEndpoint:
             params = AudioParams(PCMU, 0, None, "0.0.0.0", 9, 9, "sendrecv", 0)
         name = caller_name(req, self.server.config.limits.max_name_length)
         dialog.call = PhoneCall(self.server, rtp, params, name,
-                                on_removed=lambda reason: self._hangup_later(dialog, reason))
+                                on_removed=lambda reason: self._hangup_later(dialog, reason),
+                                gate=lambda room_id: self._may_join(dialog, room_id))
         dialog.expecting_answer = offerless
         self._send_ok(dialog, tx)
         self.stats["calls_answered"] += 1
@@ -376,12 +417,16 @@ class SipEndpoint:
             return
         dialog.state = "ended"
         dialog.cancel_ok()
-        self.dialogs.pop(dialog.key, None)
+        self._forget_dialog(dialog)
         if dialog.flow is not None and dialog.flow is not asyncio.current_task():
             dialog.flow.cancel()
         if dialog.call is not None:
             await dialog.call.end(reason)
         log.info("sip: call %s ended (%s)", dialog.call_id, reason)
+
+    def _forget_dialog(self, dialog: Dialog) -> None:
+        self.dialogs.pop(dialog.key, None)
+        self._rights.pop(dialog.key, None)
 
     async def _hangup(self, dialog: Dialog, reason: str) -> None:
         """End the call and send BYE (or, before the ACK, still BYE: RFC 3261 15)."""
