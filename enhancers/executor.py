@@ -31,6 +31,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from enhancers.aec.fallback import EchoGate
 from enhancers.executor_loading import options_for, resolve_device
 from enhancers.executor_process import ProcessWorker
 from enhancers.executor_recovery import RecoveryPolicy
@@ -188,6 +189,11 @@ class Executor:
     ) -> None:
         specs = self._parse(stages)
         stream.stages = specs
+        has_aec = any(s.split(":", 1)[0] == "aec" for s in specs)
+        if not has_aec:
+            stream.echo_gate = None
+        elif stream.echo_gate is None:  # unprocessed chunks of this stream must not carry raw echo
+            stream.echo_gate = EchoGate()
         stream.latency_samples = sum(self._declared_latency(s) for s in specs)
         self._ops.append(SetStreamStages(stream.stream_id, {s: options_for(options, s) for s in specs}))
         for spec in specs:
@@ -235,14 +241,10 @@ class Executor:
                 reference = reference.astype(np.float32)
         now = loop.time()
         future: asyncio.Future[ProcessedChunk] = loop.create_future()
-        item = PendingChunk(
-            stream.stream_id,
-            chunk,
-            reference,
-            future,
-            now + self._deadline_s,
-            stream.bypass_audio(chunk) if stream.latency_samples else chunk,
-        )
+        bypass = stream.bypass_audio(chunk) if stream.latency_samples else chunk
+        if stream.echo_gate is not None:  # what goes out if the aec does not run: half-duplex, no raw echo
+            bypass = stream.echo_gate.apply(bypass, reference)
+        item = PendingChunk(stream.stream_id, chunk, reference, future, now + self._deadline_s, bypass)
         self.counters["chunks"] += 1
         stream.pending.append(item)
         assert self._deadlines is not None

@@ -264,9 +264,11 @@ class ProcessWorker:
                         reference[i] = ref
             rounds.append((sids, audio, reference))
         if self._conn is None or not self._ready:
-            # no worker yet (starting, or given up): the chunks pass through, counted as unavailable
+            # no worker (starting, restarting): the chunks pass through as on a missed deadline (delayed by
+            # the declared latency, echo-gated for aec streams), counted as unavailable
             self._unsent = ops  # declared to the child once it is ready
-            job.results = [RoundResult(audio, None, set(range(len(sids)))) for sids, audio, _ in rounds]
+            job.results = [RoundResult(np.stack([it.bypass_audio for it in items]).astype(np.float32, copy=False),
+                                       None, set(range(len(items)))) for items in job.rounds]
             self.counters["stage_unavailable"] += sum(len(sids) for sids, _, _ in rounds)
             self._loop.call_soon(self._complete, job)  # type: ignore[union-attr]
             return

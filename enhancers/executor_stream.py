@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from enhancers.aec.fallback import EchoGate
 from enhancers.executor_worker import PendingChunk, ProcessedChunk
 from enhancers.stage import CHUNK
 
@@ -28,6 +29,7 @@ class ExecutorStream:
         self.pending: collections.deque[PendingChunk] = collections.deque()
         self.closed = False
         self._tail = np.zeros(0, dtype=np.float32)  # input delay line for bypassed chunks
+        self.echo_gate: EchoGate | None = None  # streams with an aec stage: half-duplex when bypassed
 
     async def process(self, chunk: np.ndarray, reference: np.ndarray | None = None) -> ProcessedChunk:
         """Process one [480] float32 chunk at 48 kHz; ``reference``: far-end audio for AEC.

@@ -12,11 +12,14 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from enhancers import registry
 from enhancers.executor import Executor, ExecutorStream
 from enhancers.executor_recovery import RecoveryPolicy, StageFaults
+from enhancers.stage import CHUNK
+from tests.conftest import speech
 from tests.test_executor_process import limited, limited_again, loud_chunks, make_executor, run_chunks
 
 FAST = RecoveryPolicy(backoff_first_s=0.2, backoff_max_s=1.0, max_faults=2)
@@ -149,3 +152,35 @@ async def test_a_stage_that_always_crashes_the_worker_is_disabled_and_the_rest_r
         pid = executor.stats()["worker_pid"]
         await run_chunks(crashing, loud_chunks(50))
         assert executor.stats()["worker_pid"] == pid and executor.counters["worker_restarts"] == 3
+
+
+async def test_a_stopped_executor_does_not_leak_echo() -> None:
+    """The worker is stopped while a stream runs the aec: its chunks go out unprocessed, but echo-only input
+    is attenuated by >= 10 dB while the far end is active, and near-end speech with a silent far end is not."""
+    far = speech(seconds=3.0).astype(np.float32)
+    delay = 4_800  # 100 ms echo path
+    echo = (0.5 * np.concatenate([np.zeros(delay, np.float32), far])[: len(far)]).astype(np.float32)
+    n = len(far) // CHUNK
+    async for executor in make_executor(deadline_ms=40.0, stuck_after_ms=120_000.0):  # stays stopped
+        await executor.preload("aec")
+        stream = executor.open_stream("aec")
+        near = speech("cmu_arctic_us_aew_a0002.wav", seconds=1.0).astype(np.float32)
+        pid = executor.stats()["worker_pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            alone = [await stream.process(near[i * CHUNK:(i + 1) * CHUNK]) for i in range(len(near) // CHUNK)]
+            assert all(r.bypassed for r in alone)
+            sent = near[: len(alone) * CHUNK]
+            assert np.allclose(np.concatenate([r.audio for r in alone]), sent)  # far end silent: untouched
+            results = []
+            for i in range(n):
+                results.append(await stream.process(echo[i * CHUNK:(i + 1) * CHUNK], far[i * CHUNK:(i + 1) * CHUNK]))
+        finally:
+            await _kill_quietly(pid, signal.SIGCONT)
+        assert all(r.bypassed for r in results)  # the executor was stopped throughout
+        active = slice(20, n)  # after the far end started
+        out = np.concatenate([r.audio for r in results[active]])
+        inp = echo[active.start * CHUNK: n * CHUNK]
+        attenuation_db = 10 * np.log10(float(np.sum(inp * inp)) / max(float(np.sum(out * out)), 1e-12))
+        print(f"echo attenuated by {attenuation_db:.1f} dB while the executor was stopped")
+        assert attenuation_db >= 10.0
