@@ -184,6 +184,17 @@ class SipProbe:
     def ack_failure(self, user: str) -> None:
         self.send(self.request("ACK", user, cseq=self.cseq))
 
+    async def press(self, user: str, keys: str) -> list[int]:
+        """Key presses as SIP INFO (application/dtmf-relay) inside the call; the statuses."""
+        statuses = []
+        for key in keys:
+            body = f"Signal={key}\r\nDuration=160\r\n"
+            text = self.request("INFO", user, body=body).replace(b"application/sdp", b"application/dtmf-relay")
+            self.send(text)
+            response = await self.final()
+            statuses.append(response.status if response is not None else 0)
+        return statuses
+
     async def bye(self, user: str) -> Response | None:
         self.send(self.request("BYE", user))
         return await self.final()
@@ -215,9 +226,18 @@ class FloodResult:
     largest_request: int
 
 
+def ack_for(probe: SipProbe, user: str, response: Response) -> bytes:
+    """The ACK of a 2xx, built from the response (its From, To with tag, Call-ID)."""
+    return (f"ACK {probe.uri(user)} SIP/2.0\r\nVia: SIP/2.0/UDP {probe.source_ip}:{probe.port};branch=z9hG4bK"
+            f"{secrets.token_hex(8)}\r\nFrom: {response.header('from')[0]}\r\nTo: {response.header('to')[0]}\r\n"
+            f"Call-ID: {response.header('call-id')[0]}\r\nCSeq: 1 ACK\r\nMax-Forwards: 70\r\n"
+            "Content-Length: 0\r\n\r\n").encode()
+
+
 async def invite_flood(server: tuple[str, int], user: str, count: int, sources: tuple[str, ...] = ("127.0.0.1",),
-                       listen_s: float = 2.0) -> FloodResult:
-    """``count`` INVITEs (with SDP) into ``user``, round-robin from ``sources``, as fast as they go."""
+                       listen_s: float = 2.0, ack: bool = False) -> FloodResult:
+    """``count`` INVITEs (with SDP) into ``user``, round-robin from ``sources``, as fast as they go; with
+    ``ack`` the answered ones are acknowledged, so they join the room (the caller hangs them up)."""
     probes = [await SipProbe(server, ip).open() for ip in sources]
     sent_by_call: dict[str, int] = {}
     largest_request = 0
@@ -248,6 +268,8 @@ async def invite_flood(server: tuple[str, int], user: str, count: int, sources: 
                         key = call.group(1).decode()
                         if sent_by_call.get(key, 0) == 0:
                             statuses[response.status] += 1  # the first final response of each INVITE
+                            if ack and response.status < 300:
+                                probe.send(ack_for(probe, user, response))
                         sent_by_call[key] = sent_by_call.get(key, 0) + 1
             await asyncio.sleep(0.05)
         return FloodResult(count, statuses, collections.Counter(sent_by_call.values()), largest, largest_request)
@@ -295,3 +317,50 @@ async def tcp_options(server: tuple[str, int], source_ip: str = "127.0.0.1", tim
         return None
     finally:
         writer.close()
+
+
+async def tcp_lockout(server: tuple[str, int], count: int, sources: tuple[str, ...],
+                      newcomer: str = "127.0.0.254") -> dict[str, object]:
+    """``count`` idle TCP connections, then a new caller's OPTIONS over TCP: is it still answered?"""
+    conns = await tcp_idle_flood(server, count, sources)
+    try:
+        status = await tcp_options(server, newcomer)
+        still_open = sum(1 for r, _ in conns if not r.at_eof())
+        return {"idle_connections": count, "newcomer_status": status, "idle_still_open": still_open}
+    finally:
+        for _, writer in conns:
+            writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m loadtest.sip_attacks invite-flood|tcp-lockout --port P ...``: one attack, JSON on stdout."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="SIP attacks on a bridge on loopback (bounded)")
+    parser.add_argument("attack", choices=("invite-flood", "tcp-lockout"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True, help="the SIP port")
+    parser.add_argument("--user", default="room-call", help="request-URI user of the INVITEs")
+    parser.add_argument("--count", type=int, default=400)
+    parser.add_argument("--sources", default="127.0.0.1", help="comma-separated loopback source addresses")
+    parser.add_argument("--ack", action="store_true", help="acknowledge answered INVITEs (the calls join)")
+    args = parser.parse_args(argv)
+    if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
+        parser.error("loopback targets only")
+    count = max(1, min(args.count, 5000))
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    target = (args.host, args.port)
+    if args.attack == "invite-flood":
+        flood = asyncio.run(invite_flood(target, args.user, count, sources, ack=args.ack))
+        out: dict[str, object] = {"sent": flood.sent, "statuses": dict(flood.statuses),
+                                  "responses_per_request": dict(flood.responses_per_request),
+                                  "largest_response": flood.largest_response, "largest_request": flood.largest_request}
+    else:
+        out = asyncio.run(tcp_lockout(target, count, sources))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -182,6 +182,30 @@ async def test_wrong_credentials_rooms_and_replays_are_refused(start_server: Ser
         trunk.close()
 
 
+async def test_menu_callers_enter_only_their_rooms(start_server: ServerFactory) -> None:
+    """An authenticated caller of the menu who types a room it may not enter hears "not available"."""
+    server = await production(start_server, dial_plan=(("7", "other"), ("8", "secure")), digits_name_rooms=False,
+                              menu_attempts=5)
+    probe = await SipProbe(("127.0.0.1", server.port)).open()
+    try:
+        assert await probe.invite("ivr", ("alice", "wonderland")) == [401, 200]
+        await wait_for(lambda: any(d.state == "confirmed" for d in server.sip.dialogs.values()), 10, "menu")
+        assert await probe.press("ivr", "7#") == [200, 200]  # room "other": bob's, not alice's
+        await asyncio.sleep(3.0)
+        assert phones_in(server, "other") == [] and len(server.sip.dialogs) == 1
+        for _ in range(3):  # digits typed while "not available" plays are dropped with it: type again
+            await probe.press("ivr", "8#")
+            try:
+                await wait_for(lambda: bool(phones_in(server, "secure")), 5, "alice joined her room")
+                break
+            except AssertionError:
+                continue
+        assert len(phones_in(server, "secure")) == 1 and phones_in(server, "other") == []
+        await probe.bye("ivr")
+    finally:
+        probe.close()
+
+
 async def test_invite_flood_into_one_room_is_capped_and_cheap(start_server: ServerFactory,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     sources = tuple(f"127.0.0.{n}" for n in range(10, 18))
@@ -203,7 +227,7 @@ async def test_invite_flood_into_one_room_is_capped_and_cheap(start_server: Serv
     try:
         await wait_for(lambda: len(listener.received_from(speaker.id or "")) > 24_000, 10,
                        "the WebRTC call is heard")
-        flood = await invite_flood(("127.0.0.1", server.port), "room-flood", 200, sources, listen_s=2.0)
+        flood = await invite_flood(("127.0.0.1", server.port), "room-flood", 200, sources, listen_s=2.0, ack=True)
         assert flood.statuses[200] == 3, flood.statuses  # max_calls_per_room
         assert flood.statuses[503] >= 50, flood.statuses  # the per-source rate (10 each, plus what refilled)
         assert flood.statuses[486] >= 1, flood.statuses  # the room cap
@@ -214,7 +238,7 @@ async def test_invite_flood_into_one_room_is_capped_and_cheap(start_server: Serv
         assert repeated <= 3, "refusals were retransmitted (only the unacknowledged 200s may be)"
         assert flood.largest_response <= flood.largest_request + 512
         assert len(offers) == 3, f"SDP was parsed for {len(offers)} INVITEs, 3 were admitted"
-        assert len(phones_in(server, "flood")) <= 3
+        await wait_for(lambda: len(phones_in(server, "flood")) == 3, 10, "the 3 admitted calls joined")
         t_after = asyncio.get_running_loop().time()
         await asyncio.sleep(1.5)
         after = listener.received_from(speaker.id or "", since=t_after)

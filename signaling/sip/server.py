@@ -93,6 +93,12 @@ class SipEndpoint:
         endpoint._spawn(endpoint._warm_prompts())
         endpoint._spawn(asyncio.to_thread(aec_available))  # import the aec stage off the event loop, once
         log.info("sip: listening on %s:%d (udp, tcp)", cfg.host, endpoint.port)
+        auth = endpoint.admission.auth
+        if not auth.required:
+            log.warning("sip: callers are not authenticated (development mode or require_auth=False)")
+        elif not auth.users and not auth.trusted:
+            log.warning("sip: authentication is required but no SIP users or trusted networks are configured "
+                        "(MEDIASERVER_SIP_USERS, MEDIASERVER_SIP_TRUSTED): every call will be refused")
         return endpoint
 
     async def close(self) -> None:
