@@ -189,8 +189,9 @@ class Executor:
     ) -> None:
         specs = self._parse(stages)
         stream.stages = specs
-        has_aec = any(s.split(":", 1)[0] == "aec" for s in specs)
-        if not has_aec:
+        aec = [s for s in specs if s.split(":", 1)[0] == "aec"]
+        stream.aec_spec = aec[0] if aec else None
+        if not aec:
             stream.echo_gate = None
         elif stream.echo_gate is None:  # unprocessed chunks of this stream must not carry raw echo
             stream.echo_gate = EchoGate()
@@ -242,9 +243,12 @@ class Executor:
         now = loop.time()
         future: asyncio.Future[ProcessedChunk] = loop.create_future()
         bypass = stream.bypass_audio(chunk) if stream.latency_samples else chunk
-        if stream.echo_gate is not None:  # what goes out if the aec does not run: half-duplex, no raw echo
-            bypass = stream.echo_gate.apply(bypass, reference)
+        gate = stream.echo_gate
+        if gate is not None:  # what goes out if the aec does not run: half-duplex, no raw echo
+            bypass = gate.apply(bypass, reference)
         item = PendingChunk(stream.stream_id, chunk, reference, future, now + self._deadline_s, bypass)
+        if gate is not None and gate.last_gains != (1.0, 1.0):
+            item.echo_gains = gate.last_gains
         self.counters["chunks"] += 1
         stream.pending.append(item)
         assert self._deadlines is not None
@@ -356,13 +360,25 @@ class Executor:
                 future = item.future
                 if future.done():
                     late += 1
-                else:
-                    future.set_result(ProcessedChunk(rows[i], side[i] if side else {}, i in failed))
+                    continue
+                audio = rows[i]
+                if item.echo_gains is not None and not result.passthrough:  # was the aec there for it?
+                    audio = self._without_aec(item, audio)
+                future.set_result(ProcessedChunk(audio, side[i] if side else {}, i in failed))
         for items in rounds[len(job.results) :]:
             for item in items:
                 self._bypass(item, "bypass_error")
         self.counters["late_discarded"] += late
         job.done.set_result(None)
+
+    def _without_aec(self, item: PendingChunk, audio: np.ndarray) -> np.ndarray:
+        """``audio`` echo-gated when the stream's aec stage is not running (loading, or in a fault backoff)."""
+        stream = self._streams.get(item.stream_id)
+        if stream is None or stream.aec_spec is None or stream.echo_gate is None or item.echo_gains is None:
+            return audio
+        if self._worker.stage_available(stream.aec_spec):
+            return audio
+        return stream.echo_gate.scale(audio, *item.echo_gains)
 
     def _abandon(self, job: Job) -> None:
         """A job hung: the worker puts the stage on its backoff and carries on with a fresh worker."""

@@ -74,6 +74,7 @@ class ProcessWorker:
         self._restart_timer: asyncio.TimerHandle | None = None  # a child start waiting out its backoff
         self._timers: set[asyncio.TimerHandle] = set()  # stages waiting out their backoff
         self._sent_loads: set[str] = set()  # specs asked of the current child
+        self._child_loaded: set[str] = set()  # specs the current child reported loaded
         self._last_exit: int | None = None
         self._wanted: dict[int, dict[str, dict[str, Any]]] = {}  # streams as declared to the child
         self._redeclare = False
@@ -108,7 +109,7 @@ class ProcessWorker:
         self._process, self._conn, self._ready = process, parent, False
         self._loop.add_reader(parent.fileno(), self._readable)
         log.info("executor worker process %d started on %s", process.pid, self.device)
-        self._sent_loads = set()
+        self._sent_loads, self._child_loaded = set(), set()
         for spec in self._loads:
             if not self.faults.disabled(spec):
                 self._send_load(spec)
@@ -164,6 +165,7 @@ class ProcessWorker:
     def _stop_child(self, kill: bool) -> None:
         process, conn = self._process, self._conn
         self._process = self._conn = None
+        self._ready, self._child_loaded = False, set()
         if conn is not None:
             if self._loop is not None:
                 self._loop.remove_reader(conn.fileno())
@@ -231,6 +233,10 @@ class ProcessWorker:
             stats.setdefault(spec, {}).update(self.faults.describe(spec))
         return stats
 
+    def stage_available(self, spec: str) -> bool:
+        """``spec`` runs in the current child: loaded there, and not disabled."""
+        return self._ready and spec in self._child_loaded and not self.faults.disabled(spec)
+
     def worker_stats(self) -> dict[str, Any]:
         """The child's state for /healthz: running, waiting out a restart backoff, or not needed yet."""
         state = ("closed" if self._closing is not None else "restarting" if self._restart_timer is not None
@@ -268,7 +274,7 @@ class ProcessWorker:
             # the declared latency, echo-gated for aec streams), counted as unavailable
             self._unsent = ops  # declared to the child once it is ready
             job.results = [RoundResult(np.stack([it.bypass_audio for it in items]).astype(np.float32, copy=False),
-                                       None, set(range(len(items)))) for items in job.rounds]
+                                       None, set(range(len(items))), passthrough=True) for items in job.rounds]
             self.counters["stage_unavailable"] += sum(len(sids) for sids, _, _ in rounds)
             self._loop.call_soon(self._complete, job)  # type: ignore[union-attr]
             return
@@ -336,6 +342,7 @@ class ProcessWorker:
                     future.exception()  # retrieved: a failed load is also reported via on_loaded
             else:
                 self._latency[spec] = int(latency)
+                self._child_loaded.add(spec)
                 if future is not None and not future.done():
                     future.set_result(int(latency))
             if self._on_loaded is not None:

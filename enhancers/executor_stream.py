@@ -30,6 +30,7 @@ class ExecutorStream:
         self.closed = False
         self._tail = np.zeros(0, dtype=np.float32)  # input delay line for bypassed chunks
         self.echo_gate: EchoGate | None = None  # streams with an aec stage: half-duplex when bypassed
+        self.aec_spec: str | None = None
 
     async def process(self, chunk: np.ndarray, reference: np.ndarray | None = None) -> ProcessedChunk:
         """Process one [480] float32 chunk at 48 kHz; ``reference``: far-end audio for AEC.

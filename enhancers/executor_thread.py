@@ -101,6 +101,11 @@ class ThreadWorker:
             stats.setdefault(spec, {}).update(self.faults.describe(spec))
         return stats
 
+    def stage_available(self, spec: str) -> bool:
+        """``spec`` is loaded and runs (not disabled)."""
+        runtime = self.runner.stages.get(spec)
+        return runtime is not None and not runtime.disabled
+
     def worker_stats(self) -> dict[str, Any]:
         return {"state": "running" if self._thread is not None else "not started"}
 

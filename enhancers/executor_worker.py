@@ -57,7 +57,7 @@ class ProcessedChunk:
 class PendingChunk:
     """A submitted chunk on its way through the executor (plain slots: 100s per tick)."""
 
-    __slots__ = ("audio", "bypass_audio", "deadline", "future", "reference", "stream_id")
+    __slots__ = ("audio", "bypass_audio", "deadline", "echo_gains", "future", "reference", "stream_id")
 
     def __init__(
         self,
@@ -74,6 +74,7 @@ class PendingChunk:
         self.future = future
         self.deadline = deadline
         self.bypass_audio = bypass_audio
+        self.echo_gains: tuple[float, float] | None = None  # aec streams: the fallback's gains for this chunk
 
 
 class ChunkIn(Protocol):
@@ -103,6 +104,7 @@ class RoundResult:
     audio: np.ndarray  # [n, 480] float32, owned by nobody else
     side: list[dict[str, float]] | None  # per-row side info; None when no stage wrote any
     failed: set[int]  # rows where some stage raised
+    passthrough: bool = False  # no stage ran: the rows are the chunks' bypass audio
 
 
 @dataclass

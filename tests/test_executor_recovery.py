@@ -184,3 +184,26 @@ async def test_a_stopped_executor_does_not_leak_echo() -> None:
         attenuation_db = 10 * np.log10(float(np.sum(inp * inp)) / max(float(np.sum(out * out)), 1e-12))
         print(f"echo attenuated by {attenuation_db:.1f} dB while the executor was stopped")
         assert attenuation_db >= 10.0
+
+
+async def test_echo_is_gated_while_the_aec_stage_is_missing_from_a_running_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker runs the stream's other stages, but not its aec (here: it fails to load; the same holds
+    while it loads into a restarted worker or waits out a fault backoff): no raw echo goes out either."""
+    monkeypatch.setitem(registry.STAGES, "aec:missing", "tests.no_such_module:Stage")
+    far = speech(seconds=2.0).astype(np.float32)
+    echo = (0.3 * np.concatenate([np.zeros(4_800, np.float32), far])[: len(far)]).astype(np.float32)
+    n = len(far) // CHUNK
+    async for executor in make_executor():
+        await executor.preload("limiter")
+        stream = executor.open_stream("aec:missing,limiter")
+        results = await run_chunks(stream, np.zeros((20, CHUNK), np.float32))  # the failed load is reported
+        results = [await stream.process(echo[i * CHUNK:(i + 1) * CHUNK], far[i * CHUNK:(i + 1) * CHUNK])
+                   for i in range(n)]
+        ran = [i for i, r in enumerate(results) if not r.bypassed and i >= 20]
+        assert len(ran) >= 0.8 * (n - 20), "the limiter did not run"
+        out = np.concatenate([results[i].audio for i in ran])
+        inp = np.concatenate([echo[i * CHUNK:(i + 1) * CHUNK] for i in ran])
+        attenuation_db = 10 * np.log10(float(np.sum(inp * inp)) / max(float(np.sum(out * out)), 1e-12))
+        assert attenuation_db >= 10.0, attenuation_db

@@ -2,8 +2,10 @@
 
 A chunk the executor answers unprocessed (its deadline passed, the worker is
 stopped or restarting) would carry the raw echo of what the participant was
-sent straight to every listener.  For streams with an ``aec`` stage the
-executor therefore answers with the microphone attenuated by
+sent straight to every listener, and so would a chunk processed while the
+``aec`` stage itself is not there (loading into a restarted worker, or waiting
+out a fault backoff).  For streams with an ``aec`` stage the executor
+therefore answers such chunks with the microphone attenuated by
 ``attenuation_db`` while the far end (the chunk's echo reference) is active,
 and for ``hangover_ms`` after it went quiet (the echo arrives 50-500 ms after
 its reference and rings on in the room).  That is what a speakerphone does
@@ -34,6 +36,7 @@ class EchoGate:
         self._hold = 0  # chunks the far end still counts as active
         self._gain = 1.0  # gain at the end of the last chunk
         self._ramp = np.linspace(0.0, 1.0, CHUNK, dtype=np.float32)
+        self.last_gains = (1.0, 1.0)  # (start, end) gains of the last chunk, for scale()
 
     def observe(self, reference: np.ndarray | None) -> float:
         """Feed one chunk's reference (None: nothing was sent); returns the gain to end this chunk at."""
@@ -51,8 +54,12 @@ class EchoGate:
         """``mic`` as it may go out unprocessed: attenuated while the far end is active (a new array)."""
         start, end = self._gain, self.observe(reference)
         self._gain = end
+        self.last_gains = (start, end)
+        return self.scale(mic, start, end)
+
+    def scale(self, audio: np.ndarray, start: float, end: float) -> np.ndarray:
+        """``audio`` times a gain going from ``start`` to ``end`` over the chunk (a linear ramp: no click)."""
         if start == end:
-            return mic if end == 1.0 else (mic * np.float32(end)).astype(np.float32, copy=False)
-        # a one-chunk linear ramp between gains: no click at the switch
+            return audio if end == 1.0 else (audio * np.float32(end)).astype(np.float32, copy=False)
         gains = np.float32(start) + np.float32(end - start) * self._ramp
-        return (mic * gains).astype(np.float32, copy=False)
+        return (audio * gains).astype(np.float32, copy=False)
