@@ -16,7 +16,8 @@ quiet phase in between:
 Senders run in a child process (their own core where there is one), so the bots' event loop
 is not what limits the rate.  Per phase, measured at the listener over the phase and 1 s
 after it: the longest wait between two RTP packets of the talker's stream, holes in its RTP
-timeline, the longest silence in the decoded audio, frames lost; at the server: the talker's
+timeline, the longest silence in the decoded audio, frames lost (and, to tell the bench's own
+stalls from the server's, the talker's longest wait between two sends); at the server: the talker's
 concealed chunks and lost packets (from ``/api/rooms``), the drop counters (``/metrics``) and
 the server process's CPU (``/proc``, percent of one core).
 
@@ -156,6 +157,8 @@ async def run_phase(name: str, url: str, pid: int, talker: Bot, listener: Bot, s
     fig = measure_stream(rec, listener.id or "", talker.id or "", ROOM, t0, until, [], None)
     silence = longest_silence_ms(window_audio(rec, t0, until))
     gap = max(fig.longest_gap_ms, fig.max_interarrival_ms - 20.0, silence)
+    sends = [t for t, _ in (talker.track.wire_log if talker.track is not None else []) if t0 <= t < until]
+    send_gap = float(np.max(np.diff(sends))) * 1000.0 if len(sends) > 1 else 0.0
     return {
         "phase": name, "seconds": round(t1 - t0, 2), **sent,
         "largest_audio_gap_ms": round(gap, 1),
@@ -164,6 +167,8 @@ async def run_phase(name: str, url: str, pid: int, talker: Bot, listener: Bot, s
         "server_concealed_ms": 10 * (stats1.get("concealed_chunks", 0) - stats0.get("concealed_chunks", 0)),
         "server_lost_packets": stats1.get("lost", 0) - stats0.get("lost", 0),
         "server_cpu_percent": round(100.0 * (cpu1 - cpu0) / max(1e-6, t1 - t0), 1),
+        # the bench's own stalls (the bots share one event loop): the talker's longest wait between sends
+        "talker_send_gap_ms": round(send_gap, 1),
         "dropped": {k: int(v - drops0.get(k, 0.0)) for k, v in drops1.items() if v - drops0.get(k, 0.0) > 0},
     }
 

@@ -103,6 +103,9 @@ class LimitsConfig:
     media_stun_burst: int = 50
     # datagrams waiting for the DTLS/SRTP receive loop of one connection; beyond: dropped
     media_receive_queue_packets: int = 256
+    # SO_RCVBUF of each ICE socket (the kernel caps it at net.core.rmem_max; 0: the OS default, ~208 KiB):
+    # room for a flood's datagrams while the event loop is busy, so the call's own are not lost with them
+    media_socket_receive_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -93,6 +94,7 @@ class TransportGuard:
         self.stun_rate = limits.media_stun_per_second
         self.stun_burst = float(limits.media_stun_burst)
         self.queue_max = limits.media_receive_queue_packets
+        self.receive_buffer = limits.media_socket_receive_bytes
         self.dropped: dict[str, int] = dict.fromkeys(REASONS, 0)
         self._hooked: set[int] = set()
         self._known: dict[int, tuple[tuple[int, int, int], frozenset[tuple[str, int]]]] = {}
@@ -130,12 +132,21 @@ class TransportGuard:
                 if id(protocol) not in self._hooked:
                     self._hooked.add(id(protocol))
                     protocol.datagram_received = self._screen(connection, protocol.datagram_received)
+                    self._widen_receive_buffer(protocol)
         if not ok:
             log.warning("this aiortc/aioice has no hooks for the media transport guard: "
                         "bad datagrams at the media ports are not screened")
         return ok
 
     # -- 1. at the socket ------------------------------------------------------------
+    def _widen_receive_buffer(self, protocol: Any) -> None:
+        sock = getattr(getattr(protocol, "transport", None), "get_extra_info", lambda name: None)("socket")
+        if self.receive_buffer > 0 and sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+            except OSError:
+                log.debug("cannot set SO_RCVBUF of a media socket", exc_info=True)
+
     def known_sources(self, connection: Any) -> frozenset[tuple[str, int]]:
         """Remote candidates and the remote ends of the check list (cached while their counts stay)."""
         checks = connection._check_list
