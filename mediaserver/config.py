@@ -21,6 +21,11 @@ class MediaConfig:
     jitter_max_ms: float = 200.0
     jitter_start_ms: float = 40.0
     subscriber_queue_packets: int = 5  # 100 ms: a slow subscriber drops older packets
+    # subscriber packets written to the socket by the fan-out (mediaserver/rtp_send.py), not by one aiortc
+    # send task per subscriber; "0" in MEDIASERVER_DIRECT_RTP_SEND turns it off (for A/B measurements)
+    direct_rtp_send: bool = True
+    # streams without stages forward the publisher's Opus packets instead of decoding and re-encoding them
+    forward_unprocessed: bool = True
     ice_servers: tuple[str, ...] = ()  # e.g. ("stun:stun.example.org:3478",); none on a LAN
 
 
@@ -148,9 +153,16 @@ class SipConfig:
     digest_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
     nonce_ttl_s: float = 300.0  # a challenge's nonce is good this long; then 401 stale=true
     # -- flood limits --
+    # SIP messages of any kind from one IP address, checked before parsing; beyond, dropped unanswered
+    # (trusted networks exempt)
+    messages_per_source: float = 200.0
+    message_burst_per_source: int = 400
     invite_rate_per_source: float = 5.0  # new INVITEs per second from one IP address (before any other work)
     invite_burst_per_source: int = 10
     max_calls_per_room: int = 16  # phone calls in one room (also counted against max_participants_per_room)
+    # phone joins into one room are spaced this far apart: a burst of answered calls renegotiates every
+    # WebRTC participant of the room once per call, so a burst would stall the room's audio
+    room_join_interval_s: float = 0.25
     max_tcp_per_source: int = 16  # TCP connections from one IP address
     max_tcp_connections: int = 256  # in all; at the cap the oldest idle connection without a call is closed
     tcp_first_request_s: float = 10.0  # a connection must complete its first request within this long
@@ -252,6 +264,10 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         cfg = replace(cfg, log_level=env["MEDIASERVER_LOG_LEVEL"].upper())
     if "MEDIASERVER_OPUS_BITRATE" in env:
         media = replace(media, opus_bitrate=int(env["MEDIASERVER_OPUS_BITRATE"]))
+    if "MEDIASERVER_DIRECT_RTP_SEND" in env:
+        media = replace(media, direct_rtp_send=env["MEDIASERVER_DIRECT_RTP_SEND"] not in ("0", "false", "no"))
+    if "MEDIASERVER_FORWARD_UNPROCESSED" in env:
+        media = replace(media, forward_unprocessed=env["MEDIASERVER_FORWARD_UNPROCESSED"] not in ("0", "false", "no"))
     if "MEDIASERVER_ICE_SERVERS" in env:
         media = replace(media, ice_servers=_split(env["MEDIASERVER_ICE_SERVERS"]))
     if "MEDIASERVER_STAGES" in env:

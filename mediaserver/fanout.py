@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import fractions
+import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -23,6 +24,10 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from mediaserver.audio_format import CHUNK
 from mediaserver.opus import FRAME_SAMPLES, OpusEncoder
 
+if TYPE_CHECKING:
+    from mediaserver.rtp_send import DirectRtpSender
+
+log = logging.getLogger(__name__)
 TIME_BASE = fractions.Fraction(1, 48_000)
 
 
@@ -109,7 +114,10 @@ class SubscriberTrack(MediaStreamTrack):
         self._last_pts = -FRAME_SAMPLES
         self.dropped = 0
         self.sent = 0
+        self.send_errors = 0
         self.on_sent = None  # optional callback(EncodedPacket) for telemetry / echo reference
+        self._direct: Optional["DirectRtpSender"] = None  # set while packets go out at once (rtp_send)
+        self._stopped = asyncio.Event()
 
     @property
     def source(self) -> Optional["Fanout"]:
@@ -127,7 +135,42 @@ class SubscriberTrack(MediaStreamTrack):
             self._source = None
         self._queue.clear()
 
+    def bind_direct(self, direct: "DirectRtpSender") -> None:
+        """From now on ``offer`` sends each packet at once through ``direct`` (no queue, no task)."""
+        self._direct = direct
+        self._queue.clear()
+
+    def unbind_direct(self, direct: "DirectRtpSender") -> None:
+        if self._direct is direct:
+            self._direct = None
+
+    @property
+    def sends_directly(self) -> bool:
+        return self._direct is not None
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
     def offer(self, packet: EncodedPacket) -> None:
+        direct = self._direct
+        if direct is not None:
+            if self.readyState != "live":
+                return
+            out = self._restamp(packet)
+            try:
+                ok = direct.send(out)
+            except Exception:  # a closing transport: this subscriber misses the packet, nobody else
+                ok = False
+                self.send_errors += 1
+                if self.send_errors in (1, 100) or self.send_errors % 10000 == 0:
+                    log.warning("subscriber send failed (%d times)", self.send_errors, exc_info=True)
+            if not ok:
+                self.dropped += 1
+                return
+            self.sent += 1
+            if self.on_sent is not None:
+                self.on_sent(out)
+            return
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
         self._queue.append(packet)
@@ -141,7 +184,14 @@ class SubscriberTrack(MediaStreamTrack):
             await self._ready.wait()
         if self.readyState != "live":
             raise MediaStreamError
-        packet = self._queue.popleft()
+        out = self._restamp(self._queue.popleft())
+        self.sent += 1
+        if self.on_sent is not None:
+            self.on_sent(out)
+        return out
+
+    def _restamp(self, packet: EncodedPacket) -> EncodedPacket:
+        """The packet on this track's timeline: timestamps continuous across re-attachments."""
         if self._offset is None:
             self._offset = self._last_pts + FRAME_SAMPLES - packet.pts
         pts = packet.pts + self._offset
@@ -149,16 +199,13 @@ class SubscriberTrack(MediaStreamTrack):
             self._offset += self._last_pts + FRAME_SAMPLES - pts
             pts = self._last_pts + FRAME_SAMPLES
         self._last_pts = pts
-        self.sent += 1
-        out = EncodedPacket(data=packet.data, pts=pts, origin=packet.origin)
-        if self.on_sent is not None:
-            self.on_sent(out)
-        return out
+        return EncodedPacket(data=packet.data, pts=pts, origin=packet.origin)
 
     def stop(self) -> None:
         self.detach()
         super().stop()
         self._ready.set()
+        self._stopped.set()
 
 
 class Fanout:

@@ -186,7 +186,8 @@ class MediaServer:
         pipeline = self.hub.open(f"{room.id}/{participant.id}",
                                  list(stages) if stages is not None else participant.effective_stages())
         stream = PublishedStream(stream_id or f"{participant.id}-mic", participant.id, kind, source,
-                                 pipeline, self.clock, bitrate=m.opus_bitrate)
+                                 pipeline, self.clock, bitrate=m.opus_bitrate,
+                                 forward_unprocessed=m.forward_unprocessed)
         stream.muted = participant.muted
         participant.published = stream
         self._wire_echo_reference(participant)

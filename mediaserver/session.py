@@ -25,6 +25,7 @@ from aiortc.rtcrtpsender import RTCRtpSender
 from mediaserver.config import LimitsConfig, MediaConfig
 from mediaserver.fanout import SubscriberTrack
 from mediaserver.liveness import PeerLiveness
+from mediaserver.rtp_send import DirectRtpSender
 from mediaserver.stream import PublishedStream
 from mediaserver.transport_guard import TransportGuard
 
@@ -168,6 +169,8 @@ class PeerSession:
             track = SubscriberTrack(max_queue=self._media.subscriber_queue_packets)
             transceiver = self.pc.addTransceiver(track, direction="sendonly")
             transceiver.setCodecPreferences(_opus_only())
+            if self._media.direct_rtp_send:
+                DirectRtpSender.install(transceiver.sender, track)
             slot = SendSlot(transceiver=transceiver, track=track)
             self._slots.append(slot)
         else:

@@ -58,11 +58,12 @@ class PublishedStream:
                  pipeline: StreamPipeline, clock: MediaClock, *, bitrate: int = 32_000,
                  reference: Optional[Callable[[int], Optional[np.ndarray]]] = None,
                  on_chunk: Optional[Callable[["PublishedStream", np.ndarray, PipelineResult], None]] = None,
-                 synthetic: bool = False) -> None:
+                 synthetic: bool = False, forward_unprocessed: bool = True) -> None:
         self.id = stream_id
         self.owner_id = owner_id
         self.kind = kind
         self.synthetic = synthetic
+        self._forward_unprocessed = forward_unprocessed
         self.source = source
         self.pipeline = pipeline
         self.fanout = Fanout()
@@ -113,7 +114,7 @@ class PublishedStream:
 
     def _take_forwardable(self) -> Optional[list[tuple[Optional[bytes], int]]]:
         """The publisher's packets to forward as they are, when this chunk will not be changed."""
-        take = getattr(self.source, "take_forwardable", None)
+        take = getattr(self.source, "take_forwardable", None) if self._forward_unprocessed else None
         if take is None:
             return None
         entries: list[tuple[Optional[bytes], int]] = take()

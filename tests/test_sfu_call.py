@@ -107,6 +107,8 @@ async def test_three_participants_each_receive_two_streams(server: RunningServer
         packets = [s.encoder.packets + s.encoder.forwarded for s in room.streams.values()]
         sent = sum(t.sent for p in room.participants.values() for t in p.session.subscriber_tracks)
         assert sent <= 2 * sum(packets) + 10  # each packet fanned out to two subscribers
+        tracks = [t for p in room.participants.values() for t in p.session.subscriber_tracks]
+        assert all(t.sends_directly for t in tracks)  # written to the socket by the fan-out (rtp_send)
     finally:
         for bot in bots:
             await bot.leave()
