@@ -10,7 +10,7 @@ one window after the other:
   untrusted loopback addresses without credentials (all 401 or 503);
 - ``invite_flood_trusted``: 400 INVITEs into room ``call`` from 8 trusted
   addresses (a runaway trunk), answered ones acknowledged so they join the
-  room: per-source rate, per-room phone cap;
+  room (paced), then hung up after 5 s: per-source rate, per-room phone cap;
 - ``tcp_lockout``: 300 idle SIP/TCP connections from 30 addresses, then one
   new caller's OPTIONS over TCP.
 
@@ -95,7 +95,7 @@ async def run(url: str, sip_port: int, pid: int, seconds: float) -> list[dict[st
         results.append(await window("invite_flood_anonymous", pid, a, b, lambda: attack(
             sip_port, "invite-flood", "--user", "room-call", "--count", "400", "--sources", UNTRUSTED), seconds))
         results.append(await window("invite_flood_trusted", pid, a, b, lambda: attack(
-            sip_port, "invite-flood", "--user", "room-call", "--count", "400", "--sources", TRUSTED, "--ack"), seconds))
+            sip_port, "invite-flood", "--user", "room-call", "--count", "400", "--sources", TRUSTED, "--ack", "--hangup", "--listen", "5"), seconds))
         results.append(await window("tcp_lockout", pid, a, b, lambda: attack(
             sip_port, "tcp-lockout", "--count", "300", "--sources", TCP_SOURCES), seconds))
         health = json.loads(urllib_get(url + "/healthz"))

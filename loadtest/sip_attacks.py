@@ -226,18 +226,20 @@ class FloodResult:
     largest_request: int
 
 
-def ack_for(probe: SipProbe, user: str, response: Response) -> bytes:
-    """The ACK of a 2xx, built from the response (its From, To with tag, Call-ID)."""
-    return (f"ACK {probe.uri(user)} SIP/2.0\r\nVia: SIP/2.0/UDP {probe.source_ip}:{probe.port};branch=z9hG4bK"
+def ack_for(probe: SipProbe, user: str, response: Response, method: str = "ACK", cseq: int = 1) -> bytes:
+    """The ACK (or BYE) of an answered INVITE, built from its 2xx (From, To with tag, Call-ID)."""
+    return (f"{method} {probe.uri(user)} SIP/2.0\r\nVia: SIP/2.0/UDP {probe.source_ip}:{probe.port};branch=z9hG4bK"
             f"{secrets.token_hex(8)}\r\nFrom: {response.header('from')[0]}\r\nTo: {response.header('to')[0]}\r\n"
-            f"Call-ID: {response.header('call-id')[0]}\r\nCSeq: 1 ACK\r\nMax-Forwards: 70\r\n"
+            f"Call-ID: {response.header('call-id')[0]}\r\nCSeq: {cseq} {method}\r\nMax-Forwards: 70\r\n"
             "Content-Length: 0\r\n\r\n").encode()
 
 
 async def invite_flood(server: tuple[str, int], user: str, count: int, sources: tuple[str, ...] = ("127.0.0.1",),
-                       listen_s: float = 2.0, ack: bool = False) -> FloodResult:
+                       listen_s: float = 2.0, ack: bool = False, hangup: bool = False) -> FloodResult:
     """``count`` INVITEs (with SDP) into ``user``, round-robin from ``sources``, as fast as they go; with
-    ``ack`` the answered ones are acknowledged, so they join the room (the caller hangs them up)."""
+    ``ack`` the answered ones are acknowledged, so they join the room, and with ``hangup`` they get a BYE
+    after ``listen_s`` (else the caller hangs them up)."""
+    answered: list[tuple[SipProbe, Response]] = []
     probes = [await SipProbe(server, ip).open() for ip in sources]
     sent_by_call: dict[str, int] = {}
     largest_request = 0
@@ -270,8 +272,13 @@ async def invite_flood(server: tuple[str, int], user: str, count: int, sources: 
                             statuses[response.status] += 1  # the first final response of each INVITE
                             if ack and response.status < 300:
                                 probe.send(ack_for(probe, user, response))
+                                answered.append((probe, response))
                         sent_by_call[key] = sent_by_call.get(key, 0) + 1
             await asyncio.sleep(0.05)
+        if hangup:
+            for probe, response in answered:
+                probe.send(ack_for(probe, user, response, "BYE", 2))
+            await asyncio.sleep(0.5)
         return FloodResult(count, statuses, collections.Counter(sent_by_call.values()), largest, largest_request)
     finally:
         for probe in probes:
@@ -345,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--sources", default="127.0.0.1", help="comma-separated loopback source addresses")
     parser.add_argument("--ack", action="store_true", help="acknowledge answered INVITEs (the calls join)")
+    parser.add_argument("--hangup", action="store_true", help="BYE to the answered calls at the end")
+    parser.add_argument("--listen", type=float, default=2.0, help="seconds to collect responses")
     args = parser.parse_args(argv)
     if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
         parser.error("loopback targets only")
@@ -352,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     target = (args.host, args.port)
     if args.attack == "invite-flood":
-        flood = asyncio.run(invite_flood(target, args.user, count, sources, ack=args.ack))
+        flood = asyncio.run(invite_flood(target, args.user, count, sources, min(args.listen, 30.0), args.ack,
+                                         args.hangup))
         out: dict[str, object] = {"sent": flood.sent, "statuses": dict(flood.statuses),
                                   "responses_per_request": dict(flood.responses_per_request),
                                   "largest_response": flood.largest_response, "largest_request": flood.largest_request}

@@ -17,12 +17,13 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mediaserver.config import SipConfig
 from mediaserver.server import MediaServer
 from signaling.sip.auth import AuthResult, SipAuthenticator
+from signaling.sip.dialog import Dialog, DialogKey
 from signaling.sip.ivr import Destination, DialPlan
 from signaling.sip.message import SipParseError, SipRequest, SipUri
 from signaling.sip.transport import TokenBucket
@@ -90,15 +91,14 @@ class Admission:
     """Owns the limits on new calls: per-source INVITE rate, authentication, global and per-room caps."""
 
     def __init__(self, server: MediaServer, config: SipConfig, plan: DialPlan,
-                 phone_calls_in: Callable[[str], int], live_calls: Callable[[], int]) -> None:
+                 dialogs: Mapping[DialogKey, Dialog]) -> None:
         self.server = server
         self.config = config
         self.plan = plan
         self.auth = SipAuthenticator(config, server.config.auth.dev_mode)
         self.sources = SourceBuckets(config.invite_rate_per_source, config.invite_burst_per_source)
         self.calls = TokenBucket(config.call_rate, config.call_burst)
-        self._phone_calls_in = phone_calls_in
-        self._live_calls = live_calls
+        self._dialogs = dialogs  # the endpoint's live calls, read only
         self.throttle = LogThrottle(log)
 
     def check(self, req: SipRequest, ip: str) -> Decision:
@@ -125,8 +125,8 @@ class Admission:
         if room is not None and not auth.may_enter(room):
             self.throttle.warning("room-forbidden", "sip: %s may not enter room %s", ip, room)
             return Decision(403, why="room not allowed")
-        if self._live_calls() >= self.config.max_calls or not self.calls.take():
-            self.throttle.warning("busy", "sip: at the call limits (%d calls): 503", self._live_calls())
+        if len(self._dialogs) >= self.config.max_calls or not self.calls.take():
+            self.throttle.warning("busy", "sip: at the call limits (%d calls): 503", len(self._dialogs))
             return Decision(503, (RETRY,), why="busy")
         if room is not None and not self.room_has_space(room):
             self.throttle.warning("room-full", "sip: room %s has no space for another phone: 486", room)
@@ -136,7 +136,7 @@ class Admission:
     def room_has_space(self, room_id: str) -> bool:
         """Below ``max_calls_per_room`` phone calls and ``max_participants_per_room`` participants,
         counting the calls still being set up towards it."""
-        phones = self._phone_calls_in(room_id)
+        phones = self.phone_calls_in(room_id)
         if phones >= self.config.max_calls_per_room:
             return False
         room = self.server.rooms.rooms.get(room_id)
@@ -144,3 +144,12 @@ class Admission:
         joined_phones = sum(1 for p in room.participants.values() if p.kind == "sip") if room is not None else 0
         pending = max(0, phones - joined_phones)
         return present + pending < self.server.config.limits.max_participants_per_room
+
+    def phone_calls_in(self, room_id: str) -> int:
+        """Calls in ``room_id`` or being set up towards it."""
+        n = 0
+        for d in self._dialogs.values():
+            participant = d.call.participant if d.call is not None else None
+            if (participant.room.id if participant is not None else d.destination.room) == room_id:
+                n += 1
+        return n

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -116,7 +116,7 @@ class PhoneCall:
     """Owns one call's media (RTP session, jitter buffer, mix, prompt) and its room membership."""
 
     def __init__(self, server: MediaServer, rtp: RtpSession, params: AudioParams, name: str,
-                 on_removed: Callable[[str], None], gate: Callable[[str], bool] = lambda room_id: True) -> None:
+                 on_removed: Callable[[str], None], gate: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.server = server
         self.rtp = rtp
         self.params = params
@@ -197,7 +197,7 @@ class PhoneCall:
     # -- rooms --------------------------------------------------------------------------
     async def join_room(self, room_id: str) -> bool:
         """Join ``room_id`` as a participant of kind "sip" and publish the caller's voice."""
-        if self._closed or not self._gate(room_id):
+        if self._closed or (self._gate is not None and not await self._gate(room_id)) or self._closed:
             return False
         try:
             participant = await self.server.join(room_id, self.name, self._send, kind="sip",

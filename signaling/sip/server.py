@@ -24,7 +24,7 @@ from typing import Any
 
 from mediaserver.config import SipConfig
 from mediaserver.server import MediaServer
-from signaling.sip.admission import Admission, Decision
+from signaling.sip.admission import Admission, Decision, SourceBuckets
 from signaling.sip.auth import AuthResult
 from signaling.sip.call import PhoneCall, aec_available, caller_name
 from signaling.sip.dialog import ACCEPT, ALLOW, USER_AGENT, Dialog, DialogKey, new_tag
@@ -76,8 +76,10 @@ class SipEndpoint:
         self.plan = DialPlan(self.config)
         self.prompts = MenuPrompts(server)
         self.ports = PortAllocator(self.config.rtp_port_min, self.config.rtp_port_max)
-        self.admission = Admission(server, self.config, self.plan, self.phone_calls_in, lambda: len(self.dialogs))
+        self.admission = Admission(server, self.config, self.plan, self.dialogs)
         self._rights: dict[DialogKey, AuthResult] = {}  # who each call authenticated as (the rooms it may enter)
+        self._next_join: dict[str, float] = {}  # room -> when its next phone may join (pacing)
+        self.message_buckets = SourceBuckets(self.config.messages_per_source, self.config.message_burst_per_source)
         self.stats: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._housekeeping: asyncio.Task[None] | None = None
@@ -143,6 +145,11 @@ class SipEndpoint:
     # -- receiving -----------------------------------------------------------------
     def _on_message(self, data: bytes, addr: Address) -> None:
         self.stats["messages"] += 1
+        if not self.message_buckets.take(addr[0]) and not self.admission.auth.is_trusted(addr[0]):
+            self.stats["dropped_rate"] += 1  # a flood from one address: not even parsed
+            self.admission.throttle.warning("message-rate", "sip: messages from %s over %.0f/s: dropped", addr[0],
+                                            self.config.messages_per_source)
+            return
         if not data.strip():
             return  # CRLF keep-alive
         try:
@@ -203,24 +210,20 @@ class SipEndpoint:
         self.stats[f"status_{decision.status}"] += 1
         self.stats["calls_refused_busy" if decision.status in (486, 503) else "calls_refused"] += 1
 
-    def phone_calls_in(self, room_id: str) -> int:
-        """Calls in ``room_id`` or being set up towards it."""
-        n = 0
-        for d in self.dialogs.values():
-            participant = d.call.participant if d.call is not None else None
-            if (participant.room.id if participant is not None else d.destination.room) == room_id:
-                n += 1
-        return n
-
     def _carries_call(self, addr: Address) -> bool:
         return any(d.addr == addr for d in self.dialogs.values())
 
-    def _may_join(self, dialog: Dialog, room_id: str) -> bool:
-        """The gate of every room a call joins (dialled or picked in the menu): rights and room caps."""
+    async def _may_join(self, dialog: Dialog, room_id: str) -> bool:
+        """The gate of every room a call joins (dialled or picked in the menu): rights, pacing, room caps."""
         rights = self._rights.get(dialog.key)
         if rights is None or not rights.may_enter(room_id):
             log.info("sip: call %s may not enter room %s", dialog.call_id, room_id)
             return False
+        now = time.monotonic()
+        slot = max(now, self._next_join.get(room_id, 0.0))
+        self._next_join[room_id] = slot + self.config.room_join_interval_s
+        if slot > now:
+            await asyncio.sleep(slot - now)  # the caller hears silence meanwhile
         if dialog.destination.room != room_id and not self.admission.room_has_space(room_id):
             return False  # a menu caller: counted once it joins; a dialled call was counted at admission
         return True
@@ -451,6 +454,8 @@ class SipEndpoint:
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
             now = time.monotonic()
+            for room_id in [r for r, t in self._next_join.items() if t < now]:
+                del self._next_join[room_id]
             for dialog in list(self.dialogs.values()):
                 call = dialog.call
                 if dialog.state == "confirmed" and call is not None and not call.params.on_hold \
