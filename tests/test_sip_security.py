@@ -325,3 +325,33 @@ async def test_idle_tcp_connections_do_not_lock_out_callers(start_server: Server
         writer.close()
         for _, w in conns:
             w.close()
+
+
+async def test_message_flood_from_one_address_is_dropped_before_parsing(start_server: ServerFactory) -> None:
+    server = await production(start_server, messages_per_source=20.0, message_burst_per_source=20,
+                              trusted_networks=("127.0.0.42/32",))
+    flooder = await SipProbe(("127.0.0.1", server.port), source_ip="127.0.0.40").open()
+    other = await SipProbe(("127.0.0.1", server.port), source_ip="127.0.0.41").open()
+    trunk = await SipProbe(("127.0.0.1", server.port), source_ip="127.0.0.42").open()
+    try:
+        for k in range(200):
+            flooder.send(flooder.request("OPTIONS", "x"))
+            if k % 10 == 9:
+                await asyncio.sleep(0.002)  # the server shares this loop: let it read (no kernel drops)
+        for k in range(60):
+            trunk.send(trunk.request("OPTIONS", "x"))
+            if k % 10 == 9:
+                await asyncio.sleep(0.002)
+        await asyncio.sleep(1.0)
+        assert flooder.inbox is not None and trunk.inbox is not None
+        answered, trunk_answered = flooder.inbox.queue.qsize(), trunk.inbox.queue.qsize()
+        assert 20 <= answered <= 60, f"{answered} of 200 OPTIONS from one address were answered"
+        assert trunk_answered == 60, "a trusted address was rate-limited"
+        assert server.sip.stats["dropped_rate"] >= 140
+        other.send(other.request("OPTIONS", "x"))
+        reply = await other.final()
+        assert reply is not None and reply.status == 200, "another address was not answered"
+    finally:
+        for probe in (flooder, other, trunk):
+            probe.close()
+
