@@ -63,11 +63,16 @@ async def talking(url: str, room: str, **kw: Any) -> tuple[Bot, Bot]:
     return a, b
 
 
-def assert_hears(listener: Bot, speaker: Bot, since: float) -> None:
+async def assert_hears(listener: Bot, speaker: Bot, since: float, timeout: float = 20.0) -> None:
+    """Half a second of ``speaker``'s audio reaches ``listener`` after ``since`` (a hang guard, not a speed check)."""
     assert speaker.id is not None
-    heard = listener.received_from(speaker.id, since=since)
-    assert len(heard) > 48_000 * 0.5, len(heard) / 48_000
-    assert float(np.sqrt(np.mean(heard ** 2))) > 1e-3
+    deadline = time.monotonic() + timeout
+    while True:
+        heard = listener.received_from(speaker.id, since=since)
+        if len(heard) > 48_000 * 0.5 and float(np.sqrt(np.mean(heard ** 2))) > 1e-3:
+            return
+        assert time.monotonic() < deadline, f"{len(heard) / 48_000:.2f} s heard"
+        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -87,14 +92,15 @@ async def test_preauth_ping_flood_is_cut_off_and_the_call_goes_on(call: tuple[Ru
     t0 = time.monotonic()
     seen = await attacks.ping_flood(server.url, sockets=8, seconds=2.0, local_addr=ATTACKER)
     assert seen["connections"] >= 8 and seen.get("error_not-joined", 0) >= 1, seen
-    assert seen["replies"] < seen["sent"] / 2, seen  # no reply per refused message
+    budget = LimitsConfig().max_messages_before_join
+    assert seen["replies"] <= (budget + 1) * seen["connections"], seen  # replies bounded per socket, not per message
     assert seen.get("handshake_429", 0) > 0, seen  # the address cooled down
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ATTACKER, 0))) as http:
         r = await http.get(server.url + "/ws")
         assert r.status == 429 and (await r.json())["error"] == "cooling-down"
     await asyncio.sleep(1.0)
-    assert_hears(a, b, t0)
-    assert_hears(b, a, t0)
+    await assert_hears(a, b, t0)
+    await assert_hears(b, a, t0)
     assert set(server.server.rooms.get("call").participants) == {a.id, b.id}
 
 
@@ -113,7 +119,7 @@ async def test_joined_flood_gets_one_error_then_silence_then_1008(call: tuple[Ru
         assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008, msg
         assert codes.count("rate-limited") == 2, codes  # the first refusal, and the reason of the close
     await asyncio.sleep(1.0)
-    assert_hears(a, b, t0)
+    await assert_hears(a, b, t0)
     assert set(server.server.rooms.get("call").participants) == {a.id, b.id}  # the flooder was removed
 
 
@@ -161,7 +167,7 @@ async def test_bad_stage_specs_are_refused_the_same_way_everywhere(call: tuple[R
         assert r.status == 200
         await ws.close()
     await asyncio.sleep(1.0)
-    assert_hears(a, b, t0)
+    await assert_hears(a, b, t0)
 
 
 async def test_nested_json_and_handler_bugs_get_clear_errors(server: RunningServer,
@@ -215,8 +221,8 @@ async def test_a_second_join_with_the_same_identity_replaces_the_first(start_ser
         assert set(room.participants) == {a2.id, b.id}
         t0 = time.monotonic()
         await asyncio.sleep(1.5)
-        assert_hears(b, a2, t0)
-        assert_hears(a2, b, t0)
+        await assert_hears(b, a2, t0)
+        await assert_hears(a2, b, t0)
     finally:
         for bot in (a, b, a2):
             await bot.leave()
@@ -237,7 +243,7 @@ async def test_join_without_offer_and_no_join_time_out(start_server: ServerFacto
         assert set(rs.server.rooms.get("idle").participants) == {a.id, b.id}  # the bots offered: kept
         t0 = time.monotonic()
         await asyncio.sleep(1.0)
-        assert_hears(a, b, t0)
+        await assert_hears(a, b, t0)
     finally:
         await a.leave()
         await b.leave()
@@ -259,7 +265,7 @@ async def test_global_connection_cap(start_server: ServerFactory) -> None:
                 await ws.close()
         t0 = time.monotonic()
         await asyncio.sleep(1.0)
-        assert_hears(a, b, t0)
+        await assert_hears(a, b, t0)
     finally:
         await a.leave()
         await b.leave()
