@@ -123,7 +123,7 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class SipConfig:
-    """The SIP/IVR bridge (signaling/sip, docs/SIP.md): dial plan, prompts, ports and call limits."""
+    """The SIP/IVR bridge (signaling/sip, docs/SIP.md): dial plan, prompts, ports, who may call, flood limits."""
 
     room_prefix: str = "room-"  # sip:room-<name>@host joins room <name> directly
     menu_users: tuple[str, ...] = ("ivr", "menu", "conference", "")  # these users hear the spoken menu

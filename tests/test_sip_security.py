@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,8 +35,8 @@ from mediaserver.auth import create_token
 from mediaserver.config import AuthConfig, LimitsConfig, SipConfig, load_config
 from signaling.app import SIP_KEY
 from signaling.sip import server as sip_server_module
-from signaling.sip.auth import SipAuthenticator
-from signaling.sip.message import SipRequest
+from signaling.sip.auth import AuthResult, SipAuthenticator
+from signaling.sip.message import SipRequest, parse_message
 from tests.conftest import ServerFactory, speech
 from tests.test_sip_support import (
     SipServer,
@@ -85,6 +86,24 @@ def test_config_and_dev_mode() -> None:
     assert SipAuthenticator(SipConfig(), dev_mode=False).required
     trusted = SipAuthenticator(SipConfig(trusted_networks=("10.1.0.0/16",)), dev_mode=False)
     assert trusted.is_trusted("10.1.2.3") and not trusted.is_trusted("10.2.0.1") and not trusted.is_trusted("x")
+    # nonces: too old -> a fresh challenge with stale=true; from another address -> a fresh challenge
+    auth = SipAuthenticator(SipConfig(users=USERS), dev_mode=False)
+    uri = "sip:room-secure@127.0.0.1:5060"
+
+    def invite(nonce: str, ip: str = "192.0.2.1") -> AuthResult:
+        challenge = f'Digest realm="mediaserver", nonce="{nonce}", algorithm=SHA-256, qop="auth"'
+        creds = digest_authorization(challenge, "INVITE", uri, "alice", "wonderland")
+        req = parse_message((f"INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {ip}:5060;branch=z9hG4bKa\r\n"
+                             f"From: <sip:a@{ip}>;tag=1\r\nTo: <{uri}>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n"
+                             f"Authorization: {creds}\r\nContent-Length: 0\r\n\r\n").encode())
+        assert isinstance(req, SipRequest)
+        return auth.check(req, ip)
+
+    assert invite(auth.make_nonce("192.0.2.1")).ok
+    old = invite(auth.make_nonce("192.0.2.1", now=time.time() - 1000))
+    assert old.status == 401 and "stale=true" in old.headers[0][1]
+    elsewhere = invite(auth.make_nonce("192.0.2.99"))
+    assert elsewhere.status == 401 and "stale" not in elsewhere.headers[0][1]
 
 
 @needs_sipp
