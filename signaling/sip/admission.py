@@ -6,7 +6,9 @@ buckets), the request-wide checks (``validate.check_request``), the dial plan (4
 ``signaling/sip/auth.py``), the rooms the user may enter (403), then the
 global limits (``max_calls``, the call rate: 503) and the room's limits
 (``max_calls_per_room`` phone calls, ``max_participants_per_room`` in all:
-486).  It parses no SDP and synthesizes no prompt, and a refusal is sent
+486).  Every room a call later joins goes through ``may_join``: the rooms
+the caller may enter, joins into one room paced ``room_join_interval_s``
+apart, and the room caps again for menu callers.  It parses no SDP and synthesizes no prompt, and a refusal is sent
 statelessly (RFC 3261 8.2.7): one response per request, no transaction, no
 retransmission timer, so a flood of spoofed INVITEs is not amplified.
 Refusals are logged at most once per ``LOG_EVERY_S`` per kind, with counts.
@@ -14,6 +16,7 @@ Refusals are logged at most once per ``LOG_EVERY_S`` per kind, with counts.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
@@ -99,6 +102,8 @@ class Admission:
         self.sources = SourceBuckets(config.invite_rate_per_source, config.invite_burst_per_source)
         self.calls = TokenBucket(config.call_rate, config.call_burst)
         self._dialogs = dialogs  # the endpoint's live calls, read only
+        self.rights: dict[DialogKey, AuthResult] = {}  # who each live call authenticated as
+        self._next_join: dict[str, float] = {}  # room -> when its next phone may join (pacing)
         self.throttle = LogThrottle(log)
 
     def check(self, req: SipRequest, ip: str) -> Decision:
@@ -132,6 +137,25 @@ class Admission:
             self.throttle.warning("room-full", "sip: room %s has no space for another phone: 486", room)
             return Decision(486, why="room full")
         return Decision(destination=destination, auth=auth)
+
+    async def may_join(self, dialog: Dialog, room_id: str) -> bool:
+        """The gate of every room a call joins (dialled or picked in the menu): rights, pacing, room caps."""
+        rights = self.rights.get(dialog.key)
+        if rights is None or not rights.may_enter(room_id):
+            log.info("sip: call %s may not enter room %s", dialog.call_id, room_id)
+            return False
+        now = time.monotonic()
+        slot = max(now, self._next_join.get(room_id, 0.0))
+        self._next_join[room_id] = slot + self.config.room_join_interval_s
+        if slot > now:
+            await asyncio.sleep(slot - now)  # the caller hears silence meanwhile
+        if dialog.destination.room != room_id and not self.room_has_space(room_id):
+            return False  # a menu caller: counted once it joins; a dialled call was counted at admission
+        return True
+
+    def housekeep(self, now: float) -> None:
+        for room_id in [r for r, t in self._next_join.items() if t < now]:
+            del self._next_join[room_id]
 
     def room_has_space(self, room_id: str) -> bool:
         """Below ``max_calls_per_room`` phone calls and ``max_participants_per_room`` participants,

@@ -25,7 +25,6 @@ from typing import Any
 from mediaserver.config import SipConfig
 from mediaserver.server import MediaServer
 from signaling.sip.admission import Admission, Decision, SourceBuckets
-from signaling.sip.auth import AuthResult
 from signaling.sip.call import PhoneCall, aec_available, caller_name
 from signaling.sip.dialog import ACCEPT, ALLOW, USER_AGENT, Dialog, DialogKey, new_tag
 from signaling.sip.g711 import PCMU
@@ -77,8 +76,6 @@ class SipEndpoint:
         self.prompts = MenuPrompts(server)
         self.ports = PortAllocator(self.config.rtp_port_min, self.config.rtp_port_max)
         self.admission = Admission(server, self.config, self.plan, self.dialogs)
-        self._rights: dict[DialogKey, AuthResult] = {}  # who each call authenticated as (the rooms it may enter)
-        self._next_join: dict[str, float] = {}  # room -> when its next phone may join (pacing)
         self.message_buckets = SourceBuckets(self.config.messages_per_source, self.config.message_burst_per_source)
         self.stats: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -213,21 +210,6 @@ class SipEndpoint:
     def _carries_call(self, addr: Address) -> bool:
         return any(d.addr == addr for d in self.dialogs.values())
 
-    async def _may_join(self, dialog: Dialog, room_id: str) -> bool:
-        """The gate of every room a call joins (dialled or picked in the menu): rights, pacing, room caps."""
-        rights = self._rights.get(dialog.key)
-        if rights is None or not rights.may_enter(room_id):
-            log.info("sip: call %s may not enter room %s", dialog.call_id, room_id)
-            return False
-        now = time.monotonic()
-        slot = max(now, self._next_join.get(room_id, 0.0))
-        self._next_join[room_id] = slot + self.config.room_join_interval_s
-        if slot > now:
-            await asyncio.sleep(slot - now)  # the caller hears silence meanwhile
-        if dialog.destination.room != room_id and not self.admission.room_has_space(room_id):
-            return False  # a menu caller: counted once it joins; a dialled call was counted at admission
-        return True
-
     def _handle(self, req: SipRequest, tx: ServerTransaction, decision: Decision | None = None) -> None:
         refusal = check_request(req)
         if refusal is not None:
@@ -283,7 +265,7 @@ class SipEndpoint:
                         remote_cseq=req.cseq[0], destination=destination, local_ip=local_ip,
                         local_port=self.port, invite_tx=tx, offer=offer)
         self.dialogs[dialog.key] = dialog
-        self._rights[dialog.key] = rights
+        self.admission.rights[dialog.key] = rights
         self._spawn(self._answer(dialog, req, tx, params))
 
     async def _answer(self, dialog: Dialog, req: SipRequest, tx: ServerTransaction,
@@ -304,7 +286,7 @@ class SipEndpoint:
         name = caller_name(req, self.server.config.limits.max_name_length)
         dialog.call = PhoneCall(self.server, rtp, params, name,
                                 on_removed=lambda reason: self._hangup_later(dialog, reason),
-                                gate=lambda room_id: self._may_join(dialog, room_id))
+                                gate=lambda room_id: self.admission.may_join(dialog, room_id))
         dialog.expecting_answer = offerless
         self._send_ok(dialog, tx)
         self.stats["calls_answered"] += 1
@@ -435,7 +417,7 @@ class SipEndpoint:
 
     def _forget_dialog(self, dialog: Dialog) -> None:
         self.dialogs.pop(dialog.key, None)
-        self._rights.pop(dialog.key, None)
+        self.admission.rights.pop(dialog.key, None)
 
     async def _hangup(self, dialog: Dialog, reason: str) -> None:
         """End the call and send BYE (or, before the ACK, still BYE: RFC 3261 15)."""
@@ -454,8 +436,7 @@ class SipEndpoint:
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
             now = time.monotonic()
-            for room_id in [r for r, t in self._next_join.items() if t < now]:
-                del self._next_join[room_id]
+            self.admission.housekeep(now)
             for dialog in list(self.dialogs.values()):
                 call = dialog.call
                 if dialog.state == "confirmed" and call is not None and not call.params.on_hold \
