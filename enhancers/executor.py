@@ -31,7 +31,6 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from enhancers.aec.fallback import EchoGate
 from enhancers.executor_loading import options_for, resolve_device
 from enhancers.executor_process import ProcessWorker
 from enhancers.executor_recovery import RecoveryPolicy
@@ -189,12 +188,7 @@ class Executor:
     ) -> None:
         specs = self._parse(stages)
         stream.stages = specs
-        aec = [s for s in specs if s.split(":", 1)[0] == "aec"]
-        stream.aec_spec = aec[0] if aec else None
-        if not aec:
-            stream.echo_gate = None
-        elif stream.echo_gate is None:  # unprocessed chunks of this stream must not carry raw echo
-            stream.echo_gate = EchoGate()
+        stream.track_aec(specs)
         stream.latency_samples = sum(self._declared_latency(s) for s in specs)
         self._ops.append(SetStreamStages(stream.stream_id, {s: options_for(options, s) for s in specs}))
         for spec in specs:
@@ -242,13 +236,9 @@ class Executor:
                 reference = reference.astype(np.float32)
         now = loop.time()
         future: asyncio.Future[ProcessedChunk] = loop.create_future()
-        bypass = stream.bypass_audio(chunk) if stream.latency_samples else chunk
-        gate = stream.echo_gate
-        if gate is not None:  # what goes out if the aec does not run: half-duplex, no raw echo
-            bypass = gate.apply(bypass, reference)
+        bypass, gains = stream.fallback_audio(chunk, reference)
         item = PendingChunk(stream.stream_id, chunk, reference, future, now + self._deadline_s, bypass)
-        if gate is not None and gate.last_gains != (1.0, 1.0):
-            item.echo_gains = gate.last_gains
+        item.echo_gains = gains
         self.counters["chunks"] += 1
         stream.pending.append(item)
         assert self._deadlines is not None
@@ -363,22 +353,15 @@ class Executor:
                     continue
                 audio = rows[i]
                 if item.echo_gains is not None and not result.passthrough:  # was the aec there for it?
-                    audio = self._without_aec(item, audio)
+                    stream = self._streams.get(item.stream_id)
+                    if stream is not None:
+                        audio = stream.without_aec(audio, item.echo_gains, self._worker.stage_available)
                 future.set_result(ProcessedChunk(audio, side[i] if side else {}, i in failed))
         for items in rounds[len(job.results) :]:
             for item in items:
                 self._bypass(item, "bypass_error")
         self.counters["late_discarded"] += late
         job.done.set_result(None)
-
-    def _without_aec(self, item: PendingChunk, audio: np.ndarray) -> np.ndarray:
-        """``audio`` echo-gated when the stream's aec stage is not running (loading, or in a fault backoff)."""
-        stream = self._streams.get(item.stream_id)
-        if stream is None or stream.aec_spec is None or stream.echo_gate is None or item.echo_gains is None:
-            return audio
-        if self._worker.stage_available(stream.aec_spec):
-            return audio
-        return stream.echo_gate.scale(audio, *item.echo_gains)
 
     def _abandon(self, job: Job) -> None:
         """A job hung: the worker puts the stage on its backoff and carries on with a fresh worker."""

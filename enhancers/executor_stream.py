@@ -63,6 +63,37 @@ class ExecutorStream:
         self._tail = full[CHUNK:]
         return full[:CHUNK]
 
+    def track_aec(self, specs: Sequence[str]) -> None:
+        """The stage list changed: an echo gate for streams with an aec stage (unprocessed chunks of theirs
+        must not carry raw echo, :mod:`enhancers.aec.fallback`)."""
+        aec = [s for s in specs if s.split(":", 1)[0] == "aec"]
+        self.aec_spec = aec[0] if aec else None
+        if not aec:
+            self.echo_gate = None
+        elif self.echo_gate is None:
+            self.echo_gate = EchoGate()
+
+    def fallback_audio(
+        self, chunk: np.ndarray, reference: np.ndarray | None
+    ) -> tuple[np.ndarray, tuple[float, float] | None]:
+        """What goes out if ``chunk`` is not processed: delayed by the declared latency, and echo-gated
+        for aec streams (with the gate's gains for this chunk; None when it lets it through)."""
+        bypass = self.bypass_audio(chunk) if self.latency_samples else chunk
+        gate = self.echo_gate
+        if gate is None:
+            return bypass, None
+        bypass = gate.apply(bypass, reference)
+        return bypass, (gate.last_gains if gate.last_gains != (1.0, 1.0) else None)
+
+    def without_aec(
+        self, audio: np.ndarray, gains: tuple[float, float], available: Callable[[str], bool]
+    ) -> np.ndarray:
+        """A processed chunk, echo-gated when the aec stage did not run in the worker (loading, failed,
+        waiting out a fault backoff)."""
+        if self.aec_spec is None or self.echo_gate is None or available(self.aec_spec):
+            return audio
+        return self.echo_gate.scale(audio, *gains)
+
     def close(self) -> None:
         """Leave the executor; chunks still pending come back unprocessed.  Idempotent."""
         if not self.closed:

@@ -57,7 +57,7 @@ class HangOnceStage(Stage):
         flag = Path(os.environ["HANG_ONCE_FLAG"])
         if not flag.exists():
             flag.write_text("hung")
-            time.sleep(30.0)
+            time.sleep(10.0)
         return audio * 0.5
 
 

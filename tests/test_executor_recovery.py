@@ -112,11 +112,13 @@ async def test_repeated_kills_are_restarted_every_time() -> None:
         assert not executor.stats()["stages"]["limiter"].get("disabled")
 
 
+@pytest.mark.parametrize("isolation", ["process", "thread"])
 async def test_a_stage_that_hung_once_comes_back_and_processes(monkeypatch: pytest.MonkeyPatch,
-                                                               tmp_path: Path) -> None:
+                                                               tmp_path: Path, isolation: str) -> None:
     monkeypatch.setitem(registry.STAGES, "denoise:hangonce", "tests.fault_stages:HangOnceStage")
     monkeypatch.setenv("HANG_ONCE_FLAG", str(tmp_path / "hung"))
-    async for executor in make_executor(deadline_ms=40.0, stuck_after_ms=500.0, recovery=FAST):
+    async for executor in make_executor(deadline_ms=40.0, stuck_after_ms=500.0, recovery=FAST,
+                                        isolation=isolation):
         await executor.preload("denoise:hangonce,limiter")
         stream = executor.open_stream("denoise:hangonce")
         other = executor.open_stream("limiter")
