@@ -31,6 +31,7 @@ STAGES: dict[str, str] = {
     "denoise": "enhancers.denoise.df3:DeepFilterNet3Stage",
     "denoise:df3": "enhancers.denoise.df3:DeepFilterNet3Stage",
     "denoise:nsnet2": "enhancers.denoise.nsnet2:NSNet2Stage",
+    "denoise:gtcrn": "enhancers.denoise.gtcrn:GTCRNStage",
     "denoise:rnnoise": "enhancers.denoise.rnnoise:RNNoiseStage",
 }
 

@@ -28,7 +28,12 @@ from enhancers.registry import create_stage
 from enhancers.stage import SAMPLE_RATE
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "eval"
-STAGE_SPECS = {"df3": "denoise:df3", "nsnet2": "denoise:nsnet2", "rnnoise": "denoise:rnnoise"}
+STAGE_SPECS = {
+    "df3": "denoise:df3",
+    "nsnet2": "denoise:nsnet2",
+    "gtcrn": "denoise:gtcrn",
+    "rnnoise": "denoise:rnnoise",
+}
 METRICS = ("pesq", "stoi", "si_sdr", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl")
 
 
@@ -106,7 +111,7 @@ def mean_table(rows: list[dict[str, dict[str, float]]], conditions: list[str]) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stages", default="df3,nsnet2,rnnoise", help="comma list of df3, nsnet2, rnnoise")
+    parser.add_argument("--stages", default="df3,nsnet2,rnnoise", help="comma list of df3, nsnet2, gtcrn, rnnoise")
     parser.add_argument("--snr", default="0,5,10", help="comma list of SNRs (dB) for the speech+noise mixes")
     parser.add_argument("--out", default=None, help="directory for report.json and report.png")
     parser.add_argument("--max-seconds", type=float, default=6.0, help="truncate each clip to this length")
