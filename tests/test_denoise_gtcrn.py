@@ -9,7 +9,15 @@ import numpy as np
 import torch
 
 from enhancers.audio_io import read_48k, read_mono, resample, write_wav
-from enhancers.denoise.gtcrn import GTCRNStage, gtcrn_model_path
+from enhancers.denoise.gtcrn import GTCRNStage
+from enhancers.denoise.gtcrn_graph import (
+    CACHE_SHAPES,
+    gtcrn_model_path,
+    gtcrn_session,
+    shipped_session,
+    split_caches,
+    stack_caches,
+)
 from enhancers.denoise.streaming import run_streams
 from enhancers.eval.metrics import si_sdr
 from enhancers.registry import create_stage, parse_stage_list
@@ -39,6 +47,30 @@ def test_registry_and_model_from_the_wheel() -> None:
     assert gtcrn_model_path().is_file()
     assert isinstance(create_stage("denoise:gtcrn"), GTCRNStage)
     assert [s.spec for s in parse_stage_list("limiter,denoise:gtcrn")] == ["denoise:gtcrn", "limiter"]
+
+
+def test_batched_graph_matches_the_shipped_file_stream_by_stream() -> None:
+    """The load-time rewrite (free batch) against the wheel's batch-1 file, one call per stream."""
+    shipped, batched = shipped_session(), gtcrn_session()
+    rng = np.random.default_rng(0)
+    streams = 4
+    alone = [{k: np.zeros(v, np.float32) for k, v in CACHE_SHAPES.items()} for _ in range(streams)]
+    together = stack_caches(alone)
+    for _ in range(25):
+        mix = (rng.standard_normal((streams, 257, 1, 2)) * rng.uniform(0.01, 5.0, (streams, 1, 1, 1)))
+        mix = mix.astype(np.float32)
+        ref = []
+        for i in range(streams):
+            enh, *caches = shipped.run(None, {"mix": mix[i : i + 1], **alone[i]})
+            alone[i] = dict(zip(CACHE_SHAPES, caches))
+            ref.append(enh)
+        enh, *caches = batched.run(None, {"mix": mix, **together})
+        together = dict(zip(CACHE_SHAPES, caches))
+        expected = np.concatenate(ref)
+        np.testing.assert_allclose(enh, expected, atol=1e-5 * float(np.abs(expected).max()))
+    for mine, theirs in zip(split_caches(together, streams), alone):
+        for name in CACHE_SHAPES:
+            np.testing.assert_allclose(mine[name], theirs[name], atol=1e-4)
 
 
 def test_one_chunk_in_one_chunk_out_and_declared_latency() -> None:
@@ -86,18 +118,19 @@ def test_attenuation_limit_bounds_the_suppression() -> None:
 
 
 def test_streams_are_independent_at_any_frame_phase() -> None:
-    """Two streams in one batch, the second opened 3 chunks later (another phase of the 16 ms
-    hop against the 10 ms chunks), give exactly what each gives alone."""
+    """Three streams in one batch, two opened together (their frames share session calls) and one
+    3 chunks later (another phase of the 16 ms hop against the 10 ms chunks), give what each
+    gives alone."""
     noisy, _, _ = kitchen_mix(1.0)
     other = read_48k(EVAL / "noise" / "running_tap.wav")[: len(noisy)]
     n = len(noisy) // CHUNK
-    alone = [run_streams(GTCRNStage(), [x], compensate_latency=False)[0][: n * CHUNK] for x in (noisy, other)]
+    signals, starts = (noisy, other, noisy[::-1].copy()), (0, 3, 0)
+    alone = [run_streams(GTCRNStage(), [x], compensate_latency=False)[0][: n * CHUNK] for x in signals]
     stage = GTCRNStage()
-    signals, starts = (noisy, other), (0, 3)
     handles: dict[int, StageStream] = {}
-    out = [np.zeros(n * CHUNK, np.float32), np.zeros(n * CHUNK, np.float32)]
+    out = [np.zeros(n * CHUNK, np.float32) for _ in signals]
     for t in range(n + 3):
-        live = [i for i in (0, 1) if 0 <= t - starts[i] < n]
+        live = [i for i in range(len(signals)) if 0 <= t - starts[i] < n]
         for i in live:
             if i not in handles:
                 handles[i] = stage.stream()
@@ -106,13 +139,13 @@ def test_streams_are_independent_at_any_frame_phase() -> None:
         y = stage.process(torch.from_numpy(audio), [handles[i] for i in live], BatchContext()).numpy()
         for row, (i, j) in enumerate(zip(live, k)):
             out[i][j * CHUNK : (j + 1) * CHUNK] = y[row]
-    np.testing.assert_array_equal(out[0], alone[0])
-    np.testing.assert_array_equal(out[1], alone[1])
+    for mine, reference in zip(out, alone):
+        np.testing.assert_allclose(mine, reference, atol=1e-6)
     first = handles[0]
     first.reset()  # a reset stream starts over: the same output as a fresh one
     chunks = [torch.from_numpy(noisy[j * CHUNK : (j + 1) * CHUNK][None]) for j in range(20)]
     again = np.concatenate([stage.process(c, [first], BatchContext()).numpy()[0] for c in chunks])
-    np.testing.assert_array_equal(again, alone[0][: 20 * CHUNK])
+    np.testing.assert_allclose(again, alone[0][: 20 * CHUNK], atol=1e-6)
 
 
 def test_hostile_samples_stay_finite() -> None:

@@ -1,12 +1,13 @@
 """Streaming integer-factor resampling (48 kHz <-> 16 kHz) for stages whose model runs at a lower rate.
 
 :func:`audio_io.resample` resamples whole files; a stage needs the same chunk
-by chunk, with the filter history carried from one 10 ms chunk to the next.
-Both directions use one linear-phase Kaiser low-pass FIR (odd length ``L``,
-cutoff below the low rate's Nyquist), so each adds exactly ``(L - 1) / 2``
-samples of delay at the high rate, known in advance and declared by the stage.
-The interpolator is the polyphase form (one sub-filter per output phase),
-the decimator computes only the kept outputs: no work on samples thrown away.
+by chunk, with the filter history carried from one 10 ms chunk to the next,
+for many streams at once.  Both directions use one linear-phase Kaiser
+low-pass FIR (odd length ``L``, cutoff below the low rate's Nyquist), so each
+adds exactly ``(L - 1) / 2`` samples of delay at the high rate, known in
+advance and declared by the stage.  The interpolator is the polyphase form
+(one sub-filter per output phase), the decimator computes only the kept
+outputs.  Rows are streams: ``[N, n]`` chunks with ``[N, history]`` state.
 """
 
 from __future__ import annotations
@@ -24,49 +25,48 @@ def lowpass_taps(factor: int, length: int, cutoff: float, beta: float) -> np.nda
     return firwin(length, cutoff / factor, window=("kaiser", beta)).astype(np.float64)
 
 
-class StreamingDecimator:
-    """Low-pass then keep every ``factor``-th sample, one chunk at a time (one stream).
-
-    Output sample ``j`` of the stream is the filtered input at high-rate index
-    ``factor * j``, delayed by :attr:`delay` high-rate samples.
-    """
+class Decimator:
+    """Low-pass then keep every ``factor``-th sample.  Shared by all streams; each stream keeps
+    its own history (:meth:`initial_history`).  Output sample ``j`` of a stream is the filtered
+    input at high-rate index ``factor * j``, delayed by :attr:`delay` high-rate samples."""
 
     def __init__(self, taps: np.ndarray, factor: int) -> None:
         self.factor = factor
         self.taps_reversed = np.ascontiguousarray(taps[::-1])
-        self.history = np.zeros(len(taps) - 1)
         self.delay = (len(taps) - 1) // 2
 
-    def process(self, x: np.ndarray) -> np.ndarray:
-        """``x``: a multiple of ``factor`` samples at the high rate; returns ``len(x) // factor``."""
-        if len(x) % self.factor:
-            raise ValueError(f"chunk of {len(x)} samples is not a multiple of {self.factor}")
-        buf = np.concatenate([self.history, x])
-        windows = sliding_window_view(buf, len(self.taps_reversed))[:: self.factor]
-        self.history = buf[len(x) :]
-        return windows @ self.taps_reversed
+    def initial_history(self) -> np.ndarray:
+        return np.zeros(len(self.taps_reversed) - 1)
+
+    def process(self, history: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x`` ``[N, n]`` (n a multiple of ``factor``), ``history`` ``[N, L - 1]``:
+        returns ``[N, n // factor]`` and the new history."""
+        if x.shape[-1] % self.factor:
+            raise ValueError(f"chunk of {x.shape[-1]} samples is not a multiple of {self.factor}")
+        buf = np.concatenate([history, x], axis=-1)
+        windows = sliding_window_view(buf, len(self.taps_reversed), axis=-1)[..., :: self.factor, :]
+        return windows @ self.taps_reversed, buf[..., x.shape[-1] :]
 
 
-class StreamingInterpolator:
+class Interpolator:
     """Insert ``factor - 1`` zeros after each sample and low-pass (gain ``factor``), polyphase.
-
-    Delay: :attr:`delay` samples at the high rate, the same low-pass as the
-    decimator's giving the same delay.
-    """
+    Delay: :attr:`delay` samples at the high rate, as the decimator with the same taps."""
 
     def __init__(self, taps: np.ndarray, factor: int) -> None:
         self.factor = factor
         per_phase = -(-len(taps) // factor)
         padded = np.zeros(per_phase * factor)
         padded[: len(taps)] = taps * factor
-        # phase p of output sample factor*m + p: sum_j h[factor*j + p] x[m - j], windows run oldest first
+        # phase p of output sample factor*m + p: sum_j h[factor*j + p] x[m - j]; windows run oldest first
         self.phases = np.ascontiguousarray(padded.reshape(per_phase, factor)[::-1])  # [per_phase, factor]
-        self.history = np.zeros(per_phase - 1)
         self.delay = (len(taps) - 1) // 2
 
-    def process(self, x: np.ndarray) -> np.ndarray:
-        """``x``: samples at the low rate; returns ``len(x) * factor`` samples at the high rate."""
-        buf = np.concatenate([self.history, x])
-        windows = sliding_window_view(buf, self.phases.shape[0])  # [len(x), per_phase]
-        self.history = buf[len(x) :]
-        return (windows @ self.phases).reshape(-1)
+    def initial_history(self) -> np.ndarray:
+        return np.zeros(self.phases.shape[0] - 1)
+
+    def process(self, history: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x`` ``[N, n]`` at the low rate: returns ``[N, n * factor]`` and the new history."""
+        buf = np.concatenate([history, x], axis=-1)
+        windows = sliding_window_view(buf, self.phases.shape[0], axis=-1)  # [N, n, per_phase]
+        y = windows @ self.phases  # [N, n, factor]
+        return y.reshape(*y.shape[:-2], -1), buf[..., x.shape[-1] :]
