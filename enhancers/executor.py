@@ -15,6 +15,10 @@ stage that raises is skipped for that tick; a stage that hangs longer than
 ``stuck_after_ms`` (or a worker process that stops answering, or dies) gets the
 worker replaced and the stage disabled for a backoff, after which it is loaded
 again; one that keeps failing stays disabled (``enhancers.executor_recovery``).
+With ``admission`` on, a stream asking for stages gets them only if the predicted
+tick time stays within ``target_load`` of the 10 ms tick; else a lighter
+variant, else none, and is upgraded when load drops
+(``enhancers.executor_admission``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from enhancers.executor_admission import AdmissionControl
 from enhancers.executor_loading import options_for, resolve_device
 from enhancers.executor_process import ProcessWorker
 from enhancers.executor_recovery import RecoveryPolicy
@@ -78,6 +83,19 @@ class ExecutorConfig:
     # a stage that hung or crashed the worker is disabled for 1, 2, 4 ... s (at most 60 s), then loaded
     # fresh; more than 5 faults in 5 minutes: disabled until restart (enhancers/executor_recovery.py)
     recovery: RecoveryPolicy = RecoveryPolicy()
+    # Admission control (enhancers/executor_admission.py): a stream asking for stages gets them if the
+    # predicted stage time per tick, with every stream already admitted, stays within target_load of the
+    # 10 ms tick (headroom so deadlines hold); else the first lighter stage list of the ladder
+    # (enhancers.registry LIGHTER, DEGRADE_STEPS; ``ladder`` replaces LIGHTER) that fits, else none.
+    # Degraded streams are upgraded, at most every upgrade_interval_s, when the better list fits under
+    # upgrade_load (hysteresis).  stage_costs: spec -> (fixed ms per call, ms per stream), the prior
+    # and a floor under the measured cost.  Off by default (library, CLI); the server turns it on.
+    admission: bool = False
+    target_load: float = 0.55
+    upgrade_load: float = 0.45
+    upgrade_interval_s: float = 2.0
+    stage_costs: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    ladder: Mapping[str, Sequence[str]] | None = None
 
 
 class Executor:
@@ -108,6 +126,8 @@ class Executor:
         self._job: Job | None = None
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
         self._closed = False
+        self._active = 0  # streams running at least one stage (a refused one submits nothing)
+        self.admission = AdmissionControl(config, self._streams, self._apply_stages)
 
     @property
     def device(self) -> torch.device:
@@ -120,6 +140,7 @@ class Executor:
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self.admission.start(self._loop)
         self._wake = asyncio.Event()
         self._deadlines = DeadlineWatch(self._loop, self._expired)
         if self.config.freeze_gc:
@@ -137,6 +158,7 @@ class Executor:
         self._closed = True
         for stream in list(self._streams.values()):
             stream.close()
+        self.admission.close()
         if self._tick_task is not None:
             self._tick_task.cancel()
             try:
@@ -167,13 +189,19 @@ class Executor:
         *,
         label: str = "",
     ) -> ExecutorStream:
-        """Open a stream running ``stages`` (e.g. ``"aec,denoise:rnnoise"``)."""
+        """Open a stream asking for ``stages`` (e.g. ``"aec,denoise:rnnoise"``).
+
+        With admission on, ``stream.stages`` is what it got (maybe lighter, maybe none: then it
+        submits nothing), ``stream.requested_stages`` what it asked for, ``stream.degraded_reason``
+        why they differ; ``stream.on_change`` is called when an upgrade changes ``stages`` later.
+        """
         if self._closed:
             raise RuntimeError("executor is closed")
         stream = ExecutorStream(self, self._next_id, label)
         self._next_id += 1
         self._set_stream_stages(stream, stages, options)
         self._streams[stream.stream_id] = stream
+        self._count_active()
         return stream
 
     def _parse(self, stages: Sequence[str] | str) -> list[str]:
@@ -186,13 +214,23 @@ class Executor:
         stages: Sequence[str] | str,
         options: Mapping[str, Mapping[str, Any]] | None,
     ) -> None:
-        specs = self._parse(stages)
+        stream.requested_stages, stream.options = self._parse(stages), options
+        self._apply_stages(stream, self.admission.admit(stream), options)
+
+    def _apply_stages(
+        self, stream: ExecutorStream, specs: list[str], options: Mapping[str, Mapping[str, Any]] | None
+    ) -> None:
         stream.stages = specs
         stream.track_aec(specs)
         stream.latency_samples = sum(self._declared_latency(s) for s in specs)
         self._ops.append(SetStreamStages(stream.stream_id, {s: options_for(options, s) for s in specs}))
         for spec in specs:
             self._request_load(spec)
+        self._count_active()
+
+    def _count_active(self) -> None:
+        self._active = sum(1 for s in self._streams.values() if s.stages)
+        self._maybe_open_gate()
 
     def _close_stream(self, stream: ExecutorStream) -> None:
         self._streams.pop(stream.stream_id, None)
@@ -200,7 +238,7 @@ class Executor:
         while stream.pending:
             self._bypass(stream.pending.popleft(), None)
         self._ops.append(CloseStream(stream.stream_id))
-        self._maybe_open_gate()
+        self._count_active()
 
     def _declared_latency(self, spec: str) -> int:
         return self._worker.declared_latency(spec)
@@ -254,7 +292,7 @@ class Executor:
 
     def _maybe_open_gate(self) -> None:
         gate = self._gate
-        if gate is not None and not gate.done() and len(self._ready) >= len(self._streams):
+        if gate is not None and not gate.done() and len(self._ready) >= self._active:
             gate.set_result(None)
 
     def _expired(self, item: PendingChunk) -> None:
@@ -294,7 +332,7 @@ class Executor:
                 await self._wake.wait()
                 continue
             remaining = self._first_pending_at + wait_s - loop.time()
-            if len(self._ready) < len(self._streams) and remaining > 0:
+            if len(self._ready) < self._active and remaining > 0:
                 gate: asyncio.Future[None] = loop.create_future()
                 self._gate = gate
                 timer = loop.call_later(remaining, _open, gate)
@@ -344,6 +382,7 @@ class Executor:
             return
         late = 0
         rounds = cast("list[list[PendingChunk]]", job.rounds)  # the loop's side holds PendingChunks
+        self.admission.observe(job.results)
         for items, result in zip(rounds, job.results):
             rows, side, failed = list(result.audio), result.side, result.failed
             for i, item in enumerate(items):
@@ -397,6 +436,7 @@ class Executor:
             "worker_pid": getattr(self._worker, "pid", None),
             "stages": self._worker.stage_stats(),
             "worker": self._worker.worker_stats(),
+            **self.admission.stats(),
         }
 
 

@@ -24,7 +24,12 @@ class ExecutorStream:
         self._executor = executor
         self.stream_id = stream_id
         self.label = label
-        self.stages: list[str] = []
+        self.stages: list[str] = []  # what runs (admission may give less than was asked for)
+        self.requested_stages: list[str] = []
+        self.degraded_reason = ""  # why ``stages`` is not ``requested_stages`` ("" when it is)
+        self.options: Mapping[str, Mapping[str, Any]] | None = None
+        self.changed_at = 0.0  # monotonic time ``stages`` last changed (upgrade hysteresis)
+        self.on_change: Callable[[ExecutorStream], None] | None = None  # told when an upgrade changes stages
         self.latency_samples = 0
         self.pending: collections.deque[PendingChunk] = collections.deque()
         self.closed = False
@@ -42,7 +47,9 @@ class ExecutorStream:
     def set_stages(
         self, stages: Sequence[str] | str, options: Mapping[str, Mapping[str, Any]] | None = None
     ) -> None:
-        """Change the stage list live: removed stages' states close, new ones open fresh."""
+        """Change the stage list live: removed stages' states close, new ones open fresh.
+
+        Admitted like a new stream (the stream's own current stages do not count against it)."""
         if self.closed:
             raise RuntimeError("stream is closed")
         self._executor._set_stream_stages(self, stages, options)

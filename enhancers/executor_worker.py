@@ -105,6 +105,7 @@ class RoundResult:
     side: list[dict[str, float]] | None  # per-row side info; None when no stage wrote any
     failed: set[int]  # rows where some stage raised
     passthrough: bool = False  # no stage ran: the rows are the chunks' bypass audio
+    timings: list[tuple[str, int, float]] = field(default_factory=list)  # (spec, rows, seconds) per stage call
 
 
 @dataclass
@@ -362,6 +363,7 @@ class BatchRunner:
             reference = torch.zeros((n, CHUNK), dtype=torch.float32, device=self.device)
         failed: set[int] = set()
         sides: list[tuple[str, list[int] | None, torch.Tensor]] = []
+        timings: list[tuple[str, int, float]] = []
         unavailable = plan.unavailable_rows
         for step in plan.steps:
             if job.abandoned:
@@ -399,6 +401,7 @@ class BatchRunner:
                 runtime.rows += len(step.handles)
                 runtime.total_s += elapsed
                 runtime.last_s = elapsed
+                timings.append((runtime.spec, len(step.handles), elapsed))
                 self.counters["stage_calls"] += 1
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
@@ -415,7 +418,7 @@ class BatchRunner:
         out = x.detach().numpy()
         if x.data_ptr() != batch.ctypes.data:  # a stage's tensor: it may alias the stage's state
             out = out.copy()
-        return RoundResult(out, _side_rows(n, sides) if sides else None, failed)
+        return RoundResult(out, _side_rows(n, sides) if sides else None, failed, timings=timings)
 
 
 def _side_rows(n: int, sides: list[tuple[str, list[int] | None, torch.Tensor]]) -> list[dict[str, float]]:

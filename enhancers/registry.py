@@ -35,6 +35,22 @@ STAGES: dict[str, str] = {
     "denoise:rnnoise": "enhancers.denoise.rnnoise:RNNoiseStage",
 }
 
+# The ladder an overloaded executor walks down for a stream it cannot give what it asked for
+# (enhancers/executor_admission.py): lighter variants of a spec, best first ...
+LIGHTER: dict[str, tuple[str, ...]] = {
+    "denoise": ("denoise:gtcrn", "denoise:nsnet2", "denoise:rnnoise"),
+    "denoise:df3": ("denoise:gtcrn", "denoise:nsnet2", "denoise:rnnoise"),
+    "denoise:gtcrn": ("denoise:nsnet2", "denoise:rnnoise"),
+    "denoise:nsnet2": ("denoise:rnnoise",),
+    "vad:silero": ("vad:webrtc",),
+}
+# ... and the steps, in order, each applied to what the previous left: dereverb goes first (it adds
+# least, +0.09 DNSMOS OVRL), then lighter voice activity and denoisers, then denoise, then aec;
+# when even that does not fit the stream runs no stages at all (its audio is forwarded as it came).
+DEGRADE_STEPS: tuple[tuple[str, str], ...] = (
+    ("drop", "dereverb"), ("lighter", "vad"), ("lighter", "denoise"), ("drop", "denoise"), ("drop", "aec"),
+)
+
 
 @dataclass(frozen=True)
 class StageSpec:

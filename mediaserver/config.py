@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional
 
+from enhancers.executor_recovery import RecoveryPolicy
+
 
 @dataclass(frozen=True)
 class MediaConfig:
@@ -41,6 +43,19 @@ class EnhanceConfig:
     # "process": stages run in a worker process of their own, off the event loop's GIL (servers);
     # "thread": on a thread of the server process (no second process; small deployments, debugging)
     isolation: str = "process"
+    # a stage that hung or crashed the worker: backoff and give-up thresholds (enhancers/executor_recovery.py)
+    recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
+    # Admission control (enhancers/executor_admission.py): a stream gets the stages it asks for if the
+    # predicted stage time per 10 ms tick, with the streams already admitted, stays within target_load
+    # of the tick; else a lighter stage list (enhancers.registry LIGHTER, DEGRADE_STEPS), else none (its
+    # audio is forwarded as it came).  Degraded streams are upgraded when the better list fits under
+    # upgrade_load, checked every upgrade_interval_s.  stage_costs: (spec, fixed ms per batched call,
+    # ms per stream) declared costs, the prior and a floor under what the executor measures.
+    admission: bool = True
+    target_load: float = 0.55
+    upgrade_load: float = 0.45
+    upgrade_interval_s: float = 2.0
+    stage_costs: tuple[tuple[str, float, float], ...] = ()
 
 
 @dataclass(frozen=True)

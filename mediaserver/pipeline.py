@@ -4,13 +4,18 @@
 published stream.  With no stages configured the chunk passes straight
 through without leaving the event loop; with stages it goes through the
 shared batched executor of ``enhancers`` (which fails open on its own).
+The executor's admission control may give a stream lighter stages than it
+asked for, or none (then its chunks pass straight through, as with no
+stages): ``stages`` is what runs, ``requested_stages`` what was asked for,
+``degraded_reason`` why they differ; ``on_change`` is called when the
+executor changes them later (an upgrade once load drops).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -35,12 +40,25 @@ class StreamPipeline:
         self._label = label
         self._executor_stream: Any = None
         self._stages: list[str] = []
+        self._requested: list[str] = []
         self._options = dict(options or {})
+        self.on_change: Optional[Callable[["StreamPipeline"], None]] = None  # stages changed by the executor
         self.set_stages(stages, options)
 
     @property
     def stages(self) -> list[str]:
         return list(self._stages)
+
+    @property
+    def requested_stages(self) -> list[str]:
+        """What was asked for (``stages`` may be lighter: admission control)."""
+        return list(self._requested)
+
+    @property
+    def degraded_reason(self) -> str:
+        """Why ``stages`` is not ``requested_stages``; "" when it is."""
+        s = self._executor_stream
+        return str(s.degraded_reason) if s is not None else ""
 
     @property
     def has_stages(self) -> bool:
@@ -61,20 +79,28 @@ class StreamPipeline:
             if self._executor_stream is not None:
                 self._executor_stream.close()
                 self._executor_stream = None
-            self._stages = []
+            self._stages, self._requested = [], []
             return
         executor = self._hub.executor
         if executor is None:
             raise RuntimeError("enhancement executor is not running")
         if self._executor_stream is None:
             self._executor_stream = executor.open_stream(stages, self._options, label=self._label)
+            self._executor_stream.on_change = self._changed
         else:
             self._executor_stream.set_stages(stages, self._options)
         self._stages = list(self._executor_stream.stages)
+        self._requested = list(getattr(self._executor_stream, "requested_stages", stages))
+
+    def _changed(self, stream: Any) -> None:
+        """The executor upgraded this stream's stages."""
+        self._stages = list(stream.stages)
+        if self.on_change is not None:
+            self.on_change(self)
 
     async def process(self, chunk: np.ndarray, reference: Optional[np.ndarray] = None) -> PipelineResult:
         stream = self._executor_stream
-        if stream is None:
+        if stream is None or not self._stages:  # no stages, or none admitted: nothing to wait for
             return PipelineResult(audio=chunk)
         out = await stream.process(chunk, reference)
         return PipelineResult(audio=out.audio, side=dict(out.side), bypassed=out.bypassed)

@@ -71,8 +71,18 @@ class Participant:
             "kind": self.kind,
             "muted": self.muted,
             "publishing": self.published is not None,
-            "stages": self.effective_stages(),
+            **self.stage_state(),
         }
+
+    def stage_state(self) -> dict[str, Any]:
+        """``stages``: what runs on the microphone (the executor's admission control may give less than
+        was asked for), ``requested_stages``, ``degraded_reason`` (None when they are the same)."""
+        pipeline = self.published.pipeline if self.published is not None else None
+        if pipeline is None:
+            stages = self.effective_stages()
+            return {"stages": stages, "requested_stages": stages, "degraded_reason": None}
+        return {"stages": pipeline.stages, "requested_stages": pipeline.requested_stages,
+                "degraded_reason": pipeline.degraded_reason or None}
 
     def effective_stages(self) -> list[str]:
         """Explicit stages, else the room's; plus server echo cancellation when the client has none."""

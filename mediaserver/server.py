@@ -67,6 +67,7 @@ class MediaServer:
         self._ticker: Optional[asyncio.Task[None]] = None
         self._offer_timers: dict[str, asyncio.Task[None]] = {}  # join-without-offer deadlines, by participant
         self._closed = False
+        self._notices: set[asyncio.Task[None]] = set()  # stage notices on their way to participants
         self.prompts = PromptManager(self)  # prompts: the SynthService and every room's prompt tracks
         self.telemetry = MediaTelemetry(self)  # telemetry: spans, per-stream figures, sampler
 
@@ -77,7 +78,10 @@ class MediaServer:
         e = self.config.enhance
         executor = Executor(ExecutorConfig(device=e.device, deadline_ms=e.deadline_ms,
                                            max_wait_ms=e.max_wait_ms, torch_threads=e.torch_threads,
-                                           isolation=e.isolation))
+                                           isolation=e.isolation, recovery=e.recovery,
+                                           admission=e.admission, target_load=e.target_load,
+                                           upgrade_load=e.upgrade_load, upgrade_interval_s=e.upgrade_interval_s,
+                                           stage_costs={spec: (fixed, per) for spec, fixed, per in e.stage_costs}))
         await executor.start()
         if e.default_stages:
             await executor.preload(list(e.default_stages))  # first chunks already get their stages
@@ -95,6 +99,8 @@ class MediaServer:
         for timer in list(self._offer_timers.values()):
             await cancel_quietly(timer)
         self._offer_timers.clear()
+        for notice in list(self._notices):
+            await cancel_quietly(notice)
         await self.telemetry.close()  # telemetry: end every span
         await self.prompts.close()  # prompts
         for room in list(self.rooms.rooms.values()):
@@ -190,11 +196,43 @@ class MediaServer:
                                  forward_unprocessed=m.forward_unprocessed)
         stream.muted = participant.muted
         participant.published = stream
+        pipeline.on_change = lambda _: self._stages_upgraded(participant, stream)
         self._wire_echo_reference(participant)
         stream.start()
         room.add_stream(stream)
         self.telemetry.stream_started(stream, room.id)  # telemetry
+        if pipeline.degraded_reason:
+            self._notice(self._send_stages_notice(participant, stream))
         return stream
+
+    # -- admission control: stages the executor could not give (enhancers/executor_admission.py) --------
+    def _notice(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
+
+    async def _send_stages_notice(self, participant: Participant, stream: PublishedStream) -> None:
+        """Tell the publisher what runs on its stream when that is not what it asked for, or is again."""
+        p = stream.pipeline
+        reason = p.degraded_reason
+        message: dict[str, Any] = {"type": "stages-degraded" if reason else "stages-restored", "stream": stream.id,
+                                   "stages": p.stages, "requested_stages": p.requested_stages}
+        if reason:
+            message["reason"] = reason
+        try:
+            await participant.send(message)
+        except Exception:  # a participant that went away: nothing to tell
+            pass
+
+    def _stages_upgraded(self, participant: Participant, stream: PublishedStream) -> None:
+        """The executor gave ``stream`` better stages once load dropped: rewire, tell the participant and room."""
+        if participant.published is not stream:
+            return
+        self._wire_echo_reference(participant)
+        self.telemetry.stages_changed(stream)  # telemetry
+        self._notice(self._send_stages_notice(participant, stream))
+        self._notice(participant.room.broadcast({"type": "participant-updated",
+                                                 "participant": participant.describe()}))
 
     def _wire_echo_reference(self, participant: Participant) -> None:
         """Give the participant's microphone the audio it was sent, when it runs echo cancellation."""
@@ -306,6 +344,8 @@ class MediaServer:
             participant.published.pipeline.set_stages(participant.effective_stages())
             self._wire_echo_reference(participant)
             self.telemetry.stages_changed(participant.published)  # telemetry
+            if participant.published.pipeline.degraded_reason:
+                await self._send_stages_notice(participant, participant.published)
         await participant.room.broadcast({"type": "participant-updated", "participant": participant.describe()})
 
     async def set_room_stages(self, room: Room, stages: object) -> None:
@@ -316,6 +356,8 @@ class MediaServer:
                 p.published.pipeline.set_stages(p.effective_stages())
                 self._wire_echo_reference(p)
                 self.telemetry.stages_changed(p.published)  # telemetry
+                if p.published.pipeline.degraded_reason:
+                    self._notice(self._send_stages_notice(p, p.published))
         await room.broadcast({"type": "room-updated", "room": room.describe()})
 
     # -- periodic work -----------------------------------------------------------
@@ -323,7 +365,8 @@ class MediaServer:
         c = stream.counters
         out: dict[str, Any] = {
             "stream": stream.id, "participant": stream.owner_id, "kind": stream.kind,
-            "stages": stream.pipeline.stages, "chunks": c.chunks, "bypassed": c.bypassed,
+            "stages": stream.pipeline.stages, "requested_stages": stream.pipeline.requested_stages,
+            "degraded_reason": stream.pipeline.degraded_reason or None, "chunks": c.chunks, "bypassed": c.bypassed,
             "level_dbfs": round(c.level_dbfs, 1), "vad": round(c.vad, 2),
             "processing_ms": round(c.processing_ms, 2), "server_latency_ms": round(c.server_latency_ms, 1),
             "subscribers": stream.fanout.subscriber_count,

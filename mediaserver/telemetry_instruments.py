@@ -111,6 +111,8 @@ EXECUTOR_COUNTERS = {
     "stuck_restarts": ("mediaserver.executor.stuck_restarts", "{restart}"),
     "worker_restarts": ("mediaserver.executor.worker_restarts", "{restart}"),
     "device_fallbacks": ("mediaserver.executor.device_fallbacks", "{fallback}"),
+    "stage_faults": ("mediaserver.executor.stage_faults", "{fault}"),
+    "stage_recoveries": ("mediaserver.executor.stage_recoveries", "{recovery}"),
 }
 
 ObservationSource = Callable[["MediaTelemetry"], Iterable[tuple[float, dict[str, Any]]]]
@@ -157,6 +159,22 @@ def _executor_value(get: Callable[[MediaTelemetry], float]) -> ObservationSource
     return source
 
 
+def _admissions(tel: MediaTelemetry) -> Iterator[tuple[float, dict[str, Any]]]:
+    """Stage requests by what admission control gave them (``admitted``, ``degraded``, ``refused``)."""
+    admission = getattr(tel.server.hub.executor, "admission", None)
+    counts = getattr(admission, "counts", None)
+    if isinstance(counts, dict):
+        for result, n in list(counts.items()):
+            yield float(n), {"result": result}
+
+
+def _executor_load(tel: MediaTelemetry) -> Iterator[tuple[float, dict[str, Any]]]:
+    executor = tel.server.hub.executor
+    admission = getattr(executor, "admission", None)
+    if admission is not None:
+        yield float(admission.load()), {"device": str(getattr(executor, "device", ""))}
+
+
 def _media_drops(tel: MediaTelemetry) -> list[tuple[float, dict[str, Any]]]:
     """The process's dropped media datagrams by reason (every guard of every server of the process)."""
     return [(float(n), {"reason": reason}) for reason, n in list(PROCESS_DROPS.items())]
@@ -182,6 +200,12 @@ OTHER_METRICS: tuple[tuple[str, str, str, str, ObservationSource], ...] = (
      "Chunks per batched round of the executor, mean over the last second.", _executor_value(lambda t: t.batch_size)),
     ("mediaserver.executor.streams", "updown", "{stream}", "Streams open on the executor.",
      _executor_value(lambda t: float(t.executor_live_streams))),
+    ("mediaserver.executor.admissions", "counter", "{stream}",
+     "Stage requests of streams by what admission control gave them: result admitted (as asked), degraded "
+     "(lighter stages), refused (no stages: audio forwarded as it came); enhancers/executor_admission.py.",
+     _admissions),
+    ("mediaserver.executor.load", "gauge", "1",
+     "Predicted stage time per 10 ms tick of the streams as admitted, as a share of the tick.", _executor_load),
     ("mediaserver.executor.stage.calls", "counter", "{call}", "Batched calls of each stage.", _stage_field("calls")),
     ("mediaserver.executor.stage.errors", "counter", "{error}", "Failed calls of each stage.", _stage_field("errors")),
     ("mediaserver.executor.stage.batch_size", "gauge", "{stream}", "Streams per call of each stage, mean.",

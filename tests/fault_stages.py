@@ -133,3 +133,13 @@ class FlakyGpuStage(Stage):
         period = 48_000.0 / TONE_HZ
         self.state["phase"].index_copy_(0, slots, torch.remainder(phase + audio.shape[1], period))
         return (0.3 * torch.sin(2 * torch.pi * t / period)).to(audio.dtype)
+
+
+class HalvingStage(Stage):
+    """Halves its input: cheap to run whatever cost the admission tests declare for it
+    (``ExecutorConfig.stage_costs``), and a processed chunk differs from the input."""
+
+    name = "denoise"
+
+    def process(self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext) -> torch.Tensor:
+        return audio * 0.5

@@ -1,0 +1,316 @@
+"""How much of the 10 ms tick the executor's stages use, and which stages a new stream may get.
+
+:class:`LoadModel` keeps, per stage spec, a running linear model of the time
+of one batched call as a function of its batch size (``fixed + per_stream * n``
+ms), fitted from the worker's own timings of every call (exponentially
+weighted moments, so it follows the machine).  Until a stage has been measured
+its prior is used (``DEFAULT_STAGE_COSTS``, measured on one CPU core, or the
+configured ``stage_costs``); a configured cost is also a floor under the
+measured one.  The predicted tick time of a set of streams is the sum, over
+the stages any of them runs, of ``fixed + per_stream * rows``.
+
+:class:`Admission` decides what a stream that asks for stages gets: what it
+asked for when that fits the budget (``target_load`` of the tick) together
+with every stream already admitted, else the first lighter candidate of the
+ladder that fits (:func:`candidates`), else no stages.  Streams already
+admitted are never degraded to make room.  A degraded stream is upgraded
+when its better candidate fits under the lower ``upgrade_load`` (hysteresis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from enhancers.executor_worker import RoundResult
+from enhancers.registry import DEGRADE_STEPS, LIGHTER
+
+if TYPE_CHECKING:
+    from enhancers.executor import ExecutorConfig
+    from enhancers.executor_stream import ExecutorStream
+
+log = logging.getLogger("enhancers.executor")
+
+ADMISSION_RESULTS = ("admitted", "degraded", "refused")
+
+TICK_MS = 10.0
+
+# spec -> (fixed ms per batched call, ms per stream): measured at batch 1 and 4 on one busy CPU core
+# (torch 1 thread, thread CPU time, 100 calls); a stage's prior until the worker has timed it
+DEFAULT_STAGE_COSTS: dict[str, tuple[float, float]] = {
+    "denoise": (0.46, 0.76), "denoise:df3": (0.46, 0.76), "denoise:gtcrn": (0.03, 0.62),
+    "denoise:nsnet2": (1.07, 0.26), "denoise:rnnoise": (0.05, 0.52), "dereverb": (0.37, 0.08),
+    "aec": (1.90, 0.16), "vad": (0.02, 0.01), "vad:webrtc": (0.02, 0.01), "limiter": (0.04, 0.01),
+}
+UNKNOWN_STAGE_COST = (0.5, 1.0)  # a spec with no prior (tests' stages, new models): pessimistic
+MIN_SAMPLES = 20  # calls timed before the measured model replaces the prior
+ALPHA = 0.05  # weight of one call in the running moments (~20 calls, a fraction of a second)
+
+
+class _Moments:
+    __slots__ = ("n", "nn", "nt", "samples", "t")
+
+    def __init__(self) -> None:
+        self.n = self.t = self.nn = self.nt = 0.0
+        self.samples = 0
+
+    def add(self, rows: int, ms: float) -> None:
+        a = 1.0 if self.samples == 0 else ALPHA
+        self.samples += 1
+        self.n += a * (rows - self.n)
+        self.t += a * (ms - self.t)
+        self.nn += a * (rows * rows - self.nn)
+        self.nt += a * (rows * ms - self.nt)
+
+
+class LoadModel:
+    """Per-stage ``fixed + per_stream * n`` cost of one batched call, from priors and measurements."""
+
+    def __init__(self, declared: Mapping[str, tuple[float, float]] | None = None) -> None:
+        self.declared = dict(declared or {})
+        self._moments: dict[str, _Moments] = {}
+
+    def observe(self, spec: str, rows: int, seconds: float) -> None:
+        """One timed batched call of ``spec`` over ``rows`` streams."""
+        if rows > 0:
+            self._moments.setdefault(spec, _Moments()).add(rows, seconds * 1e3)
+
+    def cost(self, spec: str) -> tuple[float, float]:
+        """``(fixed_ms, per_stream_ms)`` of ``spec`` now."""
+        floor = self.declared.get(spec, (0.0, 0.0))
+        prior = self.declared.get(spec) or DEFAULT_STAGE_COSTS.get(spec) or UNKNOWN_STAGE_COST
+        m = self._moments.get(spec)
+        if m is None or m.samples < MIN_SAMPLES:
+            fixed, per = prior
+        else:
+            var = m.nn - m.n * m.n
+            if var > 0.25:  # the batch size varied enough to tell the fixed part from the per-stream one
+                per = max(0.0, (m.nt - m.n * m.t) / var)
+                fixed = max(0.0, m.t - per * m.n)
+            else:  # one batch size: split the measured time the way the prior does
+                expected = prior[0] + prior[1] * m.n
+                scale = m.t / expected if expected > 0 else 1.0
+                fixed, per = prior[0] * scale, prior[1] * scale
+        return max(fixed, floor[0]), max(per, floor[1])
+
+    def tick_ms(self, rows: Mapping[str, int]) -> float:
+        """Predicted stage time of one tick where ``rows[spec]`` streams run ``spec``."""
+        total = 0.0
+        for spec, n in rows.items():
+            if n > 0:
+                fixed, per = self.cost(spec)
+                total += fixed + per * n
+        return total
+
+    def describe(self) -> dict[str, dict[str, float | int]]:
+        out: dict[str, dict[str, float | int]] = {}
+        for spec in sorted(set(self._moments) | set(self.declared)):
+            fixed, per = self.cost(spec)
+            m = self._moments.get(spec)
+            out[spec] = {"fixed_ms": round(fixed, 4), "per_stream_ms": round(per, 4),
+                         "timed_calls": m.samples if m is not None else 0}
+        return out
+
+
+def candidates(requested: Sequence[str], lighter: Mapping[str, Sequence[str]] = LIGHTER,
+               steps: Sequence[tuple[str, str]] = DEGRADE_STEPS) -> Iterator[list[str]]:
+    """``requested`` first, then ever lighter stage lists (the ladder of ``enhancers.registry``), then ``[]``.
+
+    Each step of ``steps`` applies to what the previous ones left: ``("drop", kind)`` removes that
+    kind's stage; ``("lighter", kind)`` yields the list with each lighter variant of it in turn,
+    keeping the lightest.
+    """
+    current = list(requested)
+    seen: set[tuple[str, ...]] = set()
+
+    def fresh(stages: list[str]) -> bool:
+        key = tuple(stages)
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    if fresh(current):
+        yield list(current)
+    for action, kind in steps:
+        index = next((i for i, s in enumerate(current) if s.split(":", 1)[0] == kind), None)
+        if index is None:
+            continue
+        if action == "drop":
+            current = current[:index] + current[index + 1:]
+            if fresh(current):
+                yield list(current)
+        else:
+            for variant in lighter.get(current[index], ()):
+                current = current[:index] + [variant] + current[index + 1:]
+                if fresh(current):
+                    yield list(current)
+    if fresh([]):
+        yield []
+
+
+@dataclass
+class Decision:
+    """What a stream gets: ``stages``, and why it is not what it asked for (``reason``; "" when it is)."""
+
+    stages: list[str]
+    result: str  # "admitted" | "degraded" | "refused"
+    reason: str = ""
+
+
+class Admission:
+    """Fits stage lists into the tick budget given the streams already admitted."""
+
+    def __init__(self, model: LoadModel, target_load: float, upgrade_load: float,
+                 lighter: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.model = model
+        self.target_load = target_load
+        self.upgrade_load = min(upgrade_load, target_load)
+        self.lighter = lighter
+
+    @staticmethod
+    def rows(stage_lists: Iterable[Sequence[str]]) -> dict[str, int]:
+        rows: dict[str, int] = {}
+        for stages in stage_lists:
+            for spec in stages:
+                rows[spec] = rows.get(spec, 0) + 1
+        return rows
+
+    def ladder(self, requested: Sequence[str]) -> list[list[str]]:
+        """Every stage list ``requested`` may be given, best first (``[]`` last)."""
+        return list(candidates(requested) if self.lighter is None else candidates(requested, self.lighter))
+
+    def load(self, rows: Mapping[str, int]) -> float:
+        """Predicted share of the tick the stages of ``rows`` use."""
+        return self.model.tick_ms(rows) / TICK_MS
+
+    def _with(self, others: Mapping[str, int], stages: Sequence[str]) -> float:
+        rows = dict(others)
+        for spec in stages:
+            rows[spec] = rows.get(spec, 0) + 1
+        return self.load(rows)
+
+    def decide(self, requested: Sequence[str], others: Mapping[str, int], limit: float | None = None) -> Decision:
+        """The best candidate for ``requested`` that fits under ``limit`` (default ``target_load``)."""
+        limit = self.target_load if limit is None else limit
+        before = self.load(others)
+        for stages in self.ladder(requested):
+            load = self._with(others, stages)
+            if not stages or load <= limit:
+                if list(stages) == list(requested):
+                    return Decision(list(stages), "admitted")
+                want = self._with(others, requested)
+                why = (f"enhancement executor full: {','.join(requested)} would bring the load to {want:.2f} "
+                       f"of the tick (target {limit:.2f}; {before:.2f} in use by the streams already admitted)")
+                if not stages:
+                    return Decision([], "refused", why + "; no stages fit, audio is forwarded unprocessed")
+                return Decision(list(stages), "degraded", why + f"; running {','.join(stages)} instead")
+        return Decision([], "refused", "no candidate")  # not reached: the ladder ends with []
+
+
+class AdmissionControl:
+    """The executor's admission bookkeeping: decisions, the load model's inputs, upgrades, counters.
+
+    ``streams`` is the executor's live map of streams (read, never changed here); ``apply``
+    gives a stream a new stage list (``Executor._apply_stages``).  Loop thread only.
+    """
+
+    def __init__(self, config: ExecutorConfig, streams: Mapping[int, ExecutorStream],
+                 apply: Callable[[ExecutorStream, list[str], Any], None]) -> None:
+        self.config = config
+        self.model = LoadModel(config.stage_costs)
+        self.policy = Admission(self.model, config.target_load, config.upgrade_load, config.ladder)
+        self.counts: dict[str, int] = dict.fromkeys(ADMISSION_RESULTS, 0)
+        self.upgrades = 0
+        self._streams = streams
+        self._apply = apply
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._stage_ms = 0.0  # measured stage time per round, running mean
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._schedule()
+
+    def load(self) -> float:
+        """Predicted share of the tick the stages of all streams, as admitted now, use."""
+        return self.policy.load(self.policy.rows(s.stages for s in self._streams.values()))
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._loop = None
+
+    def _others(self, stream: ExecutorStream) -> dict[str, int]:
+        return self.policy.rows(s.stages for s in self._streams.values() if s is not stream)
+
+    def admit(self, stream: ExecutorStream) -> list[str]:
+        """The stages ``stream`` gets for its ``requested_stages`` now (sets its ``degraded_reason``)."""
+        requested = stream.requested_stages
+        decision = Decision(list(requested), "admitted")
+        if self.config.admission and requested:
+            decision = self.policy.decide(requested, self._others(stream))
+        if requested:
+            self.counts[decision.result] += 1
+        stream.degraded_reason, stream.changed_at = decision.reason, time.monotonic()
+        if decision.reason:
+            log.warning("stream %s (%s): %s", stream.stream_id, stream.label, decision.reason)
+            self._schedule(force=True)  # (a new stream is not in ``streams`` yet)
+        return decision.stages
+
+    def observe(self, results: Iterable[RoundResult]) -> None:
+        """The worker's timings of a finished job's stage calls."""
+        for result in results:
+            stage_s = 0.0
+            for spec, rows, seconds in result.timings:
+                self.model.observe(spec, rows, seconds)
+                stage_s += seconds
+            self._stage_ms += ALPHA * (stage_s * 1e3 - self._stage_ms)
+
+    # -- upgrades --------------------------------------------------------------------------
+    def _schedule(self, force: bool = False) -> None:
+        if self._timer is None and self._loop is not None and (
+                force or any(s.degraded_reason for s in self._streams.values())):
+            self._timer = self._loop.call_later(self.config.upgrade_interval_s, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        for stream in [s for s in self._streams.values() if s.degraded_reason]:  # oldest first
+            if now - stream.changed_at >= self.config.upgrade_interval_s:
+                self._try_upgrade(stream, now)
+        self._schedule()
+
+    def _try_upgrade(self, stream: ExecutorStream, now: float) -> None:
+        """A better stage list for ``stream`` if it fits under ``upgrade_load`` (not just the target)."""
+        decision = self.policy.decide(stream.requested_stages, self._others(stream), self.config.upgrade_load)
+        rank = {tuple(c): i for i, c in enumerate(self.policy.ladder(stream.requested_stages))}
+        if rank.get(tuple(decision.stages), len(rank)) >= rank.get(tuple(stream.stages), len(rank)):
+            return
+        self.upgrades += 1
+        log.info("stream %s (%s): load allows %s again (asked for %s)", stream.stream_id, stream.label,
+                 ",".join(decision.stages) or "no stages", ",".join(stream.requested_stages))
+        stream.degraded_reason, stream.changed_at = decision.reason, now
+        self._apply(stream, decision.stages, stream.options)
+        if stream.on_change is not None:
+            stream.on_change(stream)
+
+    def stats(self) -> dict[str, Any]:
+        """The load the admitted streams' stages put on the 10 ms tick, predicted and measured; admissions."""
+        load = self.load()
+        return {
+            "load": round(load, 4),  # predicted stage time per tick / 10 ms, the streams as admitted now
+            "measured_load": round(self._stage_ms / TICK_MS, 4),  # measured stage time per round / 10 ms
+            "target_load": self.config.target_load,
+            "headroom": round(max(0.0, self.config.target_load - load), 4),
+            "admission": self.config.admission,
+            "admissions": dict(self.counts),
+            "upgrades": self.upgrades,
+            "degraded_streams": sum(1 for s in self._streams.values() if s.degraded_reason),
+            "load_model": self.model.describe(),
+        }

@@ -1,0 +1,157 @@
+"""Admission control: a full executor gives newcomers lighter stages (or none), never the admitted ones.
+
+"Full" is made deterministic with declared stage costs (``stage_costs``: a floor under the measured
+cost) on stages that really cost nothing (``tests.fault_stages.HalvingStage``): a heavy variant declared
+at 6 ms per stream and a light one at 1.5 ms, against a budget of the whole 10 ms tick.  So one heavy
+stream fits, a second one does not (12 ms) but its light variant does (7.5 ms), and so on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import aiohttp
+import numpy as np
+import pytest
+
+from enhancers import registry
+from enhancers.executor import Executor, ExecutorConfig, ExecutorStream
+from enhancers.executor_admission import candidates
+from enhancers.stage import CHUNK
+from loadtest.bot import Bot
+from mediaserver.config import AuthConfig, EnhanceConfig, ServerConfig
+from tests.conftest import ServerFactory, speech
+from tests.test_telemetry import sample, scrape, wait_for
+
+HEAVY, LIGHT = "denoise:heavy", "denoise:light"
+COSTS = {HEAVY: (0.0, 6.0), LIGHT: (0.0, 1.5)}
+
+
+@pytest.fixture
+def test_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(registry.STAGES, HEAVY, "tests.fault_stages:HalvingStage")
+    monkeypatch.setitem(registry.STAGES, LIGHT, "tests.fault_stages:HalvingStage")
+    monkeypatch.setitem(registry.LIGHTER, HEAVY, (LIGHT,))
+
+
+def test_ladder_goes_down_to_no_stages() -> None:
+    ladder = list(candidates(["aec", "dereverb", "denoise", "vad", "limiter"]))
+    assert ladder[0] == ["aec", "dereverb", "denoise", "vad", "limiter"]
+    assert ladder[1] == ["aec", "denoise", "vad", "limiter"]  # dereverb goes first
+    assert ladder[2:5] == [["aec", s, "vad", "limiter"] for s in registry.LIGHTER["denoise"]]
+    assert ["aec", "vad", "limiter"] in ladder and ["vad", "limiter"] in ladder
+    assert ladder[-1] == []
+    assert list(candidates([])) == [[]]
+
+
+async def _run(streams: list[ExecutorStream], ticks: int) -> dict[int, list[bool]]:
+    """Feed every stream running stages a chunk per tick; which chunks came back bypassed, per stream."""
+    bypassed: dict[int, list[bool]] = {s.stream_id: [] for s in streams}
+    chunk = np.full(CHUNK, 0.25, dtype=np.float32)
+    for _ in range(ticks):
+        live = [s for s in streams if s.stages and not s.closed]
+        results = await asyncio.gather(*(s.process(chunk) for s in live))
+        for s, r in zip(live, results):
+            bypassed[s.stream_id].append(r.bypassed or not np.allclose(r.audio, 0.125))
+        await asyncio.sleep(0.01)
+    return bypassed
+
+
+async def test_newcomers_get_lighter_stages_then_none_and_are_upgraded_when_load_drops(test_stages: None) -> None:
+    config = ExecutorConfig(device="cpu", deadline_ms=1000.0, admission=True, target_load=1.0, upgrade_load=0.8,
+                            upgrade_interval_s=0.3, stage_costs=COSTS)
+    executor = Executor(config)
+    await executor.start()
+    try:
+        changed: list[list[str]] = []
+        a = executor.open_stream(HEAVY, label="a")
+        b = executor.open_stream(HEAVY, label="b")
+        b.on_change = lambda s: changed.append(list(s.stages))
+        c = executor.open_stream(HEAVY, label="c")
+        d = executor.open_stream(HEAVY, label="d")
+        assert (a.stages, a.degraded_reason) == ([HEAVY], "")
+        assert b.stages == c.stages == [LIGHT] and "executor full" in b.degraded_reason
+        assert b.requested_stages == [HEAVY]
+        assert d.stages == [] and "forwarded unprocessed" in d.degraded_reason
+        stats = executor.stats()
+        assert stats["admissions"] == {"admitted": 1, "degraded": 2, "refused": 1}, stats
+        assert stats["degraded_streams"] == 3 and stats["load"] == pytest.approx(0.9)
+
+        for s in (a, b, c):
+            await s.wait_ready()
+        bypassed = await _run([a, b, c], ticks=100)
+        assert not any(bypassed[a.stream_id]), "the admitted stream lost chunks to the newcomers"
+        assert not any(bypassed[b.stream_id]), "a degraded stream still runs its (lighter) stage"
+        assert a.stages == [HEAVY], "an admitted stream was degraded"
+
+        a.close()  # 6 ms freed: b's heavy stage fits under upgrade_load (6 + 1.5 for c <= 8), c's and d's not
+        await wait_for(lambda: b.stages == [HEAVY], timeout=20.0)
+        assert changed == [[HEAVY]] and b.degraded_reason == ""
+        await asyncio.sleep(1.0)  # a few more upgrade checks: nothing else fits, nothing flaps
+        assert c.stages == [LIGHT] and d.stages == [] and b.stages == [HEAVY]
+        assert executor.stats()["upgrades"] == 1
+        bypassed = await _run([b, c], ticks=30)
+        assert not any(bypassed[b.stream_id])
+    finally:
+        await executor.close()
+
+
+async def test_a_full_server_degrades_the_newcomer_and_tells_it(start_server: ServerFactory,
+                                                                test_stages: None) -> None:
+    enhance = replace(EnhanceConfig(), default_stages=(), device="cpu", deadline_ms=400.0, target_load=1.0,
+                      upgrade_load=0.8, upgrade_interval_s=0.5,
+                      stage_costs=tuple((spec, *cost) for spec, cost in COSTS.items()))
+    rs = await start_server(ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True), enhance=enhance))
+    await rs.server.hub.executor.preload([HEAVY, LIGHT])  # the worker process and both stages are up
+    first = Bot(rs.url, "full", "first", speech(), stages=[HEAVY])
+    second = Bot(rs.url, "full", "second", speech(), stages=[HEAVY])
+    listener = Bot(rs.url, "full", "listener", None, stages=[])
+    await first.join()
+    await listener.join()
+
+    def stats_of(bot: Bot) -> dict | None:
+        for event in reversed(listener.events_of("stats")):
+            for s in event["streams"]:
+                if s["participant"] == bot.id:
+                    return s  # type: ignore[no-any-return]
+        return None
+
+    await wait_for(lambda: (stats_of(first) or {}).get("chunks", 0) > 100, timeout=30.0)
+    await second.join()
+    try:
+        await wait_for(lambda: bool(second.events_of("stages-degraded")), timeout=20.0)
+        event = second.events_of("stages-degraded")[0]
+        assert event["stages"] == [LIGHT] and event["requested_stages"] == [HEAVY], event
+        assert "executor full" in event["reason"]
+        assert not first.events_of("stages-degraded")
+        await wait_for(lambda: stats_of(second) is not None, timeout=30.0)
+        before = stats_of(first)
+        assert before is not None
+        await wait_for(lambda: (stats_of(second) or {}).get("chunks", 0) > 300, timeout=30.0)
+        s1, s2 = stats_of(first), stats_of(second)
+        assert s1 is not None and s2 is not None
+        assert s1["stages"] == [HEAVY] and s1["degraded_reason"] is None
+        assert s2["stages"] == [LIGHT] and s2["requested_stages"] == [HEAVY] and s2["degraded_reason"]
+        # the admitted stream keeps the SLO while the newcomer runs: < 1 % of its chunks bypassed
+        assert s1["bypassed"] - before["bypassed"] < 0.01 * (s1["chunks"] - before["chunks"]), (before, s1)
+        room = rs.server.rooms.rooms["full"].describe()
+        described = {p["id"]: p for p in room["participants"]}
+        assert described[second.id]["stages"] == [LIGHT] and described[second.id]["degraded_reason"]
+
+        async with aiohttp.ClientSession() as http:
+            health = await (await http.get(f"{rs.url}/healthz")).json()
+        assert health["executor"]["load"] == pytest.approx(0.75) and health["executor"]["headroom"] > 0
+        samples, text = await scrape(rs.url)
+        assert sample(samples, "mediaserver_executor_admissions_total", result="admitted") >= 1
+        assert sample(samples, "mediaserver_executor_admissions_total", result="degraded") == 1
+        assert "mediaserver_executor_load" in text
+        assert "mediaserver_executor_stage_faults_total" in text and "mediaserver_executor_stage_recoveries" in text
+
+        await first.leave()
+        await wait_for(lambda: bool(second.events_of("stages-restored")), timeout=20.0)
+        assert second.events_of("stages-restored")[0]["stages"] == [HEAVY]
+        await wait_for(lambda: (stats_of(second) or {}).get("stages") == [HEAVY], timeout=20.0)
+    finally:
+        await second.leave()
+        await listener.leave()
