@@ -63,8 +63,8 @@ class PromptConfig:
     """Memory bounds of spoken prompts (mediaserver/prompts.py, synth/cache.py), in audio bytes:
     one 5000-character prompt is minutes of 48 kHz float32 audio (tens of MiB)."""
 
-    cache_memory_bytes: int = 64 * 1024 * 1024  # the synthesis cache's memory LRU
-    max_queued_bytes: int = 64 * 1024 * 1024  # audio queued (not yet playing) on one prompt track
+    cache_memory_bytes: int = 32 * 1024 * 1024  # the synthesis cache's memory LRU (entries over a quarter: not kept)
+    max_queued_bytes: int = 32 * 1024 * 1024  # audio one prompt track holds, playing and queued (16-bit)
 
 
 @dataclass(frozen=True)

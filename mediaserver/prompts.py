@@ -52,14 +52,15 @@ MAX_PENDING_SYNTHESES = 8  # prompts of one room being synthesized at once
 READY_TIMEOUT_S = 3.0  # how long a new track holds its first prompt for the subscribers' renegotiation
 WARM_UP_TEXT = "Ready."
 RECENT_PROMPTS = 256  # prompts findable by id after they were queued (their audio is let go once played)
-MAX_QUEUED_BYTES = 64 * 1024 * 1024  # audio queued on one track (PromptConfig.max_queued_bytes)
+MAX_QUEUED_BYTES = 32 * 1024 * 1024  # audio one track holds, playing and queued (PromptConfig.max_queued_bytes)
+_INT16_SCALE = np.float32(1.0 / 32767.0)
 _NO_AUDIO = np.zeros(0, dtype=np.float32)
 _NO_AUDIO.flags.writeable = False
 
 
 @dataclass
 class Prompt:
-    """One prompt: its synthesized audio (48 kHz mono float32, read-only) and where playback stands.
+    """One prompt: its synthesized audio (48 kHz mono, int16 or float32) and where playback stands.
 
     Sample positions count the samples its track's source had produced (``-1``: not yet).
     """
@@ -127,6 +128,11 @@ class PromptSource:
         return len(self._queue)
 
     @property
+    def held_bytes(self) -> int:
+        """Audio bytes this track holds: the queued prompts and what is left of the playing one."""
+        return self.queued_bytes + (int(self.current.audio.nbytes) if self.current is not None else 0)
+
+    @property
     def busy(self) -> bool:
         return self.current is not None or bool(self._queue)
 
@@ -139,9 +145,10 @@ class PromptSource:
                 self._finish(self.samples, interrupted=True)
         elif len(self._queue) >= self._max_queued:
             raise RoomError("too-many-prompts", f"{self._max_queued} prompts are already queued", status=429)
-        elif self._queue and self.queued_bytes + size > self._max_queued_bytes:  # one always fits an empty queue
-            raise RoomError("too-many-prompts", f"{self.queued_bytes // (1024 * 1024)} MiB of prompt audio is "
-                            f"already queued (at most {self._max_queued_bytes // (1024 * 1024)} MiB)", status=429)
+        elif self.busy and self.held_bytes + size > self._max_queued_bytes:  # one always fits an idle track
+            raise RoomError("too-many-prompts", f"{self.held_bytes // (1024 * 1024)} MiB of prompt audio is "
+                            f"already playing or queued (at most {self._max_queued_bytes // (1024 * 1024)} MiB)",
+                            status=429)
         prompt.queued_sample = self.samples
         self._queue.append(prompt)
         self.queued_bytes += size
@@ -174,7 +181,8 @@ class PromptSource:
                 self._on_event("started", self.current)
             prompt = self.current
             take = min(CHUNK - filled, len(prompt.audio) - prompt.played)
-            out[filled:filled + take] = prompt.audio[prompt.played:prompt.played + take]
+            part = prompt.audio[prompt.played:prompt.played + take]
+            out[filled:filled + take] = part if part.dtype == np.float32 else part * _INT16_SCALE
             prompt.played += take
             filled += take
             if prompt.played >= len(prompt.audio):
@@ -360,7 +368,10 @@ class PromptManager:
 
     @staticmethod
     def _prompt(text: str, to: str | None, result: SynthResult) -> Prompt:
-        return Prompt(id=new_id("prompt-"), text=text, audio=result.audio, to=to, voice=result.voice,
+        # held as 16-bit samples while queued and playing: half the memory of float32, and nothing a
+        # listener can hear after a 32 kbit/s Opus encode (a 5000-character prompt is ~27 MiB, not ~55)
+        audio = np.round(np.clip(result.audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+        return Prompt(id=new_id("prompt-"), text=text, audio=audio, to=to, voice=result.voice,
                       cache_hit=result.cache_hit, metadata=result.metadata())
 
     def _player(self, room: Room, to: str | None) -> PromptPlayer:

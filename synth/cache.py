@@ -22,9 +22,9 @@ import numpy as np
 from synth.engine import SynthResult, VoiceOptions
 
 DEFAULT_MEMORY_ITEMS = 256
-# What the memory LRU may hold in audio bytes: about 5.8 min of 48 kHz float32.  One 5000-character
+# What the memory LRU may hold in audio bytes: about 2.9 min of 48 kHz float32.  One 5000-character
 # prompt is a few minutes of audio (tens of MiB), so a count alone bounds nothing.
-DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
+DEFAULT_MEMORY_BYTES = 32 * 1024 * 1024
 
 
 def default_cache_dir() -> Path:
@@ -68,6 +68,7 @@ class PromptCache:
         self.directory = Path(directory) if directory is not None else None
         self.memory_items = memory_items
         self.memory_bytes = memory_bytes
+        self.not_kept = 0  # results handed out but too large to keep in memory
         self._memory: OrderedDict[str, SynthResult] = OrderedDict()
         self._bytes = 0
         self.evictions = 0
@@ -111,7 +112,8 @@ class PromptCache:
     def _remember(self, key: str, result: SynthResult) -> None:
         result.audio.flags.writeable = False  # shared by every hit: nobody may change it in place
         size = int(result.audio.nbytes)
-        if self.memory_items == 0 or size > self.memory_bytes:
+        if self.memory_items == 0 or size > self.memory_bytes // 4:
+            self.not_kept += 1  # one entry of more than a quarter of the budget would evict most others
             return
         with self._lock:
             old = self._memory.pop(key, None)
