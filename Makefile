@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	@for b in bench/*.py; do case $$b in bench/soak.py|bench/capacity.py|bench/plain_forwarder.py) continue;; esac; echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/*.py; do case $$b in bench/soak.py|bench/capacity.py|bench/plain_forwarder.py|bench/attack.py|bench/media_flood.py|bench/signaling_flood.py|bench/sip_flood.py) continue;; esac; echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lint: setup
 	$(BIN)/ruff check .
@@ -50,6 +50,12 @@ soak: setup
 # Capacity (not part of `make bench`): per configuration (plain aiortc forwarder, no stages, default, denoise,
 # aec,dereverb,denoise) the largest number of streams meeting the SLO, server on core 0, bots on core 1.
 # CAPACITY_ARGS="--quick" for a short run; "--server-cpus 0-1 --bot-cpus 0-1" for both cores.
-.PHONY: bench-capacity
+.PHONY: bench-capacity attack
 bench-capacity: setup
 	$(BIN)/python bench/capacity.py $(CAPACITY_ARGS)
+
+# Attack suite (issue 17): every attack class against a production-mode server while two real participants
+# talk; per attack the call's largest gap, frames lost, RSS/fd growth and the server's reaction, as JSON.
+# ATTACK_ARGS="--quick" for the bounded counts that `make test` runs (tests/test_attacks.py).
+attack: setup
+	$(BIN)/python bench/attack.py $(ATTACK_ARGS)

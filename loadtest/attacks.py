@@ -102,10 +102,16 @@ async def ping_flood(url: str, *, sockets: int = 32, seconds: float = 5.0, local
 
 
 async def stage_join(url: str, *, items: int = 8000, room: str = "attack-stages", as_list: bool = True,
-                     local_addr: str | None = None) -> dict[str, Any]:
-    """A ``join`` whose ``stages`` lists ``items`` entries: how long until the server answers, and what."""
-    stages: Any = ["vad"] * items if as_list else ",".join(["vad"] * items)
-    raw = json.dumps({"type": "join", "room": room, "name": "stages", "stages": stages})
+                     local_addr: str | None = None, token: str | None = None,
+                     stages: Any = None) -> dict[str, Any]:
+    """A ``join`` whose ``stages`` lists ``items`` entries (or is ``stages``): how long until the server
+    answers, and what.  ``token``: join as a participant with a valid token (production servers)."""
+    if stages is None:
+        stages = ["vad"] * items if as_list else ",".join(["vad"] * items)
+    msg: dict[str, Any] = {"type": "join", "room": room, "name": "stages", "stages": stages}
+    if token is not None:
+        msg["token"] = token
+    raw = json.dumps(msg)
     async with _session(local_addr) as http:
         ws = await http.ws_connect(ws_url(url))
         t0 = time.monotonic()
@@ -118,12 +124,15 @@ async def stage_join(url: str, *, items: int = 8000, room: str = "attack-stages"
             "reply": reply.get("code", reply.get("type"))}
 
 
-async def nested_json(url: str, *, depth: int = 50_000, path: str = "/api/rooms/attack/stages") -> dict[str, Any]:
-    """An HTTP PUT whose JSON body nests ``depth`` arrays."""
+async def nested_json(url: str, *, depth: int = 50_000, path: str = "/api/rooms/attack/stages",
+                      token: str | None = None) -> dict[str, Any]:
+    """An HTTP PUT whose JSON body nests ``depth`` arrays (``token``: as an admin, past the auth check)."""
     body = b"[" * depth + b"]" * depth
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     async with aiohttp.ClientSession() as http:
-        async with http.put(url.rstrip("/") + path, data=body,
-                            headers={"Content-Type": "application/json"}) as r:
+        async with http.put(url.rstrip("/") + path, data=body, headers=headers) as r:
             try:
                 reply = await r.json(content_type=None)
             except (ValueError, aiohttp.ContentTypeError):
@@ -228,11 +237,15 @@ async def same_identity_joins(url: str, *, token: str, room: str, joins: int = 8
     return {"attack": "same-identity", "joins": joins, **dict(sorted(events.items()))}
 
 
-async def join_without_offer(url: str, *, room: str = "attack-idle", wait_s: float = 30.0) -> dict[str, Any]:
+async def join_without_offer(url: str, *, room: str = "attack-idle", wait_s: float = 30.0,
+                             token: str | None = None) -> dict[str, Any]:
     """Join and never offer: what the server says, and after how long."""
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(ws_url(url))
-        await ws.send_str(json.dumps({"type": "join", "room": room}))
+        join: dict[str, Any] = {"type": "join", "room": room}
+        if token is not None:
+            join["token"] = token
+        await ws.send_str(json.dumps(join))
         t0 = time.monotonic()
         seen: list[str] = []
         while time.monotonic() - t0 < wait_s:

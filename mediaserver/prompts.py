@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
 import time
 from collections.abc import Callable
@@ -54,6 +55,15 @@ WARM_UP_TEXT = "Ready."
 RECENT_PROMPTS = 256  # prompts findable by id after they were queued (their audio is let go once played)
 MAX_QUEUED_BYTES = 32 * 1024 * 1024  # audio one track holds, playing and queued (PromptConfig.max_queued_bytes)
 _INT16_SCALE = np.float32(1.0 / 32767.0)
+
+
+def _release_heap() -> None:
+    """Hand freed heap back to the OS: glibc keeps large freed buffers (a long prompt's float32
+    synthesis buffers, tens of MiB) in the process otherwise, once its mmap threshold has grown."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 _NO_AUDIO = np.zeros(0, dtype=np.float32)
 _NO_AUDIO.flags.writeable = False
 
@@ -371,6 +381,7 @@ class PromptManager:
         # held as 16-bit samples while queued and playing: half the memory of float32, and nothing a
         # listener can hear after a 32 kbit/s Opus encode (a 5000-character prompt is ~27 MiB, not ~55)
         audio = np.round(np.clip(result.audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+        _release_heap()
         return Prompt(id=new_id("prompt-"), text=text, audio=audio, to=to, voice=result.voice,
                       cache_hit=result.cache_hit, metadata=result.metadata())
 
