@@ -56,7 +56,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import BIN, ROOT, free_port, wait_healthy  # noqa: E402
+from bench.load import BIN, ROOT, free_port, stop_server, wait_healthy  # noqa: E402
 from bench.media_flood import server_addresses, spawn_sender  # noqa: E402
 from bench.signaling_flood import call_figures, flood_subprocess  # noqa: E402
 from loadtest import attacks, sip_attacks  # noqa: E402
@@ -132,12 +132,7 @@ def production_server(stages: str | None = None) -> Iterator[tuple[str, int, sub
         wait_healthy(url, proc)
         yield url, sip_port, proc
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 # -- the suite ----------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import BIN, ROOT, free_port, wait_healthy  # noqa: E402
+from bench.load import BIN, ROOT, free_port, stop_server, wait_healthy  # noqa: E402
 from loadtest.session import LoadSession, SessionConfig  # noqa: E402
 from loadtest.sources import SourceConfig, default_dir  # noqa: E402
 
@@ -97,12 +96,7 @@ def server(config: str, cpus: str, log: Path) -> Iterator[tuple[str, subprocess.
         wait_healthy(url, proc)
         yield url, proc
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 # -- one measured window --------------------------------------------------------------------------------

@@ -51,6 +51,16 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 180
     raise TimeoutError("mediaserver did not become healthy")
 
 
+def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """SIGINT (the server drains), then SIGKILL if it has not exited within ``timeout_s``."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def served(stages: str | None,
            output: IO[bytes] | int = subprocess.DEVNULL) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
@@ -66,12 +76,7 @@ def served(stages: str | None,
         wait_healthy(url, server)
         yield url, server
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
 
 
 def main() -> int:

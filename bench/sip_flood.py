@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import BIN, ROOT, free_port, wait_healthy  # noqa: E402
+from bench.load import BIN, ROOT, free_port, stop_server, wait_healthy  # noqa: E402
 from bench.signaling_flood import call_figures, cpu_seconds, urllib_get  # noqa: E402
 from loadtest.bot import Bot  # noqa: E402
 from loadtest.lightmedia import encode_opus  # noqa: E402
@@ -123,12 +122,7 @@ def main() -> int:
         wait_healthy(url, server)
         results = asyncio.run(run(url, sip_port, server.pid, args.seconds))
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
     print(json.dumps({"bench": "sip_flood", "results": results}, indent=1))
     return 0
 
