@@ -13,6 +13,7 @@ import fractions
 import json
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,9 +153,12 @@ class Bot:
                  loop: bool = True, stages: str | list[str] | None = None,
                  echo_cancellation: bool = True, publish: bool = True,
                  token: str | None = None, local_addr: str | None = None, light: bool = False,
-                 opus_packets: list[bytes] | None = None) -> None:
+                 opus_packets: list[bytes] | None = None, decode_share: float = 1.0) -> None:
         self.url = url.rstrip("/")
         self.light = light  # pre-encoded sending, inline decoding (loadtest.lightmedia)
+        # light bots only: the share of received streams decoded (marker latency needs audio); the others
+        # are counted from their RTP headers alone (loss, gaps, jitter), so big rooms fit one load-generator core
+        self.decode_share = decode_share
         self.token = token
         self.local_addr = local_addr  # source address of the WebSocket (spreads per-address limits)
         self.room = room
@@ -286,9 +290,15 @@ class Bot:
         self._tap_rtp(transceiver.receiver, rec)
         if self.light:
             if not isinstance(getattr(transceiver.receiver, _JITTER_ATTR, None), InlineDecoder):
-                setattr(transceiver.receiver, _JITTER_ATTR, InlineDecoder(rec))
+                setattr(transceiver.receiver, _JITTER_ATTR, InlineDecoder(rec, decode=self._decodes(mid)))
             return
         self._tasks.append(asyncio.get_running_loop().create_task(self._record(track, rec)))
+
+    def _decodes(self, mid: str) -> bool:
+        """Whether this bot decodes the stream on ``mid`` (a stable pseudo-random ``decode_share`` of them)."""
+        if self.decode_share >= 1.0:
+            return True
+        return zlib.crc32(f"{self.name}/{mid}".encode()) % 1000 < self.decode_share * 1000
 
     def _tap_send(self) -> None:
         """Log when each of our RTP packets reaches the transport (after aiortc's Opus encode)."""

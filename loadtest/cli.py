@@ -41,6 +41,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sent-dnsmos", action="store_true", help="do not score what publishers sent")
     p.add_argument("--full-aiortc", action="store_true",
                    help="bots use aiortc's own encode/decode threads (heavier) instead of the light media path")
+    p.add_argument("--decode-share", type=float, default=1.0,
+                   help="share of received streams each light bot decodes for marker latency (default 1: all); "
+                        "the others are counted from RTP headers only (loss, gaps, jitter)")
     p.add_argument("--sequential-joins", action="store_true", help="join bots one at a time")
     p.add_argument("--no-spread-addresses", action="store_true",
                    help="do not spread bots over 127.0.0.x source addresses against a loopback server")
@@ -77,7 +80,7 @@ def session_config(args: argparse.Namespace, bots: int) -> SessionConfig:
     return SessionConfig(url=args.url, sources=sources, stages=args.stages, processes=processes, token=args.token,
                          dnsmos_per_publisher=args.dnsmos_per_publisher, warmup_s=args.warmup,
                          progress=not args.quiet, score_sent=not args.no_sent_dnsmos, light=not args.full_aiortc,
-                         sequential_joins=args.sequential_joins,
+                         sequential_joins=args.sequential_joins, decode_share=args.decode_share,
                          spread_source_addresses=not args.no_spread_addresses)
 
 

@@ -58,10 +58,12 @@ class _Snapshot:
 class BotHost:
     """Owns the bots of one process and everything they recorded."""
 
-    def __init__(self, library: SourceLibrary, url: str, max_concurrent_joins: int = 4, light: bool = True) -> None:
+    def __init__(self, library: SourceLibrary, url: str, max_concurrent_joins: int = 4, light: bool = True,
+                 decode_share: float = 1.0) -> None:
         self.library = library
         self.url = url
         self.light = light
+        self.decode_share = decode_share
         self.bots: list[tuple[BotSpec, Bot]] = []
         self._join_gate = asyncio.Semaphore(max_concurrent_joins)
         self._opus: dict[int, list[bytes]] = {}
@@ -95,7 +97,7 @@ class BotHost:
         mix, packets = await asyncio.get_running_loop().run_in_executor(None, self._media, spec.index)
         bot = Bot(self.url, spec.room, spec.name, mix, loop=True, stages=spec.stages,
                   echo_cancellation=spec.echo_cancellation, token=spec.token, local_addr=spec.local_addr,
-                  light=self.light, opus_packets=packets)
+                  light=self.light, opus_packets=packets, decode_share=self.decode_share)
         self.bots.append((spec, bot))
         error = None
         async with self._join_gate:

@@ -11,7 +11,9 @@ starved load generator measures its own delays instead of the server's.
   ready Opus packets (aiortc only packetizes them, as the server does).
 - ``InlineDecoder`` takes the place of a receiver's jitter buffer: every RTP
   packet is decoded on arrival, in the event loop, and appended to the
-  bot's ``Recording``; aiortc's decoder thread stays idle.  Missing packets
+  bot's ``Recording``; aiortc's decoder thread stays idle.  With
+  ``decode=False`` it only counts: the packets' RTP headers (tapped before
+  it) give loss, gaps and jitter, and no audio is kept.  Missing packets
   leave holes in the pts timeline (no concealment), which the analysis
   counts as gaps.
 """
@@ -140,8 +142,9 @@ class EncodedPcmTrack(MediaStreamTrack):
 class InlineDecoder:
     """Stands in for an aiortc receiver's jitter buffer: decodes each packet as it arrives."""
 
-    def __init__(self, recording: Recording) -> None:
+    def __init__(self, recording: Recording, decode: bool = True) -> None:
         self.recording = recording
+        self.decode = decode
         self._decoder = OpusDecoder()
         self._origin: int | None = None
         self.capacity = 16
@@ -152,7 +155,7 @@ class InlineDecoder:
             self._origin = int(packet.timestamp)
             rec.ts_origin = self._origin
         data = getattr(packet, "_data", b"")
-        if data:
+        if data and self.decode:
             for mono in decode_opus(self._decoder, data):
                 rec.blocks.append(mono)
                 rec.arrivals.append(time.monotonic())

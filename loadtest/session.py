@@ -45,6 +45,7 @@ class SessionConfig:
     dnsmos_per_publisher: int = 1  # subscribers whose copy of each stream is scored
     score_sent: bool = True  # also score what each scored publisher sent (the quality baseline)
     light: bool = True  # pre-encoded sending, inline decoding (loadtest.lightmedia); False: aiortc's own path
+    decode_share: float = 1.0  # light bots: share of received streams decoded (latency); the rest counted only
     warmup_s: float = 4.0
     progress: bool = True
     scrape_interval_s: float = 2.0
@@ -87,9 +88,11 @@ class LoadSession:
         self.health["start"] = await self._get_json("/healthz")
         n = self.config.processes
         if n <= 0:
-            self.hosts = [LocalHost(self.config.sources, self.config.url, light=self.config.light)]
+            self.hosts = [LocalHost(self.config.sources, self.config.url, light=self.config.light,
+                                    decode_share=self.config.decode_share)]
         else:
-            self.hosts = [RemoteHost(self.config.sources, self.config.url, f"loadtest-worker-{i}", self.config.light)
+            self.hosts = [RemoteHost(self.config.sources, self.config.url, f"loadtest-worker-{i}", self.config.light,
+                                     self.config.decode_share)
                           for i in range(n)]
             await asyncio.gather(*(h.call("status") for h in self.hosts))  # all up (signals load lazily)
         self.scraper.start()

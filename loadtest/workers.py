@@ -41,8 +41,8 @@ class Host(Protocol):
 class LocalHost:
     """A ``BotHost`` in the coordinator's own event loop (``--processes 0``)."""
 
-    def __init__(self, sources: SourceConfig, url: str, light: bool = True) -> None:
-        self.host = BotHost(SourceLibrary(sources), url, light=light)
+    def __init__(self, sources: SourceConfig, url: str, light: bool = True, decode_share: float = 1.0) -> None:
+        self.host = BotHost(SourceLibrary(sources), url, light=light, decode_share=decode_share)
 
     async def call(self, command: str, **kwargs: Any) -> Any:
         if command not in COMMANDS:
@@ -68,8 +68,8 @@ def _pump(conn: Connection, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queu
             return
 
 
-async def _serve(conn: Connection, sources: SourceConfig, url: str, light: bool) -> None:
-    host = BotHost(SourceLibrary(sources), url, light=light)
+async def _serve(conn: Connection, sources: SourceConfig, url: str, light: bool, decode_share: float) -> None:
+    host = BotHost(SourceLibrary(sources), url, light=light, decode_share=decode_share)
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[Any] = asyncio.Queue()
     threading.Thread(target=_pump, args=(conn, loop, inbox), daemon=True).start()
@@ -101,11 +101,11 @@ async def _serve(conn: Connection, sources: SourceConfig, url: str, light: bool)
 
 
 def worker_main(conn: Connection, sources: SourceConfig, url: str, light: bool = True,
-                log_level: int = logging.WARNING) -> None:
+                log_level: int = logging.WARNING, decode_share: float = 1.0) -> None:
     """Entry point of a worker process."""
     logging.basicConfig(level=log_level, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(_serve(conn, sources, url, light))
+        asyncio.run(_serve(conn, sources, url, light, decode_share))
     finally:
         conn.close()
 
@@ -113,11 +113,12 @@ def worker_main(conn: Connection, sources: SourceConfig, url: str, light: bool =
 class RemoteHost:
     """A ``BotHost`` in a spawned worker process."""
 
-    def __init__(self, sources: SourceConfig, url: str, name: str = "loadtest-worker", light: bool = True) -> None:
+    def __init__(self, sources: SourceConfig, url: str, name: str = "loadtest-worker", light: bool = True,
+                 decode_share: float = 1.0) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
         level = logging.getLogger("loadtest").getEffectiveLevel()
-        self.process = ctx.Process(target=worker_main, args=(child, sources, url, light, level),
+        self.process = ctx.Process(target=worker_main, args=(child, sources, url, light, level, decode_share),
                                    name=name, daemon=True)
         self.process.start()
         child.close()

@@ -144,3 +144,19 @@ async def test_short_run_is_plausible_and_denoising_helps(start_server: ServerFa
     assert on["dnsmos_gain"]["bak"] > off["dnsmos_gain"]["bak"] + 0.3, (groups, why)
     assert on["dnsmos_gain"]["ovrl"] > off["dnsmos_gain"]["ovrl"], (groups, why)
     assert on["marker_vs_server"] is not None and abs(on["marker_vs_server"]) <= 20.0, s["marker_vs_server"]
+
+
+async def test_counted_only_streams_still_report_every_frame(start_server: ServerFactory) -> None:
+    """Bots that decode none of what they receive (big-room load) still account for every stream's frames."""
+    _library()
+    server = await start_server(ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True)))
+    config = SessionConfig(url=server.url, sources=SourceConfig(str(EVAL / "speech"), None, None),
+                           stages="none", processes=0, warmup_s=2.0, progress=False, decode_share=0.0,
+                           dnsmos_per_publisher=0, score_sent=False)
+    report = await run_load(config, bots=3, rooms=1, duration_s=4.0)
+    window = report["window"]
+    assert report["summary"]["bots_failed"] == 0, [j["error"] for j in report["joins"]]
+    assert len(window["streams"]) == 6, window["streams_missing"]
+    for stream in window["streams"]:
+        assert stream["frames_received"] >= 0.5 * stream["frames_expected"] > 0, stream
+        assert stream["latency_windows"] == 0  # nothing decoded: no marker latency, by design
