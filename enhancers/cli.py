@@ -22,7 +22,7 @@ from typing import Any
 
 from enhancers.registry import CHAIN_ORDER, STAGES, load_stage_class, parse_stage_list
 
-EVAL_TASKS = ("denoise", "aec", "dereverb")
+EVAL_TASKS = ("denoise", "aec", "dereverb", "wer")
 EXIT_USAGE = 2
 
 
@@ -179,6 +179,8 @@ def load_task(task: str) -> ModuleType:
 
 
 def run_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    if not args.task and rest and rest[0] in EVAL_TASKS:  # ``enhancers eval wer ...`` = ``--task wer``
+        args.task, rest = rest[0], rest[1:]
     if not args.task:
         usage = "usage: enhancers eval --task TASK [task options]\n"
         usage += f"tasks: {', '.join(EVAL_TASKS)} (installed: {', '.join(available_tasks()) or 'none'})"
