@@ -146,8 +146,8 @@ def intelligibility_wer(
 
     Returns ``{"wer", "words", "before", "after"}``, or None when the feature is
     off (``config.enabled`` false) or the "before" excerpt holds fewer than
-    ``config.min_words`` words.  Blocking (about 0.1-0.5 s of CPU for 5 s of
-    audio): call it off the media path, e.g. in a worker thread.
+    ``config.min_words`` words.  Blocking (about 0.6 s of one core per 5 s
+    excerpt, two per call): call it off the media path, e.g. in a worker thread.
     """
     cfg = config or IntelligibilityConfig(enabled=True)
     if not cfg.enabled:
