@@ -4,6 +4,7 @@
     synth say - out.wav < prompt.txt
     synth say "Hello" out.wav --engine piper --model en_US-lessac-medium.onnx
     synth voices [--engine espeak|piper --model PATH] [--variants]
+    synth detect FILE.wav [--key KEY]      # provenance watermark: JSON verdict, prompt id, windows
 
 Exit codes: 0 success; 2 for a request the caller can fix (empty text, unknown voice, text too long,
 option out of range, bad arguments); 1 when the engine itself fails.
@@ -67,7 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", action="store_true", help="list eSpeak voice variants (use as LANG+VARIANT)"
     )
     _add_engine_arguments(voices)
+
+    detect = commands.add_parser("detect", help="look for the provenance watermark in a WAV file (JSON out)")
+    detect.add_argument("file", type=Path, help="WAV (any rate; stereo is mixed down)")
+    detect.add_argument("--key", help="watermark key (default: $SYNTH_WATERMARK_KEY, else the public dev key)")
     return parser
+
+
+def _detect(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from synth.watermark import DEV_KEY, WatermarkConfig, detect
+
+    if not args.file.is_file():
+        raise InvalidRequest(f"no file at {args.file}")
+    try:
+        audio, rate = sf.read(str(args.file), dtype="float64", always_2d=True)
+    except (RuntimeError, sf.LibsndfileError) as exc:
+        raise InvalidRequest(f"cannot read {args.file}: {exc}") from exc
+    key = args.key or os.environ.get("SYNTH_WATERMARK_KEY") or DEV_KEY
+    found = detect(audio.mean(axis=1), int(rate), WatermarkConfig(key=key))
+    print(json.dumps({"file": str(args.file), **found.as_dict()}))
+    return 0
 
 
 def make_engine(args: argparse.Namespace) -> SynthEngine:
@@ -119,6 +142,8 @@ def _voices(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "detect":
+            return _detect(args)
         return _say(args) if args.command == "say" else _voices(args)
     except InvalidRequest as exc:
         print(f"synth: error: {exc}", file=sys.stderr)

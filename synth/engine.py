@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from synth.watermark import WatermarkConfig, embed, prompt_id_for
+
 DEFAULT_MAX_CHARS = 5000
 RATE_RANGE = (0.5, 2.5)
 PITCH_RANGE = (0.0, 2.0)
@@ -130,10 +132,12 @@ class SynthEngine(ABC):
     #: short engine id used in cache keys and metadata ("espeak", "piper")
     name: str = "engine"
 
-    def __init__(self, max_chars: int = DEFAULT_MAX_CHARS) -> None:
+    def __init__(self, max_chars: int = DEFAULT_MAX_CHARS, watermark: WatermarkConfig | None = None) -> None:
         if max_chars <= 0:
             raise ValueError("max_chars must be positive")
         self.max_chars = max_chars
+        #: provenance mark added to every result (synth.watermark); the default key is the public dev key
+        self.watermark = watermark if watermark is not None else WatermarkConfig()
 
     @abstractmethod
     def voices(self) -> list[str]:
@@ -176,4 +180,10 @@ class SynthEngine(ABC):
         """Speak ``text``: float32 mono PCM at the engine's native rate."""
         opts = options if options is not None else VoiceOptions()
         voice = self.validate(text, opts)
-        return self._synthesize(text, voice, opts)
+        result = self._synthesize(text, voice, opts)
+        if self.watermark.enabled:
+            prompt_id = prompt_id_for(f"{self.identity()}|{voice}|{opts}|{text}")
+            result.audio = embed(result.audio, result.sample_rate, prompt_id, self.watermark)
+            result.extra = {**result.extra, "watermark_id": f"{prompt_id:06x}",
+                            "watermark_key_id": self.watermark.key_id()}
+        return result
