@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional
 
-from enhancers.executor_recovery import RecoveryPolicy
+from enhancers.executor.recovery import RecoveryPolicy
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,9 @@ class EnhanceConfig:
     # "process": stages run in a worker process of their own, off the event loop's GIL (servers);
     # "thread": on a thread of the server process (no second process; small deployments, debugging)
     isolation: str = "process"
-    # a stage that hung or crashed the worker: backoff and give-up thresholds (enhancers/executor_recovery.py)
+    # a stage that hung or crashed the worker: backoff and give-up thresholds (enhancers/executor/recovery.py)
     recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
-    # Admission control (enhancers/executor_admission.py): a stream gets the stages it asks for if the
+    # Admission control (enhancers/executor/admission.py): a stream gets the stages it asks for if the
     # predicted stage time per 10 ms tick, with the streams already admitted, stays within target_load
     # of the tick; else a lighter stage list (enhancers.registry LIGHTER, DEGRADE_STEPS), else none (its
     # audio is forwarded as it came).  Degraded streams are upgraded when the better list fits under
@@ -185,6 +185,21 @@ class SipConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    """Live audio quality SLIs (mediaserver/quality.py): sampling, scorer and metric cardinality."""
+
+    enabled: bool = True
+    period_s: float = 30.0  # one DNSMOS window per stream this often (before and after enhancement)
+    window_s: float = 4.0  # length of a window, whole seconds
+    first_window_s: float = 1.0  # the first window starts this long after the stream (jitter buffer settled)
+    max_pending: int = 8  # windows waiting for the scorer; beyond, the oldest is dropped (counted)
+    max_queued_blocks: int = 512  # 1 s blocks of audio waiting for the scorer thread; beyond, dropped (counted)
+    threads: int = 1  # ONNX Runtime intra-op threads of the scorer
+    nice: int = 10  # the scorer thread's nice increment (Linux), so the media path wins the CPU
+    per_stream_metrics: bool = False  # /metrics: per-stream gauges too (else per room and stage set only)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything the process needs, built once by ``load_config``."""
 
@@ -198,6 +213,7 @@ class ServerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     sip: SipConfig = field(default_factory=SipConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -299,6 +315,13 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         limits = replace(limits, max_participants_per_room=int(env["MEDIASERVER_MAX_PARTICIPANTS"]))
     if "MEDIASERVER_PEER_TIMEOUT_S" in env:
         limits = replace(limits, peer_timeout_s=float(env["MEDIASERVER_PEER_TIMEOUT_S"]))
+    quality = cfg.quality
+    if "MEDIASERVER_QUALITY" in env:
+        quality = replace(quality, enabled=env["MEDIASERVER_QUALITY"] not in ("0", "false", "no"))
+    if "MEDIASERVER_QUALITY_PERIOD_S" in env:
+        quality = replace(quality, period_s=float(env["MEDIASERVER_QUALITY_PERIOD_S"]))
+    if "MEDIASERVER_QUALITY_PER_STREAM_METRICS" in env:
+        quality = replace(quality, per_stream_metrics=env["MEDIASERVER_QUALITY_PER_STREAM_METRICS"] in ("1", "true", "yes"))
     auth = cfg.auth
     if env.get("MEDIASERVER_AUTH_SECRET"):
         auth = replace(auth, secret=env["MEDIASERVER_AUTH_SECRET"])
@@ -311,7 +334,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
     if not auth.dev_mode and not auth.secret:
         raise ValueError("set MEDIASERVER_AUTH_SECRET (signed join tokens) or run with --dev "
                          "(development mode: no tokens, local use only)")
-    cfg = replace(cfg, media=media, enhance=enhance, limits=limits, auth=auth, sip=_sip_from_env(env))
+    cfg = replace(cfg, media=media, enhance=enhance, limits=limits, auth=auth, sip=_sip_from_env(env),
+                  quality=quality)
     top = {k: v for k, v in overrides.items() if v is not None and k in ServerConfig.__dataclass_fields__}
     cfg = replace(cfg, **top)  # type: ignore[arg-type]
     if "stages" in overrides and overrides["stages"] is not None:

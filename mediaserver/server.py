@@ -18,6 +18,7 @@ from mediaserver.config import ServerConfig
 from mediaserver.ingest import InboundRtpSource
 from mediaserver.pipeline import PipelineHub
 from mediaserver.prompts import PromptManager  # prompts: TTS prompt tracks
+from mediaserver.quality import QualityMonitor, QualityTap  # quality: live SLIs per stream
 from mediaserver.room import (
     MediaSession,
     Participant,
@@ -70,6 +71,8 @@ class MediaServer:
         self._notices: set[asyncio.Task[None]] = set()  # stage notices on their way to participants
         self.prompts = PromptManager(self)  # prompts: the SynthService and every room's prompt tracks
         self.telemetry = MediaTelemetry(self)  # telemetry: spans, per-stream figures, sampler
+        self.quality = QualityMonitor(config.quality)  # quality: DNSMOS and signals, on a thread of its own
+        self._quality_taps: dict[PublishedStream, QualityTap] = {}
 
     async def start(self) -> None:
         validate_stages(self.config.enhance.default_stages)
@@ -113,6 +116,7 @@ class MediaServer:
             for s in list(room.streams.values()):
                 await room.remove_stream(s)
         await self.clock.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.quality.close)  # quality
         if self.hub.executor is not None:
             await self.hub.executor.close()
 
@@ -191,9 +195,14 @@ class MediaServer:
         m = self.config.media
         pipeline = self.hub.open(f"{room.id}/{participant.id}",
                                  list(stages) if stages is not None else participant.effective_stages())
-        stream = PublishedStream(stream_id or f"{participant.id}-mic", participant.id, kind, source,
+        stream_id = stream_id or f"{participant.id}-mic"
+        tap = self.quality.open(stream_id, room.id)  # quality: pre/post chunks to the scorer thread
+        stream = PublishedStream(stream_id, participant.id, kind, source,
                                  pipeline, self.clock, bitrate=m.opus_bitrate,
-                                 forward_unprocessed=m.forward_unprocessed)
+                                 forward_unprocessed=m.forward_unprocessed,
+                                 on_chunk=tap.on_chunk if tap is not None else None)
+        if tap is not None:
+            self._quality_taps[stream] = tap
         stream.muted = participant.muted
         participant.published = stream
         pipeline.on_change = lambda _: self._stages_upgraded(participant, stream)
@@ -380,6 +389,8 @@ class MediaServer:
                         "jitter_ms": round(jb.jitter_ms, 2), "jitter_buffer_ms": round(jb.buffer_ms, 1),
                         "jitter_target_ms": round(jb.target_ms, 1)})
         out.update(self.telemetry.stream_extras(stream))  # telemetry: e2e latency, drops
+        if stream in self._quality_taps:
+            out["quality"] = self.quality.stream_stats(stream.id)  # quality: DNSMOS, SNR, level ...
         return out
 
     async def _room_ticker(self) -> None:
@@ -387,6 +398,8 @@ class MediaServer:
         while True:
             await asyncio.sleep(0.25)
             n += 1
+            if n % 4 == 0:
+                self._sweep_quality_taps()
             for room in list(self.rooms.rooms.values()):
                 speaker = room.update_active_speaker()
                 if speaker is not None:
@@ -394,6 +407,12 @@ class MediaServer:
                 if n % 4 == 0:
                     stats = [self.stream_stats(s) for s in room.streams.values()]
                     await room.broadcast({"type": "stats", "streams": stats})
+
+    def _sweep_quality_taps(self) -> None:
+        for stream, tap in list(self._quality_taps.items()):
+            if stream.closed:
+                self.quality.close_stream(tap)
+                del self._quality_taps[stream]
 
     def health(self) -> dict[str, Any]:
         return {
@@ -405,4 +424,5 @@ class MediaServer:
             "clock": {"ticks": self.clock.ticks, "skipped_ticks": self.clock.skipped_ticks,
                       "last_lag_ms": round(self.clock.last_lag_ms, 2)},
             "executor": self.hub.stats(),
+            "quality": self.quality.stats(),
         }

@@ -30,6 +30,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from mediaserver.jitter import JitterStats
+from mediaserver.quality_telemetry import quality_instruments, record_new
 from mediaserver.stream import PublishedStream, StreamCounters
 from mediaserver.telemetry_instruments import Instruments, instruments
 
@@ -167,6 +168,8 @@ class MediaTelemetry:
     def start(self) -> None:
         self._instruments = instruments()
         self._instruments.observe(self)
+        if getattr(self._server, "quality", None) is not None:
+            quality_instruments().observe(self._server.quality)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-sampler")
 
     async def close(self) -> None:
@@ -297,6 +300,8 @@ class MediaTelemetry:
         self._follow_prompts()
         if inst is not None:
             inst.loop_lag.record(loop_lag_s)
+            if getattr(self._server, "quality", None) is not None:  # quality SLIs: histograms, span attributes
+                record_new(self, self._server.quality)
 
     def sweep(self) -> None:
         """End the spans of streams that left their room."""
