@@ -36,7 +36,7 @@ STAGES: dict[str, str] = {
 }
 
 # The ladder an overloaded executor walks down for a stream it cannot give what it asked for
-# (enhancers/executor_admission.py): lighter variants of a spec, best first ...
+# (enhancers/executor/admission.py): lighter variants of a spec, best first ...
 LIGHTER: dict[str, tuple[str, ...]] = {
     "denoise": ("denoise:gtcrn", "denoise:nsnet2", "denoise:rnnoise"),
     "denoise:df3": ("denoise:gtcrn", "denoise:nsnet2", "denoise:rnnoise"),

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from enhancers.tensor_device import move_tensors
+
 SAMPLE_RATE = 48_000
 CHUNK = 480  # 10 ms at 48 kHz
 
@@ -147,12 +149,10 @@ class Stage(ABC):
 
         The executor calls this when the accelerator fails mid-run (moving to
         the CPU).  The default walks the instance: tensors, modules, and the
-        project's own helper objects holding them (``enhancers.executor_device``).
+        project's own helper objects holding them (``enhancers.tensor_device``).
         Stages with device-bound objects of another kind override it; raising
         makes the executor load a fresh instance on the new device instead.
         """
-        from enhancers.executor_device import move_tensors
-
         move_tensors(self, torch.device(device))
         self.device = torch.device(device)
 

@@ -17,7 +17,7 @@ import pytest
 
 from enhancers import registry
 from enhancers.executor import Executor, ExecutorConfig, ExecutorStream
-from enhancers.executor_admission import candidates
+from enhancers.executor.admission import candidates
 from enhancers.stage import CHUNK
 from loadtest.bot import Bot
 from mediaserver.config import AuthConfig, EnhanceConfig, ServerConfig

@@ -19,7 +19,7 @@ import torch
 
 from enhancers import registry
 from enhancers.executor import Executor, ExecutorConfig, ExecutorStream, ProcessedChunk
-from enhancers.executor_device import is_device_error, move_stage
+from enhancers.executor.device import is_device_error, move_stage
 from enhancers.registry import create_stage
 from enhancers.stage import CHUNK, BatchContext
 from tests import fault_stages

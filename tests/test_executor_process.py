@@ -18,7 +18,7 @@ import pytest
 
 from enhancers import registry
 from enhancers.executor import Executor, ExecutorConfig, ExecutorStream, ProcessedChunk
-from enhancers.executor_recovery import RecoveryPolicy
+from enhancers.executor.recovery import RecoveryPolicy
 from enhancers.stage import CHUNK
 
 LOUD = 2.0  # the limiter brings this down to its ceiling

@@ -17,7 +17,7 @@ import pytest
 
 from enhancers import registry
 from enhancers.executor import Executor, ExecutorStream
-from enhancers.executor_recovery import RecoveryPolicy, StageFaults
+from enhancers.executor.recovery import RecoveryPolicy, StageFaults
 from enhancers.stage import CHUNK
 from tests.conftest import speech
 from tests.test_executor_process import limited, limited_again, loud_chunks, make_executor, run_chunks

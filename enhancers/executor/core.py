@@ -1,24 +1,22 @@
 """The batched enhancement executor: one engine that runs every stage for all streams.
 
-Streams submit 10 ms chunks with :meth:`ExecutorStream.process`.  A tick task on
-the asyncio loop gathers the chunks ready from all live streams (after the
-first one arrives it waits up to ``max_wait_ms`` for the others, or until every
-live stream has submitted) and hands them to one worker, which runs each stage
-once per tick, batched over the streams that enabled it
-(``enhancers.executor_worker``).  The worker is a thread of this process
-(``isolation="thread"``, :mod:`enhancers.executor_thread`) or a process of its
-own (``"process"``, :mod:`enhancers.executor_process`, what the server uses).
-Audio never stalls: a chunk whose result is not back ``deadline_ms`` after
-submission is answered with its input (``bypassed=True``) and still runs later
-for the stages' state (at most ``max_backlog_chunks`` late per stream); a
-stage that raises is skipped for that tick; a stage that hangs longer than
-``stuck_after_ms`` (or a worker process that stops answering, or dies) gets the
-worker replaced and the stage disabled for a backoff, after which it is loaded
-again; one that keeps failing stays disabled (``enhancers.executor_recovery``).
-With ``admission`` on, a stream asking for stages gets them only if the predicted
-tick time stays within ``target_load`` of the 10 ms tick; else a lighter
-variant, else none, and is upgraded when load drops
-(``enhancers.executor_admission``).
+Streams submit 10 ms chunks with :meth:`ExecutorStream.process`.  A tick task on the asyncio loop
+gathers the chunks ready from all live streams (after the first one arrives it waits up to
+``max_wait_ms`` for the others, or until every live stream has submitted) and hands them to one
+worker (the :class:`~enhancers.executor.worker.Worker` interface), which runs each stage once per
+tick, batched over the streams that enabled it (:mod:`enhancers.executor.batch`): a thread of this
+process (``isolation="thread"``, :mod:`enhancers.executor.thread`) or a process of its own
+(``"process"``, :mod:`enhancers.executor.process`, what the server uses).
+Audio never stalls: a chunk not back ``deadline_ms`` after submission is answered with its input
+(``bypassed=True``) and still runs later for the stages' state (at most ``max_backlog_chunks`` late
+per stream); a stage that raises is skipped for that tick; a job that runs longer than
+``stuck_after_ms`` (a stage that hangs, a worker process that stops answering; counted from when
+the worker begins the job, not while it loads a stage) or a worker process that dies gets the
+worker replaced and the stage disabled for a backoff, after which it is loaded again; one that
+keeps failing stays disabled (:mod:`enhancers.executor.recovery`).
+With ``admission`` on, a stream asking for stages gets them only if the predicted tick time stays
+within ``target_load`` of the 10 ms tick; else a lighter variant, else none, and is upgraded when
+load drops (:mod:`enhancers.executor.admission`).
 """
 
 from __future__ import annotations
@@ -29,73 +27,25 @@ import gc
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
 import torch
 
-from enhancers.executor_admission import AdmissionControl
-from enhancers.executor_loading import options_for, resolve_device
-from enhancers.executor_process import ProcessWorker
-from enhancers.executor_recovery import RecoveryPolicy
-from enhancers.executor_stream import DeadlineWatch, ExecutorStream
-from enhancers.executor_thread import ThreadWorker
-from enhancers.executor_worker import (
-    COUNTER_KEYS,
-    CloseStream,
-    ControlOp,
-    Job,
-    PendingChunk,
-    ProcessedChunk,
-    RateLimitedLog,
-    SetStreamStages,
-    WorkerSettings,
-)
+from enhancers.executor.admission import AdmissionControl
+from enhancers.executor.config import ExecutorConfig
+from enhancers.executor.loading import options_for, resolve_device
+from enhancers.executor.messages import Job, PendingChunk, ProcessedChunk
+from enhancers.executor.process import ProcessWorker
+from enhancers.executor.stream import DeadlineWatch, ExecutorStream
+from enhancers.executor.thread import ThreadWorker
+from enhancers.executor.worker import COUNTER_KEYS, RateLimitedLog, Worker, WorkerSettings
 from enhancers.registry import parse_spec, parse_stage_list
 from enhancers.stage import CHUNK
 
-__all__ = ["Executor", "ExecutorConfig", "ExecutorStream", "ProcessedChunk", "resolve_device"]
+STUCK_POLL_S = 0.25  # while the worker loads a stage, how often a running job is looked at again
 
 log = logging.getLogger("enhancers.executor")
-
-
-@dataclass(frozen=True)
-class ExecutorConfig:
-    """How the executor batches and when it gives up on a chunk."""
-
-    device: str = "auto"  # "auto": cuda if torch.cuda.is_available() else cpu; or "cpu"/"cuda"
-    deadline_ms: float = 40.0  # per chunk: not back by then -> passes through unprocessed
-    max_wait_ms: float = 3.0  # after a tick's first chunk, wait at most this long for the other streams
-    torch_threads: int = 1  # torch.set_num_threads in the worker
-    stage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # ctor kwargs per spec
-    # A chunk answered unprocessed on deadline is still run later (results discarded) so stateful
-    # stages (echo canceller, dereverb, denoisers) see a continuous signal; beyond this many chunks
-    # waiting per stream the oldest are dropped: under overload, load is shed, not queued.
-    max_backlog_chunks: int = 3
-    stuck_after_ms: float = 2000.0  # a stage call running longer is disabled, the worker replaced
-    # gc.freeze() at start and after each stage load: a full collection otherwise rescans every
-    # object torch and the models created (~200k; measured 170 ms, stalling all audio) every few s.
-    freeze_gc: bool = True
-    # "thread": stages run on a thread of this process (light; shares the GIL with the event loop);
-    # "process": in a worker process of their own (enhancers.executor_process), for servers.
-    isolation: str = "thread"
-    # a stage that hung or crashed the worker is disabled for 1, 2, 4 ... s (at most 60 s), then loaded
-    # fresh; more than 5 faults in 5 minutes: disabled until restart (enhancers/executor_recovery.py)
-    recovery: RecoveryPolicy = RecoveryPolicy()
-    # Admission control (enhancers/executor_admission.py): a stream asking for stages gets them if the
-    # predicted stage time per tick, with every stream already admitted, stays within target_load of the
-    # 10 ms tick (headroom so deadlines hold); else the first lighter stage list of the ladder
-    # (enhancers.registry LIGHTER, DEGRADE_STEPS; ``ladder`` replaces LIGHTER) that fits, else none.
-    # Degraded streams are upgraded, at most every upgrade_interval_s, when the better list fits under
-    # upgrade_load (hysteresis).  stage_costs: spec -> (fixed ms per call, ms per stream), the prior
-    # and a floor under the measured cost.  Off by default (library, CLI); the server turns it on.
-    admission: bool = False
-    target_load: float = 0.55
-    upgrade_load: float = 0.45
-    upgrade_interval_s: float = 2.0
-    stage_costs: Mapping[str, tuple[float, float]] = field(default_factory=dict)
-    ladder: Mapping[str, Sequence[str]] | None = None
 
 
 class Executor:
@@ -111,11 +61,10 @@ class Executor:
             raise ValueError(f"isolation must be 'thread' or 'process', not {config.isolation!r}")
         worker_cls = ProcessWorker if config.isolation == "process" else ThreadWorker
         settings = WorkerSettings(device, config.stage_options, config.torch_threads, config.freeze_gc,
-                                  config.recovery)
-        self._worker: ThreadWorker | ProcessWorker = worker_cls(settings, self.counters, self._errors)
+                                  config.recovery, config.load_timeout_ms / 1e3)
+        self._worker: Worker = worker_cls(settings, self.counters, self._errors)
         self._streams: dict[int, ExecutorStream] = {}
         self._ready: dict[int, ExecutorStream] = {}  # streams with pending chunks
-        self._ops: list[ControlOp] = []
         self._next_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task[None] | None = None
@@ -124,6 +73,7 @@ class Executor:
         self._first_pending_at = 0.0
         self._deadlines: DeadlineWatch | None = None
         self._job: Job | None = None
+        self._stuck_timer: asyncio.TimerHandle | None = None
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
         self._closed = False
         self._active = 0  # streams running at least one stage (a refused one submits nothing)
@@ -168,7 +118,7 @@ class Executor:
         if self._deadlines is not None:
             for item in self._deadlines.close():
                 self._bypass(item, "bypass_deadline")
-        await self._worker.close(self._take_ops())
+        await self._worker.close()
 
     async def preload(self, stages: Sequence[str] | str) -> None:
         """Load the shared instances of ``stages`` now; raises what a failed load raised."""
@@ -204,17 +154,14 @@ class Executor:
         self._count_active()
         return stream
 
-    def _parse(self, stages: Sequence[str] | str) -> list[str]:
-        text = stages if isinstance(stages, str) else ",".join(stages)
-        return [s.spec for s in parse_stage_list(text)]
-
     def _set_stream_stages(
         self,
         stream: ExecutorStream,
         stages: Sequence[str] | str,
         options: Mapping[str, Mapping[str, Any]] | None,
     ) -> None:
-        stream.requested_stages, stream.options = self._parse(stages), options
+        text = stages if isinstance(stages, str) else ",".join(stages)
+        stream.requested_stages, stream.options = [s.spec for s in parse_stage_list(text)], options
         self._apply_stages(stream, self.admission.admit(stream), options)
 
     def _apply_stages(
@@ -222,8 +169,8 @@ class Executor:
     ) -> None:
         stream.stages = specs
         stream.track_aec(specs)
-        stream.latency_samples = sum(self._declared_latency(s) for s in specs)
-        self._ops.append(SetStreamStages(stream.stream_id, {s: options_for(options, s) for s in specs}))
+        stream.latency_samples = sum(self._worker.declared_latency(s) for s in specs)
+        self._worker.declare_stream(stream.stream_id, {s: options_for(options, s) for s in specs})
         for spec in specs:
             self._request_load(spec)
         self._count_active()
@@ -237,11 +184,8 @@ class Executor:
         self._ready.pop(stream.stream_id, None)
         while stream.pending:
             self._bypass(stream.pending.popleft(), None)
-        self._ops.append(CloseStream(stream.stream_id))
+        self._worker.close_stream(stream.stream_id)
         self._count_active()
-
-    def _declared_latency(self, spec: str) -> int:
-        return self._worker.declared_latency(spec)
 
     def _request_load(self, spec: str) -> None:
         if self._loop is not None:
@@ -252,7 +196,7 @@ class Executor:
             return
         for stream in self._streams.values():
             if spec in stream.stages:
-                stream.latency_samples = sum(self._declared_latency(s) for s in stream.stages)
+                stream.latency_samples = sum(self._worker.declared_latency(s) for s in stream.stages)
 
     # -- submission and deadlines --------------------------------------------------
     def _submit(
@@ -357,11 +301,7 @@ class Executor:
             return None
         for items in rounds:
             self._batch_sizes.append(len(items))
-        return Job(ops=self._take_ops(), rounds=rounds)
-
-    def _take_ops(self) -> list[ControlOp]:
-        ops, self._ops = self._ops, []
-        return ops
+        return Job(ops=[], rounds=rounds)  # the worker adds the stream changes declared since the last job
 
     async def _run(self, job: Job) -> None:
         assert self._loop is not None
@@ -369,12 +309,26 @@ class Executor:
         job.started = time.monotonic()
         self._job = job
         self._worker.submit(job)
-        timer = self._loop.call_later(self.config.stuck_after_ms / 1e3, self._abandon, job)
+        self._stuck_timer = self._loop.call_later(self.config.stuck_after_ms / 1e3, self._check_stuck, job)
         try:
             await job.done
         finally:
-            timer.cancel()
-            self._job = None
+            if self._stuck_timer is not None:
+                self._stuck_timer.cancel()
+            self._stuck_timer = self._job = None
+
+    def _check_stuck(self, job: Job) -> None:
+        """``job`` is still out: stuck once it has run ``stuck_after_ms`` by the worker's account (from when
+        it began it; not while it loads a stage), else looked at again when that time would be up."""
+        self._stuck_timer = None
+        if job.done is None or job.done.done() or self._loop is None:
+            return
+        stuck_s = self.config.stuck_after_ms / 1e3
+        since = self._worker.busy_since(job)
+        left = STUCK_POLL_S if since is None else since + stuck_s - time.monotonic()
+        if since is not None and left <= 0:
+            return self._abandon(job, time.monotonic() - since)
+        self._stuck_timer = self._loop.call_later(min(left, stuck_s), self._check_stuck, job)
 
     def _finish(self, job: Job) -> None:
         """Back on the loop: hand each chunk its result unless its deadline already passed."""
@@ -402,7 +356,7 @@ class Executor:
         self.counters["late_discarded"] += late
         job.done.set_result(None)
 
-    def _abandon(self, job: Job) -> None:
+    def _abandon(self, job: Job, busy_s: float) -> None:
         """A job hung: the worker puts the stage on its backoff and carries on with a fresh worker."""
         if job.done is None or job.done.done():
             return
@@ -411,7 +365,7 @@ class Executor:
         self.counters["stuck_restarts"] += 1
         log.error(
             "executor worker stuck for %.0f ms in stage %r; worker replaced, stage retried after a backoff",
-            self.config.stuck_after_ms,
+            busy_s * 1e3,
             spec,
         )
         for items in cast("list[list[PendingChunk]]", job.rounds):
@@ -433,7 +387,7 @@ class Executor:
             "device": str(self.device),
             "worker_busy_ms": round(busy_ms, 3),
             "isolation": self.config.isolation,
-            "worker_pid": getattr(self._worker, "pid", None),
+            "worker_pid": self._worker.pid,
             "stages": self._worker.stage_stats(),
             "worker": self._worker.worker_stats(),
             **self.admission.stats(),

@@ -1,148 +1,30 @@
-"""The worker side of the executor: stage instances, per-stream handles, batched runs.
+"""The batch runner: stage instances, per-stream handles, batched runs (the worker's inside).
 
-Everything here runs on the executor's single worker thread, so stage state is
-only ever touched by one thread.  The asyncio side (``enhancers.executor``)
-hands over :class:`Job` objects: control operations first (streams opened,
-changed or closed, stages that finished loading), then one or more *rounds*,
-each holding at most one chunk per stream.  A round runs every stage once,
-batched over the rows of the streams that enabled it, in canonical order.
+It runs on one thread only (the thread worker's, or the worker process's main
+thread), so stage state is only ever touched by one thread.  A job's control
+operations are applied first, then each round runs every stage once, batched
+over the rows of the streams that enabled it, in canonical order
+(``enhancers.registry.CHAIN_ORDER``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from enhancers.executor_device import fall_back_to_cpu, is_device_error, move_to_cpu
-from enhancers.executor_recovery import RecoveryPolicy
+from enhancers.executor.device import CPU, is_device_error, move_stage
+from enhancers.executor.messages import ChunkIn, CloseStream, ControlOp, Job, RoundResult, SetStreamStages
+from enhancers.executor.worker import RateLimitedLog
 from enhancers.registry import CHAIN_ORDER
 from enhancers.stage import CHUNK, BatchContext, Stage, StageStream
 
 log = logging.getLogger("enhancers.executor")
-
-COUNTER_KEYS = (
-    "chunks",  # chunks submitted
-    "batches",  # batched rounds run by the worker (one per tick, more when catching up)
-    "stage_calls",  # Stage.process calls
-    "bypass_deadline",  # chunks answered unprocessed because the deadline passed
-    "bypass_error",  # stream-chunks that skipped a stage because it raised
-    "stage_unavailable",  # stream-chunks that skipped a stage still loading, failed or disabled
-    "late_discarded",  # results that came back after their chunk was already bypassed
-    "dropped_backlog",  # late chunks never run: more than max_backlog_chunks were waiting
-    "stuck_restarts",  # worker threads abandoned because a stage hung
-    "worker_restarts",  # worker processes started again because the last one died
-    "stage_faults",  # stages that hung or crashed the worker (each is disabled for a backoff)
-    "stage_recoveries",  # stages loaded again after their backoff
-    "device_fallbacks",  # the accelerator failed: every stage moved (or reloaded) to the CPU
-)
-
-
-@dataclass(slots=True)
-class ProcessedChunk:
-    """One processed 10 ms chunk as a stream gets it back."""
-
-    audio: np.ndarray  # [480] float32
-    side: dict[str, float]  # per-stream side info of this chunk, e.g. {"vad": 0.93}
-    bypassed: bool  # True when it passed through unprocessed (deadline or error)
-
-
-class PendingChunk:
-    """A submitted chunk on its way through the executor (plain slots: 100s per tick)."""
-
-    __slots__ = ("audio", "bypass_audio", "deadline", "echo_gains", "future", "reference", "stream_id")
-
-    def __init__(
-        self,
-        stream_id: int,
-        audio: np.ndarray,
-        reference: np.ndarray | None,
-        future: asyncio.Future[ProcessedChunk],
-        deadline: float,
-        bypass_audio: np.ndarray,
-    ) -> None:
-        self.stream_id = stream_id
-        self.audio = audio
-        self.reference = reference
-        self.future = future
-        self.deadline = deadline
-        self.bypass_audio = bypass_audio
-        self.echo_gains: tuple[float, float] | None = None  # aec streams: the fallback's gains for this chunk
-
-
-class ChunkIn(Protocol):
-    """What the batch runner reads of a chunk (a :class:`PendingChunk`, or its copy in a worker process)."""
-
-    stream_id: int
-    audio: np.ndarray
-    reference: np.ndarray | None
-    bypass_audio: np.ndarray
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """What either worker backend (thread or process) needs to load and run stages."""
-
-    device: torch.device
-    stage_options: Mapping[str, Mapping[str, Any]]
-    torch_threads: int
-    freeze_gc: bool
-    recovery: RecoveryPolicy = RecoveryPolicy()  # when a hung or crashed stage is tried again
-
-
-@dataclass
-class RoundResult:
-    """One round's output, row-aligned with its chunks; turned into ProcessedChunks on the loop."""
-
-    audio: np.ndarray  # [n, 480] float32, owned by nobody else
-    side: list[dict[str, float]] | None  # per-row side info; None when no stage wrote any
-    failed: set[int]  # rows where some stage raised
-    passthrough: bool = False  # no stage ran: the rows are the chunks' bypass audio
-    timings: list[tuple[str, int, float]] = field(default_factory=list)  # (spec, rows, seconds) per stage call
-
-
-@dataclass
-class SetStreamStages:
-    """Control op: stream ``stream_id`` now wants ``wanted`` (spec -> per-stream options)."""
-
-    stream_id: int
-    wanted: dict[str, dict[str, Any]]
-
-
-@dataclass
-class CloseStream:
-    stream_id: int
-
-
-@dataclass
-class StageLoaded:
-    """Control op: the shared instance for ``spec`` is ready (or failed to load)."""
-
-    spec: str
-    stage: Stage | None
-
-
-ControlOp = SetStreamStages | CloseStream | StageLoaded
-
-
-@dataclass
-class Job:
-    """Work handed to the worker thread; filled with results there."""
-
-    ops: list[ControlOp]
-    rounds: Sequence[Sequence[ChunkIn]]
-    results: list[RoundResult] = field(default_factory=list)
-    abandoned: bool = False
-    current_spec: str | None = None
-    started: float = 0.0
-    done: asyncio.Future[None] | None = None
 
 
 class StageRuntime:
@@ -188,25 +70,6 @@ class _Plan:
     unavailable_rows: int  # rows that want a stage with no handle (loading / failed / disabled)
 
 
-class RateLimitedLog:
-    """Logs an error at most once per ``every_s`` per key, counting what it held back."""
-
-    def __init__(self, every_s: float = 10.0) -> None:
-        self.every_s = every_s
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def error(self, key: str, message: str, exc: BaseException | None = None) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -math.inf) < self.every_s:
-            self._held[key] = self._held.get(key, 0) + 1
-            return
-        held = self._held.pop(key, 0)
-        self._last[key] = now
-        suffix = f" ({held} more since last report)" if held else ""
-        log.error("%s%s", message, suffix, exc_info=exc)
-
-
 class BatchRunner:
     """Owns the stage instances and every stream's stage handles (worker thread only).
 
@@ -239,6 +102,39 @@ class BatchRunner:
         self._sync, self._on_device = device.type == "cuda", device.type != "cpu"
         self._plans.clear()  # their row indices live on the old device
 
+    # -- losing the accelerator ------------------------------------------------
+    def fall_back_to_cpu(self, exc: BaseException) -> None:
+        """The accelerator failed: batches on the CPU from now on, every stage moved there.
+
+        A stage that cannot be moved is disabled (its streams pass through) until
+        the fresh CPU instance ``reload`` asked for is loaded.
+        """
+        lost = self.device
+        self.fell_back = True
+        self.use_device(CPU)
+        self.counters["device_fallbacks"] += 1
+        moved_specs, failed = [], []
+        for spec, runtime in self.stages.items():
+            handles = [own[spec] for own in self.handles.values() if spec in own]
+            if self.move_to_cpu(spec, runtime.stage, handles):
+                moved_specs.append(spec)
+            else:
+                runtime.disabled = True
+                failed.append(spec)
+        log.error("executor: accelerator error on %s (%s: %s); falling back to cpu: moved %s, reloading %s",
+                  lost, type(exc).__name__, str(exc)[:200], moved_specs or "nothing", failed or "nothing")
+
+    def move_to_cpu(self, spec: str, stage: Stage, handles: list[StageStream]) -> bool:
+        """Move one stage to the CPU in place; False, and a reload requested, when that fails."""
+        try:
+            move_stage(stage, handles, CPU)
+            return True
+        except Exception as exc:  # noqa: BLE001 - a lost device cannot be read back: load it afresh
+            self.errors.error(f"move:{spec}", f"stage {spec!r} could not be moved to the cpu; reloading it", exc)
+            if self.reload is not None:
+                self.reload([spec])
+            return False
+
     # -- control operations ------------------------------------------------
     def apply(self, op: ControlOp) -> None:
         self._plans.clear()
@@ -249,7 +145,7 @@ class BatchRunner:
                 self._close_handle(spec, handle)
             self.wanted.pop(op.stream_id, None)
         elif op.stage is not None:
-            if self.fell_back and not move_to_cpu(self, op.spec, op.stage, []):
+            if self.fell_back and not self.move_to_cpu(op.spec, op.stage, []):
                 return  # loaded on the lost device before the fallback: a CPU instance is on its way
             if op.spec in self.stages:  # a CPU instance replacing one lost with its device: fresh states
                 for own in self.handles.values():
@@ -306,7 +202,7 @@ class BatchRunner:
                     if self.fell_back or not is_device_error(exc):
                         raise
                     job.current_spec = None
-                    fall_back_to_cpu(self, exc)
+                    self.fall_back_to_cpu(exc)
                     # this round's chunks pass through unprocessed; the next ones run on the CPU
                     self.counters["bypass_error"] += len(items)
                     audio = np.stack([it.bypass_audio for it in items]).astype(np.float32, copy=False)

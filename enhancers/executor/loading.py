@@ -3,7 +3,8 @@
 Constructing a stage can take a while (weights, JIT, model files), so it runs
 on a dedicated loader thread while audio keeps flowing; streams asking for a
 stage that is still loading run without it until it is ready.  Each spec is
-loaded once and shared by every stream.
+loaded once and shared by every stream.  :class:`LoadClock` tells the
+executor when a load is running: a worker starved by one is not stuck.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +39,27 @@ def options_for(options: Mapping[str, Mapping[str, Any]] | None, spec: str) -> d
     return dict(options.get(spec, options.get(spec.split(":", 1)[0], {})))
 
 
+class LoadClock:
+    """When the stage load running now began and the last one ended (written by the one loader thread)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.started = 0.0  # monotonic
+        self.ended = 0.0
+
+    def begin(self) -> None:
+        self.started = time.monotonic()
+        self.active += 1
+
+    def end(self) -> None:
+        self.ended = time.monotonic()
+        self.active -= 1
+
+    def loading(self, now: float, timeout_s: float) -> bool:
+        """A load is running, for less than ``timeout_s`` so far."""
+        return self.active > 0 and now - self.started < timeout_s
+
+
 class StageLoader:
     """Owns the loader thread and one load future per spec; reports each result once.
 
@@ -59,6 +82,7 @@ class StageLoader:
         self._loads: dict[str, asyncio.Future[Stage]] = {}
         self._declared: dict[str, int] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage-loader")
+        self.clock = LoadClock()
 
     def request(self, spec: str, loop: asyncio.AbstractEventLoop) -> None:
         """Start loading ``spec`` unless it is loading or loaded already."""
@@ -97,7 +121,11 @@ class StageLoader:
 
     def _construct(self, spec: str, kwargs: dict[str, Any]) -> Stage:
         torch.set_num_threads(self.torch_threads)
-        return create_stage(spec, device=str(self.device), **kwargs)
+        self.clock.begin()
+        try:
+            return create_stage(spec, device=str(self.device), **kwargs)
+        finally:
+            self.clock.end()
 
     def _done(self, spec: str, future: asyncio.Future[Stage]) -> None:
         if future.cancelled() or self._loads.get(spec) is not future:

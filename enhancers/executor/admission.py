@@ -24,14 +24,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from enhancers.executor_worker import RoundResult
+from enhancers.executor.config import ExecutorConfig
+from enhancers.executor.messages import RoundResult
+from enhancers.executor.stream import ExecutorStream
 from enhancers.registry import DEGRADE_STEPS, LIGHTER
-
-if TYPE_CHECKING:
-    from enhancers.executor import ExecutorConfig
-    from enhancers.executor_stream import ExecutorStream
 
 log = logging.getLogger("enhancers.executor")
 

@@ -4,18 +4,22 @@ Most of a stage's time at small batches goes into dispatching many small
 torch operations, which holds the interpreter lock: on a thread of the
 server's process that starves the event loop (RTP, Opus, signaling) and the
 loop in turn delays the worker into missed deadlines.  ``ProcessWorker``
-runs the same :class:`~enhancers.executor_worker.BatchRunner` in a child
-process (:mod:`enhancers.executor_child`) and talks to it over a pipe read
-by the event loop itself (``add_reader``: no thread hand-off per tick).
+runs the same :class:`~enhancers.executor.batch.BatchRunner` in a child
+process (:mod:`enhancers.executor.child`) and talks to it through
+:mod:`enhancers.executor.transport` (a pipe of typed messages read by the
+event loop, and a shared status block); this module owns the child's life.
 
 The child is started on the first stage request, so a server with no
 enhancement never starts it.  A child that hangs (a stage that never
 returns, or the whole process stopped) is killed; a child that dies is
-started again after a backoff (:class:`~enhancers.executor_recovery.RestartBackoff`:
+started again after a backoff (:class:`~enhancers.executor.recovery.RestartBackoff`:
 1, 2, 4 ... s, at most 60 s).  The stage that was running at the time (the
-parent reads it from a shared buffer) takes the fault: it is disabled for its
+parent reads it from the shared status) takes the fault: it is disabled for its
 own backoff, then loaded fresh into the current child, and after too many
-faults disabled for good (:class:`~enhancers.executor_recovery.StageFaults`).
+faults disabled for good (:class:`~enhancers.executor.recovery.StageFaults`).
+A job counts as hung only from when the child began running it, and not
+while the child loads a stage (``load_timeout_s`` at most): loading a model
+on a busy core starves the child, which is then slow, not stuck.
 Every live stream is re-declared to a new child with its stages, which
 start from fresh state, and audio keeps flowing unprocessed meanwhile (the
 executor's deadline).
@@ -26,25 +30,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import multiprocessing.connection
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from enhancers.executor_child import SPEC_BYTES, child_main
-from enhancers.executor_loading import options_for
-from enhancers.executor_recovery import RestartBackoff, StageFaults
-from enhancers.executor_worker import (
+from enhancers.executor.child import child_main
+from enhancers.executor.loading import options_for
+from enhancers.executor.messages import (
     CloseStream,
+    CloseWorker,
     ControlOp,
     Job,
-    RateLimitedLog,
+    JobDone,
+    LoadStage,
     RoundResult,
+    RunJob,
     SetStreamStages,
-    WorkerSettings,
+    StageLoadResult,
+    ToParent,
+    WireRound,
+    WorkerClosed,
+    WorkerReady,
 )
+from enhancers.executor.recovery import RestartBackoff, StageFaults
+from enhancers.executor.transport import ParentChannel, WorkerStatus, open_pipe
+from enhancers.executor.worker import RateLimitedLog, WorkerSettings
 from enhancers.registry import STAGES, load_stage_class
 
 log = logging.getLogger("enhancers.executor")
@@ -53,7 +65,8 @@ STOP_TIMEOUT_S = 5.0
 
 
 class ProcessWorker:
-    """Owns the worker process, its pipe, the loads asked of it and the streams declared to it."""
+    """Owns the worker process's life (spawn, restart backoff, kill), the loads asked of it and the streams
+    declared to it (a ``Worker``)."""
 
     def __init__(self, settings: WorkerSettings, counters: dict[str, int], errors: RateLimitedLog) -> None:
         self.settings = settings
@@ -62,8 +75,8 @@ class ProcessWorker:
         self.errors = errors
         self._ctx = multiprocessing.get_context("spawn")
         self._process: Any = None
-        self._conn: multiprocessing.connection.Connection | None = None
-        self._running: Any = None  # shared buffer: the spec the child is running
+        self._conn: ParentChannel | None = None
+        self._status: WorkerStatus | None = None  # shared with the child: what it is running since when
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finish: Callable[[Job], None] | None = None
         self._on_loaded: Callable[[str, bool], None] | None = None
@@ -79,6 +92,7 @@ class ProcessWorker:
         self._wanted: dict[int, dict[str, dict[str, Any]]] = {}  # streams as declared to the child
         self._redeclare = False
         self._unsent: list[ControlOp] = []
+        self._declared: list[ControlOp] = []  # stream changes for the next job
         self._jobs: dict[int, Job] = {}
         self._next_job = 0
         self._stats: dict[str, dict[str, Any]] = {}
@@ -96,18 +110,18 @@ class ProcessWorker:
 
     def _spawn(self) -> None:
         assert self._loop is not None
-        parent, child = self._ctx.Pipe(duplex=True)
-        self._running = self._ctx.Array("c", SPEC_BYTES, lock=False)
+        parent, child = open_pipe(self._ctx)
+        self._status = WorkerStatus(self._ctx)
         process = self._ctx.Process(
             target=child_main,
-            args=(child, str(self.device), self.settings.torch_threads, self.settings.freeze_gc, self._running),
+            args=(child, str(self.device), self.settings.torch_threads, self.settings.freeze_gc, self._status),
             name="enhancers-worker",
             daemon=True,
         )
         process.start()
         child.close()
         self._process, self._conn, self._ready = process, parent, False
-        self._loop.add_reader(parent.fileno(), self._readable)
+        parent.attach(self._loop, self._handle, self._child_died)
         log.info("executor worker process %d started on %s", process.pid, self.device)
         self._sent_loads, self._child_loaded = set(), set()
         for spec in self._loads:
@@ -167,8 +181,6 @@ class ProcessWorker:
         self._process = self._conn = None
         self._ready, self._child_loaded = False, set()
         if conn is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(conn.fileno())
             conn.close()
         if process is not None:
             if kill:
@@ -179,7 +191,7 @@ class ProcessWorker:
                 process.join(1.0)
             self._last_exit = process.exitcode
 
-    async def close(self, final_ops: list[ControlOp]) -> None:
+    async def close(self) -> None:
         if self._loop is None:
             return
         self._closing = self._loop.create_future()
@@ -190,7 +202,7 @@ class ProcessWorker:
         if self._conn is None:
             return
         try:
-            self._conn.send(("close", final_ops))
+            self._conn.send(CloseWorker(self._take_declared()))
             await asyncio.wait_for(asyncio.shield(self._closing), STOP_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("executor worker process did not close cleanly: %s", exc)
@@ -209,7 +221,7 @@ class ProcessWorker:
     def _send_load(self, spec: str) -> None:
         assert self._conn is not None
         self._sent_loads.add(spec)
-        self._conn.send(("load", spec, STAGES[spec], options_for(self.settings.stage_options, spec)))
+        self._conn.send(LoadStage(spec, STAGES[spec], options_for(self.settings.stage_options, spec)))
 
     async def wait_loaded(self, spec: str) -> None:
         await asyncio.shield(self._loads[spec])
@@ -244,9 +256,20 @@ class ProcessWorker:
         return {"state": state, "pid": self.pid, "recent_restarts": self._restarts.recent,
                 "last_exit_code": self._last_exit}
 
-    # -- jobs -------------------------------------------------------------------------------
+    # -- streams and jobs ---------------------------------------------------------------------
+    def declare_stream(self, stream_id: int, wanted: dict[str, dict[str, Any]]) -> None:
+        self._declared.append(SetStreamStages(stream_id, wanted))
+
+    def close_stream(self, stream_id: int) -> None:
+        self._declared.append(CloseStream(stream_id))
+
+    def _take_declared(self) -> list[ControlOp]:
+        ops, self._declared = self._declared, []
+        return ops
+
     def submit(self, job: Job) -> None:
         self._ensure_child()
+        job.ops[:0] = self._take_declared()
         for op in job.ops:
             if isinstance(op, SetStreamStages):
                 self._wanted[op.stream_id] = op.wanted
@@ -268,27 +291,39 @@ class ProcessWorker:
                 for i, ref in enumerate(refs):
                     if ref is not None:
                         reference[i] = ref
-            rounds.append((sids, audio, reference))
+            rounds.append(WireRound(sids, audio, reference))
         if self._conn is None or not self._ready:
             # no worker (starting, restarting): the chunks pass through as on a missed deadline (delayed by
             # the declared latency, echo-gated for aec streams), counted as unavailable
             self._unsent = ops  # declared to the child once it is ready
             job.results = [RoundResult(np.stack([it.bypass_audio for it in items]).astype(np.float32, copy=False),
                                        None, set(range(len(items))), passthrough=True) for items in job.rounds]
-            self.counters["stage_unavailable"] += sum(len(sids) for sids, _, _ in rounds)
+            self.counters["stage_unavailable"] += sum(len(r.stream_ids) for r in rounds)
             self._loop.call_soon(self._complete, job)  # type: ignore[union-attr]
             return
         job_id = self._next_job
         self._next_job += 1
         self._jobs[job_id] = job
+        job.wire_id = job_id
         try:
-            self._conn.send(("job", job_id, ops, rounds))
+            self._conn.send(RunJob(job_id, ops, rounds))
         except OSError as exc:
             self.errors.error("worker", "executor worker process unreachable", exc)
             self._child_died()
 
     def _running_spec(self) -> str:
-        return bytes(self._running.raw).rstrip(b"\0").decode(errors="replace") if self._running is not None else ""
+        return self._status.running_spec() if self._status is not None else ""
+
+    def busy_since(self, job: Job) -> float | None:
+        """From when the child began ``job`` (or it was sent: a child that never takes it is stuck too), and
+        the last load ended; None while the child loads a stage (loading starves it; not stuck)."""
+        status = self._status
+        if status is None or job.wire_id < 0:
+            return job.started
+        if status.loading(time.monotonic(), self.settings.load_timeout_s):
+            return None
+        started = status.job_started(job.wire_id)
+        return max(started if started is not None else job.started, status.load_ended)
 
     def abandon(self, job: Job) -> str | None:
         """``job`` hung (a stage never returned, or the child is stopped): kill the child, put the stage
@@ -306,34 +341,20 @@ class ProcessWorker:
         return spec or None
 
     # -- messages from the child -------------------------------------------------------------
-    def _readable(self) -> None:
-        conn = self._conn
-        if conn is None:
-            return
-        try:
-            while conn.poll():
-                self._handle(conn.recv())
-                if self._conn is not conn:
-                    return
-        except (EOFError, OSError):
-            self._child_died()
-
-    def _handle(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "ready":
+    def _handle(self, message: ToParent) -> None:
+        if isinstance(message, WorkerReady):
             self._ready = True
-        elif kind == "done":
-            _, job_id, results, counters, stats = message
-            for key, value in counters.items():
+        elif isinstance(message, JobDone):
+            for key, value in message.counters.items():
                 self.counters[key] = self.counters.get(key, 0) + value
-            if stats is not None:
-                self._stats = stats
-            job = self._jobs.pop(job_id, None)
+            if message.stage_stats is not None:
+                self._stats = message.stage_stats
+            job = self._jobs.pop(message.job_id, None)
             if job is not None:
-                job.results = list(results)
+                job.results = list(message.results)
                 self._complete(job)
-        elif kind == "loaded":
-            _, spec, latency, error = message
+        elif isinstance(message, StageLoadResult):
+            spec, error = message.spec, message.error
             future = self._loads.get(spec)
             if error is not None:
                 log.error("stage %r failed to load: %s", spec, error)
@@ -341,13 +362,14 @@ class ProcessWorker:
                     future.set_exception(RuntimeError(f"stage {spec!r} failed to load: {error}"))
                     future.exception()  # retrieved: a failed load is also reported via on_loaded
             else:
-                self._latency[spec] = int(latency)
+                latency = int(message.latency_samples or 0)
+                self._latency[spec] = latency
                 self._child_loaded.add(spec)
                 if future is not None and not future.done():
-                    future.set_result(int(latency))
+                    future.set_result(latency)
             if self._on_loaded is not None:
                 self._on_loaded(spec, error is None)
-        elif kind == "closed" and self._closing is not None and not self._closing.done():
+        elif isinstance(message, WorkerClosed) and self._closing is not None and not self._closing.done():
             self._closing.set_result(None)
 
     def _complete(self, job: Job) -> None:

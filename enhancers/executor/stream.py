@@ -5,22 +5,35 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from enhancers.aec.fallback import EchoGate
-from enhancers.executor_worker import PendingChunk, ProcessedChunk
+from enhancers.executor.messages import PendingChunk, ProcessedChunk
 from enhancers.stage import CHUNK
 
-if TYPE_CHECKING:
-    from enhancers.executor import Executor
+
+class StreamOwner(Protocol):
+    """What a stream asks of the executor that opened it (:class:`enhancers.executor.core.Executor`)."""
+
+    def _submit(
+        self, stream: ExecutorStream, chunk: np.ndarray, reference: np.ndarray | None
+    ) -> asyncio.Future[ProcessedChunk]: ...
+
+    def _set_stream_stages(
+        self, stream: ExecutorStream, stages: Sequence[str] | str, options: Mapping[str, Mapping[str, Any]] | None
+    ) -> None: ...
+
+    def _close_stream(self, stream: ExecutorStream) -> None: ...
+
+    async def preload(self, stages: Sequence[str] | str) -> None: ...
 
 
 class ExecutorStream:
     """One audio stream's view of the executor: its stage list, its pending chunks."""
 
-    def __init__(self, executor: Executor, stream_id: int, label: str) -> None:
+    def __init__(self, executor: StreamOwner, stream_id: int, label: str) -> None:
         self._executor = executor
         self.stream_id = stream_id
         self.label = label

@@ -4,7 +4,7 @@ This is the light back end (no second process, stages shared with the
 caller): the default for libraries, the CLI and tests.  Its cost is the GIL:
 a stage whose time goes into many small torch calls holds the interpreter
 lock for most of it, and the event loop (RTP, Opus, signaling) waits.  The
-server therefore runs :mod:`enhancers.executor_process` by default.
+server therefore runs :mod:`enhancers.executor.process` by default.
 """
 
 from __future__ import annotations
@@ -13,19 +13,22 @@ import asyncio
 import gc
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from enhancers.executor_loading import StageLoader
-from enhancers.executor_recovery import StageFaults
-from enhancers.executor_worker import BatchRunner, ControlOp, Job, RateLimitedLog, StageLoaded, WorkerSettings
+from enhancers.executor.batch import BatchRunner
+from enhancers.executor.loading import StageLoader
+from enhancers.executor.messages import CloseStream, ControlOp, Job, SetStreamStages, StageLoaded
+from enhancers.executor.recovery import StageFaults
+from enhancers.executor.worker import RateLimitedLog, WorkerSettings
 from enhancers.stage import Stage
 
 
 class ThreadWorker:
-    """Owns the loader, the :class:`BatchRunner` and the worker thread that runs jobs on it."""
+    """Owns the loader, the :class:`BatchRunner` and the worker thread that runs jobs on it (a ``Worker``)."""
 
     def __init__(self, settings: WorkerSettings, counters: dict[str, int], errors: RateLimitedLog) -> None:
         self.settings = settings
@@ -33,6 +36,7 @@ class ThreadWorker:
         self.runner = BatchRunner(settings.device, counters, errors, self._reload_on_cpu)
         self.loader = StageLoader(settings.device, settings.stage_options, settings.torch_threads, self._loaded)
         self._loaded_ops: list[ControlOp] = []
+        self._declared: list[ControlOp] = []  # stream changes for the next job
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -45,6 +49,10 @@ class ThreadWorker:
     def device(self) -> torch.device:
         """Where the stages run: the configured device, the CPU after the accelerator failed."""
         return self.runner.device
+
+    @property
+    def pid(self) -> int | None:
+        return None
 
     def _reload_on_cpu(self, specs: list[str]) -> None:
         """Worker thread, accelerator lost: build fresh CPU instances of ``specs`` (their move failed)."""
@@ -62,13 +70,13 @@ class ThreadWorker:
         self._loop, self._finish, self._on_loaded = loop, finish, on_loaded
         self._start_thread()
 
-    async def close(self, final_ops: list[ControlOp]) -> None:
+    async def close(self) -> None:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
         thread = self._thread
         if thread is not None and thread.is_alive():
-            self._jobs.put(Job(ops=self._take_loaded() + final_ops, rounds=[]))
+            self._jobs.put(Job(ops=self._take_loaded() + self._take_declared(), rounds=[]))
             self._jobs.put(None)
             await asyncio.get_running_loop().run_in_executor(None, thread.join, 5.0)
         self.loader.shutdown()
@@ -95,6 +103,17 @@ class ThreadWorker:
         ops, self._loaded_ops = self._loaded_ops, []
         return ops
 
+    # -- streams ------------------------------------------------------------------------
+    def declare_stream(self, stream_id: int, wanted: dict[str, dict[str, Any]]) -> None:
+        self._declared.append(SetStreamStages(stream_id, wanted))
+
+    def close_stream(self, stream_id: int) -> None:
+        self._declared.append(CloseStream(stream_id))
+
+    def _take_declared(self) -> list[ControlOp]:
+        ops, self._declared = self._declared, []
+        return ops
+
     def stage_stats(self) -> dict[str, dict[str, Any]]:
         stats = {spec: rt.stats() for spec, rt in list(self.runner.stages.items())}
         for spec in self.faults.specs():
@@ -111,8 +130,17 @@ class ThreadWorker:
 
     # -- jobs ---------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        job.ops[:0] = self._take_loaded()
+        job.ops[:0] = self._take_loaded() + self._take_declared()
         self._jobs.put(job)
+
+    def busy_since(self, job: Job) -> float | None:
+        """From when the thread began ``job`` (or it was submitted), and the last load ended; None while
+        a load runs (it shares the interpreter with the worker thread)."""
+        clock = self.loader.clock
+        if clock.loading(time.monotonic(), self.settings.load_timeout_s):
+            return None
+        running = job.running_since
+        return max(running if running is not None else job.started, clock.ended)
 
     def abandon(self, job: Job) -> str | None:
         """``job`` hung in a stage: disable that stage, leave the thread, start a fresh one; the stage is
@@ -153,6 +181,7 @@ class ThreadWorker:
             if job is None:
                 self.runner.close_all()
                 return
+            job.running_since = time.monotonic()
             try:
                 self.runner.run(job)
             except Exception as exc:  # noqa: BLE001 - the worker must never die; unanswered chunks bypass

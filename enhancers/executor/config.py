@@ -1,0 +1,51 @@
+"""The executor's configuration: batching, deadlines, isolation, recovery, admission."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from enhancers.executor.recovery import RecoveryPolicy
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """How the executor batches and when it gives up on a chunk."""
+
+    device: str = "auto"  # "auto": cuda if torch.cuda.is_available() else cpu; or "cpu"/"cuda"
+    deadline_ms: float = 40.0  # per chunk: not back by then -> passes through unprocessed
+    max_wait_ms: float = 3.0  # after a tick's first chunk, wait at most this long for the other streams
+    torch_threads: int = 1  # torch.set_num_threads in the worker
+    stage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # ctor kwargs per spec
+    # A chunk answered unprocessed on deadline is still run later (results discarded) so stateful
+    # stages (echo canceller, dereverb, denoisers) see a continuous signal; beyond this many chunks
+    # waiting per stream the oldest are dropped: under overload, load is shed, not queued.
+    max_backlog_chunks: int = 3
+    # a job running longer is abandoned, the worker replaced and the stage it hung in disabled; counted from
+    # when the worker starts running it, and not while the worker loads a stage (loading starves it), for at
+    # most load_timeout_ms per load
+    stuck_after_ms: float = 2000.0
+    load_timeout_ms: float = 120_000.0
+    # gc.freeze() at start and after each stage load: a full collection otherwise rescans every
+    # object torch and the models created (~200k; measured 170 ms, stalling all audio) every few s.
+    freeze_gc: bool = True
+    # "thread": stages run on a thread of this process (light; shares the GIL with the event loop);
+    # "process": in a worker process of their own (enhancers.executor.process), for servers.
+    isolation: str = "thread"
+    # a stage that hung or crashed the worker is disabled for 1, 2, 4 ... s (at most 60 s), then loaded
+    # fresh; more than 5 faults in 5 minutes: disabled until restart (enhancers/executor/recovery.py)
+    recovery: RecoveryPolicy = RecoveryPolicy()
+    # Admission control (enhancers/executor/admission.py): a stream asking for stages gets them if the
+    # predicted stage time per tick, with every stream already admitted, stays within target_load of the
+    # 10 ms tick (headroom so deadlines hold); else the first lighter stage list of the ladder
+    # (enhancers.registry LIGHTER, DEGRADE_STEPS; ``ladder`` replaces LIGHTER) that fits, else none.
+    # Degraded streams are upgraded, at most every upgrade_interval_s, when the better list fits under
+    # upgrade_load (hysteresis).  stage_costs: spec -> (fixed ms per call, ms per stream), the prior
+    # and a floor under the measured cost.  Off by default (library, CLI); the server turns it on.
+    admission: bool = False
+    target_load: float = 0.55
+    upgrade_load: float = 0.45
+    upgrade_interval_s: float = 2.0
+    stage_costs: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    ladder: Mapping[str, Sequence[str]] | None = None
