@@ -24,6 +24,7 @@ from mediaserver.config import AuthConfig, EnhanceConfig, QualityConfig, ServerC
 from mediaserver.pipeline import PipelineResult
 from mediaserver.quality import QualityMonitor
 from tests.conftest import ServerFactory, eval_file, noise, speech
+from tests.test_browser import browser  # noqa: F401  (fixture: headless Chromium with a fake microphone)
 
 RATE = 16_000
 SECONDS = 8
@@ -134,3 +135,25 @@ async def test_quality_rises_when_denoise_is_switched_on_live(start_server: Serv
     assert den["arm"] is None
     health = rs.server.health()["quality"]
     assert health["windows_scored"] >= 2 and health["dropped_blocks"] == 0, health
+
+
+@pytest.mark.browser
+async def test_browser_page_shows_quality_estimate(start_server: ServerFactory, browser) -> None:  # type: ignore[no-untyped-def]  # noqa: F811,E501
+    from tests.test_browser import _join
+
+    cfg = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
+                       enhance=replace(EnhanceConfig(), default_stages=(), device="cpu"),
+                       quality=QualityConfig(period_s=3, window_s=2, first_window_s=1))
+    rs = await start_server(cfg)
+    bot = Bot(rs.url, "webq", "bot", _mix(speech(), noise("running_tap.wav"), 5.0))
+    await bot.join()
+    tab = await (await browser.new_context()).new_page()
+    try:
+        await _join(tab, rs.url, "webq", "tab")
+        # the bot's row shows OVRL before -> after and the SNR once a window is scored
+        await tab.wait_for_function(
+            "[...document.querySelectorAll('#stats tbody tr')].some(r => /OVRL \\d\\.\\d\\d \\u2192 \\d\\.\\d\\d"
+            " \\/ SNR -?\\d+ \\u2192 -?\\d+ dB/.test(r.textContent))", timeout=30_000)
+    finally:
+        await bot.leave()
+        await tab.context.close()

@@ -170,6 +170,18 @@ function streamLabel(mid, direction) {
   return (p ? p.name : info.participant) + (info.synthetic ? " (synthetic)" : "");
 }
 
+function qualityText(server) {
+  // the server's live quality estimate of the stream (docs/PROTOCOL.md, stats "quality"):
+  // DNSMOS OVRL before -> after enhancement, estimated SNR before -> after, and the rollout arm
+  const q = server && server.quality;
+  if (!q) return "";
+  const parts = [];
+  if (q.mos) parts.push(`OVRL ${q.mos.before.ovrl.toFixed(2)} \u2192 ${q.mos.after.ovrl.toFixed(2)}`);
+  if (q.signals) parts.push(`SNR ${q.signals.before.snr_db.toFixed(0)} \u2192 ${q.signals.after.snr_db.toFixed(0)} dB`);
+  if (q.arm) parts.push(`arm ${q.arm}`);
+  return parts.join(" / ");
+}
+
 async function updateStats() {
   if (!state.pc) return;
   const report = await state.pc.getStats();
@@ -189,6 +201,7 @@ async function updateStats() {
       packets: out ? s.packetsSent : s.packetsReceived, lost: out ? "" : s.packetsLost,
       jitter: out ? "" : ((s.jitter || 0) * 1000).toFixed(1),
       level: s.audioLevel !== undefined ? s.audioLevel.toFixed(3) : "", kbps,
+      quality: qualityText(server),
       server: server ? [server.jitter_ms ?? "", server.lost ?? "", server.concealed_chunks ?? "", server.jitter_buffer_ms ?? "", server.server_latency_ms, server.e2e_latency_ms ?? "", server.vad].join(" / ") : "",
     });
   });
@@ -196,7 +209,7 @@ async function updateStats() {
   tbody.textContent = "";
   for (const r of rows) {
     const tr = document.createElement("tr");
-    for (const v of [r.label, r.direction, r.packets, r.lost, r.jitter, r.level, r.kbps, r.server]) {
+    for (const v of [r.label, r.direction, r.packets, r.lost, r.jitter, r.level, r.kbps, r.server, r.quality]) {
       const td = document.createElement("td"); td.textContent = v ?? ""; tr.appendChild(td);
     }
     tbody.appendChild(tr);
