@@ -37,17 +37,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 180.0) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 180.0, *, ready: bool = True) -> None:
+    """Until /healthz answers and (``ready``) says everything loaded once is loaded (TTS, quality model):
+    a measurement started earlier would count those loads as the workload's CPU and memory."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"mediaserver exited with code {proc.returncode}")
         try:
             with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
-                if r.status == 200:
+                health = json.load(r)
+                if r.status == 200 and (not ready or all((health.get("ready") or {}).values())):
                     return
         except OSError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     raise TimeoutError("mediaserver did not become healthy")
 
 

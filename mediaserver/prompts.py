@@ -313,6 +313,11 @@ class PromptManager:
         """Load the TTS engine and speak a warm-up phrase in the background, so the first prompt is quick."""
         self._warm_up = asyncio.get_running_loop().create_task(self._warm(), name="synth-warm-up")
 
+    @property
+    def ready(self) -> bool:
+        """The synthesizer is loaded and has spoken its warm-up phrase (or failed to: nothing more to load)."""
+        return self._warm_up is not None and self._warm_up.done()
+
     async def _warm(self) -> None:
         try:
             await (await self.service()).synthesize(WARM_UP_TEXT)

@@ -6,13 +6,15 @@ the chunk as it entered the pipeline and as it left: it copies both into a 1 s b
 the block is dropped and counted, the media path never waits).  No other work happens on the
 event loop.
 
-``QualityMonitor`` owns one thread (niced, one ONNX Runtime thread) that turns blocks into:
+``QualityMonitor`` owns one thread (niced) that turns blocks into:
 
 - continuous signals per stream (``enhancers.quality.SignalTracker``: speech level, SNR from a
   VAD-gated noise floor, clipping, VAD speech ratio), before and after enhancement;
 - every ``period_s`` a ``window_s`` window of the stream, before and after, scored with DNSMOS
-  P.835 (``enhancers.quality.DnsmosModel``); windows due together, of any streams, go through
-  one batched model call.  A window whose stages changed while it was captured is discarded; when
+  P.835 (``enhancers.quality.DnsmosModel``), run in a niced process of its own
+  (``enhancers.quality.scorer_process``: the model's few hundred MiB of activations and its
+  0.4 s of CPU per window stay out of the media process); windows due together, of any
+  streams, go through one call.  A window whose stages changed while it was captured is discarded; when
   more than ``max_pending`` windows wait, the oldest are dropped (counted).  A stream without
   stages is scored once: its "after" is its "before".
 
@@ -127,9 +129,20 @@ class QualityMonitor:
         self.windows_scored = 0
         self.score_cpu_s = 0.0  # CPU time of the scorer thread (thread_time), all work
         self._model: Any = None
+        self._load_failed = False
         self._thread: Optional[threading.Thread] = None
 
     # -- event loop side --------------------------------------------------------------
+    def start(self) -> None:
+        """Start the scorer thread, which loads the model first (so the first window does not pay for it)."""
+        if self.config.enabled:
+            self._ensure_thread()
+
+    @property
+    def ready(self) -> bool:
+        """The model is loaded (or the SLIs are off, or it failed to load: nothing more to load)."""
+        return not self.config.enabled or self._model is not None or self._load_failed
+
     def open(self, stream_id: str, room_id: str) -> Optional[QualityTap]:
         """A tap for a new stream, or None when the SLIs are off."""
         if not self.config.enabled:
@@ -184,6 +197,9 @@ class QualityMonitor:
                 pass
             self._thread.join(timeout=5.0)
             self._thread = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
 
     # -- scorer thread ----------------------------------------------------------------
     def _ensure_thread(self) -> None:
@@ -197,6 +213,7 @@ class QualityMonitor:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.nice)
             except OSError:
                 pass
+        self._timed(self._load)
         while True:
             try:
                 block = self._queue.get(timeout=0.5 if not self._pending else 0.0)
@@ -210,6 +227,17 @@ class QualityMonitor:
                 self._timed(lambda: self._on_block(block))
             except Exception:  # never let one stream stop the scorer
                 log.exception("quality SLI failed on stream %s", block.tap.stream_id)
+
+    def _load(self) -> None:
+        from enhancers.quality.scorer_process import ScorerProcess, ScorerSettings
+
+        try:
+            model = ScorerProcess(ScorerSettings(threads=self.config.threads, nice=self.config.nice))
+            model.start()  # loaded and warmed up: its memory is taken now, in its own process
+            self._model = model
+        except Exception:
+            self._load_failed = True
+            raise
 
     def _timed(self, work: Any) -> None:
         t = time.thread_time()
@@ -252,11 +280,9 @@ class QualityMonitor:
         st.seen += 1
 
     def _score_pending(self) -> None:
-        from enhancers.quality import shared_model
-
         pending, self._pending = self._pending, []
         if self._model is None:
-            self._model = shared_model(threads=self.config.threads)
+            self._load()
         clips: list[np.ndarray] = []
         index: list[tuple[int, int]] = []  # (before clip, after clip) per window
         for _, _, blocks in pending:

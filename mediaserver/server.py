@@ -92,6 +92,7 @@ class MediaServer:
         self._ticker = asyncio.get_running_loop().create_task(self._room_ticker(), name="room-ticker")
         self.prompts.start()  # prompts: load the speech synthesizer in the background
         self.telemetry.start()  # telemetry
+        self.quality.start()  # quality: load the DNSMOS model on the scorer thread
 
     async def close(self) -> None:
         """Tell every participant, close every session and stream, stop the executor (idempotent)."""
@@ -417,6 +418,9 @@ class MediaServer:
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
+            # everything loaded that the server loads once (speech synthesizer, quality model): until then
+            # the first prompt or first quality window still pays for a load (and the RSS still grows)
+            "ready": {"prompts": self.prompts.ready, "quality": self.quality.ready},
             "version": VERSION,
             "uptime_s": round(time.time() - self.started_at, 1),
             "rooms": len(self.rooms.rooms),

@@ -82,6 +82,7 @@ class ChildWorker:
         self._loaded: queue.SimpleQueue[StageLoaded] = queue.SimpleQueue()
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage-loader")
         self._stats_at = 0.0
+        self._stats_specs: set[str] = set()
 
     def serve(self) -> None:
         torch.set_num_threads(self.torch_threads)
@@ -158,8 +159,11 @@ class ChildWorker:
             self.counters[key] = 0
         now = time.monotonic()
         stats = None
-        if now - self._stats_at >= STATS_EVERY_S:
+        # every STATS_EVERY_S, and at once when a stage was loaded or dropped (the parent's view of what
+        # runs here must not lag a restart by a period)
+        if now - self._stats_at >= STATS_EVERY_S or set(self.runner.stages) != self._stats_specs:
             self._stats_at = now
+            self._stats_specs = set(self.runner.stages)
             stats = {spec: rt.stats() for spec, rt in self.runner.stages.items()}
         self.channel.send(JobDone(message.job_id, job.results, counters, stats))
 

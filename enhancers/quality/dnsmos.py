@@ -26,7 +26,8 @@ import numpy as np
 MODEL_RATE = 16_000
 INPUT_LENGTH_S = 9.01
 INPUT_SAMPLES = int(INPUT_LENGTH_S * MODEL_RATE)  # 144160
-MAX_BATCH = 4  # segments per model call (one segment: 0.58 MB of input, ~0.4 s of one core)
+MAX_BATCH = 1  # segments per model call: on CPU a batch costs the same per segment, and 4 at once need
+# ~720 MiB of activations against ~450 MiB for one (measured, ONNX Runtime 1.x, CPU arena on)
 
 # speechmos.dnsmos.DNSMOS.get_polyfit_val, non-personalized
 _P_SIG = np.poly1d([-0.08397278, 1.22083953, 0.0052439])
