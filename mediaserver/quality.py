@@ -133,15 +133,11 @@ class QualityMonitor:
         self._thread: Optional[threading.Thread] = None
 
     # -- event loop side --------------------------------------------------------------
-    def start(self) -> None:
-        """Start the scorer thread, which loads the model first (so the first window does not pay for it)."""
-        if self.config.enabled:
-            self._ensure_thread()
-
     @property
     def ready(self) -> bool:
-        """The model is loaded (or the SLIs are off, or it failed to load: nothing more to load)."""
-        return not self.config.enabled or self._model is not None or self._load_failed
+        """Nothing is being loaded: the scorer process is up, or not needed yet (it starts with the first
+        stream, in a process of its own), or the SLIs are off, or it failed to start."""
+        return self._thread is None or self._model is not None or self._load_failed
 
     def open(self, stream_id: str, room_id: str) -> Optional[QualityTap]:
         """A tap for a new stream, or None when the SLIs are off."""

@@ -92,7 +92,6 @@ class MediaServer:
         self._ticker = asyncio.get_running_loop().create_task(self._room_ticker(), name="room-ticker")
         self.prompts.start()  # prompts: load the speech synthesizer in the background
         self.telemetry.start()  # telemetry
-        self.quality.start()  # quality: load the DNSMOS model on the scorer thread
 
     async def close(self) -> None:
         """Tell every participant, close every session and stream, stop the executor (idempotent)."""
