@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.load import served  # noqa: E402
+from enhancers.process_name import EXECUTOR_WORKER, QUALITY_SCORER  # noqa: E402
 from loadtest.bot import Bot  # noqa: E402
 from loadtest.lightmedia import encode_opus  # noqa: E402
 from loadtest.sources import SourceConfig, SourceLibrary, default_dir  # noqa: E402
@@ -70,10 +71,12 @@ def children_of(pid: int) -> dict[int, str]:
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
         except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             continue
-        kind = ("resource_tracker" if "resource_tracker" in cmd else "executor_worker" if "spawn_main" in cmd
-                else Path(cmd.split(" ", 1)[0]).name or "child")
+        kind = ("resource_tracker" if "resource_tracker" in cmd else "executor_worker" if comm == EXECUTOR_WORKER
+                else "quality_scorer" if comm == QUALITY_SCORER else Path(cmd.split(" ", 1)[0]).name or "child")
         out[int(entry)] = kind
     return out
 

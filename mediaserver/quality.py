@@ -130,14 +130,15 @@ class QualityMonitor:
         self.score_cpu_s = 0.0  # CPU time of the scorer thread (thread_time), all work
         self._model: Any = None
         self._load_failed = False
+        self._loading = False
         self._thread: Optional[threading.Thread] = None
 
     # -- event loop side --------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Nothing is being loaded: the scorer process is up, or not needed yet (it starts with the first
-        stream, in a process of its own), or the SLIs are off, or it failed to start."""
-        return self._thread is None or self._model is not None or self._load_failed
+        """Nothing is being loaded: the scorer process is up, or not needed yet (it starts, in a process
+        of its own, when the first window is due), or the SLIs are off, or it failed to start."""
+        return not self._loading
 
     def open(self, stream_id: str, room_id: str) -> Optional[QualityTap]:
         """A tap for a new stream, or None when the SLIs are off."""
@@ -209,7 +210,6 @@ class QualityMonitor:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.nice)
             except OSError:
                 pass
-        self._timed(self._load)
         while True:
             try:
                 block = self._queue.get(timeout=0.5 if not self._pending else 0.0)
@@ -227,6 +227,7 @@ class QualityMonitor:
     def _load(self) -> None:
         from enhancers.quality.scorer_process import ScorerProcess, ScorerSettings
 
+        self._loading = True
         try:
             model = ScorerProcess(ScorerSettings(threads=self.config.threads, nice=self.config.nice))
             model.start()  # loaded and warmed up: its memory is taken now, in its own process
@@ -234,6 +235,8 @@ class QualityMonitor:
         except Exception:
             self._load_failed = True
             raise
+        finally:
+            self._loading = False
 
     def _timed(self, work: Any) -> None:
         t = time.thread_time()
@@ -278,6 +281,9 @@ class QualityMonitor:
     def _score_pending(self) -> None:
         pending, self._pending = self._pending, []
         if self._model is None:
+            if self._load_failed:  # logged once when it failed; no retry storm of processes
+                self.dropped_windows += len(pending)
+                return
             self._load()
         clips: list[np.ndarray] = []
         index: list[tuple[int, int]] = []  # (before clip, after clip) per window

@@ -214,7 +214,7 @@ class MediaServer:
             self._notice(self._send_stages_notice(participant, stream))
         return stream
 
-    # -- admission control: stages the executor could not give (enhancers/executor_admission.py) --------
+    # -- admission control: stages the executor could not give (enhancers/executor/admission.py) --------
     def _notice(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._notices.add(task)

@@ -99,7 +99,7 @@ STREAM_METRICS: tuple[tuple[str, str, str, str, Getter], ...] = (
      _jb("underruns")),
 )
 
-# Executor counters (enhancers.executor_worker.COUNTER_KEYS) -> instrument names; "stage_calls" is
+# Executor counters (enhancers.executor.worker.COUNTER_KEYS) -> instrument names; "stage_calls" is
 # the sum of mediaserver.executor.stage.calls over the stages
 EXECUTOR_COUNTERS = {
     "chunks": ("mediaserver.executor.chunks", "{chunk}"), "batches": ("mediaserver.executor.batches", "{round}"),
@@ -194,7 +194,7 @@ OTHER_METRICS: tuple[tuple[str, str, str, str, ObservationSource], ...] = (
     ("mediaserver.room.prompts.active", "updown", "{prompt}", "Prompts playing or queued per room.", _room_prompts),
     ("mediaserver.room.prompts", "counter", "{prompt}", "Prompts synthesized and queued per room.",
      lambda tel: [(tel.prompts_requested.get(r.id, 0), {"room": r.id}) for r in _rooms(tel)]),
-    *((name, "counter", unit, f"Executor counter '{key}' (enhancers/executor_worker.py COUNTER_KEYS).",
+    *((name, "counter", unit, f"Executor counter '{key}' (enhancers/executor/worker.py COUNTER_KEYS).",
        _executor_counters(key)) for key, (name, unit) in EXECUTOR_COUNTERS.items()),
     ("mediaserver.executor.batch_size", "gauge", "{stream}",
      "Chunks per batched round of the executor, mean over the last second.", _executor_value(lambda t: t.batch_size)),
@@ -202,7 +202,7 @@ OTHER_METRICS: tuple[tuple[str, str, str, str, ObservationSource], ...] = (
      _executor_value(lambda t: float(t.executor_live_streams))),
     ("mediaserver.executor.admissions", "counter", "{stream}",
      "Stage requests of streams by what admission control gave them: result admitted (as asked), degraded "
-     "(lighter stages), refused (no stages: audio forwarded as it came); enhancers/executor_admission.py.",
+     "(lighter stages), refused (no stages: audio forwarded as it came); enhancers/executor/admission.py.",
      _admissions),
     ("mediaserver.executor.load", "gauge", "1",
      "Predicted stage time per 10 ms tick of the streams as admitted, as a share of the tick.", _executor_load),

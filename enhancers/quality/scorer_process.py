@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from enhancers.process_name import QUALITY_SCORER, set_process_name
 from enhancers.quality.dnsmos import MODEL_RATE, MosScore, shared_model
 
 log = logging.getLogger("enhancers.quality")
@@ -36,6 +37,7 @@ class ScorerSettings:
 
 
 def _worker_init(settings: ScorerSettings) -> None:
+    set_process_name(QUALITY_SCORER)
     if settings.nice > 0 and hasattr(os, "nice"):
         try:
             os.nice(settings.nice)
