@@ -192,6 +192,9 @@ class QualityConfig:
     period_s: float = 30.0  # one DNSMOS window per stream this often (before and after enhancement)
     window_s: float = 4.0  # length of a window, whole seconds
     first_window_s: float = 1.0  # the first window starts this long after the stream (jitter buffer settled)
+    # after a stream's stage set changes, its audio counts as unsettled this long (chunks in flight ran the
+    # old set, fresh stage states warm up): no window takes it
+    settle_s: float = 1.0
     max_pending: int = 8  # windows waiting for the scorer; beyond, the oldest is dropped (counted)
     max_queued_blocks: int = 512  # 1 s blocks of audio waiting for the scorer thread; beyond, dropped (counted)
     threads: int = 1  # ONNX Runtime intra-op threads of the scorer

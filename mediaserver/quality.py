@@ -3,8 +3,13 @@
 ``QualityTap`` is called by ``PublishedStream._drain`` for every chunk (``on_chunk``), with
 the chunk as it entered the pipeline and as it left: it copies both into a 1 s block
 (``[100, 480]``) and, once a second, hands the block to the monitor's bounded queue (full:
-the block is dropped and counted, the media path never waits).  No other work happens on the
-event loop.
+the block is dropped and counted, the media path never waits).  It also marks a block
+*unclean* when its "after" audio is not what the block's stage set makes of it: chunks that
+were bypassed (deadline missed, stage error: fail-open), a stage set that changed within the
+block (results arrive in order, so chunks submitted before a switch come back after it), the
+``settle_s`` after such a change (chunks still in flight, fresh stage states warming up), or a
+stage that was not available in the executor (loading, disabled: its rows pass through).  No
+other work happens on the event loop.
 
 ``QualityMonitor`` owns one thread (niced) that turns blocks into:
 
@@ -14,7 +19,9 @@ event loop.
   P.835 (``enhancers.quality.DnsmosModel``), run in a niced process of its own
   (``enhancers.quality.scorer_process``: the model's few hundred MiB of activations and its
   0.4 s of CPU per window stay out of the media process); windows due together, of any
-  streams, go through one call.  A window whose stages changed while it was captured is discarded; when
+  streams, go through one call.  A window is made of clean blocks of one stage set only: an
+  unclean block (or one with another stage set) ends the window being captured, which is
+  discarded (counted), and the next window starts at the next clean block; when
   more than ``max_pending`` windows wait, the oldest are dropped (counted).  A stream without
   stages is scored once: its "after" is its "before".
 
@@ -30,7 +37,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -40,6 +47,14 @@ log = logging.getLogger(__name__)
 
 CHUNK = 480
 BLOCK_CHUNKS = 100  # 1 s
+
+# why a block is unclean (bit flags of _Block.unclean; names in UNCLEAN_REASONS)
+BYPASSED = 1  # a chunk passed through unprocessed (deadline missed, stage error)
+STAGES_CHANGED = 2  # the stage set changed within the block
+SETTLING = 4  # within settle_s of a stage change
+STAGE_UNAVAILABLE = 8  # a stage was loading or disabled in the executor (its rows passed through)
+UNCLEAN_REASONS = {BYPASSED: "bypassed", STAGES_CHANGED: "stages_changed", SETTLING: "settling",
+                   STAGE_UNAVAILABLE: "stage_unavailable"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class _Block:
     before: np.ndarray
     after: Optional[np.ndarray]  # None: the pipeline left every chunk as it was
     stages: str
+    unclean: int = 0  # 0: every chunk ran ``stages``, settled; else UNCLEAN_REASONS flags
 
 
 @dataclass
@@ -76,7 +92,8 @@ class _StreamState:
 class QualityTap:
     """Owns one stream's block buffers on the event loop; ``on_chunk`` is ``PublishedStream``'s hook."""
 
-    __slots__ = ("monitor", "stream_id", "room_id", "_before", "_after", "_n", "_same", "closed")
+    __slots__ = ("monitor", "stream_id", "room_id", "_before", "_after", "_n", "_same", "closed",
+                 "_stage_list", "_label", "_unclean", "_settle", "_unavailable_mark")
 
     def __init__(self, monitor: "QualityMonitor", stream_id: str, room_id: str) -> None:
         self.monitor = monitor
@@ -87,11 +104,28 @@ class QualityTap:
         self._before = np.empty((BLOCK_CHUNKS, CHUNK), dtype=np.float32)
         self._after = np.empty((BLOCK_CHUNKS, CHUNK), dtype=np.float32)
         self.closed = False
+        self._stage_list: Optional[list[str]] = None  # the stage set of the last chunk (None: none seen yet)
+        self._label = "none"
+        self._unclean = 0
+        self._settle = 0  # chunks still settling after a stage change
+        self._unavailable_mark = monitor.unavailable_count()
 
     def on_chunk(self, stream: Any, before: np.ndarray, result: Any) -> None:
         after = result.audio
         if len(before) != CHUNK or len(after) != CHUNK or self.closed:
             return
+        stages = stream.pipeline.stages
+        if stages != self._stage_list:
+            if self._stage_list is not None:  # a switch: chunks in flight ran the old set; new states warm up
+                self._unclean |= STAGES_CHANGED
+                self._settle = self.monitor.settle_chunks
+            self._stage_list = stages
+            self._label = ",".join(stages) or "none"
+        elif self._settle:
+            self._settle -= 1
+            self._unclean |= SETTLING
+        if result.bypassed:
+            self._unclean |= BYPASSED
         n = self._n
         self._before[n] = before
         if after is not before:
@@ -101,11 +135,15 @@ class QualityTap:
             self._after[n] = before
         self._n = n + 1
         if self._n == BLOCK_CHUNKS:
-            stages = ",".join(stream.pipeline.stages) or "none"
-            self.monitor.submit(_Block(self, self._before, None if self._same else self._after, stages))
+            mark = self.monitor.unavailable_count()
+            if mark != self._unavailable_mark and stages:
+                self._unclean |= STAGE_UNAVAILABLE
+            self._unavailable_mark = mark
+            self.monitor.submit(_Block(self, self._before, None if self._same else self._after, self._label,
+                                       self._unclean))
             self._before = np.empty((BLOCK_CHUNKS, CHUNK), dtype=np.float32)
             self._after = np.empty((BLOCK_CHUNKS, CHUNK), dtype=np.float32)
-            self._n, self._same = 0, True
+            self._n, self._same, self._unclean = 0, True, 0
 
 
 class QualityMonitor:
@@ -125,7 +163,12 @@ class QualityMonitor:
         self._pending: list[tuple[_StreamState, str, list[_Block]]] = []
         self.dropped_blocks = 0
         self.dropped_windows = 0
-        self.discarded_windows = 0  # stages changed during the window
+        self.discarded_windows = 0  # an unclean block or another stage set ended the window being captured
+        self.unclean_blocks: dict[str, int] = dict.fromkeys(UNCLEAN_REASONS.values(), 0)
+        self.settle_chunks = max(0, int(round(c.settle_s * 100)))
+        # the executor's count of rows that wanted a stage it did not have (set by the server; a change
+        # over a block marks the blocks of streams with stages unclean)
+        self.unavailable_count: Callable[[], int] = lambda: 0
         self.windows_scored = 0
         self.score_cpu_s = 0.0  # CPU time of the scorer thread (thread_time), all work
         self._model: Any = None
@@ -184,6 +227,7 @@ class QualityMonitor:
         return {"enabled": self.config.enabled, "period_s": self.config.period_s, "window_s": self.config.window_s,
                 "windows_scored": self.windows_scored, "dropped_windows": self.dropped_windows,
                 "dropped_blocks": self.dropped_blocks, "discarded_windows": self.discarded_windows,
+                "unclean_blocks": dict(self.unclean_blocks),
                 "queued_blocks": self._queue.qsize(), "scorer_cpu_s": round(self.score_cpu_s, 3)}
 
     def close(self) -> None:
@@ -263,11 +307,15 @@ class QualityMonitor:
         st = self._state(tap)
         st.tracker.push(block.before, block.after)
         self.signals[tap.stream_id] = st.tracker.signals()
+        for flag, reason in UNCLEAN_REASONS.items():
+            if block.unclean & flag:
+                self.unclean_blocks[reason] += 1
         if st.seen >= st.next_window:
-            if st.capture and st.capture[0].stages != block.stages:
-                self.discarded_windows += 1  # the stage set changed within the window: start again
+            if st.capture and (block.unclean or st.capture[0].stages != block.stages):
+                self.discarded_windows += 1  # not one settled stage set all through: start again
                 st.capture = []
-            st.capture.append(block)
+            if not block.unclean:
+                st.capture.append(block)
             if len(st.capture) >= self._window_blocks:
                 self._pending.append((st, tap.stream_id, st.capture))
                 st.capture = []

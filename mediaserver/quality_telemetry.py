@@ -45,10 +45,15 @@ class QualityInstruments:
                         "position.")
         meter.create_observable_counter(
             "mediaserver.quality.windows", callbacks=[self._windows], unit="{window}",
-            description="Quality windows by result: scored, dropped (scorer busy), discarded (stages changed).")
+            description="Quality windows by result: scored, dropped (scorer busy), discarded (an unclean block or "
+                        "another stage set ended the window).")
         meter.create_observable_counter(
             "mediaserver.quality.blocks.dropped", callbacks=[self._blocks], unit="{block}",
             description="1 s blocks of audio the scorer thread's full queue refused.")
+        meter.create_observable_counter(
+            "mediaserver.quality.blocks.unclean", callbacks=[self._unclean], unit="{block}",
+            description="1 s blocks whose processed audio no window may use, by reason: bypassed (chunks passed "
+                        "through unprocessed), stages_changed, settling (just after a change), stage_unavailable.")
         meter.create_observable_gauge(
             "mediaserver.stream.quality.ovrl", callbacks=[self._per_stream], unit="1",
             description="Last DNSMOS OVRL per stream (only with per_stream_metrics); room, stream, position.")
@@ -70,6 +75,11 @@ class QualityInstruments:
     def _blocks(self, options: CallbackOptions) -> Iterable[Observation]:
         for m in self._live():
             yield Observation(m.dropped_blocks, {})
+
+    def _unclean(self, options: CallbackOptions) -> Iterable[Observation]:
+        for m in self._live():
+            for reason, n in list(m.unclean_blocks.items()):
+                yield Observation(n, {"reason": reason})
 
     def _per_stream(self, options: CallbackOptions) -> Iterable[Observation]:
         for m in self._live():

@@ -89,6 +89,7 @@ class MediaServer:
         if e.default_stages:
             await executor.preload(list(e.default_stages))  # first chunks already get their stages
         self.hub.executor = executor
+        self.quality.unavailable_count = lambda: executor.counters.get("stage_unavailable", 0)  # quality
         self._ticker = asyncio.get_running_loop().create_task(self._room_ticker(), name="room-ticker")
         self.prompts.start()  # prompts: load the speech synthesizer in the background
         self.telemetry.start()  # telemetry
