@@ -43,6 +43,8 @@ class StreamPipeline:
         self._requested: list[str] = []
         self._options = dict(options or {})
         self.on_change: Optional[Callable[["StreamPipeline"], None]] = None  # stages changed by the executor
+        # where submit()'s results go, in order (enhancers.executor.ProcessedChunk: audio, side, bypassed)
+        self.on_result: Optional[Callable[[Any], None]] = None
         self.set_stages(stages, options)
 
     @property
@@ -87,6 +89,7 @@ class StreamPipeline:
         if self._executor_stream is None:
             self._executor_stream = executor.open_stream(stages, self._options, label=self._label)
             self._executor_stream.on_change = self._changed
+            self._executor_stream.on_result = self._result
         else:
             self._executor_stream.set_stages(stages, self._options)
         self._stages = list(self._executor_stream.stages)
@@ -98,12 +101,14 @@ class StreamPipeline:
         if self.on_change is not None:
             self.on_change(self)
 
-    async def process(self, chunk: np.ndarray, reference: Optional[np.ndarray] = None) -> PipelineResult:
-        stream = self._executor_stream
-        if stream is None or not self._stages:  # no stages, or none admitted: nothing to wait for
-            return PipelineResult(audio=chunk)
-        out = await stream.process(chunk, reference)
-        return PipelineResult(audio=out.audio, side=dict(out.side), bypassed=out.bypassed)
+    def _result(self, chunk: Any) -> None:
+        if self.on_result is not None:
+            self.on_result(chunk)
+
+    def submit(self, chunk: np.ndarray, reference: Optional[np.ndarray] = None) -> None:
+        """Hand one chunk to the executor (only while ``has_stages``); the result goes to ``on_result``,
+        in order, processed or (past the deadline) unprocessed."""
+        self._executor_stream.submit(chunk, reference)
 
     def close(self) -> None:
         if self._executor_stream is not None:

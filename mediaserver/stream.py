@@ -9,12 +9,12 @@ a phone call.
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from mediaserver.pipeline import PipelineResult, StreamPipeline
 
 log = logging.getLogger(__name__)
 
-_MAX_INFLIGHT = 16  # 160 ms of chunks awaiting the executor, then new chunks are dropped
+_MAX_INFLIGHT = 16  # 160 ms of chunks at the executor, then new chunks are dropped (its deadline is far below)
 
 
 PcmListener = Callable[[np.ndarray, Optional[float]], None]
@@ -51,8 +51,28 @@ class StreamCounters:
     server_latency_ms: float = 0.0
 
 
+class _Chunk:
+    """A chunk between the clock tick that pulled it and the moment it is encoded."""
+
+    __slots__ = ("audio", "forwardable", "origin", "result", "started", "tick")
+
+    def __init__(self, audio: np.ndarray, origin: Optional[float], started: float, tick: int,
+                 forwardable: Optional[list[tuple[Optional[bytes], int]]], result: Optional[PipelineResult]) -> None:
+        self.audio = audio
+        self.origin = origin
+        self.started = started
+        self.tick = tick
+        self.forwardable = forwardable
+        self.result = result  # None while the executor has it
+
+
 class PublishedStream:
-    """Owns one published stream's path from source chunks to encoded packets."""
+    """Owns one published stream's path from source chunks to encoded packets.
+
+    Each tick's chunk either goes to the executor (the stream has stages; its result comes back
+    through the pipeline's ``on_result`` on the loop, in order) or straight on; either way chunks
+    are encoded and fanned out in tick order, synchronously, with no task or future per chunk.
+    """
 
     def __init__(self, stream_id: str, owner_id: str, kind: str, source: ChunkSource,
                  pipeline: StreamPipeline, clock: MediaClock, *, bitrate: int = 32_000,
@@ -64,8 +84,10 @@ class PublishedStream:
         self.kind = kind
         self.synthetic = synthetic
         self._forward_unprocessed = forward_unprocessed
+        self._take = getattr(source, "take_forwardable", None) if forward_unprocessed else None
         self.source = source
         self.pipeline = pipeline
+        pipeline.on_result = self._on_result
         self.fanout = Fanout()
         self.encoder = StreamEncoder(bitrate=bitrate)
         self.counters = StreamCounters()
@@ -73,11 +95,8 @@ class PublishedStream:
         self._clock = clock
         self._reference = reference
         self._on_chunk = on_chunk
-        self._inflight: asyncio.Queue[
-            tuple[asyncio.Future[PipelineResult], np.ndarray, Optional[float], float, int,
-                  Optional[list[tuple[Optional[bytes], int]]]]
-        ] = asyncio.Queue()
-        self._drain_task: Optional[asyncio.Task[None]] = None
+        self._chunks: collections.deque[_Chunk] = collections.deque()  # in tick order, not yet encoded
+        self._at_executor: collections.deque[_Chunk] = collections.deque()  # those the executor has
         self._pcm_listeners: list[PcmListener] = []
         self.current_tick = 0  # media clock tick of the chunk being handed to PCM listeners
         self.closed = False
@@ -95,87 +114,99 @@ class PublishedStream:
             self._pcm_listeners.remove(listener)
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._drain_task = loop.create_task(self._drain(), name=f"stream-{self.id}")
         self._clock.add(self, self._on_tick)
 
     def _on_tick(self) -> None:
         audio, origin = self.source.pull()
         if self.muted:
             audio = np.zeros_like(audio)
-        if self._inflight.qsize() >= _MAX_INFLIGHT:
-            self.counters.dropped_backlog += 1
-            return
         tick = self._clock.ticks
-        reference = self._reference(tick) if self._reference is not None else None
+        pipeline = self.pipeline
+        if pipeline.has_stages:
+            if self._take is not None:
+                self._take()  # the publisher's packets: never forwarded as they are, this chunk is processed
+            if len(self._at_executor) >= _MAX_INFLIGHT:
+                self.counters.dropped_backlog += 1
+                return
+            reference = self._reference(tick) if self._reference is not None else None
+            chunk = _Chunk(audio, origin, time.monotonic(), tick, None, None)
+            self._chunks.append(chunk)
+            self._at_executor.append(chunk)
+            pipeline.submit(audio, reference)
+            return
         forwardable = self._take_forwardable()
-        fut = asyncio.ensure_future(self.pipeline.process(audio, reference))
-        self._inflight.put_nowait((fut, audio, origin, time.monotonic(), tick, forwardable))
+        result = PipelineResult(audio=audio)
+        if self._chunks:  # chunks from before the stages went off are still out: keep the order
+            self._chunks.append(_Chunk(audio, origin, time.monotonic(), tick, forwardable, result))
+            return
+        self._emit(audio, origin, time.monotonic(), tick, forwardable, result)
 
     def _take_forwardable(self) -> Optional[list[tuple[Optional[bytes], int]]]:
         """The publisher's packets to forward as they are, when this chunk will not be changed."""
-        take = getattr(self.source, "take_forwardable", None) if self._forward_unprocessed else None
+        take = self._take
         if take is None:
             return None
         entries: list[tuple[Optional[bytes], int]] = take()
         return None if self.muted or self.pipeline.has_stages else entries
 
-    async def _drain(self) -> None:
+    def _on_result(self, out: Any) -> None:
+        """The executor's answer for the oldest chunk it has (``enhancers.executor.ProcessedChunk``)."""
+        if not self._at_executor:
+            return  # (closed meanwhile)
+        chunk = self._at_executor.popleft()
+        chunk.result = PipelineResult(out.audio, out.side, out.bypassed)
+        chunks = self._chunks
+        while chunks and chunks[0].result is not None:
+            c = chunks.popleft()
+            assert c.result is not None
+            if not self.closed:
+                self._emit(c.audio, c.origin, c.started, c.tick, c.forwardable, c.result)
+
+    def _emit(self, audio: np.ndarray, origin: Optional[float], started: float, tick: int,
+              forwardable: Optional[list[tuple[Optional[bytes], int]]], result: PipelineResult) -> None:
         c = self.counters
-        while True:
-            fut, audio, origin, started, tick, forwardable = await self._inflight.get()
+        c.chunks += 1
+        if result.bypassed:
+            c.bypassed += 1
+        c.processing_ms = (time.monotonic() - started) * 1000.0
+        out = result.audio
+        rms = float(np.sqrt(np.dot(out, out) / len(out)) + 1e-10)
+        c.level_dbfs = 0.9 * c.level_dbfs + 0.1 * 20.0 * math.log10(rms)
+        side = result.side
+        if side:
+            if "vad" in side:
+                c.vad = float(side["vad"])
+            if "aec_delay_ms" in side:
+                c.echo_delay_ms = float(side["aec_delay_ms"])
+        if self._on_chunk is not None:
+            self._on_chunk(self, audio, result)
+        self.current_tick = tick
+        if origin is not None and self.pipeline.latency_samples:
+            # a stage that delays the audio (look-ahead) sends out audio that arrived that much earlier
+            origin -= self.pipeline.latency_samples / SAMPLE_RATE
+        for listener in self._pcm_listeners:
             try:
-                result = await fut
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # fail open: the chunk goes out unprocessed
-                log.exception("pipeline failed on stream %s", self.id)
-                result = PipelineResult(audio=audio, bypassed=True)
-            c.chunks += 1
-            if result.bypassed:
-                c.bypassed += 1
-            c.processing_ms = (time.monotonic() - started) * 1000.0
-            rms = float(np.sqrt(np.mean(result.audio * result.audio)) + 1e-10)
-            c.level_dbfs = 0.9 * c.level_dbfs + 0.1 * 20.0 * math.log10(rms)
-            if "vad" in result.side:
-                c.vad = float(result.side["vad"])
-            if "aec_delay_ms" in result.side:
-                c.echo_delay_ms = float(result.side["aec_delay_ms"])
-            if self._on_chunk is not None:
-                self._on_chunk(self, audio, result)
-            self.current_tick = tick
-            if origin is not None and self.pipeline.latency_samples:
-                # a stage that delays the audio (look-ahead) sends out audio that arrived that much earlier
-                origin -= self.pipeline.latency_samples / SAMPLE_RATE
-            for listener in self._pcm_listeners:
-                try:
-                    listener(result.audio, origin)
-                except Exception:
-                    log.exception("pcm listener failed on stream %s", self.id)
-            if forwardable is not None and not result.bypassed:
-                packets = self.encoder.forward(forwardable, origin)
-            else:
-                packet = self.encoder.push(result.audio, origin)
-                packets = [packet] if packet is not None else []
-            for packet in packets:
-                if origin is not None:
-                    c.server_latency_ms = (time.monotonic() - origin) * 1000.0
-                self.fanout.publish(packet)
+                listener(out, origin)
+            except Exception:
+                log.exception("pcm listener failed on stream %s", self.id)
+        if forwardable is not None and not result.bypassed:
+            packets = self.encoder.forward(forwardable, origin)
+        else:
+            packet = self.encoder.push(out, origin)
+            packets = [packet] if packet is not None else []
+        for packet in packets:
+            if origin is not None:
+                c.server_latency_ms = (time.monotonic() - origin) * 1000.0
+            self.fanout.publish(packet)
 
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         self._clock.remove(self)
-        if self._drain_task is not None:
-            self._drain_task.cancel()
-            try:
-                await self._drain_task
-            except asyncio.CancelledError:
-                pass
-        while not self._inflight.empty():
-            fut = self._inflight.get_nowait()[0]
-            fut.cancel()
+        self.pipeline.on_result = None
+        self._chunks.clear()
+        self._at_executor.clear()
         self.fanout.close()
         self._pcm_listeners.clear()
         self.pipeline.close()

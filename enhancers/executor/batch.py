@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from enhancers.executor.device import CPU, is_device_error, move_stage
-from enhancers.executor.messages import ChunkIn, CloseStream, ControlOp, Job, RoundResult, SetStreamStages
+from enhancers.executor.messages import CloseStream, ControlOp, Job, RoundIn, RoundResult, SetStreamStages
 from enhancers.executor.worker import RateLimitedLog
 from enhancers.registry import CHAIN_ORDER
 from enhancers.stage import CHUNK, BatchContext, Stage, StageStream
@@ -193,20 +193,21 @@ class BatchRunner:
         with torch.inference_mode():
             for op in job.ops:
                 self.apply(op)
-            for items in job.rounds:
+            for rnd in job.rounds:
                 if job.abandoned:
                     return
                 try:
-                    results = self._run_round(job, items)
+                    results = self._run_round(job, rnd)
                 except Exception as exc:
                     if self.fell_back or not is_device_error(exc):
                         raise
                     job.current_spec = None
                     self.fall_back_to_cpu(exc)
                     # this round's chunks pass through unprocessed; the next ones run on the CPU
-                    self.counters["bypass_error"] += len(items)
-                    audio = np.stack([it.bypass_audio for it in items]).astype(np.float32, copy=False)
-                    results = RoundResult(audio, None, set(range(len(items))))
+                    n = len(rnd.stream_ids)
+                    self.counters["bypass_error"] += n
+                    audio = (rnd.audio if rnd.bypass is None else rnd.bypass).astype(np.float32, copy=True)
+                    results = RoundResult(audio, None, set(range(n)))
                 if results is None:
                     return
                 job.results.append(results)
@@ -238,21 +239,18 @@ class BatchRunner:
         self._plans[sids] = plan
         return plan
 
-    def _run_round(self, job: Job, items: Sequence[ChunkIn]) -> RoundResult | None:
-        n = len(items)
-        plan = self._plan(tuple(it.stream_id for it in items))
+    def _run_round(self, job: Job, rnd: RoundIn) -> RoundResult | None:
+        n = len(rnd.stream_ids)
+        plan = self._plan(tuple(rnd.stream_ids))
         self.counters["batches"] += 1
-        batch = np.concatenate([it.audio for it in items]).reshape(n, CHUNK)
+        batch = rnd.audio
+        if batch.shape != (n, CHUNK) or batch.dtype != np.float32:
+            raise ValueError(f"a round of {n} rows needs [{n}, {CHUNK}] float32 audio, got {batch.shape}")
         x = torch.from_numpy(batch)
         if self._on_device:
             x = x.to(self.device)
-        refs = [it.reference for it in items]
-        if any(ref is not None for ref in refs):
-            ref_np = np.zeros((n, CHUNK), dtype=np.float32)
-            for i, ref in enumerate(refs):
-                if ref is not None:
-                    ref_np[i] = ref
-            reference = torch.from_numpy(ref_np)
+        if rnd.reference is not None:
+            reference = torch.from_numpy(rnd.reference)
             if self._on_device:
                 reference = reference.to(self.device)
         else:

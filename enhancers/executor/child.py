@@ -20,21 +20,24 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-import numpy as np
 import torch
 
 from enhancers.executor.batch import BatchRunner
 from enhancers.executor.messages import (
+    AttachArea,
     CloseWorker,
     Job,
     JobDone,
     LoadStage,
+    RoundIn,
     RunJob,
     StageLoaded,
     StageLoadResult,
+    WireResult,
     WorkerClosed,
     WorkerReady,
 )
+from enhancers.executor.shm import JobArea
 from enhancers.executor.transport import Channel, WorkerStatus
 from enhancers.executor.worker import COUNTER_KEYS, RateLimitedLog
 from enhancers.process_name import EXECUTOR_WORKER, set_process_name
@@ -43,18 +46,6 @@ from enhancers.stage import Stage
 log = logging.getLogger("enhancers.executor")
 
 STATS_EVERY_S = 0.5  # stage timing statistics ride on a "done" message at most this often
-
-
-class ChildChunk:
-    """A chunk as the worker process sees it: no future, only the audio and whose it is."""
-
-    __slots__ = ("audio", "bypass_audio", "reference", "stream_id")
-
-    def __init__(self, stream_id: int, audio: np.ndarray, reference: np.ndarray | None) -> None:
-        self.stream_id = stream_id
-        self.audio = audio
-        self.reference = reference
-        self.bypass_audio = audio
 
 
 def _construct(target: str, device: str, kwargs: dict[str, Any], threads: int) -> Stage:
@@ -84,6 +75,7 @@ class ChildWorker:
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage-loader")
         self._stats_at = 0.0
         self._stats_specs: set[str] = set()
+        self.area: JobArea | None = None  # the parent's shared job audio
 
     def serve(self) -> None:
         torch.set_num_threads(self.torch_threads)
@@ -95,7 +87,11 @@ class ChildWorker:
                 message = self.channel.recv()
             except (EOFError, OSError):
                 return  # the parent went away
-            if isinstance(message, LoadStage):
+            if isinstance(message, AttachArea):
+                if self.area is not None:
+                    self.area.close()
+                self.area = JobArea(message.rows, message.slots, name=message.name)
+            elif isinstance(message, LoadStage):
                 self._targets[message.spec] = (message.target, message.kwargs)
                 self._loader.submit(self._load, message.spec, message.target, message.kwargs, str(self.device))
             elif isinstance(message, RunJob):
@@ -142,19 +138,27 @@ class ChildWorker:
     def _job(self, message: RunJob) -> None:
         self.status.begin_job(message.job_id)  # the parent's stuck clock starts here
         self._apply_loaded()
-        chunks: list[list[Any]] = []
+        area = self.area
+        assert area is not None, "the parent attaches the job area before any job"
+        inp, ref, out = area.input(message.slot), area.reference(message.slot), area.output(message.slot)
+        rounds = []
         for wire in message.rounds:
-            reference = wire.reference
-            chunks.append([
-                ChildChunk(sid, wire.audio[i], None if reference is None else reference[i])
-                for i, sid in enumerate(wire.stream_ids)
-            ])
-        job = Job(ops=message.ops, rounds=chunks)
+            rows = slice(wire.offset, wire.offset + len(wire.stream_ids))
+            rounds.append(RoundIn(wire.stream_ids, inp[rows], ref[rows] if wire.has_reference else None))
+        job = Job(ops=message.ops, rounds=rounds)
         try:
             self.runner.run(job)
         except Exception:  # noqa: BLE001 - never die on a job: unanswered rounds bypass in the parent
             log.exception("executor worker process failed on a job")
         self.status.end_job()
+        results = []
+        for wire, result in zip(message.rounds, job.results):
+            n = len(wire.stream_ids)
+            target = out[wire.offset:wire.offset + n]
+            if result.audio is not target:
+                target[:] = result.audio
+            results.append(WireResult(wire.offset, n, result.side, result.failed, result.passthrough,
+                                      result.timings))
         counters = {k: v for k, v in self.counters.items() if v}
         for key in counters:
             self.counters[key] = 0
@@ -166,7 +170,7 @@ class ChildWorker:
             self._stats_at = now
             self._stats_specs = set(self.runner.stages)
             stats = {spec: rt.stats() for spec, rt in self.runner.stages.items()}
-        self.channel.send(JobDone(message.job_id, job.results, counters, stats))
+        self.channel.send(JobDone(message.job_id, results, counters, stats))
 
 
 def child_main(conn: Connection, device: str, torch_threads: int, freeze_gc: bool, status: WorkerStatus) -> None:

@@ -1,6 +1,7 @@
 """The batched enhancement executor: one engine that runs every stage for all streams.
 
-Streams submit 10 ms chunks with :meth:`ExecutorStream.process`.  A tick task on the asyncio loop
+Streams submit 10 ms chunks with :meth:`ExecutorStream.submit` (results go to the stream's
+``on_result``, in order, on the loop: no future or task per chunk) or await :meth:`ExecutorStream.process`.  A tick task on the asyncio loop
 gathers the chunks ready from all live streams (after the first one arrives it waits up to
 ``max_wait_ms`` for the others, or until every live stream has submitted) and hands them to one
 worker (the :class:`~enhancers.executor.worker.Worker` interface), which runs each stage once per
@@ -27,7 +28,7 @@ import gc
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from enhancers.registry import parse_spec, parse_stage_list
 from enhancers.stage import CHUNK
 
 STUCK_POLL_S = 0.25  # while the worker loads a stage, how often a running job is looked at again
+_NO_SIDE: dict[str, float] = {}  # the side info of a chunk no stage said anything about (read only)
 
 log = logging.getLogger("enhancers.executor")
 
@@ -199,9 +201,7 @@ class Executor:
                 stream.latency_samples = sum(self._worker.declared_latency(s) for s in stream.stages)
 
     # -- submission and deadlines --------------------------------------------------
-    def _submit(
-        self, stream: ExecutorStream, chunk: np.ndarray, reference: np.ndarray | None
-    ) -> asyncio.Future[ProcessedChunk]:
+    def _submit(self, stream: ExecutorStream, chunk: np.ndarray, reference: np.ndarray | None) -> None:
         loop = self._loop
         if loop is None or self._closed:
             raise RuntimeError("executor is not running")
@@ -217,9 +217,8 @@ class Executor:
             if reference.dtype != np.float32:
                 reference = reference.astype(np.float32)
         now = loop.time()
-        future: asyncio.Future[ProcessedChunk] = loop.create_future()
         bypass, gains = stream.fallback_audio(chunk, reference)
-        item = PendingChunk(stream.stream_id, chunk, reference, future, now + self._deadline_s, bypass)
+        item = PendingChunk(stream.stream_id, chunk, reference, stream, now + self._deadline_s, bypass)
         item.echo_gains = gains
         self.counters["chunks"] += 1
         stream.pending.append(item)
@@ -232,7 +231,6 @@ class Executor:
                 self._wake.set()
             self._ready[stream.stream_id] = stream
             self._maybe_open_gate()
-        return future
 
     def _maybe_open_gate(self) -> None:
         gate = self._gate
@@ -249,7 +247,7 @@ class Executor:
         pending = stream.pending
         late = 0
         for waiting in pending:  # answered (late) chunks are at the front: deadlines are FIFO
-            if not waiting.future.done():
+            if not waiting.answered:
                 break
             late += 1
         while late > self.config.max_backlog_chunks:
@@ -260,10 +258,17 @@ class Executor:
             self._ready.pop(item.stream_id, None)
 
     def _bypass(self, item: PendingChunk, counter: str | None) -> None:
-        if not item.future.done():
-            item.future.set_result(ProcessedChunk(item.bypass_audio.copy(), {}, True))
+        if not item.answered:
+            item.answered = True
             if counter is not None:
                 self.counters[counter] += 1
+            self._deliver(item, ProcessedChunk(item.bypass_audio.copy(), {}, True))
+
+    def _deliver(self, item: PendingChunk, chunk: ProcessedChunk) -> None:
+        try:
+            item.sink._deliver(chunk)
+        except Exception as exc:  # noqa: BLE001 - one stream's consumer must not stop the others' results
+            self._errors.error("deliver", "a stream's consumer failed on a processed chunk", exc)
 
     # -- ticking -----------------------------------------------------------------------
     async def _tick_loop(self) -> None:
@@ -301,7 +306,7 @@ class Executor:
             return None
         for items in rounds:
             self._batch_sizes.append(len(items))
-        return Job(ops=[], rounds=rounds)  # the worker adds the stream changes declared since the last job
+        return Job(ops=[], items=rounds)  # the worker adds the stream changes declared since the last job
 
     async def _run(self, job: Job) -> None:
         assert self._loop is not None
@@ -335,21 +340,21 @@ class Executor:
         if job.abandoned or job.done is None or job.done.done():
             return
         late = 0
-        rounds = cast("list[list[PendingChunk]]", job.rounds)  # the loop's side holds PendingChunks
+        rounds = job.items
         self.admission.observe(job.results)
         for items, result in zip(rounds, job.results):
-            rows, side, failed = list(result.audio), result.side, result.failed
+            rows, side, failed = result.audio, result.side, result.failed
             for i, item in enumerate(items):
-                future = item.future
-                if future.done():
+                if item.answered:
                     late += 1
                     continue
+                item.answered = True
                 audio = rows[i]
                 if item.echo_gains is not None and not result.passthrough:  # was the aec there for it?
                     stream = self._streams.get(item.stream_id)
                     if stream is not None:
                         audio = stream.without_aec(audio, item.echo_gains, self._worker.stage_available)
-                future.set_result(ProcessedChunk(audio, side[i] if side else {}, i in failed))
+                self._deliver(item, ProcessedChunk(audio, side[i] if side else _NO_SIDE, i in failed))
         for items in rounds[len(job.results) :]:
             for item in items:
                 self._bypass(item, "bypass_error")
@@ -368,7 +373,7 @@ class Executor:
             busy_s * 1e3,
             spec,
         )
-        for items in cast("list[list[PendingChunk]]", job.rounds):
+        for items in job.items:
             for item in items:
                 self._bypass(item, "bypass_deadline")
         job.done.set_result(None)

@@ -1,17 +1,18 @@
 """What moves between the executor's parts: chunks, results, control operations, worker messages.
 
-The loop side submits :class:`PendingChunk` objects and gets a :class:`ProcessedChunk`
-back; a tick becomes one :class:`Job` for the worker: control operations first
+The loop side submits :class:`PendingChunk` objects and its :class:`ChunkSink` gets a
+:class:`ProcessedChunk` back, in order; a tick becomes one :class:`Job` for the worker: control operations first
 (streams declared, changed or closed, stages that finished loading), then one
 or more *rounds*, each holding at most one chunk per stream, each answered by a
 :class:`RoundResult`.
 
 Between the server's process and the worker process (:mod:`enhancers.executor.process`,
-:mod:`enhancers.executor.child`) only the typed messages at the end of this
-module travel, pickled over a local pipe (:mod:`enhancers.executor.transport`):
-:class:`LoadStage`, :class:`RunJob`, :class:`CloseWorker` from parent to child;
-:class:`WorkerReady`, :class:`StageLoadResult`, :class:`JobDone`,
-:class:`WorkerClosed` back.
+:mod:`enhancers.executor.child`) the audio crosses in shared memory
+(:mod:`enhancers.executor.shm`) and only the small typed messages at the end of
+this module travel, pickled over a local pipe (:mod:`enhancers.executor.transport`):
+:class:`AttachArea`, :class:`LoadStage`, :class:`RunJob`, :class:`CloseWorker`
+from parent to child; :class:`WorkerReady`, :class:`StageLoadResult`,
+:class:`JobDone`, :class:`WorkerClosed` back.
 """
 
 from __future__ import annotations
@@ -35,36 +36,64 @@ class ProcessedChunk:
     bypassed: bool  # True when it passed through unprocessed (deadline or error)
 
 
-class PendingChunk:
-    """A submitted chunk on its way through the executor (plain slots: 100s per tick)."""
+class ChunkSink(Protocol):
+    """Who gets a stream's chunks back, in submission order (:class:`~enhancers.executor.stream.ExecutorStream`)."""
 
-    __slots__ = ("audio", "bypass_audio", "deadline", "echo_gains", "future", "reference", "stream_id")
+    def _deliver(self, chunk: ProcessedChunk) -> None: ...
+
+
+class PendingChunk:
+    """A submitted chunk on its way through the executor (plain slots: 100s per tick).
+
+    ``answered`` turns True once its result (or its unprocessed fallback, at the deadline)
+    went to ``sink``; a result that comes back later is discarded."""
+
+    __slots__ = ("answered", "audio", "bypass_audio", "deadline", "echo_gains", "reference", "sink", "stream_id")
 
     def __init__(
         self,
         stream_id: int,
         audio: np.ndarray,
         reference: np.ndarray | None,
-        future: asyncio.Future[ProcessedChunk],
+        sink: ChunkSink,
         deadline: float,
         bypass_audio: np.ndarray,
     ) -> None:
         self.stream_id = stream_id
         self.audio = audio
         self.reference = reference
-        self.future = future
+        self.sink = sink
         self.deadline = deadline
         self.bypass_audio = bypass_audio
+        self.answered = False
         self.echo_gains: tuple[float, float] | None = None  # aec streams: the fallback's gains for this chunk
 
 
-class ChunkIn(Protocol):
-    """What the batch runner reads of a chunk (a :class:`PendingChunk`, or its copy in a worker process)."""
+@dataclass(slots=True)
+class RoundIn:
+    """One round as the batch runner reads it: at most one chunk per stream, rows aligned.
 
-    stream_id: int
-    audio: np.ndarray
-    reference: np.ndarray | None
-    bypass_audio: np.ndarray
+    ``bypass`` is what a row passes through as when it cannot be processed (None: ``audio``
+    itself); ``reference`` the far-end audio of aec streams (None: no row has one)."""
+
+    stream_ids: list[int]
+    audio: np.ndarray  # [n, 480] float32
+    reference: np.ndarray | None = None  # [n, 480] float32
+    bypass: np.ndarray | None = None  # [n, 480] float32
+
+    @staticmethod
+    def of(items: Sequence[PendingChunk]) -> "RoundIn":
+        """The round of ``items`` (the thread worker's: stacked copies of the loop's chunks)."""
+        audio = np.stack([it.audio for it in items])
+        reference = None
+        if any(it.reference is not None for it in items):
+            reference = np.zeros_like(audio)
+            for i, it in enumerate(items):
+                if it.reference is not None:
+                    reference[i] = it.reference
+        bypass = np.stack([it.bypass_audio for it in items]) if any(
+            it.bypass_audio is not it.audio for it in items) else None
+        return RoundIn([it.stream_id for it in items], audio, reference, bypass)
 
 
 @dataclass
@@ -107,10 +136,14 @@ ControlOp = SetStreamStages | CloseStream | StageLoaded
 
 @dataclass
 class Job:
-    """Work handed to the worker; filled with results there."""
+    """Work handed to the worker; filled with results there.
+
+    On the loop's side ``items`` holds the chunks of each round (their sinks get the results);
+    ``rounds`` is what the worker runs (built by the worker back end from ``items``)."""
 
     ops: list[ControlOp]
-    rounds: Sequence[Sequence[ChunkIn]]
+    rounds: list[RoundIn] = field(default_factory=list)
+    items: list[list[PendingChunk]] = field(default_factory=list)
     results: list[RoundResult] = field(default_factory=list)
     abandoned: bool = False
     current_spec: str | None = None
@@ -123,11 +156,33 @@ class Job:
 # -- messages between the server's process and the worker process ---------------------------------
 @dataclass(frozen=True, slots=True)
 class WireRound:
-    """One round as it crosses the pipe: whose rows, their audio and (for aec) far-end reference."""
+    """One round as it crosses the pipe: whose rows; their audio (and, for aec, far-end reference)
+    lie in the job's slot of the shared :class:`~enhancers.executor.shm.JobArea`, from row ``offset``."""
 
     stream_ids: list[int]
-    audio: np.ndarray  # [n, 480] float32
-    reference: np.ndarray | None  # [n, 480] float32; None when no row has one
+    offset: int
+    has_reference: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WireResult:
+    """One round's result as it crosses the pipe; the audio lies in the slot's output rows from ``offset``."""
+
+    offset: int
+    rows: int
+    side: list[dict[str, float]] | None
+    failed: set[int]
+    passthrough: bool
+    timings: list[tuple[str, int, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class AttachArea:
+    """Parent -> child: the job audio now crosses in shared memory ``name`` (``rows`` per slot and array)."""
+
+    name: str
+    rows: int
+    slots: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +196,10 @@ class LoadStage:
 
 @dataclass(frozen=True, slots=True)
 class RunJob:
-    """Parent -> child: apply ``ops``, then run ``rounds``; answered by :class:`JobDone`."""
+    """Parent -> child: apply ``ops``, then run ``rounds`` (audio in slot ``slot``); answered by :class:`JobDone`."""
 
     job_id: int
+    slot: int
     ops: list[ControlOp]
     rounds: list[WireRound]
 
@@ -174,7 +230,7 @@ class JobDone:
     """Child -> parent: the results of job ``job_id``, counters since the last one, stage stats (at most 2/s)."""
 
     job_id: int
-    results: list[RoundResult]
+    results: list[WireResult]
     counters: dict[str, int]
     stage_stats: dict[str, dict[str, Any]] | None
 
@@ -184,5 +240,5 @@ class WorkerClosed:
     """Child -> parent: answer to :class:`CloseWorker`; the child exits."""
 
 
-ToChild = LoadStage | RunJob | CloseWorker
+ToChild = LoadStage | RunJob | CloseWorker | AttachArea
 ToParent = WorkerReady | StageLoadResult | JobDone | WorkerClosed

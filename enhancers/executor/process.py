@@ -39,6 +39,7 @@ import numpy as np
 from enhancers.executor.child import child_main
 from enhancers.executor.loading import options_for
 from enhancers.executor.messages import (
+    AttachArea,
     CloseStream,
     CloseWorker,
     ControlOp,
@@ -50,11 +51,13 @@ from enhancers.executor.messages import (
     SetStreamStages,
     StageLoadResult,
     ToParent,
+    WireResult,
     WireRound,
     WorkerClosed,
     WorkerReady,
 )
 from enhancers.executor.recovery import RestartBackoff, StageFaults
+from enhancers.executor.shm import JobArea
 from enhancers.executor.transport import ParentChannel, WorkerStatus, open_pipe
 from enhancers.executor.worker import RateLimitedLog, WorkerSettings
 from enhancers.registry import STAGES, load_stage_class
@@ -62,6 +65,8 @@ from enhancers.registry import STAGES, load_stage_class
 log = logging.getLogger("enhancers.executor")
 
 STOP_TIMEOUT_S = 5.0
+AREA_ROWS = 256  # rows per job slot to start with (grown, doubling, when a job needs more)
+AREA_SLOTS = 2  # one job is out at a time; a second slot so the next job never writes into one being read
 
 
 class ProcessWorker:
@@ -98,6 +103,7 @@ class ProcessWorker:
         self._stats: dict[str, dict[str, Any]] = {}
         self._closing: asyncio.Future[None] | None = None
         self._ready = False  # the child has started (imports done) and reads the pipe
+        self._area: JobArea | None = None  # the shared memory job audio crosses in
 
     # -- lifecycle ------------------------------------------------------------------
     def start(
@@ -112,6 +118,8 @@ class ProcessWorker:
         assert self._loop is not None
         parent, child = open_pipe(self._ctx)
         self._status = WorkerStatus(self._ctx)
+        if self._area is None:
+            self._area = JobArea(AREA_ROWS, AREA_SLOTS)
         process = self._ctx.Process(
             target=child_main,
             args=(child, str(self.device), self.settings.torch_threads, self.settings.freeze_gc, self._status),
@@ -122,6 +130,7 @@ class ProcessWorker:
         child.close()
         self._process, self._conn, self._ready = process, parent, False
         parent.attach(self._loop, self._handle, self._child_died)
+        parent.send(AttachArea(self._area.name, self._area.rows, self._area.slots))
         log.info("executor worker process %d started on %s", process.pid, self.device)
         self._sent_loads, self._child_loaded = set(), set()
         for spec in self._loads:
@@ -207,6 +216,9 @@ class ProcessWorker:
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("executor worker process did not close cleanly: %s", exc)
         await self._loop.run_in_executor(None, self._stop_child, False)
+        if self._area is not None:
+            self._area.close()
+            self._area = None
 
     # -- stages -------------------------------------------------------------------------
     def request_load(self, spec: str) -> None:
@@ -280,36 +292,66 @@ class ProcessWorker:
         if self._redeclare:  # a new child: every live stream again, before this job's changes
             self._redeclare = False
             ops[:0] = [SetStreamStages(sid, wanted) for sid, wanted in self._wanted.items()]
-        rounds = []
-        for items in job.rounds:
-            sids = [it.stream_id for it in items]
-            audio = np.stack([it.audio for it in items])
-            refs = [it.reference for it in items]
-            reference = None
-            if any(r is not None for r in refs):
-                reference = np.zeros_like(audio)
-                for i, ref in enumerate(refs):
-                    if ref is not None:
-                        reference[i] = ref
-            rounds.append(WireRound(sids, audio, reference))
         if self._conn is None or not self._ready:
             # no worker (starting, restarting): the chunks pass through as on a missed deadline (delayed by
             # the declared latency, echo-gated for aec streams), counted as unavailable
             self._unsent = ops  # declared to the child once it is ready
             job.results = [RoundResult(np.stack([it.bypass_audio for it in items]).astype(np.float32, copy=False),
-                                       None, set(range(len(items))), passthrough=True) for items in job.rounds]
-            self.counters["stage_unavailable"] += sum(len(r.stream_ids) for r in rounds)
+                                       None, set(range(len(items))), passthrough=True) for items in job.items]
+            self.counters["stage_unavailable"] += sum(len(items) for items in job.items)
             self._loop.call_soon(self._complete, job)  # type: ignore[union-attr]
             return
         job_id = self._next_job
         self._next_job += 1
+        try:
+            rounds, slot = self._write_rows(job, job_id)
+        except OSError as exc:  # no shared memory for a bigger area: this job passes through
+            self.errors.error("worker", "executor job area could not grow", exc)
+            self._unsent = ops
+            job.results = []
+            self._loop.call_soon(self._complete, job)  # type: ignore[union-attr]
+            return
         self._jobs[job_id] = job
         job.wire_id = job_id
         try:
-            self._conn.send(RunJob(job_id, ops, rounds))
+            self._conn.send(RunJob(job_id, slot, ops, rounds))
         except OSError as exc:
             self.errors.error("worker", "executor worker process unreachable", exc)
             self._child_died()
+
+    def _write_rows(self, job: Job, job_id: int) -> tuple[list[WireRound], int]:
+        """Copy ``job``'s chunks into its slot of the shared area (grown first when too small)."""
+        total = sum(len(items) for items in job.items)
+        area = self._area
+        assert area is not None and self._conn is not None
+        if total > area.rows:
+            rows = area.rows
+            while rows < total:
+                rows *= 2
+            bigger = JobArea(rows, area.slots)
+            self._conn.send(AttachArea(bigger.name, bigger.rows, bigger.slots))  # ahead of the job, same pipe
+            area.close()  # the child keeps its mapping until it has attached the new one
+            self._area = area = bigger
+        slot = job_id % area.slots
+        inp, ref = area.input(slot), area.reference(slot)
+        rounds = []
+        offset = 0
+        for items in job.items:
+            n = len(items)
+            has_reference = False
+            for i, it in enumerate(items):
+                inp[offset + i] = it.audio
+                if it.reference is not None:
+                    has_reference = True
+            if has_reference:
+                for i, it in enumerate(items):
+                    if it.reference is not None:
+                        ref[offset + i] = it.reference
+                    else:
+                        ref[offset + i] = 0.0
+            rounds.append(WireRound([it.stream_id for it in items], offset, has_reference))
+            offset += n
+        return rounds, slot
 
     def _running_spec(self) -> str:
         return self._status.running_spec() if self._status is not None else ""
@@ -351,7 +393,7 @@ class ProcessWorker:
                 self._stats = message.stage_stats
             job = self._jobs.pop(message.job_id, None)
             if job is not None:
-                job.results = list(message.results)
+                job.results = self._read_rows(message.job_id, message.results)
                 self._complete(job)
         elif isinstance(message, StageLoadResult):
             spec, error = message.spec, message.error
@@ -371,6 +413,17 @@ class ProcessWorker:
                 self._on_loaded(spec, error is None)
         elif isinstance(message, WorkerClosed) and self._closing is not None and not self._closing.done():
             self._closing.set_result(None)
+
+    def _read_rows(self, job_id: int, results: list[WireResult]) -> list[RoundResult]:
+        """The rounds' results: side info from the message, audio from the slot's output rows (copied
+        once: the slot is written again two jobs later)."""
+        area = self._area
+        if area is None or not results:
+            return []
+        end = max(r.offset + r.rows for r in results)
+        out = area.output(job_id % area.slots)[:end].copy()
+        return [RoundResult(out[r.offset:r.offset + r.rows], r.side, r.failed, r.passthrough, r.timings)
+                for r in results]
 
     def _complete(self, job: Job) -> None:
         if self._finish is not None:

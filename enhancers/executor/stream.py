@@ -17,9 +17,7 @@ from enhancers.stage import CHUNK
 class StreamOwner(Protocol):
     """What a stream asks of the executor that opened it (:class:`enhancers.executor.core.Executor`)."""
 
-    def _submit(
-        self, stream: ExecutorStream, chunk: np.ndarray, reference: np.ndarray | None
-    ) -> asyncio.Future[ProcessedChunk]: ...
+    def _submit(self, stream: ExecutorStream, chunk: np.ndarray, reference: np.ndarray | None) -> None: ...
 
     def _set_stream_stages(
         self, stream: ExecutorStream, stages: Sequence[str] | str, options: Mapping[str, Mapping[str, Any]] | None
@@ -31,7 +29,12 @@ class StreamOwner(Protocol):
 
 
 class ExecutorStream:
-    """One audio stream's view of the executor: its stage list, its pending chunks."""
+    """One audio stream's view of the executor: its stage list, its pending chunks, where results go.
+
+    Either set ``on_result`` and :meth:`submit` chunks (the media path: each result is handed to
+    ``on_result`` on the loop, in submission order, processed or, past the deadline, unprocessed),
+    or ``await`` :meth:`process` per chunk (libraries, the CLI); not both on one stream.
+    """
 
     def __init__(self, executor: StreamOwner, stream_id: int, label: str) -> None:
         self._executor = executor
@@ -43,6 +46,8 @@ class ExecutorStream:
         self.options: Mapping[str, Mapping[str, Any]] | None = None
         self.changed_at = 0.0  # monotonic time ``stages`` last changed (upgrade hysteresis)
         self.on_change: Callable[[ExecutorStream], None] | None = None  # told when an upgrade changes stages
+        self.on_result: Callable[[ProcessedChunk], None] | None = None  # results of submit(), in order
+        self._waiters: collections.deque[asyncio.Future[ProcessedChunk]] = collections.deque()  # of process()
         self.latency_samples = 0
         self.pending: collections.deque[PendingChunk] = collections.deque()
         self.closed = False
@@ -50,12 +55,33 @@ class ExecutorStream:
         self.echo_gate: EchoGate | None = None  # streams with an aec stage: half-duplex when bypassed
         self.aec_spec: str | None = None
 
+    def submit(self, chunk: np.ndarray, reference: np.ndarray | None = None) -> None:
+        """Hand in one [480] float32 chunk at 48 kHz (``reference``: far-end audio for AEC); its result
+        goes to ``on_result`` later.  The arrays are read later by the worker: do not modify them."""
+        self._executor._submit(self, chunk, reference)
+
     async def process(self, chunk: np.ndarray, reference: np.ndarray | None = None) -> ProcessedChunk:
         """Process one [480] float32 chunk at 48 kHz; ``reference``: far-end audio for AEC.
 
-        The arrays are read later on the worker thread: do not modify them until this returns.
+        The arrays are read later by the worker: do not modify them until this returns.
         """
-        return await self._executor._submit(self, chunk, reference)  # a future: one await, no task
+        future: asyncio.Future[ProcessedChunk] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            self._executor._submit(self, chunk, reference)
+        except BaseException:
+            self._waiters.pop()
+            raise
+        return await future
+
+    def _deliver(self, chunk: ProcessedChunk) -> None:
+        """The executor's answer to the oldest chunk still out (loop thread)."""
+        if self.on_result is not None:
+            self.on_result(chunk)
+        elif self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(chunk)
 
     def set_stages(
         self, stages: Sequence[str] | str, options: Mapping[str, Mapping[str, Any]] | None = None
@@ -147,7 +173,7 @@ class DeadlineWatch:
         items = self._items
         while items:
             item = items[0]
-            if item.future.done():
+            if item.answered:
                 items.popleft()
             elif item.deadline <= now:
                 items.popleft()
@@ -162,4 +188,4 @@ class DeadlineWatch:
             self._timer.cancel()
             self._timer = None
         items, self._items = self._items, collections.deque()
-        return (item for item in items if not item.future.done())
+        return (item for item in items if not item.answered)

@@ -21,7 +21,7 @@ import torch
 
 from enhancers.executor.batch import BatchRunner
 from enhancers.executor.loading import StageLoader
-from enhancers.executor.messages import CloseStream, ControlOp, Job, SetStreamStages, StageLoaded
+from enhancers.executor.messages import CloseStream, ControlOp, Job, RoundIn, SetStreamStages, StageLoaded
 from enhancers.executor.recovery import StageFaults
 from enhancers.executor.worker import RateLimitedLog, WorkerSettings
 from enhancers.stage import Stage
@@ -131,6 +131,7 @@ class ThreadWorker:
     # -- jobs ---------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         job.ops[:0] = self._take_loaded() + self._take_declared()
+        job.rounds = [RoundIn.of(items) for items in job.items]
         self._jobs.put(job)
 
     def busy_since(self, job: Job) -> float | None:
