@@ -189,7 +189,13 @@ class QualityConfig:
     """Live audio quality SLIs (mediaserver/quality.py): sampling, scorer and metric cardinality."""
 
     enabled: bool = True
-    period_s: float = 30.0  # one DNSMOS window per stream this often (before and after enhancement)
+    # DNSMOS windows (before and after enhancement) for the whole server: the scorer process may spend
+    # cpu_share of one core (a token bucket of CPU seconds holding burst_s seconds' worth), streams get
+    # windows in a fair order (mediaserver/quality_budget.py), none more often than every period_s
+    cpu_share: float = 0.03
+    burst_s: float = 60.0
+    period_s: float = 30.0
+    score_timeout_s: float = 120.0  # a batch the scorer process has not answered by then: process replaced
     window_s: float = 4.0  # length of a window, whole seconds
     first_window_s: float = 1.0  # the first window starts this long after the stream (jitter buffer settled)
     # after a stream's stage set changes, its audio counts as unsettled this long (chunks in flight ran the
@@ -323,6 +329,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         quality = replace(quality, enabled=env["MEDIASERVER_QUALITY"] not in ("0", "false", "no"))
     if "MEDIASERVER_QUALITY_PERIOD_S" in env:
         quality = replace(quality, period_s=float(env["MEDIASERVER_QUALITY_PERIOD_S"]))
+    if "MEDIASERVER_QUALITY_CPU_SHARE" in env:
+        quality = replace(quality, cpu_share=float(env["MEDIASERVER_QUALITY_CPU_SHARE"]))
     if "MEDIASERVER_QUALITY_PER_STREAM_METRICS" in env:
         quality = replace(quality, per_stream_metrics=env["MEDIASERVER_QUALITY_PER_STREAM_METRICS"] in ("1", "true", "yes"))
     auth = cfg.auth

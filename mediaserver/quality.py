@@ -13,17 +13,22 @@ other work happens on the event loop.
 
 ``QualityMonitor`` owns one thread (niced) that turns blocks into:
 
-- continuous signals per stream (``enhancers.quality.SignalTracker``: speech level, SNR from a
-  VAD-gated noise floor, clipping, VAD speech ratio), before and after enhancement;
-- every ``period_s`` a ``window_s`` window of the stream, before and after, scored with DNSMOS
-  P.835 (``enhancers.quality.DnsmosModel``), run in a niced process of its own
+- continuous signals per stream (``enhancers.quality.SignalTracker``: speech level, SNR from an
+  energy-gated noise floor, clipping, speech ratio), before and after enhancement, vectorised
+  per block (~0.15 ms of CPU per stream per second, in short GIL holds);
+- ``window_s`` windows of the streams, before and after, scored with DNSMOS P.835
+  (``enhancers.quality.DnsmosModel``) in a niced process of its own
   (``enhancers.quality.scorer_process``: the model's few hundred MiB of activations and its
-  0.4 s of CPU per window stay out of the media process); windows due together, of any
-  streams, go through one call.  A window is made of clean blocks of one stage set only: an
-  unclean block (or one with another stage set) ends the window being captured, which is
-  discarded (counted), and the next window starts at the next clean block; when
-  more than ``max_pending`` windows wait, the oldest are dropped (counted).  A stream without
-  stages is scored once: its "after" is its "before".
+  ~0.45 s of CPU per clip stay out of the media process; the thread hands a batch over and
+  goes on with blocks while it is scored).  How many windows is bounded for the whole server,
+  not per stream: ``mediaserver.quality_budget.ScoringBudget`` gives the scorer ``cpu_share``
+  of one core and the streams their windows in a fair order (priority, for a rollout's arms,
+  then longest without a window), no stream more often than every ``period_s``.  A window is
+  made of clean blocks of one stage set only: an unclean block (or one with another stage set)
+  ends the window being captured, which is discarded (counted), and the next window starts at
+  the next clean block; a granted window not captured within ``3 * window_s + 5`` s gives its
+  grant back; when more than ``max_pending`` windows wait, the oldest are dropped (counted).  A
+  stream without stages is scored once: its "after" is its "before".
 
 Results are plain immutable objects swapped into dicts (read by ``stats``, telemetry).
 """
@@ -36,12 +41,14 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from mediaserver.config import QualityConfig
+from mediaserver.quality_budget import ScoringBudget
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +88,23 @@ class _Block:
 
 @dataclass
 class _StreamState:
+    tap: "QualityTap"
     tracker: Any  # enhancers.quality.SignalTracker
     room: str
     seen: int = 0  # blocks seen
-    next_window: int = 0  # block index at which the next window starts
+    next_window: int = 0  # block index from which the stream is due its next window (period_s)
     capture: list[_Block] = field(default_factory=list)
     windows: int = 0
+    reserved: Optional[float] = None  # a window granted by the budget (CPU seconds reserved), being captured
+    granted_at: int = 0  # block index of the grant
+
+
+@dataclass
+class _Window:
+    state: _StreamState
+    stream: str
+    blocks: list[_Block]
+    reserved: float
 
 
 class QualityTap:
@@ -129,9 +147,11 @@ class QualityTap:
         n = self._n
         self._before[n] = before
         if after is not before:
-            self._same = False
+            if self._same:  # the first changed chunk of the block: the ones before it came out as they went in
+                self._same = False
+                self._after[:n] = self._before[:n]
             self._after[n] = after
-        else:
+        elif not self._same:
             self._after[n] = before
         self._n = n + 1
         if self._n == BLOCK_CHUNKS:
@@ -139,15 +159,17 @@ class QualityTap:
             if mark != self._unavailable_mark and stages:
                 self._unclean |= STAGE_UNAVAILABLE
             self._unavailable_mark = mark
-            self.monitor.submit(_Block(self, self._before, None if self._same else self._after, self._label,
-                                       self._unclean))
+            if self._same:
+                self.monitor.submit(_Block(self, self._before, None, self._label, self._unclean))
+            else:
+                self.monitor.submit(_Block(self, self._before, self._after, self._label, self._unclean))
+                self._after = np.empty((BLOCK_CHUNKS, CHUNK), dtype=np.float32)
             self._before = np.empty((BLOCK_CHUNKS, CHUNK), dtype=np.float32)
-            self._after = np.empty((BLOCK_CHUNKS, CHUNK), dtype=np.float32)
             self._n, self._same, self._unclean = 0, True, 0
 
 
 class QualityMonitor:
-    """Owns the scorer thread, its bounded queue, the shared DNSMOS model and every stream's state."""
+    """Owns the scorer thread, its bounded queue, the DNSMOS scorer process, the budget and every stream's state."""
 
     def __init__(self, config: QualityConfig | None = None) -> None:
         self.config = config or QualityConfig()
@@ -155,25 +177,31 @@ class QualityMonitor:
         self._period_blocks = max(1, int(round(c.period_s)))
         self._window_blocks = max(1, int(round(c.window_s)))
         self._first_block = max(0, int(round(c.first_window_s)))
+        self._grant_blocks = 3 * self._window_blocks + 5  # a granted window not captured by then gives it back
         self._queue: queue.Queue[Optional[_Block]] = queue.Queue(maxsize=max(1, c.max_queued_blocks))
         self._states: dict[str, _StreamState] = {}  # scorer thread only
+        self.budget = ScoringBudget(c.cpu_share, c.burst_s)
         self.reports: dict[str, QualityReport] = {}
         self.signals: dict[str, tuple[Any, Any]] = {}  # stream -> (before, after) SideSignals
         self._new: deque[QualityReport] = deque(maxlen=1024)  # for telemetry, oldest dropped
-        self._pending: list[tuple[_StreamState, str, list[_Block]]] = []
+        self._listeners: list[deque[QualityReport]] = []  # other readers of new reports (rollouts)
+        self._pending: list[_Window] = []
+        self._inflight: Optional[tuple[Future[Any], list[_Window], float]] = None  # batch being scored
         self.dropped_blocks = 0
         self.dropped_windows = 0
         self.discarded_windows = 0  # an unclean block or another stage set ended the window being captured
+        self.expired_grants = 0  # granted windows that found no clean run of blocks in time
         self.unclean_blocks: dict[str, int] = dict.fromkeys(UNCLEAN_REASONS.values(), 0)
         self.settle_chunks = max(0, int(round(c.settle_s * 100)))
         # the executor's count of rows that wanted a stage it did not have (set by the server; a change
         # over a block marks the blocks of streams with stages unclean)
         self.unavailable_count: Callable[[], int] = lambda: 0
         self.windows_scored = 0
-        self.score_cpu_s = 0.0  # CPU time of the scorer thread (thread_time), all work
+        self.thread_cpu_s = 0.0  # CPU time of the scorer thread in this process (thread_time): signals, batching
+        self.scorer_cpu_s = 0.0  # CPU time the scorer process spent on windows (its own measure)
         self._model: Any = None
+        self._starting: Optional[Future[Any]] = None
         self._load_failed = False
-        self._loading = False
         self._thread: Optional[threading.Thread] = None
 
     # -- event loop side --------------------------------------------------------------
@@ -181,7 +209,7 @@ class QualityMonitor:
     def ready(self) -> bool:
         """Nothing is being loaded: the scorer process is up, or not needed yet (it starts, in a process
         of its own, when the first window is due), or the SLIs are off, or it failed to start."""
-        return not self._loading
+        return self._starting is None
 
     def open(self, stream_id: str, room_id: str) -> Optional[QualityTap]:
         """A tap for a new stream, or None when the SLIs are off."""
@@ -196,6 +224,24 @@ class QualityMonitor:
         tap.closed = True
         self.reports.pop(tap.stream_id, None)
         self.signals.pop(tap.stream_id, None)
+
+    def set_priority(self, stream_id: str, priority: int) -> None:
+        """Streams with a higher priority get their windows first (a rollout's arms); 0: the default."""
+        self.budget.set_priority(stream_id, priority)
+
+    def set_budget_boost(self, cpu_share: Optional[float]) -> None:
+        """A larger scorer CPU share for a while (a rollout that wants samples sooner); None: the configured one."""
+        self.budget.set_boost(cpu_share)
+
+    def listen(self) -> deque[QualityReport]:
+        """A queue that gets every report scored from now on (bounded: the oldest are dropped)."""
+        q: deque[QualityReport] = deque(maxlen=1024)
+        self._listeners.append(q)
+        return q
+
+    def unlisten(self, q: deque[QualityReport]) -> None:
+        if q in self._listeners:
+            self._listeners.remove(q)
 
     def submit(self, block: _Block) -> None:
         try:
@@ -227,8 +273,10 @@ class QualityMonitor:
         return {"enabled": self.config.enabled, "period_s": self.config.period_s, "window_s": self.config.window_s,
                 "windows_scored": self.windows_scored, "dropped_windows": self.dropped_windows,
                 "dropped_blocks": self.dropped_blocks, "discarded_windows": self.discarded_windows,
-                "unclean_blocks": dict(self.unclean_blocks),
-                "queued_blocks": self._queue.qsize(), "scorer_cpu_s": round(self.score_cpu_s, 3)}
+                "expired_grants": self.expired_grants, "unclean_blocks": dict(self.unclean_blocks),
+                "queued_blocks": self._queue.qsize(), "pending_windows": len(self._pending),
+                "budget": self.budget.stats(), "thread_cpu_s": round(self.thread_cpu_s, 3),
+                "scorer_cpu_s": round(self.scorer_cpu_s, 3)}
 
     def close(self) -> None:
         if self._thread is not None:
@@ -254,55 +302,49 @@ class QualityMonitor:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.nice)
             except OSError:
                 pass
+        swept = time.monotonic()
         while True:
+            busy = self._pending or self._inflight is not None or self._starting is not None
             try:
-                block = self._queue.get(timeout=0.5 if not self._pending else 0.0)
+                block = self._queue.get(timeout=0.05 if busy else 0.5)
             except queue.Empty:
-                if self._pending:
-                    self._timed(self._score_pending)
-                continue
-            if block is None:
-                return
+                block = None
+            else:
+                if block is None:
+                    return
+            t = time.thread_time()
             try:
-                self._timed(lambda: self._on_block(block))
+                if block is not None:
+                    self._on_block(block)
+                self._pump()
+                if time.monotonic() - swept > 5.0:
+                    swept = time.monotonic()
+                    self._sweep()
             except Exception:  # never let one stream stop the scorer
-                log.exception("quality SLI failed on stream %s", block.tap.stream_id)
-
-    def _load(self) -> None:
-        from enhancers.quality.scorer_process import ScorerProcess, ScorerSettings
-
-        self._loading = True
-        try:
-            model = ScorerProcess(ScorerSettings(threads=self.config.threads, nice=self.config.nice))
-            model.start()  # loaded and warmed up: its memory is taken now, in its own process
-            self._model = model
-        except Exception:
-            self._load_failed = True
-            raise
-        finally:
-            self._loading = False
-
-    def _timed(self, work: Any) -> None:
-        t = time.thread_time()
-        try:
-            work()
-        except Exception:
-            log.exception("quality scoring failed")
-        self.score_cpu_s += time.thread_time() - t
+                log.exception("quality SLI failed")
+            self.thread_cpu_s += time.thread_time() - t
 
     def _state(self, tap: QualityTap) -> _StreamState:
         st = self._states.get(tap.stream_id)
         if st is None:
             from enhancers.quality import SignalTracker
 
-            st = self._states[tap.stream_id] = _StreamState(SignalTracker(), tap.room_id,
+            st = self._states[tap.stream_id] = _StreamState(tap, SignalTracker(), tap.room_id,
                                                             next_window=self._first_block)
         return st
+
+    def _sweep(self) -> None:
+        """Forget the streams that closed (their taps send nothing more)."""
+        for stream_id, st in list(self._states.items()):
+            if st.tap.closed:
+                del self._states[stream_id]
+                if st.reserved is not None:
+                    self.budget.refund(st.reserved)
+                self.budget.forget(stream_id)
 
     def _on_block(self, block: _Block) -> None:
         tap = block.tap
         if tap.closed:
-            self._states.pop(tap.stream_id, None)
             return
         st = self._state(tap)
         st.tracker.push(block.before, block.after)
@@ -311,46 +353,109 @@ class QualityMonitor:
             if block.unclean & flag:
                 self.unclean_blocks[reason] += 1
         if st.seen >= st.next_window:
-            if st.capture and (block.unclean or st.capture[0].stages != block.stages):
-                self.discarded_windows += 1  # not one settled stage set all through: start again
-                st.capture = []
-            if not block.unclean:
-                st.capture.append(block)
-            if len(st.capture) >= self._window_blocks:
-                self._pending.append((st, tap.stream_id, st.capture))
-                st.capture = []
-                st.next_window = st.seen + 1 + max(0, self._period_blocks - self._window_blocks)
-                excess = len(self._pending) - max(1, self.config.max_pending)
-                if excess > 0:
-                    self.dropped_windows += excess
-                    del self._pending[:excess]
+            self._window_block(st, tap.stream_id, block)
         st.seen += 1
 
-    def _score_pending(self) -> None:
-        pending, self._pending = self._pending, []
+    def _window_block(self, st: _StreamState, stream_id: str, block: _Block) -> None:
+        """``block`` of a stream that is due a window: ask the budget, capture, hand a full window over."""
+        if st.reserved is None:
+            if block.unclean:
+                return  # nothing to capture yet: ask when there is
+            st.reserved = self.budget.request(stream_id, 1 if block.stages == "none" else 2)
+            if st.reserved is None:
+                return
+            st.granted_at = st.seen
+        if st.capture and (block.unclean or st.capture[0].stages != block.stages):
+            self.discarded_windows += 1  # not one settled stage set all through: start again
+            st.capture = []
+        if not block.unclean:
+            st.capture.append(block)
+        if len(st.capture) >= self._window_blocks:
+            self._pending.append(_Window(st, stream_id, st.capture, st.reserved))
+            st.capture, st.reserved = [], None
+            st.next_window = st.seen + 1 + max(0, self._period_blocks - self._window_blocks)
+            excess = len(self._pending) - max(1, self.config.max_pending)
+            if excess > 0:
+                self.dropped_windows += excess
+                for w in self._pending[:excess]:
+                    self.budget.refund(w.reserved)
+                del self._pending[:excess]
+        elif st.seen - st.granted_at >= self._grant_blocks:
+            self.expired_grants += 1  # no clean run of blocks: the grant goes to someone else
+            self.budget.refund(st.reserved)
+            st.capture, st.reserved = [], None
+
+    def _pump(self) -> None:
+        """Start the scorer process when a window first waits, hand it the waiting windows, take its answers."""
+        if self._starting is not None:
+            if not self._starting.done():
+                return
+            try:
+                self._starting.result()
+            except Exception:
+                log.exception("the quality scorer process failed to start; DNSMOS windows are dropped")
+                self._load_failed = True
+            self._starting = None
+        if self._inflight is not None:
+            future, windows, sent = self._inflight
+            if future.done():
+                self._inflight = None
+                self._collect(future, windows)
+            elif time.monotonic() - sent > self.config.score_timeout_s:
+                self._inflight = None
+                future.cancel()
+                self._model.abandon()
+                self.dropped_windows += len(windows)
+                for w in windows:
+                    self.budget.refund(w.reserved)
+            else:
+                return
+        if not self._pending:
+            return
         if self._model is None:
             if self._load_failed:  # logged once when it failed; no retry storm of processes
-                self.dropped_windows += len(pending)
+                self.dropped_windows += len(self._pending)
+                for w in self._pending:
+                    self.budget.refund(w.reserved)
+                self._pending = []
                 return
-            self._load()
+            from enhancers.quality.scorer_process import ScorerProcess, ScorerSettings
+
+            self._model = ScorerProcess(ScorerSettings(threads=self.config.threads, nice=self.config.nice))
+            self._starting = self._model.start_async()  # loaded and warmed up in its own process
+            return
+        windows, self._pending = self._pending, []
         clips: list[np.ndarray] = []
-        index: list[tuple[int, int]] = []  # (before clip, after clip) per window
-        for _, _, blocks in pending:
-            before = np.concatenate([b.before.reshape(-1) for b in blocks])
-            clips.append(before)
-            if all(b.after is None for b in blocks):
-                index.append((len(clips) - 1, len(clips) - 1))
-            else:
-                clips.append(np.concatenate([(b.before if b.after is None else b.after).reshape(-1)
-                                             for b in blocks]))
-                index.append((len(clips) - 2, len(clips) - 1))
-        scores = self._model.score(clips)
+        for w in windows:
+            clips.append(np.concatenate([b.before for b in w.blocks]).reshape(-1))
+            if any(b.after is not None for b in w.blocks):
+                clips.append(np.concatenate([b.before if b.after is None else b.after for b in w.blocks]).reshape(-1))
+        self._inflight = (self._model.submit(clips), windows, time.monotonic())
+
+    def _collect(self, future: Future[Any], windows: list[_Window]) -> None:
+        try:
+            scores, cpu_s = self._model.collect(future)
+        except Exception:
+            log.exception("quality scoring failed")
+            self.dropped_windows += len(windows)
+            for w in windows:
+                self.budget.refund(w.reserved)
+            return
+        self.scorer_cpu_s += cpu_s
         now = time.monotonic()
-        for (st, stream_id, blocks), (i, j) in zip(pending, index):
-            if blocks[0].tap.closed:
+        per_clip = cpu_s / max(1, len(scores))
+        i = 0
+        for w in windows:
+            two = any(b.after is not None for b in w.blocks)
+            before, after = scores[i], scores[i + 1] if two else scores[i]
+            i += 2 if two else 1
+            self.budget.charge(w.reserved, per_clip * (2 if two else 1), 2 if two else 1)
+            if w.blocks[0].tap.closed:
                 continue
-            st.windows += 1
+            w.state.windows += 1
             self.windows_scored += 1
-            report = QualityReport(stream_id, st.room, blocks[0].stages, scores[i], scores[j], st.windows, now)
-            self.reports[stream_id] = report
+            report = QualityReport(w.stream, w.state.room, w.blocks[0].stages, before, after, w.state.windows, now)
+            self.reports[w.stream] = report
             self._new.append(report)
+            for q in list(self._listeners):
+                q.append(report)

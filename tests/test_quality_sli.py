@@ -59,7 +59,8 @@ def test_live_estimate_tracks_offline_dnsmos() -> None:
     import speechmos.dnsmos as offline
 
     items = _items()
-    monitor = QualityMonitor(QualityConfig(period_s=4, window_s=4, first_window_s=0, max_pending=64))
+    monitor = QualityMonitor(QualityConfig(period_s=4, window_s=4, first_window_s=0, max_pending=64,
+                                            cpu_share=1.0))
     try:
         for name, x in items.items():
             tap = monitor.open(name, "eval")
@@ -110,7 +111,7 @@ async def _quality_of(bot: Bot, stream: str, stages: str, timeout: float) -> dic
 async def test_quality_rises_when_denoise_is_switched_on_live(start_server: ServerFactory) -> None:
     cfg = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
                        enhance=replace(EnhanceConfig(), default_stages=(), device="cpu"),
-                       quality=QualityConfig(period_s=5, window_s=4, first_window_s=1))
+                       quality=QualityConfig(period_s=5, window_s=4, first_window_s=1, cpu_share=1.0))
     rs = await start_server(cfg)
     await rs.server.hub.executor.preload(["denoise"])
     clean = np.concatenate([speech("cmu_arctic_us_aew_a0001.wav"), speech("cmu_arctic_us_axb_a0005.wav"),
@@ -147,7 +148,7 @@ async def test_browser_page_shows_quality_estimate(start_server: ServerFactory, 
 
     cfg = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
                        enhance=replace(EnhanceConfig(), default_stages=(), device="cpu"),
-                       quality=QualityConfig(period_s=3, window_s=2, first_window_s=1))
+                       quality=QualityConfig(period_s=3, window_s=2, first_window_s=1, cpu_share=1.0))
     rs = await start_server(cfg)
     bot = Bot(rs.url, "webq", "bot", _mix(speech(), noise("running_tap.wav"), 5.0))
     await bot.join()

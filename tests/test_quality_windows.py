@@ -40,7 +40,8 @@ def _feed(tap: QualityTap, stream: _Stream, chunks: int, *, bypass_at: int = -1,
 
 
 def _monitor(**kw: Any) -> tuple[QualityMonitor, list[_Block]]:
-    monitor = QualityMonitor(QualityConfig(period_s=4, window_s=4, first_window_s=0, settle_s=1.0, **kw))
+    monitor = QualityMonitor(QualityConfig(period_s=4, window_s=4, first_window_s=0, settle_s=1.0, cpu_share=1.0,
+                                           **kw))
     blocks: list[_Block] = []
     monitor.submit = blocks.append  # type: ignore[method-assign]
     return monitor, blocks
@@ -72,9 +73,9 @@ def test_a_window_holds_only_clean_blocks_of_one_stage_set() -> None:
         monitor._on_block(b)
     assert monitor.discarded_windows == 1
     assert monitor.unclean_blocks["stages_changed"] == 1 and monitor.unclean_blocks["settling"] == 2
-    (st, _, window), = monitor._pending
-    assert [b.stages for b in window] == ["denoise"] * 4 and not any(b.unclean for b in window)
-    assert window[0] is blocks[4]  # the first block after the switch that had settled
+    (window,) = monitor._pending
+    assert [b.stages for b in window.blocks] == ["denoise"] * 4 and not any(b.unclean for b in window.blocks)
+    assert window.blocks[0] is blocks[4]  # the first block after the switch that had settled
 
 
 def test_an_unavailable_stage_makes_the_block_unclean() -> None:

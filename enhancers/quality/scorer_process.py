@@ -7,6 +7,8 @@ Here one spawned, niced worker owns the model; the caller's scorer thread hands 
 one batch and waits for the scores.  The worker loads the model and runs one warm-up inference
 before it answers ``ready``, so every allocation happens at start-up, not during a call.  A worker
 that dies (killed, out of memory) is replaced on the next batch; that batch's scores are lost.
+``submit`` hands a batch over without waiting (the caller polls the future); each answer carries
+the CPU seconds the worker spent on it, which the caller's budget is charged with.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -51,6 +54,12 @@ def _score(clips: list[np.ndarray], rate: int, settings: ScorerSettings) -> list
     return shared_model(threads=settings.threads, max_segments=settings.max_segments).score(clips, rate)
 
 
+def _score_timed(clips: list[np.ndarray], rate: int, settings: ScorerSettings) -> tuple[list[MosScore], float]:
+    start = time.process_time()
+    scores = _score(clips, rate, settings)
+    return scores, time.process_time() - start
+
+
 def _ping() -> int:
     return os.getpid()
 
@@ -73,6 +82,36 @@ class ScorerProcess:
     def start(self, timeout_s: float = 120.0) -> None:
         """Start the worker and wait until its model is loaded and warmed up."""
         self.pid = self._ensure().submit(_ping).result(timeout=timeout_s)
+
+    def start_async(self) -> "Future[int]":
+        """Start the worker; the future answers its pid once the model is loaded and warmed up."""
+        future: Future[int] = self._ensure().submit(_ping)
+        future.add_done_callback(self._started)
+        return future
+
+    def _started(self, future: "Future[int]") -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.pid = future.result()
+
+    def submit(self, clips: Sequence[np.ndarray], rate: int = 48_000) -> "Future[tuple[list[MosScore], float]]":
+        """Score ``clips`` in the worker without waiting: (one score per clip, the worker's CPU seconds).
+        Collect with ``collect``, which replaces a worker that died."""
+        return self._ensure().submit(_score_timed, [np.asarray(c, dtype=np.float32) for c in clips], rate,
+                                     self.settings)
+
+    def collect(self, future: "Future[tuple[list[MosScore], float]]") -> tuple[list[MosScore], float]:
+        """The answer of a done ``submit``; raises what it raised (a dead worker is replaced first)."""
+        try:
+            return future.result(timeout=0)
+        except BrokenProcessPool:
+            log.error("the quality scorer process died; it is started again")
+            self._replace()
+            raise
+
+    def abandon(self) -> None:
+        """A batch took too long: kill the worker (the next batch starts a fresh one)."""
+        log.error("the quality scorer process did not answer in time; it is started again")
+        self._replace(kill=True)
 
     def score(self, clips: Sequence[np.ndarray], rate: int = 48_000, timeout_s: float = 120.0) -> list[MosScore]:
         """One score per clip (see ``DnsmosModel.score``), computed in the worker process."""
