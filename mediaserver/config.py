@@ -209,6 +209,22 @@ class QualityConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    """Defaults of a canary / A/B rollout (mediaserver/rollout.py); a rollout request may override each."""
+
+    max_ovrl_drop: float = 0.1  # MOS: the candidate may lose at most this much OVRL gain against the baseline
+    alpha: float = 0.05  # false-rollback rate of the quality test over the whole rollout (anytime-valid)
+    min_windows: int = 5  # scored windows per arm before the quality test may decide
+    sd_floor: float = 0.1  # MOS: floor of each arm's per-window standard deviation in the test
+    max_latency_increase_ms: float = 40.0  # guard: candidate mean end-to-end latency over the baseline's
+    max_bypassed: float = 0.02  # guard: candidate share of bypassed chunks over the baseline's
+    max_cpu_ratio: float = 4.0  # guard: candidate stage CPU per stream over the baseline's (0: not checked)
+    guard_min_s: float = 10.0  # seconds of samples of both arms before a guard may decide
+    auto_rollback: bool = True
+    scoring_cpu_share: float = 0.1  # the DNSMOS budget while a rollout runs (QualityConfig.cpu_share otherwise)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything the process needs, built once by ``load_config``."""
 
@@ -216,6 +232,9 @@ class ServerConfig:
     port: int = 8080
     sip_port: Optional[int] = None
     log_level: str = "INFO"
+    # media worker processes (signaling/cluster/): 1 runs everything in this process; N > 1 puts rooms on N
+    # worker processes behind a front process that owns the public port (0: one per CPU core)
+    workers: int = 1
     media: MediaConfig = field(default_factory=MediaConfig)
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -223,6 +242,7 @@ class ServerConfig:
     sip: SipConfig = field(default_factory=SipConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -287,6 +307,27 @@ def _parse_sip_users(entries: list[str] | tuple[str, ...]) -> list[tuple[str, st
     return users
 
 
+def parse_workers(value: object) -> int:
+    """``--workers``: a count >= 1, or ``auto``/``0`` for one per CPU core this process may use."""
+    text = str(value).strip().lower()
+    if text in ("auto", "0"):
+        return 0
+    n = int(text)
+    if n < 0 or n > 256:
+        raise ValueError("workers is 'auto' or a count from 1 to 256")
+    return n
+
+
+def worker_count(config: ServerConfig) -> int:
+    """How many media worker processes ``config`` asks for (``workers=0``: one per usable core)."""
+    if config.workers > 0:
+        return config.workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> ServerConfig:
     """Build the configuration from ``env`` (default: os.environ) and explicit overrides."""
     env = os.environ if env is None else env
@@ -300,6 +341,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         cfg = replace(cfg, port=int(env["MEDIASERVER_PORT"]))
     if env.get("MEDIASERVER_SIP_PORT"):
         cfg = replace(cfg, sip_port=int(env["MEDIASERVER_SIP_PORT"]))
+    if env.get("MEDIASERVER_WORKERS"):
+        cfg = replace(cfg, workers=parse_workers(env["MEDIASERVER_WORKERS"]))
     if "MEDIASERVER_LOG_LEVEL" in env:
         cfg = replace(cfg, log_level=env["MEDIASERVER_LOG_LEVEL"].upper())
     if "MEDIASERVER_OPUS_BITRATE" in env:

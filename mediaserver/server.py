@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 from mediaserver.auth import DEV_GRANT, Grant, TokenVerifier
 from mediaserver.clock import MediaClock
@@ -73,6 +73,8 @@ class MediaServer:
         self.telemetry = MediaTelemetry(self)  # telemetry: spans, per-stream figures, sampler
         self.quality = QualityMonitor(config.quality)  # quality: DNSMOS and signals, on a thread of its own
         self._quality_taps: dict[PublishedStream, QualityTap] = {}
+        # a media worker behind a front (signaling/cluster): may this process create room R?  None: yes
+        self.room_claim: Optional[Callable[[str], Awaitable[bool]]] = None
 
     async def start(self) -> None:
         validate_stages(self.config.enhance.default_stages)
@@ -142,6 +144,9 @@ class MediaServer:
         if identity is not None:
             while (old := self._identity_in(room_id, identity)) is not None:
                 await self._replace(old)
+        if self.room_claim is not None and room_id not in self.rooms.rooms and not await self.room_claim(room_id):
+            raise RoomError("room-elsewhere", f"room {room_id!r} lives on another media worker of this server",
+                            status=503)
         room = self.rooms.get_or_create(room_id)
         pid = new_id("p-")
         if session is None:

@@ -34,6 +34,8 @@ CONN_KEY: web.AppKey[Counter[str]] = web.AppKey("connections", Counter)
 SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets", set)  # type: ignore[arg-type]
 PREPARED: web.RequestKey[web.WebSocketResponse] = web.RequestKey("prepared", web.WebSocketResponse)  # after handshake
 SIP_KEY: web.AppKey[SipEndpoint] = web.AppKey("sip", SipEndpoint)  # sip: set when config.sip_port is
+# a media worker behind the front (signaling/cluster): the client's address comes in X-Forwarded-For
+FORWARDED_KEY: web.AppKey[bool] = web.AppKey("forwarded", bool)
 
 
 class AbuseTracker:
@@ -152,7 +154,7 @@ def require_admin(request: web.Request, room_id: str) -> None:
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     server = request.app[SERVER_KEY]
     limits = server.config.limits
-    peer = request.remote or "?"
+    peer = client_address(request)
     conns = request.app[CONN_KEY]
     if conns.total() >= limits.max_connections:
         log.warning("%s: signaling connection refused: the server holds %d (limit)", peer, limits.max_connections)
@@ -188,6 +190,16 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         if conns[peer] <= 0:
             del conns[peer]
     return ws
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: the socket's peer, or what the front says it was (workers only: their socket
+    is a private Unix socket that only the front reaches)."""
+    if request.app.get(FORWARDED_KEY):
+        forwarded = request.headers.get("X-Forwarded-For", "").strip()
+        if forwarded:
+            return forwarded[:64]
+    return request.remote or "?"
 
 
 async def index(request: web.Request) -> web.StreamResponse:
@@ -261,9 +273,11 @@ async def list_stages(request: web.Request) -> web.Response:
     return web.json_response({"stages": sorted(STAGES)})
 
 
-def create_app(server: MediaServer) -> web.Application:
+def create_app(server: MediaServer, *, forwarded: bool = False) -> web.Application:
+    """The application around ``server``; ``forwarded``: it is a media worker behind the front."""
     app = web.Application(middlewares=[error_middleware], client_max_size=256 * 1024)
     app[SERVER_KEY] = server
+    app[FORWARDED_KEY] = forwarded
     app[CONN_KEY] = Counter()
     app[SOCKETS_KEY] = set()
     app[ABUSE_KEY] = AbuseTracker(server.config.limits.abuse_closes, server.config.limits.abuse_cooldown_s)

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mediaserver.config import LimitsConfig, ServerConfig, load_config
+from mediaserver.config import LimitsConfig, ServerConfig, load_config, parse_workers, worker_count
 from mediaserver.server import VERSION, MediaServer
 from signaling.app import create_app
 from signaling.telemetry_setup import configure_telemetry
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sip-port", type=int, help="UDP port of the SIP bridge (env MEDIASERVER_SIP_PORT)")
     serve.add_argument("--stages", help="default stages of new rooms, e.g. 'vad,limiter' (env MEDIASERVER_STAGES)")
     serve.add_argument("--device", help="enhancement device: auto, cpu or cuda (env MEDIASERVER_DEVICE)")
+    serve.add_argument("--workers", help="media worker processes: a count, or 'auto' for one per CPU core; "
+                                         "1 (the default) runs everything in one process (env MEDIASERVER_WORKERS)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (env MEDIASERVER_LOG_LEVEL)")
     serve.add_argument("--dev", action="store_true",
                        help="development mode: no join tokens needed, everyone is admin (env MEDIASERVER_DEV=1); "
@@ -119,10 +121,18 @@ def serve(config: ServerConfig) -> None:
         telemetry = configure_telemetry(service_version=VERSION)
     except ValueError as exc:
         raise SystemExit(f"mediaserver: bad telemetry configuration: {exc}") from exc
-    server = MediaServer(config)
-    app = create_app(server)
     print(f"mediaserver: open http://{'localhost' if config.host in ('0.0.0.0', '::') else config.host}"
           f":{config.port}/ in two browser tabs", flush=True)
+    if worker_count(config) > 1:  # rooms on media worker processes behind this one (signaling/cluster)
+        from signaling.cluster.front import serve_front
+
+        try:
+            asyncio.run(serve_front(config))
+        finally:
+            telemetry.shutdown()
+        return
+    server = MediaServer(config)
+    app = create_app(server)
     try:
         asyncio.run(_serve_until_signal(app, config))
     finally:
@@ -151,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(host=args.host, port=args.port, sip_port=args.sip_port,
                                  log_level=args.log_level.upper() if args.log_level else None,
                                  stages=args.stages, device=args.device, dev=args.dev,
-                                 auth_secret=args.auth_secret)
+                                 auth_secret=args.auth_secret,
+                                 workers=parse_workers(args.workers) if args.workers is not None else None)
         except ValueError as exc:
             print(f"mediaserver: bad configuration: {exc}", file=sys.stderr)
             return 2

@@ -1,0 +1,251 @@
+"""The front process of a multi-worker server: the public port in front of N media workers.
+
+It serves the browser page itself, proxies every signaling WebSocket to the
+worker of its room (``SignalingProxy``), sends HTTP API requests about a room
+to that room's worker unchanged (the worker authorises them, as it would
+alone), gathers ``/api/rooms``, ``/healthz`` and ``/metrics`` from all workers,
+and answers the workers' room claims on a private Unix socket.  Connection
+limits (per address, in all, cool-down of abusive addresses, HTTP connection
+cap and header deadline) apply here, before anything reaches a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from collections import Counter
+from typing import Any, Optional
+
+import aiohttp
+from aiohttp import web
+
+from mediaserver.config import ServerConfig, worker_count
+from mediaserver.room import ROOM_ID_RE
+from signaling.app import ABUSE_KEY, STATIC, AbuseTracker, client_address, error_middleware, json_error
+from signaling.cluster.pool import WorkerPool
+from signaling.cluster.prometheus import merge_expositions
+from signaling.cluster.proxy import SignalingProxy
+from signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+log = logging.getLogger(__name__)
+
+POOL_KEY: web.AppKey[WorkerPool] = web.AppKey("pool", WorkerPool)
+CONFIG_KEY: web.AppKey[ServerConfig] = web.AppKey("config", ServerConfig)
+PROXIES_KEY: web.AppKey[set[SignalingProxy]] = web.AppKey("proxies", set)  # type: ignore[arg-type]
+CONNS_KEY: web.AppKey[Counter[str]] = web.AppKey("front-connections", Counter)
+FORWARD_HEADERS = ("Authorization", "Content-Type", "Accept")
+MAX_BODY = 256 * 1024
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY]
+    limits = config.limits
+    peer = client_address(request)
+    conns = request.app[CONNS_KEY]
+    if conns.total() >= limits.max_connections:
+        return json_error(503, "server-busy", f"the server is at its limit of {limits.max_connections} "
+                                              "signaling connections; retry later")
+    cooling = request.app[ABUSE_KEY].blocked_for(peer)
+    if cooling > 0:
+        request.app[ABUSE_KEY].refused += 1
+        return json_error(429, "cooling-down", f"this address's connections kept breaking the rules; retry in "
+                                               f"{cooling:.0f} s")
+    if conns[peer] >= limits.max_connections_per_address:
+        return json_error(429, "too-many-connections", f"at most {limits.max_connections_per_address} signaling "
+                                                       "connections per address; close one and retry")
+    conns[peer] += 1
+    proxies = request.app[PROXIES_KEY]
+    proxy: Optional[SignalingProxy] = None
+    try:
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=limits.max_ws_message_bytes)
+        await ws.prepare(request)
+        proxy = SignalingProxy(ws, request.app[POOL_KEY], peer, limits, request.transport)
+        proxies.add(proxy)
+        await proxy.run()
+        return ws
+    finally:
+        if proxy is not None:
+            proxies.discard(proxy)
+            if proxy.policy_closed:
+                request.app[ABUSE_KEY].policy_closed(peer)
+        conns[peer] -= 1
+        if conns[peer] <= 0:
+            del conns[peer]
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
+async def forward(request: web.Request, worker: int) -> web.Response:
+    """``request`` as it came (method, path, query, auth, body) to ``worker``; its answer back."""
+    pool = request.app[POOL_KEY]
+    body = await request.content.read(MAX_BODY + 1) if request.can_read_body else b""
+    if len(body) > MAX_BODY:
+        return json_error(413, "too-large", f"request bodies are limited to {MAX_BODY} bytes")
+    headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
+    headers["X-Forwarded-For"] = client_address(request)
+    try:
+        async with pool.session(worker).request(request.method, f"http://worker{request.path_qs}", data=body,
+                                                headers=headers) as resp:
+            data = await resp.read()
+            return web.Response(body=data, status=resp.status,
+                                content_type=resp.content_type or "application/json")
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return json_error(503, "server-busy", "the room's media worker is not reachable; retry")
+
+
+async def room_request(request: web.Request) -> web.StreamResponse:
+    room = request.match_info["room_id"]
+    if not ROOM_ID_RE.match(room):
+        return json_error(400, "bad-room", "room ids are 1-64 characters: letters, digits, '_', '-', '.'")
+    worker = request.app[POOL_KEY].placement.worker_of(room)
+    if worker is None:
+        return json_error(404, "unknown-room", f"no room {room!r}")
+    return await forward(request, worker)
+
+
+async def list_rooms(request: web.Request) -> web.StreamResponse:
+    pool = request.app[POOL_KEY]
+    rooms: list[Any] = []
+    for w in pool.workers:
+        if not w.ready:
+            continue
+        resp = await forward(request, w.index)
+        if resp.status != 200:
+            return resp  # e.g. 401: the token does not allow listing rooms
+        assert isinstance(resp.body, bytes)
+        import json
+
+        for room in json.loads(resp.body).get("rooms", []):
+            rooms.append({**room, "worker": w.index})
+    return web.json_response({"rooms": rooms})
+
+
+async def list_stages(request: web.Request) -> web.Response:
+    from enhancers.registry import STAGES
+
+    return web.json_response({"stages": sorted(STAGES)})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    pool = request.app[POOL_KEY]
+
+    async def one(index: int) -> Any:
+        try:
+            return await pool.get_json(index, "/healthz", timeout_s=5.0)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            return {"status": "unreachable", "error": str(exc)[:200]}
+
+    workers = await asyncio.gather(*(one(w.index) for w in pool.workers))
+    ok = all(w.ready for w in pool.workers) and all(h.get("status") == "ok" for h in workers)
+    return web.json_response({
+        "status": "ok" if ok else "degraded",
+        "ready": {k: all(bool((h.get("ready") or {}).get(k)) for h in workers) for k in ("prompts", "quality")},
+        "workers": [{**w.describe(), "health": h} for w, h in zip(pool.workers, workers)],
+        "rooms": sum(int(h.get("rooms", 0)) for h in workers),
+        "participants": sum(int(h.get("participants", 0)) for h in workers),
+        "placement": pool.placement.rooms,
+    }, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    pool = request.app[POOL_KEY]
+
+    async def one(index: int) -> tuple[str, bytes]:
+        try:
+            status, body = await pool.get_bytes(index, "/metrics")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return str(index), b""
+        return str(index), body if status == 200 else b""
+
+    parts = await asyncio.gather(*(one(w.index) for w in pool.workers if w.ready))
+    return web.Response(body=merge_expositions(list(parts)),
+                        headers={"Content-Type": METRICS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
+
+
+async def claim(request: web.Request) -> web.Response:
+    """A worker wants to create a room (internal socket only): the worker the room lives on."""
+    body = await request.json()
+    room, worker = body.get("room"), body.get("worker")
+    pool = request.app[POOL_KEY]
+    if not isinstance(room, str) or not isinstance(worker, int) or not 0 <= worker < len(pool.workers):
+        return json_error(400, "bad-claim", "a claim is {room, worker}")
+    owner = pool.placement.claim(room, worker)
+    if owner != worker:
+        log.warning("room %s lives on worker %d: worker %d may not create it", room, owner, worker)
+    return web.json_response({"worker": owner})
+
+
+def create_front_app(config: ServerConfig, pool: WorkerPool) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app[CONFIG_KEY] = config
+    app[POOL_KEY] = pool
+    app[PROXIES_KEY] = set()
+    app[CONNS_KEY] = Counter()
+    app[ABUSE_KEY] = AbuseTracker(config.limits.abuse_closes, config.limits.abuse_cooldown_s)
+    app.router.add_get("/", index)
+    app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/stages", list_stages)
+    app.router.add_get("/api/rooms", list_rooms)
+    app.router.add_route("*", "/api/rooms/{room_id}", room_request)
+    app.router.add_route("*", "/api/rooms/{room_id}/{rest:.*}", room_request)
+    app.router.add_static("/static/", STATIC)
+
+    def worker_lost(index: int) -> None:
+        for proxy in list(app[PROXIES_KEY]):  # type: ignore[index]
+            if proxy.worker == index:
+                asyncio.ensure_future(proxy.worker_lost())
+
+    pool.on_worker_lost.append(worker_lost)
+
+    async def on_shutdown(app: web.Application) -> None:
+        for proxy in list(app[PROXIES_KEY]):  # type: ignore[index]
+            if not proxy.ws.closed:
+                await proxy.ws.close(code=1001, message=b"server shutting down")
+
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+def create_internal_app(pool: WorkerPool) -> web.Application:
+    app = web.Application()
+    app[POOL_KEY] = pool
+    app.router.add_post("/internal/claim", claim)
+    return app
+
+
+async def serve_front(config: ServerConfig) -> None:
+    """Start the workers and the public port; run until SIGINT/SIGTERM, then stop workers in order."""
+    from signaling.main import start_http
+
+    count = worker_count(config)
+    socket_dir = tempfile.mkdtemp(prefix="mediaserver-")
+    front_socket = os.path.join(socket_dir, "front.sock")
+    pool = WorkerPool(config, count, socket_dir, front_socket)
+    internal = web.AppRunner(create_internal_app(pool))
+    await internal.setup()
+    await web.UnixSite(internal, front_socket).start()
+    runner: Optional[web.AppRunner] = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        log.info("starting %d media workers", count)
+        await pool.start()
+        runner, port = await start_http(create_front_app(config, pool), config.host, config.port, config.limits)
+        log.info("front ready on port %d with %d media workers", port, count)
+        await stop.wait()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await pool.close()
+        await internal.cleanup()
+        shutil.rmtree(socket_dir, ignore_errors=True)
