@@ -244,8 +244,8 @@ async def serve_front(config: ServerConfig) -> None:
         log.info("front ready on port %d with %d media workers", port, count)
         await stop.wait()
     finally:
+        await pool.close()  # workers drain first: their "bye" reaches the clients through the proxies
         if runner is not None:
             await runner.cleanup()
-        await pool.close()
         await internal.cleanup()
         shutil.rmtree(socket_dir, ignore_errors=True)

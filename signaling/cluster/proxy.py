@@ -199,8 +199,12 @@ class SignalingProxy:
             pass
 
     async def _close_client_like(self, upstream: aiohttp.ClientWebSocketResponse) -> None:
-        """The worker closed: close the client with the worker's code (1008 policy closes count as abuse)."""
-        code = upstream.close_code or WSCloseCode.GOING_AWAY
+        """The worker closed: close the client with the worker's code (1008 policy closes count as abuse);
+        a connection lost without a close frame is a worker that died."""
+        code = upstream.close_code
+        if code is None or code == WSCloseCode.ABNORMAL_CLOSURE:
+            await self.worker_lost()
+            return
         if code == WSCloseCode.POLICY_VIOLATION:
             self.policy_closed = True
         if not self.ws.closed:

@@ -1,0 +1,163 @@
+"""``mediaserver serve --workers 2``: rooms on two media worker processes behind one port.
+
+The real command, real aiortc participants over loopback: each room is placed on a worker of
+its own and its participants hear each other through the front's proxy; the page, the API and
+the metrics come through the one public port; a worker that dies is started again while the
+other worker's call goes on, and its participants can join again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from loadtest.bot import Bot
+from tests.audio_checks import content_match, looped
+from tests.conftest import speech
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _health(url: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/healthz") as resp:
+            return resp.status, await resp.json()
+
+
+async def _wait_healthy(url: str, timeout: float = 240.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, body = await _health(url)
+            if status == 200:
+                return body
+        except (aiohttp.ClientError, ValueError):
+            pass
+        await asyncio.sleep(0.25)
+    raise AssertionError("the server did not become healthy")
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
+    port = _free_port()
+    exe = Path(sys.executable).parent / "mediaserver"
+    proc = subprocess.Popen([str(exe), "serve", "--dev", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "2", "--stages", ""],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "MEDIASERVER_QUALITY": "0"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_healthy(url)
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _hears(listener: Bot, talker: Bot, source: Any, seconds: float = 3.0, since: float = 0.0) -> float:
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        got = listener.received_from(talker.id, since=since) if talker.id else []  # type: ignore[arg-type]
+        if len(got) > 48_000 * seconds:
+            return content_match(got[24_000:], looped(source))
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"{listener.name} did not receive {seconds} s of {talker.name}")
+
+
+async def test_rooms_on_two_workers_behind_one_port(cluster: tuple[str, subprocess.Popen[str]]) -> None:
+    url, proc = cluster
+    a_src, b_src = speech("cmu_arctic_us_aew_a0001.wav"), speech("cmu_arctic_us_axb_a0004.wav")
+    a, b = Bot(url, "north", "a", a_src), Bot(url, "north", "b", b_src)
+    c, d = Bot(url, "south", "c", a_src), Bot(url, "south", "d", b_src)
+    for bot in (a, b, c, d):
+        await bot.join()
+    try:
+        assert await _hears(a, b, b_src) > 0.5
+        assert await _hears(b, a, a_src) > 0.5
+        assert await _hears(d, c, a_src) > 0.5
+        status, health = await _health(url)
+        assert status == 200 and health["status"] == "ok", health
+        placement = health["placement"]
+        assert {placement["north"], placement["south"]} == {0, 1}, placement  # one room on each worker
+        assert health["participants"] == 4
+        async with aiohttp.ClientSession() as http:
+            page = await http.get(f"{url}/")
+            assert page.status == 200 and "<html" in (await page.text()).lower()
+            rooms = await (await http.get(f"{url}/api/rooms")).json()
+            assert {r["id"]: r["worker"] for r in rooms["rooms"]} == placement
+            north = await (await http.get(f"{url}/api/rooms/north")).json()
+            assert {p["name"] for p in north["participants"]} == {"a", "b"}
+            missing = await http.get(f"{url}/api/rooms/nowhere")
+            assert missing.status == 404 and (await missing.json())["error"] == "unknown-room"
+            text = await (await http.get(f"{url}/metrics")).text()
+            assert 'worker="0"' in text and 'worker="1"' in text
+            types = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+            assert len(types) == len(set(types)), "a metric family is declared twice"
+            # a live change through the API reaches the room's worker
+            put = await http.put(f"{url}/api/rooms/south/stages", json={"stages": "limiter"})
+            assert put.status == 200 and (await put.json())["stages"] == ["limiter"]
+        # the worker of 'south' dies: 'north' goes on; c and d are told, and can join again
+        south = placement["south"]
+        pid = next(w["pid"] for w in health["workers"] if w["index"] == south)
+        os.kill(pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        deadline = time.monotonic() + 20
+        while not (c.events_of("error") and any(e.get("code") == "worker-restarted" for e in c.events_of("error"))):
+            assert time.monotonic() < deadline, "c was not told that its worker restarted"
+            await asyncio.sleep(0.1)
+        north_listener = a if placement["north"] != south else c
+        assert await _hears(north_listener, b, b_src, seconds=2.0, since=t_kill) > 0.5
+        health = await _wait_healthy(url, timeout=120)
+        assert health["participants"] == 2
+        await c.leave()
+        await d.leave()
+        c, d = Bot(url, "south", "c2", a_src), Bot(url, "south", "d2", b_src)
+        await c.join()
+        await d.join()
+        assert await _hears(d, c, a_src) > 0.5
+    finally:
+        for bot in (a, b, c, d):
+            await bot.leave()
+
+
+async def test_front_answers_before_join_and_drains(cluster: tuple[str, subprocess.Popen[str]]) -> None:
+    url, proc = cluster
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url.replace('http', 'ws')}/ws") as ws:
+            await ws.send_json({"type": "ping"})
+            assert (await ws.receive_json(timeout=5))["type"] == "pong"
+            await ws.send_json({"type": "offer", "sdp": "x"})
+            assert (await ws.receive_json(timeout=5))["code"] == "not-joined"
+            await ws.send_json({"type": "join", "room": "bad room!"})
+            assert (await ws.receive_json(timeout=5))["code"] == "bad-room"
+            await ws.send_json({"type": "join", "room": "ok", "version": 99})
+            assert (await ws.receive_json(timeout=5))["code"] == "unsupported-version"  # the worker's answer
+    bot = Bot(url, "drain", "bot", speech())
+    await bot.join()
+    proc.send_signal(signal.SIGTERM)
+    rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
+    assert rc == 0
+    await asyncio.sleep(0.2)
+    assert any(e["type"] == "bye" for e in bot.events), "participants were not told"
+    out = proc.stdout.read() if proc.stdout else ""
+    assert "Traceback" not in out, out[-3000:]
+    await bot.leave()
