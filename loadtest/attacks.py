@@ -116,9 +116,9 @@ async def stage_join(url: str, *, items: int = 8000, room: str = "attack-stages"
         ws = await http.ws_connect(ws_url(url))
         t0 = time.monotonic()
         await ws.send_str(raw)
-        msg = await asyncio.wait_for(ws.receive(), 30.0)
+        answer = await asyncio.wait_for(ws.receive(), 30.0)
         took = time.monotonic() - t0
-        reply = json.loads(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else {"type": str(msg.type)}
+        reply = json.loads(answer.data) if answer.type == aiohttp.WSMsgType.TEXT else {"type": str(answer.type)}
         await ws.close()
     return {"attack": "stage-join", "items": items, "bytes": len(raw), "reply_s": round(took, 4),
             "reply": reply.get("code", reply.get("type"))}

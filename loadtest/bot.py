@@ -8,7 +8,9 @@ participant.  It imports nothing from the server packages.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import bisect
 import fractions
 import json
 import logging
@@ -24,7 +26,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import is_rtcp
 
-from loadtest.lightmedia import EncodedPcmTrack, InlineDecoder, frame_mono
+from loadtest.lightmedia import TS_MOD, EncodedPcmTrack, InlineDecoder, OpusMonoDecoder, frame_mono
+from loadtest.wire import StreamSink, WireReceiver, WireSender
 
 log = logging.getLogger(__name__)
 _JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
@@ -89,6 +92,10 @@ class JoinError(RuntimeError):
     """The server answered the join or the offer with an ``error`` message."""
 
 
+def _floats() -> array.array[float]:
+    return array.array("d")
+
+
 @dataclass
 class Recording:
     """What a bot received on one transceiver: 48 kHz mono float32 blocks with arrival times.
@@ -96,8 +103,12 @@ class Recording:
     Besides the decoded blocks (``arrivals``: when ``track.recv()`` returned them,
     ``pts``: their RTP timestamps relative to the first frame), it keeps the
     wire-level view of the same stream: every RTP packet's arrival time,
-    sequence number and raw timestamp, seen before aiortc's receive buffer.
-    ``owners`` logs which participant the server said this transceiver carried.
+    sequence number and raw timestamp, seen before aiortc's receive buffer
+    (compact ``array`` buffers: a big load test appends tens of thousands a
+    second).  Light bots keep the Opus payloads of the streams they decode
+    (``add_encoded``) and decode them only when the recording is analysed
+    (``decode_pending``, off the event loop).  ``owners`` logs which
+    participant the server said this transceiver carried.
     """
 
     mid: str
@@ -105,14 +116,47 @@ class Recording:
     arrivals: list[float] = field(default_factory=list)
     participant: str | None = None
     pts: list[int] = field(default_factory=list)
-    rtp_arrivals: list[float] = field(default_factory=list)
-    rtp_seq: list[int] = field(default_factory=list)
-    rtp_ts: list[int] = field(default_factory=list)
+    rtp_arrivals: array.array[float] = field(default_factory=_floats)
+    rtp_seq: array.array[int] = field(default_factory=lambda: array.array("H"))
+    rtp_ts: array.array[int] = field(default_factory=lambda: array.array("I"))
     owners: list[tuple[float, str | None]] = field(default_factory=list)
     receiver: Any = None
-    ts_origin: int | None = None  # set by snapshots (no receiver) and by the inline decoder
+    ts_origin: int | None = None  # set by snapshots (no receiver) and by the light receive paths
+    # payloads not decoded yet, with their arrival time and pts (light bots)
+    enc_payloads: list[bytes] = field(default_factory=list)
+    enc_arrivals: array.array[float] = field(default_factory=_floats)
+    enc_pts: array.array[int] = field(default_factory=lambda: array.array("q"))
+
+    def add_encoded(self, arrival: float, timestamp: int, payload: bytes) -> None:
+        """Keep one received Opus payload (RTP ``timestamp``) for ``decode_pending``."""
+        if self.ts_origin is None:
+            self.ts_origin = timestamp
+        self.enc_payloads.append(payload)
+        self.enc_arrivals.append(arrival)
+        self.enc_pts.append((timestamp - self.ts_origin) % TS_MOD)
+
+    def decode_pending(self, since: float | None = None) -> None:
+        """Decode the kept payloads (in arrival order) into ``blocks``; those that arrived more than
+        half a second before ``since`` are dropped undecoded (the half second primes the decoder)."""
+        if not self.enc_payloads:
+            return
+        payloads, arrivals, pts = self.enc_payloads, self.enc_arrivals, self.enc_pts
+        self.enc_payloads, self.enc_arrivals, self.enc_pts = [], _floats(), array.array("q")
+        start = bisect.bisect_left(arrivals, since - 0.5) if since is not None else 0
+        if start > 0:  # decoding restarts here: a fresh decoder, as a subscriber joining then would have
+            self._decoder = None
+        if self._decoder is None:
+            self._decoder = OpusMonoDecoder()
+        decoder = self._decoder
+        for k in range(start, len(payloads)):
+            block = decoder.decode(payloads[k])
+            if len(block):
+                self.blocks.append(block)
+                self.arrivals.append(arrivals[k])
+                self.pts.append(pts[k])
 
     def audio(self, since: float = 0.0) -> np.ndarray:
+        self.decode_pending()
         blocks = [b for b, t in zip(self.blocks, self.arrivals) if t >= since]
         return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
 
@@ -132,18 +176,25 @@ class Recording:
         return self.rtp_ts[0] if self.rtp_ts else None
 
     def snapshot(self) -> Recording:
-        """A copy that later arrivals do not change (for analysis off the event loop)."""
+        """A copy that later arrivals do not change (for analysis off the event loop); payloads not
+        decoded yet are copied as they are (the copy decodes them where it is analysed)."""
         return Recording(mid=self.mid, blocks=list(self.blocks), arrivals=list(self.arrivals),
                          participant=self.participant, pts=list(self.pts),
-                         rtp_arrivals=list(self.rtp_arrivals), rtp_seq=list(self.rtp_seq),
-                         rtp_ts=list(self.rtp_ts), owners=list(self.owners), ts_origin=self.rtp_origin())
+                         rtp_arrivals=array.array("d", self.rtp_arrivals), rtp_seq=array.array("H", self.rtp_seq),
+                         rtp_ts=array.array("I", self.rtp_ts), owners=list(self.owners),
+                         ts_origin=self.rtp_origin(), enc_payloads=list(self.enc_payloads),
+                         enc_arrivals=array.array("d", self.enc_arrivals), enc_pts=array.array("q", self.enc_pts))
 
     def trim(self, before: float) -> None:
         """Forget blocks and packets that arrived before ``before`` (bounded memory in long runs)."""
-        k = next((i for i, t in enumerate(self.arrivals) if t >= before), len(self.arrivals))
+        k = bisect.bisect_left(self.arrivals, before)
         del self.blocks[:k], self.arrivals[:k], self.pts[:k]
-        j = next((i for i, t in enumerate(self.rtp_arrivals) if t >= before), len(self.rtp_arrivals))
+        j = bisect.bisect_left(self.rtp_arrivals, before)
         del self.rtp_arrivals[:j], self.rtp_seq[:j], self.rtp_ts[:j]
+        e = bisect.bisect_left(self.enc_arrivals, before)
+        del self.enc_payloads[:e], self.enc_arrivals[:e], self.enc_pts[:e]
+
+    _decoder: OpusMonoDecoder | None = field(default=None, repr=False, compare=False)
 
 
 class Bot:
@@ -153,9 +204,14 @@ class Bot:
                  loop: bool = True, stages: str | list[str] | None = None,
                  echo_cancellation: bool = True, publish: bool = True,
                  token: str | None = None, local_addr: str | None = None, light: bool = False,
-                 opus_packets: list[bytes] | None = None, decode_share: float = 1.0) -> None:
+                 opus_packets: list[bytes] | None = None, decode_share: float = 1.0, fast: bool = False) -> None:
         self.url = url.rstrip("/")
         self.light = light  # pre-encoded sending, inline decoding (loadtest.lightmedia)
+        # light bots only: once connected, media bypasses aiortc's per-packet path (loadtest.wire)
+        self.fast = fast and light
+        self.wire_sender: WireSender | None = None
+        self._wire_rx: WireReceiver | None = None
+        self._sinks: dict[Any, StreamSink] = {}  # aiortc receiver -> where the wire receiver puts its packets
         # light bots only: the share of received streams decoded (marker latency needs audio); the others
         # are counted from their RTP headers alone (loss, gaps, jitter), so big rooms fit one load-generator core
         self.decode_share = decode_share
@@ -205,10 +261,19 @@ class Bot:
         await asyncio.wait_for(self._joined.wait(), timeout)
         self._raise_join_error()
         if self.track is not None:
-            self.pc.addTransceiver(self.track, direction="sendrecv")
+            transceiver = self.pc.addTransceiver(self.track, direction="sendrecv")
+            if self.fast and isinstance(self.track, EncodedPcmTrack):
+                track = self.track
+                WireSender.install(transceiver.sender, lambda: track.packets, track.send_log, track.wire_log,
+                                   on_start=self._wire_started)
         else:
             self.pc.addTransceiver("audio", direction="recvonly")
         await self.pc.setLocalDescription(await self.pc.createOffer())
+        if self.fast:  # ICE has gathered: its sockets exist, no media can have arrived yet
+            self._wire_rx = WireReceiver(self.pc, self._sinks.get)
+            if not self._wire_rx.attach():
+                log.warning("this aiortc/aioice cannot be hooked: bots receive through aiortc's path")
+                self._wire_rx = None
         await self.send({"type": "offer", "sdp": self.pc.localDescription.sdp})
         await asyncio.wait_for(self._answered.wait(), timeout)
         self._raise_join_error()
@@ -218,7 +283,12 @@ class Bot:
             err = self._join_error
             raise JoinError(f"{err.get('code')}: {err.get('message')}")
 
+    def _wire_started(self, sender: WireSender) -> None:
+        self.wire_sender = sender
+
     async def leave(self) -> None:
+        if self._wire_rx is not None:
+            self._wire_rx.detach()
         if self._ws is not None and not self._ws.closed:
             try:
                 await self.send({"type": "leave"})
@@ -269,6 +339,9 @@ class Bot:
                 await self.pc.setLocalDescription(await self.pc.createAnswer())
                 await self.send({"type": "answer", "sdp": self.pc.localDescription.sdp})
                 self.renegotiations += 1
+                if self._wire_rx is not None:
+                    self._wire_rx.attach()
+                    self._wire_rx.forget_ssrcs()
             elif mtype == "error":
                 self.errors.append(msg)
                 if not self._answered.is_set():  # the join itself failed: do not wait for its timeout
@@ -289,8 +362,11 @@ class Bot:
         rec.set_owner(self.track_info.get(mid, {}).get("participant"))
         self._tap_rtp(transceiver.receiver, rec)
         if self.light:
+            decode = self._decodes(mid)
             if not isinstance(getattr(transceiver.receiver, _JITTER_ATTR, None), InlineDecoder):
-                setattr(transceiver.receiver, _JITTER_ATTR, InlineDecoder(rec, decode=self._decodes(mid)))
+                setattr(transceiver.receiver, _JITTER_ATTR, InlineDecoder(rec, decode=decode))
+            if transceiver.receiver not in self._sinks:
+                self._sinks[transceiver.receiver] = StreamSink(rec, decode)
             return
         self._tasks.append(asyncio.get_running_loop().create_task(self._record(track, rec)))
 
@@ -302,7 +378,7 @@ class Bot:
 
     def _tap_send(self) -> None:
         """Log when each of our RTP packets reaches the transport (after aiortc's Opus encode)."""
-        if self.track is None:
+        if self.track is None or self.fast:  # the wire sender logs its packets itself
             return
         transport = next((t.sender.transport for t in self.pc.getTransceivers()
                           if t.sender is not None and t.sender.track is self.track), None)

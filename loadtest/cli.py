@@ -41,6 +41,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sent-dnsmos", action="store_true", help="do not score what publishers sent")
     p.add_argument("--full-aiortc", action="store_true",
                    help="bots use aiortc's own encode/decode threads (heavier) instead of the light media path")
+    p.add_argument("--no-fast-path", action="store_true",
+                   help="light bots send and receive through aiortc's per-packet path instead of the shared "
+                        "send timer and socket-level receive (loadtest.wire)")
+    p.add_argument("--no-uvloop", action="store_true", help="worker processes run asyncio's own event loop")
     p.add_argument("--decode-share", type=float, default=1.0,
                    help="share of received streams each light bot decodes for marker latency (default 1: all); "
                         "the others are counted from RTP headers only (loss, gaps, jitter)")
@@ -80,6 +84,7 @@ def session_config(args: argparse.Namespace, bots: int) -> SessionConfig:
     return SessionConfig(url=args.url, sources=sources, stages=args.stages, processes=processes, token=args.token,
                          dnsmos_per_publisher=args.dnsmos_per_publisher, warmup_s=args.warmup,
                          progress=not args.quiet, score_sent=not args.no_sent_dnsmos, light=not args.full_aiortc,
+                         fast=not args.no_fast_path, uvloop=not args.no_uvloop,
                          sequential_joins=args.sequential_joins, decode_share=args.decode_share,
                          spread_source_addresses=not args.no_spread_addresses)
 
@@ -98,7 +103,10 @@ def headline(report: dict[str, Any], report_dir: Path | None = None) -> dict[str
         "jitter_ms_mean": s.get("jitter_ms", {}).get("mean"),
         "drop_rate": s.get("drop_rate"), "gaps": s.get("gaps"), "longest_gap_ms": s.get("longest_gap_ms"),
         "dnsmos_ovrl": s.get("dnsmos", {}).get("ovrl"), "sent_dnsmos_ovrl": s.get("sent_dnsmos", {}).get("ovrl"),
+        "loadgen_loop_lag_ms_p50": s.get("loadgen_loop_lag_ms", {}).get("p50"),
         "loadgen_loop_lag_ms_p99": s.get("loadgen_loop_lag_ms", {}).get("p99"),
+        "loadgen_cpu_cores": s.get("loadgen_cpu", {}).get("cores"),
+        "loadgen_cpu_ms_per_bot_per_s": s.get("loadgen_cpu", {}).get("ms_per_bot_per_s"),
     }
     if report.get("kind") == "ramp":
         out["max_participants_held"] = report.get("max_participants_held")

@@ -59,25 +59,39 @@ class BotHost:
     """Owns the bots of one process and everything they recorded."""
 
     def __init__(self, library: SourceLibrary, url: str, max_concurrent_joins: int = 4, light: bool = True,
-                 decode_share: float = 1.0) -> None:
+                 decode_share: float = 1.0, fast: bool = True) -> None:
         self.library = library
         self.url = url
         self.light = light
+        self.fast = fast and light  # media off aiortc's per-packet path once connected (loadtest.wire)
         self.decode_share = decode_share
         self.bots: list[tuple[BotSpec, Bot]] = []
         self._join_gate = asyncio.Semaphore(max_concurrent_joins)
         self._opus: dict[int, list[bytes]] = {}
         self.loop_lag: list[tuple[float, float]] = []  # (time, ms late) of a 10 ms timer: is the load generator keeping up?
+        self.cpu: list[tuple[float, float]] = []  # (time, CPU seconds of this process) every 0.5 s
         self._lag_task: asyncio.Task[None] | None = None
 
     async def _watch_loop(self) -> None:
+        n = 0
         while True:
             before = time.monotonic()
             await asyncio.sleep(0.01)
             now = time.monotonic()
             self.loop_lag.append((now, max(0.0, (now - before - 0.01) * 1000.0)))
+            if n % 50 == 0:
+                self.cpu.append((now, time.process_time()))
+            n += 1
             if len(self.loop_lag) > 200_000:
                 del self.loop_lag[:100_000]
+                del self.cpu[: len(self.cpu) // 2]
+
+    def cpu_cores(self, since: float, until: float) -> float | None:
+        """This process's CPU time over [since, until] (its samples nearest inside) per second of wall time."""
+        inside = [(t, c) for t, c in self.cpu if since <= t <= until]
+        if len(inside) < 2 or inside[-1][0] - inside[0][0] < 0.5:
+            return None
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
     # -- commands -----------------------------------------------------------------
     async def add(self, specs: list[BotSpec]) -> list[dict[str, Any]]:
@@ -97,7 +111,7 @@ class BotHost:
         mix, packets = await asyncio.get_running_loop().run_in_executor(None, self._media, spec.index)
         bot = Bot(self.url, spec.room, spec.name, mix, loop=True, stages=spec.stages,
                   echo_cancellation=spec.echo_cancellation, token=spec.token, local_addr=spec.local_addr,
-                  light=self.light, opus_packets=packets, decode_share=self.decode_share)
+                  light=self.light, opus_packets=packets, decode_share=self.decode_share, fast=self.fast)
         self.bots.append((spec, bot))
         error = None
         async with self._join_gate:
@@ -119,7 +133,8 @@ class BotHost:
             "joined": sum(1 for b in bots if "answered" in b.times),
             "connected": sum(1 for b in bots if "connected" in b.times),
             "streams": sum(len(b.recordings) for b in bots),
-            "frames": sum(len(r.blocks) for b in bots for r in b.recordings.values()),
+            "frames": sum(len(r.blocks) + len(r.enc_payloads) for b in bots for r in b.recordings.values()),
+            "packets": sum(len(r.rtp_seq) for b in bots for r in b.recordings.values()),
             "errors": sum(len(b.errors) for b in bots),
         }
 
@@ -159,8 +174,24 @@ class BotHost:
         lag = [ms for t, ms in self.loop_lag if since <= t < until]
         loop_lag = {"p50": round(float(np.percentile(lag, 50)), 2), "p99": round(float(np.percentile(lag, 99)), 2),
                     "max": round(max(lag), 2)} if lag else None
+        cpu = self.cpu_cores(since, until)
         return {"streams": streams, "sent_dnsmos": sent, "bots": bots, "server_stats": server_stats,
-                "loop_lag_ms": loop_lag}
+                "loop_lag_ms": loop_lag, "cpu_cores": round(cpu, 4) if cpu is not None else None,
+                "media": self.media_counters()}
+
+    def media_counters(self) -> dict[str, int]:
+        """The fast path's own counters, summed over this host's bots (all zero on aiortc's path)."""
+        out = {"sent": 0, "skipped": 0, "not_connected": 0, "received": 0, "fallback": 0, "undecryptable": 0}
+        for _, bot in self.bots:
+            if bot.wire_sender is not None:
+                out["sent"] += bot.wire_sender.sent
+                out["skipped"] += bot.wire_sender.skipped
+                out["not_connected"] += bot.wire_sender.not_connected
+            if bot._wire_rx is not None:
+                out["received"] += bot._wire_rx.packets
+                out["fallback"] += bot._wire_rx.fallback
+                out["undecryptable"] += bot._wire_rx.undecryptable
+        return out
 
     async def halt(self) -> dict[str, Any]:
         """All bots leave (their recordings stay for analysis); idempotent."""

@@ -10,18 +10,27 @@ starved load generator measures its own delays instead of the server's.
   libopus at construction and, paced in real time, hands aiortc's sender
   ready Opus packets (aiortc only packetizes them, as the server does).
 - ``InlineDecoder`` takes the place of a receiver's jitter buffer: every RTP
-  packet is decoded on arrival, in the event loop, and appended to the
-  bot's ``Recording``; aiortc's decoder thread stays idle.  With
+  packet's Opus payload is kept in the bot's ``Recording`` with its arrival
+  time, and decoded later, off the event loop, when the recording is
+  analysed (``Recording.decode_pending``, libopus through ctypes:
+  ``OpusMonoDecoder``); aiortc's decoder thread stays idle.  With
   ``decode=False`` it only counts: the packets' RTP headers (tapped before
   it) give loss, gaps and jitter, and no audio is kept.  Missing packets
   leave holes in the pts timeline (no concealment), which the analysis
   counts as gaps.
+
+``loadtest.wire`` goes further and takes the media off aiortc's per-packet
+path altogether once it has connected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import fractions
+import glob
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -139,27 +148,82 @@ class EncodedPcmTrack(MediaStreamTrack):
         return packet
 
 
+_libopus: ctypes.CDLL | None = None
+
+
+def _load_libopus() -> ctypes.CDLL:
+    """libopus: the copy PyAV ships (always there with aiortc), else the system's."""
+    global _libopus
+    if _libopus is not None:
+        return _libopus
+    candidates = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(av.__file__)), "av.libs",
+                                               "libopus*.so*")))
+    found = ctypes.util.find_library("opus")
+    candidates += [found] if found else []
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        lib.opus_decoder_create.restype = ctypes.c_void_p
+        lib.opus_decoder_create.argtypes = [ctypes.c_int32, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+        lib.opus_decode_float.restype = ctypes.c_int
+        lib.opus_decode_float.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32, ctypes.c_void_p,
+                                          ctypes.c_int, ctypes.c_int]
+        lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
+        _libopus = lib
+        return lib
+    raise OSError("libopus not found (looked in PyAV's bundled libraries and the system)")
+
+
+class OpusMonoDecoder:
+    """One Opus stream decoded to 48 kHz mono float32 by libopus directly (a third of aiortc's decoder cost).
+
+    A mono decoder of a mono stream gives what aiortc's stereo decoder gives
+    on each channel; ctypes releases the GIL during the call.
+    """
+
+    MAX_SAMPLES = 5760  # 120 ms, the longest Opus packet
+
+    def __init__(self) -> None:
+        self._lib = _load_libopus()
+        err = ctypes.c_int(0)
+        self._dec = self._lib.opus_decoder_create(RATE, 1, ctypes.byref(err))
+        if err.value != 0 or not self._dec:
+            raise OSError(f"opus_decoder_create failed: {err.value}")
+        self._pcm = np.zeros(self.MAX_SAMPLES, dtype=np.float32)
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        """One packet's samples (empty for a packet libopus rejects)."""
+        n = self._lib.opus_decode_float(self._dec, payload, len(payload), self._pcm.ctypes.data,
+                                        self.MAX_SAMPLES, 0)
+        return self._pcm[:n].copy() if n > 0 else np.zeros(0, dtype=np.float32)
+
+    def __del__(self) -> None:
+        dec, self._dec = getattr(self, "_dec", None), None
+        if dec:
+            self._lib.opus_decoder_destroy(dec)
+
+
 class InlineDecoder:
-    """Stands in for an aiortc receiver's jitter buffer: decodes each packet as it arrives."""
+    """Stands in for an aiortc receiver's jitter buffer: keeps each packet's payload for decoding later.
+
+    The payloads go to ``Recording.add_encoded`` (decoded off the event loop
+    by ``Recording.decode_pending``); with ``decode=False`` nothing is kept.
+    """
 
     def __init__(self, recording: Recording, decode: bool = True) -> None:
         self.recording = recording
         self.decode = decode
-        self._decoder = OpusDecoder()
-        self._origin: int | None = None
         self.capacity = 16
 
     def add(self, packet: Any) -> tuple[bool, None]:
         rec = self.recording
-        if self._origin is None:
-            self._origin = int(packet.timestamp)
-            rec.ts_origin = self._origin
+        if rec.ts_origin is None:
+            rec.ts_origin = int(packet.timestamp)
         data = getattr(packet, "_data", b"")
         if data and self.decode:
-            for mono in decode_opus(self._decoder, data):
-                rec.blocks.append(mono)
-                rec.arrivals.append(time.monotonic())
-                rec.pts.append((int(packet.timestamp) - self._origin) % TS_MOD)
+            rec.add_encoded(time.monotonic(), int(packet.timestamp), data)
         return False, None
 
     def remove(self, count: int) -> None:  # aiortc API compatibility

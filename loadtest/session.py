@@ -45,6 +45,8 @@ class SessionConfig:
     dnsmos_per_publisher: int = 1  # subscribers whose copy of each stream is scored
     score_sent: bool = True  # also score what each scored publisher sent (the quality baseline)
     light: bool = True  # pre-encoded sending, inline decoding (loadtest.lightmedia); False: aiortc's own path
+    fast: bool = True  # light bots: media off aiortc's per-packet path once connected (loadtest.wire)
+    uvloop: bool = True  # worker processes run uvloop when it is installed
     decode_share: float = 1.0  # light bots: share of received streams decoded (latency); the rest counted only
     warmup_s: float = 4.0
     progress: bool = True
@@ -89,10 +91,10 @@ class LoadSession:
         n = self.config.processes
         if n <= 0:
             self.hosts = [LocalHost(self.config.sources, self.config.url, light=self.config.light,
-                                    decode_share=self.config.decode_share)]
+                                    decode_share=self.config.decode_share, fast=self.config.fast)]
         else:
             self.hosts = [RemoteHost(self.config.sources, self.config.url, f"loadtest-worker-{i}", self.config.light,
-                                     self.config.decode_share)
+                                     self.config.decode_share, fast=self.config.fast, use_uvloop=self.config.uvloop)
                           for i in range(n)]
             await asyncio.gather(*(h.call("status") for h in self.hosts))  # all up (signals load lazily)
         self.scraper.start()
@@ -224,6 +226,12 @@ class LoadSession:
         streams = [s for p in parts for s in p["streams"]]
         encode = [v["encode_ms"] for v in logs.values() if v.get("encode_ms") is not None]
         lags = [p["loop_lag_ms"] for p in parts if p.get("loop_lag_ms")]
+        cpu = [p["cpu_cores"] for p in parts if p.get("cpu_cores") is not None]
+        media: dict[str, int] = {}
+        for p in parts:
+            for k, v in (p.get("media") or {}).items():
+                media[k] = media.get(k, 0) + v
+        n_bots = sum(1 for j in self.joins if j["ok"])
         sent = {k: v for p in parts for k, v in p["sent_dnsmos"].items()}
         bots = [b for p in parts for b in p["bots"]]
         stats = {k: v for p in parts for k, v in p["server_stats"].items()}
@@ -241,8 +249,13 @@ class LoadSession:
             "summary": {**summarize(streams, sent, stats, bots, codec_delay_ms=2 * opus_lookahead_ms()),
                         "streams_missing": len(missing),
                         "publisher_encode_ms": round(float(sorted(encode)[len(encode) // 2]), 3) if encode else None,
-                        "loadgen_loop_lag_ms": {"p99": max((x["p99"] for x in lags), default=None),
-                                                "max": max((x["max"] for x in lags), default=None)}},
+                        "loadgen_loop_lag_ms": {"p50": max((x["p50"] for x in lags), default=None),
+                                                "p99": max((x["p99"] for x in lags), default=None),
+                                                "max": max((x["max"] for x in lags), default=None)},
+                        "loadgen_cpu": {"cores": round(sum(cpu), 3) if cpu else None, "processes": len(cpu),
+                                        "ms_per_bot_per_s": round(1000.0 * sum(cpu) / n_bots, 3)
+                                        if cpu and n_bots else None},
+                        "loadgen_media": media},
             "streams": streams, "streams_missing": missing, "sent_dnsmos": sent, "bots": bots,
             "server_stats": {k: [{**x, "t": round(x["t"] - self.started, 3)} for x in v] for k, v in stats.items()},
         }

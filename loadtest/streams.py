@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.signal import lfilter
 
 from loadtest.bot import Recording
 from loadtest.marker import (
@@ -108,6 +109,9 @@ def _wire_times(rec: Recording) -> dict[int, float]:
 
 def received_segments(rec: Recording, since: float, until: float) -> list[ReceivedSegment]:
     """Gap-free runs of decoded frames delivered in [since, until)."""
+    rec.decode_pending(since)
+    if not rec.blocks:
+        return []
     wire = _wire_times(rec)
     segs: list[ReceivedSegment] = []
     blocks: list[np.ndarray] = []
@@ -139,15 +143,17 @@ def received_segments(rec: Recording, since: float, until: float) -> list[Receiv
 
 
 def _timeline_figures(fig: StreamFigures, rec: Recording, since: float, until: float) -> None:
-    sel = [(t, s, ts) for t, s, ts in zip(rec.rtp_arrivals, rec.rtp_seq, rec.rtp_ts) if since <= t < until]
-    if len(sel) < 2:  # nothing arrived: every frame of the window is missing
+    arrivals = np.array(rec.rtp_arrivals, dtype=np.float64)
+    inside = (arrivals >= since) & (arrivals < until)
+    n = int(np.count_nonzero(inside))
+    if n < 2:  # nothing arrived: every frame of the window is missing
         fig.frames_expected = fig.dropped = max(0, int((until - since) * RATE / 960) - 2)
-        fig.frames_received = len(sel)
+        fig.frames_received = n
         fig.drop_rate = 1.0 if fig.frames_expected else 0.0
         return
-    t = np.array([x[0] for x in sel])
-    seq = np.unwrap(np.array([x[1] for x in sel], dtype=np.float64), period=1 << 16)
-    ts = np.unwrap(np.array([x[2] for x in sel], dtype=np.float64), period=float(TS_MOD))
+    t = arrivals[inside]
+    seq = np.unwrap(np.array(rec.rtp_seq, dtype=np.float64)[inside], period=1 << 16)
+    ts = np.unwrap(np.array(rec.rtp_ts, dtype=np.float64)[inside], period=float(TS_MOD))
     uts = np.unique(ts)
     steps = np.diff(uts)
     frame = float(np.median(steps)) if len(steps) else 960.0
@@ -164,11 +170,8 @@ def _timeline_figures(fig: StreamFigures, rec: Recording, since: float, until: f
     order = np.argsort(t, kind="stable")
     t, ts = t[order], ts[order]
     d = np.diff(t) - np.diff(ts) / RATE
-    jitter = 0.0
-    trace = []
-    for x in np.abs(d):
-        jitter += (x - jitter) / 16.0
-        trace.append(jitter)
+    # RFC 3550: J += (|D| - J) / 16 after every packet, from J = 0
+    trace = lfilter([1.0 / 16.0], [1.0, -15.0 / 16.0], np.abs(d))
     fig.jitter_ms = float(np.mean(trace) * 1000.0)
     fig.max_interarrival_ms = float(np.max(np.diff(t)) * 1000.0)
 
@@ -210,5 +213,6 @@ def measure_stream(rec: Recording, subscriber: str, publisher: str, room: str, s
 
 def window_audio(rec: Recording, since: float, until: float) -> np.ndarray:
     """Decoded audio delivered in [since, until), holes left out."""
+    rec.decode_pending(since)
     parts = [b for b, t in zip(rec.blocks, rec.arrivals) if since <= t < until]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
