@@ -17,6 +17,7 @@ from enhancers.audio_io import read_48k
 from enhancers.denoise.df3 import DeepFilterNet3Stage
 from enhancers.denoise.df3_assets import load_df3_assets
 from enhancers.denoise.df3_net import DF3Network
+from enhancers.denoise.int8 import resolve_precision
 from enhancers.denoise.libdf import LibDfStream
 from enhancers.denoise.streaming import run_streams
 from enhancers.eval.metrics import si_sdr
@@ -197,3 +198,45 @@ def test_attenuation_limit_is_per_stream(stage: DeepFilterNet3Stage) -> None:
     reduction = lambda y: 10 * np.log10(np.mean(noise[tail] ** 2) / np.mean(y[tail] ** 2))
     assert 4.5 <= reduction(limited) <= 7.5
     assert reduction(unlimited) > 15.0
+
+
+def test_int8_path_stays_close_to_the_float_path() -> None:
+    if resolve_precision("auto", torch.device("cpu")) != "int8":
+        pytest.skip("no VNNI on this CPU: the stage runs float32")
+    noisy, clean = speech_in_noise(3.0)
+    exact = run_streams(DeepFilterNet3Stage(native_streams=0, precision="fp32"), [noisy])[0]
+    fast = run_streams(DeepFilterNet3Stage(native_streams=0, precision="int8"), [noisy])[0]
+    assert si_sdr(fast, exact) >= 30.0
+    assert abs(si_sdr(fast, clean) - si_sdr(exact, clean)) < 0.3
+
+
+def test_libdf_streams_move_to_torch_in_a_larger_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import enhancers.denoise.df3 as df3
+
+    monkeypatch.setattr(df3, "MIGRATE_FRAMES", 40)
+    stage = DeepFilterNet3Stage(native_streams=2)
+    first = stage.stream()
+    if first.native is None:
+        pytest.skip("libDF runtime not available")
+    second, third = stage.stream(), stage.stream()
+    assert second.native is not None and third.native is None
+    x = babble(1.5)
+    signals = np.stack([x, np.roll(x, 4800), np.roll(x, 9600)]).astype(np.float32)
+    out = np.zeros_like(signals)
+    try:
+        for i in range(signals.shape[1] // CHUNK):
+            sl = slice(i * CHUNK, (i + 1) * CHUNK)
+            out[:, sl] = stage.process(torch.from_numpy(signals[:, sl]), [first, second, third], BatchContext())
+            if i == 20:
+                assert first.native is not None  # still migrating: libDF's output
+        assert first.native is None and second.native is None  # handed over to torch
+    finally:
+        for s in (first, second, third):
+            s.close()
+    libdf = LibDfStream()
+    try:
+        reference = libdf.process(x)
+    finally:
+        libdf.close()
+    n = len(reference)
+    assert si_sdr(out[0, :n], reference) >= 25.0  # libDF's output, then torch's: no seam

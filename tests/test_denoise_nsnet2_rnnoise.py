@@ -11,6 +11,7 @@ import torch
 from scipy.signal import correlate, get_window
 
 from enhancers.audio_io import read_48k
+from enhancers.denoise.int8 import resolve_precision
 from enhancers.denoise.nsnet2 import FFT_SIZE, WINDOW, NSNet2Stage, nsnet2_model_path, synthesis_window
 from enhancers.denoise.rnnoise import RNNoiseStage
 from enhancers.denoise.streaming import run_streams
@@ -60,13 +61,16 @@ def test_registry_builds_nsnet2_and_rnnoise() -> None:
 
 def test_nsnet2_streaming_matches_the_wheels_offline_model() -> None:
     x = babble(1.5)
-    stage = NSNet2Stage()
-    ours = run_streams(stage, [x], compensate_latency=False)[0]
     # streaming output chunk t is offline frame t-1's overlap-add: compare against the
     # offline model run on the input delayed by one hop (same frames, same GRU history)
     ref = nsnet2_offline_reference(np.concatenate([np.zeros(CHUNK, np.float32), x]))
     n = (len(x) // CHUNK - 1) * CHUNK
-    assert si_sdr(ours[:n], ref[:n]) >= 40.0
+    exact = run_streams(NSNet2Stage(precision="fp32"), [x], compensate_latency=False)[0]
+    assert si_sdr(exact[:n], ref[:n]) >= 40.0
+    if resolve_precision("auto", torch.device("cpu")) == "int8":
+        # int8 GEMMs (per-row activation scales): close to the float model, not bit-exact
+        fast = run_streams(NSNet2Stage(precision="int8"), [x], compensate_latency=False)[0]
+        assert si_sdr(fast[:n], ref[:n]) >= 28.0
 
 
 def test_nsnet2_latency_and_batching() -> None:

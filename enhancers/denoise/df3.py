@@ -35,9 +35,16 @@ import torch
 from enhancers.denoise.df3_assets import load_df3_assets
 from enhancers.denoise.df3_dsp import DF3SignalProcessing
 from enhancers.denoise.df3_net import DF3Network
+from enhancers.denoise.int8 import resolve_precision
 from enhancers.stage import CHUNK, SAMPLE_RATE, BatchContext, Stage, StageStream
 
 NO_LIMIT_DB = 100.0  # libDF: limits at or above 100 dB mean "no limit"
+# A libDF stream that finds itself in a batch larger than ``native_streams`` moves to the torch
+# path: the torch path runs it alongside libDF (output still libDF's) for this many frames, long
+# enough for the torch state (normalizations with a 1 s time constant, GRU hiddens) to settle,
+# then hands over with a one-chunk crossfade.  A libDF stream costs about 1 ms per chunk, a row
+# of a batched torch step a small fraction of that.
+MIGRATE_FRAMES = 300
 MIN_NORM_STATE = 1e-30  # keeps the complex-feature normalizer finite on long digital silence
 
 
@@ -80,6 +87,7 @@ class DeepFilterNet3Stage(Stage):
         atten_lim_db: float | None = None,
         post_filter_beta: float = 0.0,
         native_streams: int = 2,
+        precision: str = "auto",
     ) -> None:
         super().__init__(device)
         # On CPU, one torch step costs more than libDF's C runtime at batch 1 or 2 (bench/denoise.py);
@@ -92,6 +100,7 @@ class DeepFilterNet3Stage(Stage):
         # audio worker.  Only streams with default options use the pool.
         self._native_pool: list[Any] = []
         self._pool_lock = threading.Lock()
+        self._shadowed: dict[int, int] = {}  # slot -> frames the torch path has run alongside libDF
         assets = load_df3_assets()
         cfg = assets.config
         if cfg.sr != SAMPLE_RATE or cfg.hop_size != CHUNK:
@@ -103,9 +112,12 @@ class DeepFilterNet3Stage(Stage):
         self.default_post_filter_beta = post_filter_beta
         self._post_filter_slots: set[int] = set()  # slots whose stream asked for the post filter
         self.dsp = DF3SignalProcessing(cfg).to(self.device)
-        self.net = DF3Network(assets).to(self.device).eval()
+        # "auto": int8 GEMMs on a CPU with VNNI (enhancers/denoise/int8.py), float32 elsewhere
+        self.precision = resolve_precision(precision, self.device)
+        self.net = DF3Network(assets, self.precision).to(self.device).eval()
         self.latency_samples = (cfg.fft_size - cfg.hop_size) + cfg.lookahead * cfg.hop_size
         self._hidden = self.net.encoder.emb_gru.gru.hidden_size
+        self._fade = (torch.arange(CHUNK, dtype=torch.float32) + 0.5) / CHUNK
         self._refill()
 
     # -- state -------------------------------------------------------------------
@@ -148,6 +160,10 @@ class DeepFilterNet3Stage(Stage):
 
     def close_native(self, stream: StageStream) -> None:
         self._post_filter_slots.discard(stream.slot)
+        self._drop_native(stream)
+
+    def _drop_native(self, stream: StageStream) -> None:
+        self._shadowed.pop(stream.slot, None)
         if stream.native is not None:
             stream.native.close()
             stream.native = None
@@ -180,6 +196,10 @@ class DeepFilterNet3Stage(Stage):
         native = [i for i, s in enumerate(streams) if s.native is not None]
         if not native:
             return self._process_torch(audio, streams)
+        if len(streams) > self.native_streams:
+            return self._process_migrating(audio, streams, native)
+        for i in native:
+            self._shadowed.pop(streams[i].slot, None)  # (a migration interrupted starts over)
         out = audio.to(self.device, torch.float32).clone()
         frames = audio.detach().cpu().numpy()
         for i in native:
@@ -188,6 +208,25 @@ class DeepFilterNet3Stage(Stage):
         if rest:
             idx = torch.tensor(rest, dtype=torch.long, device=out.device)
             out[idx] = self._process_torch(out.index_select(0, idx), [streams[i] for i in rest])
+        return out
+
+    def _process_migrating(
+        self, audio: torch.Tensor, streams: Sequence[StageStream], native: list[int]
+    ) -> torch.Tensor:
+        """All rows through the torch path; libDF rows keep libDF's output until their torch state
+        has run ``MIGRATE_FRAMES`` frames, then cross-fade to it and drop their libDF state."""
+        out = self._process_torch(audio, streams)
+        frames = audio.detach().cpu().numpy()
+        for i in native:
+            stream = streams[i]
+            done = self._shadowed.get(stream.slot, 0) + 1
+            libdf = torch.from_numpy(stream.native.process_frame(frames[i])[0]).to(out.device)
+            if done < MIGRATE_FRAMES:
+                self._shadowed[stream.slot] = done
+                out[i] = libdf
+            else:
+                out[i] = torch.lerp(libdf, out[i], self._fade.to(out.device))
+                self._drop_native(stream)
         return out
 
     def _process_torch(self, audio: torch.Tensor, streams: Sequence[StageStream]) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from enhancers.denoise.df3_assets import DF3Assets
+from enhancers.denoise.int8 import Matmul
 from enhancers.denoise.onnx_weights import GruWeights, OnnxWeights
 
 
@@ -38,12 +39,13 @@ class FreqConv(torch.nn.Module):
     [B*F, 3C] columns; wide stride-1 inputs multiply once by all three taps and
     add the shifted results; stride-2 inputs view (even, odd) bin pairs as one
     row and multiply by a [2C, 2O] kernel.  None of the latter two copies its input.
+    With ``precision="int8"`` the GEMM of the latter two is int8 (:mod:`.int8`); the
+    narrow ones (K = 3C <= 24) stay float32.
     """
 
-    kernel: torch.Tensor
     bias: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, precision: str = "fp32") -> None:
         super().__init__()
         out_ch, in_ch, k = weight.shape
         assert k == 3 and stride in (1, 2)
@@ -61,22 +63,25 @@ class FreqConv(torch.nn.Module):
             kernel[:in_ch, :out_ch] = weight[:, :, 1].t()
             kernel[in_ch:, :out_ch] = weight[:, :, 2].t()
             kernel[in_ch:, out_ch:] = weight[:, :, 0].t()  # x[2i+1] feeds out[i+1] through W0
-        self.register_buffer("kernel", kernel.contiguous(), persistent=False)
         self.register_buffer("bias", bias if bias is not None else torch.zeros(out_ch), persistent=False)
+        if self.mode == "unfold":
+            self.mm = Matmul(kernel, self.bias, "fp32")
+        else:
+            self.mm = Matmul(kernel, None, precision)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, f, c = x.shape
         if self.mode == "unfold":
             windows = F.pad(x, (0, 0, 1, 1)).unfold(1, 3, self.stride)  # [B, F_out, C, 3]
             f_out = windows.shape[1]
-            return torch.addmm(self.bias, windows.reshape(b * f_out, -1), self.kernel).view(b, f_out, -1)
+            return self.mm(windows.reshape(b * f_out, -1)).view(b, f_out, -1)
         if self.mode == "shift":
-            z = (x.reshape(b * f, c) @ self.kernel).view(b, f, 3, -1)
+            z = self.mm(x.reshape(b * f, c)).view(b, f, 3, -1)
             y = z[:, :, 1] + self.bias
             y[:, 1:] += z[:, :-1, 0]
             y[:, :-1] += z[:, 1:, 2]
             return y
-        z = (x.reshape(b * f // 2, 2 * c) @ self.kernel).view(b, f // 2, 2, -1)
+        z = self.mm(x.reshape(b * f // 2, 2 * c)).view(b, f // 2, 2, -1)
         y = z[:, :, 0] + self.bias
         y[:, 1:] += z[:, :-1, 1]
         return y
@@ -99,39 +104,60 @@ class GroupedLinear(torch.nn.Module):
 
 
 class StackedGru(torch.nn.Module):
-    """A stack of GRU layers stepped one frame at a time; one hidden [B, H] per layer."""
+    """A stack of GRU layers stepped one frame at a time; one hidden [B, H] per layer.
 
-    def __init__(self, layers: list[GruWeights]) -> None:
+    float32: ``torch.gru_cell``; int8: the two GEMMs of each cell in int8 (:mod:`.int8`),
+    the gates in float32 (PyTorch's gate order r, z, n).
+    """
+
+    def __init__(self, layers: list[GruWeights], precision: str = "fp32") -> None:
         super().__init__()
         self.num_layers = len(layers)
         self.hidden_size = layers[0].hidden_size
+        self.int8 = precision == "int8"
         for i, layer in enumerate(layers):
+            if self.int8:
+                self.add_module(f"ih{i}", Matmul(layer.w_ih.t(), layer.b_ih, precision))
+                self.add_module(f"hh{i}", Matmul(layer.w_hh.t(), layer.b_hh, precision))
+                continue
             for name in ("w_ih", "w_hh", "b_ih", "b_hh"):
                 self.register_buffer(f"{name}{i}", getattr(layer, name).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         new = []
         for i in range(self.num_layers):
-            x = torch.gru_cell(
-                x,
-                hidden[i],
-                getattr(self, f"w_ih{i}"),
-                getattr(self, f"w_hh{i}"),
-                getattr(self, f"b_ih{i}"),
-                getattr(self, f"b_hh{i}"),
-            )
+            if self.int8:
+                x = self._cell(getattr(self, f"ih{i}")(x), getattr(self, f"hh{i}")(hidden[i]), hidden[i])
+            else:
+                x = torch.gru_cell(
+                    x,
+                    hidden[i],
+                    getattr(self, f"w_ih{i}"),
+                    getattr(self, f"w_hh{i}"),
+                    getattr(self, f"b_ih{i}"),
+                    getattr(self, f"b_hh{i}"),
+                )
             new.append(x)
         return x, new
+
+    def _cell(self, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """GRU gates from the input and hidden projections (biases included): the new hidden."""
+        hs = self.hidden_size
+        rz = torch.sigmoid_(gi[:, : 2 * hs].add_(gh[:, : 2 * hs]))
+        n = torch.tanh_(torch.addcmul(gi[:, 2 * hs :], rz[:, :hs], gh[:, 2 * hs :]))
+        return torch.lerp(n, h, rz[:, hs:])
 
 
 class SqueezedGru(torch.nn.Module):
     """DF3's SqueezedGRU_S: grouped linear in + ReLU, GRU stack, optional grouped linear out + ReLU."""
 
-    def __init__(self, onnx: OnnxWeights, linear_in: str, grus: list[str], linear_out: str | None) -> None:
+    def __init__(
+        self, onnx: OnnxWeights, linear_in: str, grus: list[str], linear_out: str | None, precision: str = "fp32"
+    ) -> None:
         """``linear_in``/``linear_out``: outputs of the Einsum nodes; ``grus``: outputs of the GRU nodes."""
         super().__init__()
         self.linear_in = GroupedLinear(onnx.input_tensor(linear_in, "Einsum", 1))
-        self.gru = StackedGru([onnx.gru(name) for name in grus])
+        self.gru = StackedGru([onnx.gru(name) for name in grus], precision)
         self.linear_out = GroupedLinear(onnx.input_tensor(linear_out, "Einsum", 1)) if linear_out else None
 
     def forward(self, x: torch.Tensor, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -166,7 +192,7 @@ class DF3Encoder(torch.nn.Module):
     lsnr_w: torch.Tensor
     lsnr_b: torch.Tensor
 
-    def __init__(self, onnx: OnnxWeights, lsnr_min: float, lsnr_max: float) -> None:
+    def __init__(self, onnx: OnnxWeights, lsnr_min: float, lsnr_max: float, precision: str = "fp32") -> None:
         super().__init__()
         w, b = onnx.conv("/erb_conv0/1/Conv_output_0")  # [64, 1, 3 time, 3 freq]: time taps as channels
         self.erb0 = FreqConv(w[:, 0], b, 1)
@@ -178,7 +204,7 @@ class DF3Encoder(torch.nn.Module):
             ("df1", "/df_conv1/Conv_output_0", "/df_conv1/Conv_1_output_0", 2),
         ):
             w_pw, b_pw = onnx.conv(pw)
-            separable[name] = FreqConv(fuse_separable(onnx.conv(dw)[0], w_pw), b_pw, stride)
+            separable[name] = FreqConv(fuse_separable(onnx.conv(dw)[0], w_pw), b_pw, stride, precision)
         self.erb1, self.erb2, self.erb3, self.df1 = (separable[n] for n in ("erb1", "erb2", "erb3", "df1"))
         # complex input: grouped 3x3 conv (re -> first 32 ch, im -> last 32), then pointwise; fused
         w_g, _ = onnx.conv("/df_conv0/1/Conv_output_0")  # [64, 1, 3, 3]
@@ -188,13 +214,14 @@ class DF3Encoder(torch.nn.Module):
         dense[:half, 0] = w_g[:half, 0]
         dense[half:, 1] = w_g[half:, 0]
         fused = torch.einsum("po,octk->pctk", w_pw[:, :, 0, 0], dense).reshape(w_pw.shape[0], 6, 3)
-        self.df0 = FreqConv(fused, b_pw, 1)
+        self.df0 = FreqConv(fused, b_pw, 1, precision)
         self.df_fc_emb = GroupedLinear(onnx.input_tensor("/df_fc_emb/0/Einsum_output_0", "Einsum", 1))
         self.emb_gru = SqueezedGru(
             onnx,
             "/emb_gru/linear_in/0/Einsum_output_0",
             ["/emb_gru/GRU_output_0"],
             "/emb_gru/linear_out/0/Einsum_output_0",
+            precision,
         )
         lsnr_node = onnx.node("/lsnr_fc/0/Add_output_0", "Add")
         self.register_buffer(
@@ -261,18 +288,17 @@ class DF3ErbDecoder(torch.nn.Module):
     p1_b: torch.Tensor
     p0_s: torch.Tensor
     p0_b: torch.Tensor
-    t2_k: torch.Tensor
     t2_b: torch.Tensor
-    t1_k: torch.Tensor
     t1_b: torch.Tensor
 
-    def __init__(self, onnx: OnnxWeights) -> None:
+    def __init__(self, onnx: OnnxWeights, precision: str = "fp32") -> None:
         super().__init__()
         self.emb_gru = SqueezedGru(
             onnx,
             "/emb_gru/linear_in/Einsum_output_0",
             ["/emb_gru/GRU_output_0", "/emb_gru/GRU_1_output_0"],
             "/emb_gru/linear_out/Einsum_output_0",
+            precision,
         )
         for name, out in (
             ("p3", "/conv3p/0/Conv_output_0"),
@@ -284,7 +310,8 @@ class DF3ErbDecoder(torch.nn.Module):
             self.register_buffer(f"{name}_s", w[:, 0, 0, 0].contiguous(), persistent=False)
             self.register_buffer(f"{name}_b", b, persistent=False)
         w_pw, b_pw = onnx.conv("/convt3/Conv_1_output_0")
-        self.t3 = FreqConv(fuse_separable(onnx.conv("/convt3/Conv_output_0")[0], w_pw), b_pw, 1)
+        self.t3 = FreqConv(fuse_separable(onnx.conv("/convt3/Conv_output_0")[0], w_pw), b_pw, 1, precision)
+        upsample: dict[str, Matmul] = {}
         for name, convt, pw in (
             ("t2", "/convt2/0/ConvTranspose_output_0", "/convt2/1/Conv_output_0"),
             ("t1", "/convt1/ConvTranspose_output_0", "/convt1/Conv_output_0"),
@@ -293,17 +320,18 @@ class DF3ErbDecoder(torch.nn.Module):
             w_pw, b_pw = onnx.conv(pw)
             # per tap k: x @ (diag(w_t[:, k]) @ pw^T); taps stacked along the output: [C, 3*O]
             taps = [w_t[:, 0, 0, k, None] * w_pw[:, :, 0, 0].t() for k in range(3)]
-            self.register_buffer(f"{name}_k", torch.cat(taps, dim=1).contiguous(), persistent=False)
+            upsample[name] = Matmul(torch.cat(taps, dim=1), None, precision)
             self.register_buffer(f"{name}_b", b_pw, persistent=False)
+        self.t2_k, self.t1_k = upsample["t2"], upsample["t1"]
         w, b = onnx.conv("/conv0_out/0/Conv_output_0")  # [1, 64, 1, 3]
         self.out = FreqConv(w[:, :, 0, :], b, 1)
         self.channels = int(self.p3_s.shape[0])
 
     @staticmethod
-    def _upsample(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _upsample(x: torch.Tensor, kernel: Matmul, bias: torch.Tensor) -> torch.Tensor:
         """Depthwise transposed conv (k 3, stride 2, pad 1, output pad 1) + pointwise, fused: [B,F,C]->[B,2F,O]."""
-        b, f, _ = x.shape
-        z = (x @ kernel).view(b, f, 3, -1)  # per-tap contributions
+        b, f, c = x.shape
+        z = kernel(x.reshape(b * f, c)).view(b, f, 3, -1)  # per-tap contributions
         even = z[:, :, 1]
         odd = z[:, :, 2] + F.pad(z[:, 1:, 0], (0, 0, 0, 1))
         return torch.stack([even, odd], dim=2).view(b, 2 * f, -1) + bias
@@ -336,10 +364,9 @@ class DF3DfDecoder(torch.nn.Module):
     the next ``order - 1`` frames [B, nb_df, order - 1, 2 * order].
     """
 
-    convp_k: torch.Tensor
     convp_b: torch.Tensor
 
-    def __init__(self, onnx: OnnxWeights, df_order: int) -> None:
+    def __init__(self, onnx: OnnxWeights, df_order: int, precision: str = "fp32") -> None:
         super().__init__()
         self.order = df_order
         self.df_gru = SqueezedGru(
@@ -347,6 +374,7 @@ class DF3DfDecoder(torch.nn.Module):
             "/df_gru/linear_in/linear_in.0/Einsum_output_0",
             ["/df_gru/gru/GRU_output_0", "/df_gru/gru/GRU_1_output_0"],
             None,
+            precision,
         )
         self.df_skip = GroupedLinear(onnx.input_tensor("/df_skip/Einsum_output_0", "Einsum", 1))
         self.df_out = GroupedLinear(onnx.input_tensor("/df_out/df_out.0/Einsum_output_0", "Einsum", 1))
@@ -362,7 +390,7 @@ class DF3DfDecoder(torch.nn.Module):
         fused = torch.einsum("po,otc->ptc", w_pw[:, :, 0, 0], dense)  # [O, taps (oldest first), C]
         # GEMM operand [C, taps * O], newest tap first: column block j feeds the output j frames ahead
         kernel = fused.flip(1).permute(2, 1, 0).reshape(2 * c_half, taps * n_out)
-        self.register_buffer("convp_k", kernel.contiguous(), persistent=False)
+        self.convp_k = Matmul(kernel, None, precision)
         self.register_buffer("convp_b", b_pw, persistent=False)
         self.n_out = n_out
 
@@ -380,7 +408,7 @@ class DF3DfDecoder(torch.nn.Module):
         """Each c0 frame's contribution [N, nb_df, order, 2*order] to the pathway output
         0..order-1 frames later (before bias and ReLU)."""
         n, nb_df, _ = c0.shape
-        return (c0 @ self.convp_k).view(n, nb_df, self.order, self.n_out)
+        return self.convp_k(c0.reshape(n * nb_df, -1)).view(n, nb_df, self.order, self.n_out)
 
     def coefs(self, y: torch.Tensor, emb: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
         """GRU output [N, H], embedding and pathway output [N, nb_df, 2*order] to coefs [N, nb_df, order, 2]."""
@@ -392,9 +420,10 @@ class DF3DfDecoder(torch.nn.Module):
 class DF3Network(torch.nn.Module):
     """The three DF3 networks built from the export in ``assets``."""
 
-    def __init__(self, assets: DF3Assets) -> None:
+    def __init__(self, assets: DF3Assets, precision: str = "fp32") -> None:
         super().__init__()
         cfg = assets.config
-        self.encoder = DF3Encoder(assets.enc, cfg.lsnr_min, cfg.lsnr_max)
-        self.erb_decoder = DF3ErbDecoder(assets.erb_dec)
-        self.df_decoder = DF3DfDecoder(assets.df_dec, cfg.df_order)
+        self.precision = precision
+        self.encoder = DF3Encoder(assets.enc, cfg.lsnr_min, cfg.lsnr_max, precision)
+        self.erb_decoder = DF3ErbDecoder(assets.erb_dec, precision)
+        self.df_decoder = DF3DfDecoder(assets.df_dec, cfg.df_order, precision)

@@ -21,6 +21,8 @@ import onnx
 import torch
 from scipy.signal import get_window
 
+from enhancers.denoise.df3_net import StackedGru
+from enhancers.denoise.int8 import Matmul, resolve_precision
 from enhancers.denoise.onnx_weights import OnnxWeights
 from enhancers.stage import CHUNK, BatchContext, Stage, StageStream
 
@@ -54,54 +56,37 @@ def synthesis_window(window: np.ndarray, hop: int) -> np.ndarray:
 
 
 class NSNet2Network(torch.nn.Module):
-    """NSNet2's layers, stepped one frame at a time: log power [B, 513] -> gains [B, 513]."""
+    """NSNet2's layers, stepped one frame at a time: log power [B, 513] -> gains [B, 513].
 
-    fc_in_w: torch.Tensor
-    fc_in_b: torch.Tensor
-    fc_out0_w: torch.Tensor
-    fc_out0_b: torch.Tensor
-    fc_out1_w: torch.Tensor
-    fc_out1_b: torch.Tensor
-    fc_out2_w: torch.Tensor
-    fc_out2_b: torch.Tensor
+    ``precision="int8"``: the GEMMs of the GRUs and of the output MLP in int8 (:mod:`.int8`,
+    per-row activation scales: a stream's output does not depend on its batch); the input
+    layer, fed the log power spectrum, stays float32.
+    """
 
-    def __init__(self, onnx_weights: OnnxWeights) -> None:
+    def __init__(self, onnx_weights: OnnxWeights, precision: str = "fp32") -> None:
         super().__init__()
         w = onnx_weights
-        for name, matmul, add in (
-            ("fc_in", "18", "19"),
-            ("fc_out0", "172", "173"),
-            ("fc_out1", "176", "177"),
-            ("fc_out2", "180", "181"),
-        ):
-            self.register_buffer(
-                f"{name}_w", w.input_tensor(matmul, "MatMul", 1).contiguous(), persistent=False
-            )
-            self.register_buffer(f"{name}_b", w.input_tensor(add, "Add", 0).contiguous(), persistent=False)
+        self.precision = precision
+        def dense(matmul: str, add: str, layer_precision: str) -> Matmul:
+            weight = w.input_tensor(matmul, "MatMul", 1).contiguous()
+            return Matmul(weight, w.input_tensor(add, "Add", 0).contiguous(), layer_precision)
+
+        self.fc_in = dense("18", "19", "fp32")
+        self.fc_out0 = dense("172", "173", precision)
+        self.fc_out1 = dense("176", "177", precision)
+        self.fc_out2 = dense("180", "181", precision)
         grus = [w.gru("99"), w.gru("166")]
         self.num_layers = len(grus)
         self.hidden_size = grus[0].hidden_size
-        for i, g in enumerate(grus):
-            for name in ("w_ih", "w_hh", "b_ih", "b_hh"):
-                self.register_buffer(f"gru{i}_{name}", getattr(g, name).contiguous(), persistent=False)
+        self.gru = StackedGru(grus, precision)
         self.min_gain = float(w.input_tensor("output", "Clip", 1))
 
     def forward(self, feat: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.relu(torch.addmm(self.fc_in_b, feat, self.fc_in_w))
-        new = []
-        for i in range(self.num_layers):
-            x = torch.gru_cell(
-                x,
-                hidden[:, i],
-                getattr(self, f"gru{i}_w_ih"),
-                getattr(self, f"gru{i}_w_hh"),
-                getattr(self, f"gru{i}_b_ih"),
-                getattr(self, f"gru{i}_b_hh"),
-            )
-            new.append(x)
-        x = torch.relu(torch.addmm(self.fc_out0_b, x, self.fc_out0_w))
-        x = torch.relu(torch.addmm(self.fc_out1_b, x, self.fc_out1_w))
-        gains = torch.sigmoid(torch.addmm(self.fc_out2_b, x, self.fc_out2_w)).clamp_min(self.min_gain)
+        x = torch.relu_(self.fc_in(feat))
+        x, new = self.gru(x, list(hidden.unbind(1)))
+        x = torch.relu_(self.fc_out0(x))
+        x = torch.relu_(self.fc_out1(x))
+        gains = torch.sigmoid_(self.fc_out2(x)).clamp_min_(self.min_gain)
         return gains, torch.stack(new, dim=1)
 
 
@@ -114,10 +99,14 @@ class NSNet2Stage(Stage):
 
     name = "denoise:nsnet2"
 
-    def __init__(self, device: str | torch.device = "cpu", atten_lim_db: float | None = None) -> None:
+    def __init__(
+        self, device: str | torch.device = "cpu", atten_lim_db: float | None = None, precision: str = "auto"
+    ) -> None:
         super().__init__(device)
         self.default_atten_lim_db = atten_lim_db
-        self.net = NSNet2Network(_load_weights()).to(self.device).eval()
+        # "auto": int8 GEMMs on a CPU with VNNI (enhancers/denoise/int8.py), float32 elsewhere
+        self.precision = resolve_precision(precision, self.device)
+        self.net = NSNet2Network(_load_weights(), self.precision).to(self.device).eval()
         win = np.sqrt(get_window("hann", WINDOW, fftbins=True))
         self.analysis_window = torch.from_numpy(win.astype(np.float32)).to(self.device)
         self.synthesis_window = torch.from_numpy(synthesis_window(win, CHUNK).astype(np.float32)).to(
