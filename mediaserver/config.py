@@ -217,7 +217,7 @@ class RolloutConfig:
     min_windows: int = 5  # scored windows per arm before the quality test may decide
     sd_floor: float = 0.1  # MOS: floor of each arm's per-window standard deviation in the test
     max_latency_increase_ms: float = 40.0  # guard: candidate mean end-to-end latency over the baseline's
-    max_bypassed: float = 0.02  # guard: candidate share of bypassed chunks over the baseline's
+    max_bypassed: float = 0.02  # guard: candidate share of bypassed chunks over the baseline's (and > 2x it)
     max_cpu_ratio: float = 4.0  # guard: candidate stage CPU per stream over the baseline's (0: not checked)
     guard_min_s: float = 10.0  # seconds of samples of both arms before a guard may decide
     auto_rollback: bool = True
@@ -235,6 +235,9 @@ class ServerConfig:
     # media worker processes (signaling/cluster/): 1 runs everything in this process; N > 1 puts rooms on N
     # worker processes behind a front process that owns the public port (0: one per CPU core)
     workers: int = 1
+    # with workers: a room's participants on one worker beyond which its next joins go to another worker,
+    # the room then spanning workers (its streams relayed between them); 0: a room stays on one worker
+    room_spill_after: int = 0
     media: MediaConfig = field(default_factory=MediaConfig)
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -343,6 +346,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         cfg = replace(cfg, sip_port=int(env["MEDIASERVER_SIP_PORT"]))
     if env.get("MEDIASERVER_WORKERS"):
         cfg = replace(cfg, workers=parse_workers(env["MEDIASERVER_WORKERS"]))
+    if env.get("MEDIASERVER_ROOM_SPILL_AFTER"):
+        cfg = replace(cfg, room_spill_after=max(0, int(env["MEDIASERVER_ROOM_SPILL_AFTER"])))
     if "MEDIASERVER_LOG_LEVEL" in env:
         cfg = replace(cfg, log_level=env["MEDIASERVER_LOG_LEVEL"].upper())
     if "MEDIASERVER_OPUS_BITRATE" in env:

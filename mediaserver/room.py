@@ -105,12 +105,17 @@ class Room:
     stream_targets: dict[str, Optional[set[str]]] = field(default_factory=dict)
     active_speaker: Optional[str] = None
     mix: RoomMix = field(default_factory=RoomMix)
+    # a room spanning media processes (mediaserver/federation.py): the others' participants, as described
+    # by their hosts, and the link that carries this room's events and streams to them (None: alone)
+    remote_participants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    links: Any = None
 
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "stages": list(self.stages),
-            "participants": [p.describe() for p in self.participants.values()],
+            "participants": [p.describe() for p in self.participants.values()]
+            + list(self.remote_participants.values()),
             "streams": [
                 {"id": s.id, "owner": s.owner_id, "kind": s.kind, "synthetic": s.synthetic,
                  "subscribers": s.fanout.subscriber_count}
@@ -118,6 +123,12 @@ class Room:
             ],
             "active_speaker": self.active_speaker,
         }
+
+    async def announce(self, message: dict[str, Any], exclude: Optional[str] = None) -> None:
+        """A room event (participants, room settings): to the local participants and the room's other hosts."""
+        if self.links is not None:
+            self.links.room_event(self, message)
+        await self.broadcast(message, exclude)
 
     async def broadcast(self, message: dict[str, Any], exclude: Optional[str] = None) -> None:
         for p in list(self.participants.values()):
@@ -160,6 +171,8 @@ class Room:
         self.streams[stream.id] = stream
         self.stream_targets[stream.id] = targets
         self.mix.add_stream(stream, targets)
+        if self.links is not None:
+            self.links.stream_added(self, stream, targets)
         for p in self.participants.values():
             if self._hears(p, stream):
                 p.session.subscribe(stream)
@@ -167,6 +180,8 @@ class Room:
     async def remove_stream(self, stream: PublishedStream) -> None:
         if self.streams.pop(stream.id, None) is None:
             return
+        if self.links is not None:
+            self.links.stream_removed(self, stream)
         self.stream_targets.pop(stream.id, None)
         self.mix.remove_stream(stream)
         for p in self.participants.values():
@@ -195,6 +210,16 @@ class RoomRegistry:
         self._default_stages = list(default_stages)
         self._max_rooms = max_rooms
         self._max_participants = max_participants
+        self.links: Any = None  # mediaserver/federation.RoomLinks when rooms may span processes
+
+    @property
+    def default_stages(self) -> list[str]:
+        """The stages of rooms created from now on."""
+        return list(self._default_stages)
+
+    @default_stages.setter
+    def default_stages(self, stages: list[str]) -> None:
+        self._default_stages = list(stages)
 
     @staticmethod
     def validate_id(room_id: str) -> None:
@@ -213,8 +238,11 @@ class RoomRegistry:
         if room is None:
             if len(self.rooms) >= self._max_rooms:
                 raise RoomError("too-many-rooms", "the server is at its room limit", status=503)
-            room = Room(id=room_id, stages=list(stages if stages is not None else self._default_stages))
+            room = Room(id=room_id, stages=list(stages if stages is not None else self._default_stages),
+                        links=self.links)
             self.rooms[room_id] = room
+            if self.links is not None:
+                self.links.room_hosted(room)
         if len(room.participants) >= self._max_participants:
             raise RoomError("room-full", f"room {room_id!r} is full", status=503)
         return room
@@ -222,6 +250,15 @@ class RoomRegistry:
     def drop_if_empty(self, room: Room) -> None:
         if not room.participants and not room.streams and self.rooms.get(room.id) is room:
             del self.rooms[room.id]
+
+    async def drop_if_unused(self, room: Room) -> None:
+        """No local participant is left: stop hosting a spanning room (its remote streams close), then
+        drop it if nothing of its own is left either."""
+        if room.participants or self.rooms.get(room.id) is not room:
+            return
+        if room.links is not None:
+            await room.links.room_unhosted(room)
+        self.drop_if_empty(room)
 
     @property
     def participant_count(self) -> int:

@@ -282,7 +282,8 @@ class MediaTelemetry:
         self.sweep()
         for room in list(self._server.rooms.rooms.values()):
             for stream in list(room.streams.values()):
-                self.stream_started(stream, room.id)
+                if not getattr(stream, "remote", False):  # a stream of another host: reported there
+                    self.stream_started(stream, room.id)
         self._collect_subscriber_taps()
         for st in self.streams.values():
             chunks, bypassed, subscribers = st.advance()

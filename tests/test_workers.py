@@ -52,14 +52,13 @@ async def _wait_healthy(url: str, timeout: float = 240.0) -> dict[str, Any]:
     raise AssertionError("the server did not become healthy")
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
+async def _serve(env: dict[str, str]) -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
     port = _free_port()
     exe = Path(sys.executable).parent / "mediaserver"
     proc = subprocess.Popen([str(exe), "serve", "--dev", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "2", "--stages", ""],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "MEDIASERVER_QUALITY": "0"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "MEDIASERVER_QUALITY": "0", **env})
     url = f"http://127.0.0.1:{port}"
     try:
         await _wait_healthy(url)
@@ -71,6 +70,19 @@ async def cluster() -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
+    async for served in _serve({}):
+        yield served
+
+
+@pytest.fixture
+async def spanning() -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
+    """Two workers, at most two participants of a room on one of them: a room of four spans both."""
+    async for served in _serve({"MEDIASERVER_ROOM_SPILL_AFTER": "2"}):
+        yield served
 
 
 async def _hears(listener: Bot, talker: Bot, source: Any, seconds: float = 3.0, since: float = 0.0) -> float:
@@ -161,3 +173,49 @@ async def test_front_answers_before_join_and_drains(cluster: tuple[str, subproce
     out = proc.stdout.read() if proc.stdout else ""
     assert "Traceback" not in out, out[-3000:]
     await bot.leave()
+
+
+async def test_a_room_spanning_two_workers(spanning: tuple[str, subprocess.Popen[str]]) -> None:
+    """Four participants, two on each worker: everyone hears everyone (streams relayed once per worker),
+    the room lists all four, a leave on one worker is seen on the other, and when a worker dies the
+    participants of the other one are told and keep talking."""
+    url, proc = spanning
+    names = ["cmu_arctic_us_aew_a0001.wav", "cmu_arctic_us_axb_a0004.wav", "cmu_arctic_a0010.wav",
+             "vctk_p286_011_48k.wav"]
+    sources = [speech(n) for n in names]
+    bots = [Bot(url, "big", f"p{i}", src) for i, src in enumerate(sources)]
+    for bot in bots:
+        await bot.join()
+    try:
+        for i, listener in enumerate(bots):
+            for j, talker in enumerate(bots):
+                if i != j:
+                    assert await _hears(listener, talker, sources[j]) > 0.5, (listener.name, talker.name)
+        _, health = await _health(url)
+        assert health["spanning_rooms"] == {"big": ["w0", "w1"]}, health["spanning_rooms"]
+        assert sorted(w["rooms"].get("big", 0) for w in health["workers"]) == [2, 2]
+        async with aiohttp.ClientSession() as http:
+            room = await (await http.get(f"{url}/api/rooms/big")).json()
+        assert {p["name"] for p in room["participants"]} == {"p0", "p1", "p2", "p3"}
+        # who is where: the first two joined the room's first worker
+        relayed = [s for w in health["workers"] for s in [w["health"]["relay"]] if s]
+        assert all(r["received"] > 0 and r["sent"] > 0 for r in relayed), relayed
+        # p3 (second worker) leaves: p0 (first worker) is told
+        gone = bots.pop(3)
+        await gone.leave()
+        deadline = time.monotonic() + 10
+        while not any(e["participant"]["id"] == gone.id for e in bots[0].events_of("participant-left")):
+            assert time.monotonic() < deadline, "a leave on one worker was not seen on the other"
+            await asyncio.sleep(0.1)
+        # the second worker dies: p2 (on it) is gone for p0 and p1, who keep hearing each other
+        second = next(w for w in health["workers"] if w["index"] != health["placement"]["big"])
+        os.kill(second["pid"], signal.SIGKILL)
+        t_kill = time.monotonic()
+        deadline = time.monotonic() + 20
+        while not any(e["participant"]["id"] == bots[2].id for e in bots[0].events_of("participant-left")):
+            assert time.monotonic() < deadline, "the participants of a dead worker were not removed"
+            await asyncio.sleep(0.1)
+        assert await _hears(bots[0], bots[1], sources[1], seconds=2.0, since=t_kill) > 0.5
+    finally:
+        for bot in bots:
+            await bot.leave()

@@ -11,8 +11,9 @@ worker; lists, ``/healthz`` and ``/metrics`` gather every worker's.
 | module | owns |
 |---|---|
 | ``pool.py`` | ``WorkerPool``: the worker processes (start, health, restart) and ``Placement`` (room -> worker) |
-| ``worker_main.py`` | a worker process's main: the server on its Unix socket, asking the front before hosting a room |
+| ``worker_main.py`` | a worker process's main: the server on its Unix socket, its room bus client |
 | ``proxy.py`` | ``SignalingProxy``: one client WebSocket, routed to its room's worker and pumped both ways |
-| ``front.py`` | the front's aiohttp application: page, proxy, routed and gathered HTTP API, internal claims |
+| ``front.py`` | the front's aiohttp application: page, proxy, routed and gathered HTTP API |
+| ``bus.py`` | ``RoomBusHub``: the room bus of rooms that span workers (events, streams, relay peers) |
 | ``prometheus.py`` | merging the workers' Prometheus expositions under a ``worker`` label |
 """

@@ -4,7 +4,7 @@ It serves the browser page itself, proxies every signaling WebSocket to the
 worker of its room (``SignalingProxy``), sends HTTP API requests about a room
 to that room's worker unchanged (the worker authorises them, as it would
 alone), gathers ``/api/rooms``, ``/healthz`` and ``/metrics`` from all workers,
-and answers the workers' room claims on a private Unix socket.  Connection
+and runs the room bus of rooms that span workers on a private Unix socket.  Connection
 limits (per address, in all, cool-down of abusive addresses, HTTP connection
 cap and header deadline) apply here, before anything reaches a worker.
 """
@@ -26,6 +26,7 @@ from aiohttp import web
 from mediaserver.config import ServerConfig, worker_count
 from mediaserver.room import ROOM_ID_RE
 from signaling.app import ABUSE_KEY, STATIC, AbuseTracker, client_address, error_middleware, json_error
+from signaling.cluster.bus import RoomBusHub
 from signaling.cluster.pool import WorkerPool
 from signaling.cluster.prometheus import merge_expositions
 from signaling.cluster.proxy import SignalingProxy
@@ -37,6 +38,7 @@ POOL_KEY: web.AppKey[WorkerPool] = web.AppKey("pool", WorkerPool)
 CONFIG_KEY: web.AppKey[ServerConfig] = web.AppKey("config", ServerConfig)
 PROXIES_KEY: web.AppKey[set[SignalingProxy]] = web.AppKey("proxies", set)  # type: ignore[arg-type]
 CONNS_KEY: web.AppKey[Counter[str]] = web.AppKey("front-connections", Counter)
+HUB_KEY: web.AppKey[RoomBusHub] = web.AppKey("bus", RoomBusHub)
 FORWARD_HEADERS = ("Authorization", "Content-Type", "Accept")
 MAX_BODY = 256 * 1024
 
@@ -150,6 +152,7 @@ async def healthz(request: web.Request) -> web.Response:
         "rooms": sum(int(h.get("rooms", 0)) for h in workers),
         "participants": sum(int(h.get("participants", 0)) for h in workers),
         "placement": pool.placement.rooms,
+        "spanning_rooms": request.app[HUB_KEY].spanning(),
     }, status=200 if ok else 503)
 
 
@@ -168,23 +171,11 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": METRICS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
 
-async def claim(request: web.Request) -> web.Response:
-    """A worker wants to create a room (internal socket only): the worker the room lives on."""
-    body = await request.json()
-    room, worker = body.get("room"), body.get("worker")
-    pool = request.app[POOL_KEY]
-    if not isinstance(room, str) or not isinstance(worker, int) or not 0 <= worker < len(pool.workers):
-        return json_error(400, "bad-claim", "a claim is {room, worker}")
-    owner = pool.placement.claim(room, worker)
-    if owner != worker:
-        log.warning("room %s lives on worker %d: worker %d may not create it", room, owner, worker)
-    return web.json_response({"worker": owner})
-
-
-def create_front_app(config: ServerConfig, pool: WorkerPool) -> web.Application:
+def create_front_app(config: ServerConfig, pool: WorkerPool, hub: RoomBusHub) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
     app[CONFIG_KEY] = config
     app[POOL_KEY] = pool
+    app[HUB_KEY] = hub
     app[PROXIES_KEY] = set()
     app[CONNS_KEY] = Counter()
     app[ABUSE_KEY] = AbuseTracker(config.limits.abuse_closes, config.limits.abuse_cooldown_s)
@@ -214,10 +205,10 @@ def create_front_app(config: ServerConfig, pool: WorkerPool) -> web.Application:
     return app
 
 
-def create_internal_app(pool: WorkerPool) -> web.Application:
+def create_internal_app(pool: WorkerPool, hub: RoomBusHub) -> web.Application:
     app = web.Application()
     app[POOL_KEY] = pool
-    app.router.add_post("/internal/claim", claim)
+    app.router.add_get("/internal/bus", hub.handle)
     return app
 
 
@@ -229,7 +220,8 @@ async def serve_front(config: ServerConfig) -> None:
     socket_dir = tempfile.mkdtemp(prefix="mediaserver-")
     front_socket = os.path.join(socket_dir, "front.sock")
     pool = WorkerPool(config, count, socket_dir, front_socket)
-    internal = web.AppRunner(create_internal_app(pool))
+    hub = RoomBusHub(pool.placement)
+    internal = web.AppRunner(create_internal_app(pool, hub))
     await internal.setup()
     await web.UnixSite(internal, front_socket).start()
     runner: Optional[web.AppRunner] = None
@@ -240,7 +232,8 @@ async def serve_front(config: ServerConfig) -> None:
     try:
         log.info("starting %d media workers", count)
         await pool.start()
-        runner, port = await start_http(create_front_app(config, pool), config.host, config.port, config.limits)
+        runner, port = await start_http(create_front_app(config, pool, hub), config.host, config.port,
+                                        config.limits)
         log.info("front ready on port %d with %d media workers", port, count)
         await stop.wait()
     finally:

@@ -8,11 +8,13 @@ after a backoff (1 s doubling to 30 s); its rooms are forgotten, so that
 their participants, who lost their WebSocket with it, rejoin on a live one.
 
 ``Placement`` is the one table of room -> worker.  A room is placed when
-its first participant arrives (WebSocket join through the front, or a phone
-call or prompt inside a worker, which *claims* the room from the front
-before creating it): on the live worker with the fewest participants, rooms
-just placed counting as one each until the worker reports them.  A room a
-worker no longer reports (it emptied) is forgotten after a grace period.
+its first participant arrives through the front: on the live worker with
+the fewest participants, rooms just placed counting as one each until the
+worker reports them.  A worker may also start hosting a room by itself (a
+phone call: the SIP bridge runs on worker 0): the room then spans workers
+(signaling/cluster/bus.py) and the placement keeps sending WebSocket joins
+to the room's first host.  A room no worker reports any more (it emptied)
+is forgotten after a grace period.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from mediaserver.room import RoomError
 
 log = logging.getLogger(__name__)
 
-CLAIM_GRACE_S = 10.0  # a placed room the worker does not report yet is kept this long
+PENDING_JOIN_S = 3.0  # routed joins are remembered this long (a report within that time holds them)
+REPORT_SLACK_S = 0.5  # a join routed this long before a worker's report may still be missing from it
+CLAIM_GRACE_S = 10.0  # a room placed on a worker that does not report it yet is kept this long
 START_TIMEOUT_S = 180.0  # a worker that is not healthy within this long after its start is restarted
 RESTART_MAX_S = 30.0
 
@@ -67,10 +71,12 @@ class WorkerHandle:
 class Placement:
     """Owns the room -> worker table (front only; every decision on its event loop)."""
 
-    def __init__(self, workers: list[WorkerHandle]) -> None:
+    def __init__(self, workers: list[WorkerHandle], spill_after: int = 0) -> None:
         self._workers = workers
+        self.spill_after = spill_after
         self._rooms: dict[str, int] = {}
         self._placed_at: dict[str, float] = {}  # rooms placed but not yet reported by their worker
+        self._routed: dict[tuple[str, int], list[float]] = {}  # joins sent lately, not yet in a worker's report
 
     def worker_of(self, room: str) -> Optional[int]:
         return self._rooms.get(room)
@@ -81,6 +87,32 @@ class Placement:
     @property
     def rooms(self) -> dict[str, int]:
         return dict(self._rooms)
+
+    def _unreported(self, index: int, times: list[float]) -> int:
+        """Of joins routed at ``times``, those worker ``index``'s last report cannot hold yet."""
+        since = self._workers[index].polled_at - REPORT_SLACK_S
+        return sum(1 for t in times if t > since)
+
+    def _in_room(self, room: str, index: int) -> int:
+        """Participants of ``room`` on worker ``index``: as it last reported, plus joins routed since."""
+        reported = int(self._workers[index].state.get("rooms", {}).get(room, 0))
+        return reported + self._unreported(index, self._routed.get((room, index), []))
+
+    def load(self, index: int) -> int:
+        """Participants on worker ``index``: as it last reported, plus the joins routed to it since."""
+        routed = [t for (_, i), times in self._routed.items() if i == index for t in times]
+        return self._workers[index].participants + self._unreported(index, routed)
+
+    def route(self, room: str) -> int:
+        """The worker for the next participant of ``room``: its worker (placing it if new), or, when the room
+        has ``spill_after`` participants there already, the least loaded worker with room for one more."""
+        index = self.place(room)
+        if self.spill_after > 0 and self._in_room(room, index) >= self.spill_after:
+            fits = [w for w in self._workers if w.ready and self._in_room(room, w.index) < self.spill_after]
+            if fits:
+                index = min(fits, key=lambda w: (self.load(w.index), w.index)).index
+        self._routed.setdefault((room, index), []).append(time.monotonic())
+        return index
 
     def place(self, room: str, prefer: Optional[int] = None) -> int:
         """The worker of ``room``: where it is, else ``prefer`` (if ready), else the least loaded ready one."""
@@ -93,35 +125,40 @@ class Placement:
         if prefer is not None and self._workers[prefer].ready:
             chosen = prefer
         else:
-            pending: dict[int, int] = {}
-            for r, t in self._placed_at.items():
-                i = self._rooms.get(r)
-                if i is not None:
-                    pending[i] = pending.get(i, 0) + 1
-            chosen = min(ready, key=lambda w: (w.participants + pending.get(w.index, 0), w.index)).index
+            chosen = min(ready, key=lambda w: (self.load(w.index), w.index)).index
         self._rooms[room] = chosen
         self._placed_at[room] = time.monotonic()
         return chosen
 
-    def claim(self, room: str, index: int) -> int:
-        """Worker ``index`` wants to create ``room``: the worker it lives on (``index`` when it was free)."""
+    def hosted(self, room: str, index: int) -> None:
+        """Worker ``index`` hosts ``room`` (room bus): it is where the room's joins go, unless it has one."""
         owner = self._rooms.get(room)
-        if owner is not None and owner != index and self._workers[owner].ready:
-            return owner
-        self._rooms[room] = index
-        self._placed_at[room] = time.monotonic()
-        return index
+        if owner is None or not self._workers[owner].ready:
+            self._rooms[room] = index
+        if self._rooms.get(room) == index:
+            self._placed_at.pop(room, None)
+
+    def unhosted(self, room: str, index: int, remaining: list[int]) -> None:
+        """Worker ``index`` stopped hosting ``room``; ``remaining`` still do (the room stays where they are)."""
+        if self._rooms.get(room) != index:
+            return
+        if remaining:
+            self._rooms[room] = remaining[0]
+        else:
+            self._rooms.pop(room, None)
+            self._placed_at.pop(room, None)
 
     def observe(self, index: int, reported: list[str]) -> None:
-        """Worker ``index`` reports hosting ``reported``: its rooms are those, plus rooms placed lately."""
+        """Worker ``index`` reports hosting ``reported`` (polled): rooms nobody placed are placed there; rooms
+        placed there that it no longer reports are forgotten after a grace period (a join on its way)."""
         now = time.monotonic()
         present = set(reported)
+        self._routed = {k: kept for k, times in self._routed.items()
+                        if (kept := [t for t in times if now - t < PENDING_JOIN_S])}
         for room in reported:
             owner = self._rooms.get(room)
             if owner is None or not self._workers[owner].ready:
                 self._rooms[room] = index
-            elif owner != index:  # two instances of a room: should not happen (joins claim first)
-                log.error("room %s is reported by workers %d and %d", room, owner, index)
             if self._rooms.get(room) == index:
                 self._placed_at.pop(room, None)
         for room in self.rooms_of(index):
@@ -147,7 +184,7 @@ class WorkerPool:
         self.front_socket = front_socket
         self.poll_s = poll_s
         self.workers = [WorkerHandle(i, os.path.join(socket_dir, f"worker-{i}.sock")) for i in range(count)]
-        self.placement = Placement(self.workers)
+        self.placement = Placement(self.workers, config.room_spill_after)
         self._ctx = multiprocessing.get_context("spawn")
         self._sessions: dict[int, aiohttp.ClientSession] = {}
         self._monitor: Optional[asyncio.Task[None]] = None

@@ -116,7 +116,7 @@ class SignalingProxy:
         room, text = join
         await self._close_upstream()  # the room before, on another worker: the worker lets it leave
         try:
-            index = self.pool.placement.place(room)
+            index = self.pool.placement.route(room)
             upstream = await self.pool.session(index).ws_connect(
                 "http://worker/ws", headers={"X-Forwarded-For": self.peer}, heartbeat=None,
                 max_msg_size=self.limits.max_ws_message_bytes * 4, autoping=True)

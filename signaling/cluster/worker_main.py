@@ -5,15 +5,16 @@ the front (``PR_SET_PDEATHSIG``).  It serves the same application as a
 single-process server (WebSocket signaling, HTTP API, metrics), reached only
 through the front, which passes the client's address in ``X-Forwarded-For``,
 plus ``GET /internal/state`` (its rooms and load, polled by the front).
-Before it creates a room it asks the front for it (``POST /internal/claim``
-on the front's Unix socket): rooms joined through the front were placed here
-already; a phone call (worker 0 runs the SIP bridge) into a room that lives
-on another worker is refused, never split.
+It keeps a WebSocket to the front's room bus (``/internal/bus``, see
+signaling/cluster/bus.py): rooms may span workers (a phone call on worker 0,
+which runs the SIP bridge, into a room of another worker), their events and
+streams relayed between the hosts (mediaserver/federation.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from dataclasses import replace
@@ -43,37 +44,58 @@ async def worker_state(request: web.Request) -> web.Response:
     })
 
 
-class FrontClaims:
-    """Asks the front whether this worker may create a room (owns the HTTP client to the front's socket)."""
+class BusClient:
+    """Owns this worker's WebSocket to the front's room bus: messages out in order, messages in to the links."""
 
     def __init__(self, index: int, front_socket: str) -> None:
         self.index = index
         self.front_socket = front_socket
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
-    async def __call__(self, room: str) -> bool:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self.front_socket),
-                                                  timeout=aiohttp.ClientTimeout(total=5))
-        try:
-            async with self._session.post("http://front/internal/claim",
-                                          json={"room": room, "worker": self.index}) as resp:
-                body = await resp.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-            log.error("worker %d: the front did not answer a claim for room %s: %s", self.index, room, exc)
-            return False
-        return bool(body.get("worker") == self.index)
+    def send(self, message: dict[str, Any]) -> None:
+        self._queue.put_nowait(message)
+
+    async def start(self, hello: dict[str, Any], on_message: Any) -> None:
+        self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self.front_socket))
+        ws = await self._session.ws_connect("http://front/internal/bus", max_msg_size=1 << 22, heartbeat=None)
+        await ws.send_json(hello)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._write(ws)), loop.create_task(self._read(ws, on_message))]
+
+    async def _write(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        while True:
+            message = await self._queue.get()
+            await ws.send_json(message)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, on_message: Any) -> None:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                try:
+                    on_message(json.loads(msg.data))
+                except Exception:  # noqa: BLE001 - one bad message must not end the bus
+                    log.exception("worker %d: room bus message failed", self.index)
+        log.error("worker %d: the room bus closed", self.index)
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         if self._session is not None:
             await self._session.close()
 
 
 async def _serve(config: ServerConfig, index: int, socket_path: str, front_socket: str) -> None:
     server = MediaServer(config)
-    claims = FrontClaims(index, front_socket)
-    server.room_claim = claims
+    bus = BusClient(index, front_socket)
     app = create_app(server, forwarded=True)
+
+    async def join_bus(app: web.Application) -> None:  # after the server started (its on_startup)
+        links = await server.attach_bus(bus)
+        await bus.start({"op": "hello", "host": f"w{index}", "worker": index,
+                         "relay": list(links.endpoint.address)}, links.on_message)
+
+    app.on_startup.append(join_bus)
     app.router.add_get("/internal/state", worker_state)
     runner = web.AppRunner(app, keepalive_timeout=75.0)
     await runner.setup()
@@ -87,7 +109,7 @@ async def _serve(config: ServerConfig, index: int, socket_path: str, front_socke
         await stop.wait()
     finally:
         await runner.cleanup()  # on_shutdown: participants drained, executor stopped
-        await claims.close()
+        await bus.close()
 
 
 def run_worker(config: ServerConfig, index: int, count: int, socket_path: str, front_socket: str) -> None:

@@ -212,7 +212,7 @@ class PhoneCall:
         self.participant = participant
         self.server.publish(participant, self.upstream)
         participant.room.subscribe_existing(participant)
-        await participant.room.broadcast({"type": "participant-joined", "participant": participant.describe()},
+        await participant.room.announce({"type": "participant-joined", "participant": participant.describe()},
                                          exclude=participant.id)
         log.info("sip call %s joined room %s as %s", self.name, room_id, participant.id)
         return True
