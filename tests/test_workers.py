@@ -219,3 +219,85 @@ async def test_a_room_spanning_two_workers(spanning: tuple[str, subprocess.Popen
     finally:
         for bot in bots:
             await bot.leave()
+
+
+@pytest.fixture
+async def cluster_with_sip(tmp_path: Path) -> AsyncIterator[tuple[str, int, subprocess.Popen[str]]]:
+    from tests.test_sip_support import free_port
+
+    sip_port = free_port()
+    port = _free_port()
+    exe = Path(sys.executable).parent / "mediaserver"
+    proc = subprocess.Popen([str(exe), "serve", "--dev", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "2", "--stages", "", "--sip-port", str(sip_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "MEDIASERVER_QUALITY": "0"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_healthy(url)
+        yield url, sip_port, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_phone_on_worker_zero_talks_with_a_room_on_worker_one(
+        cluster_with_sip: tuple[str, int, subprocess.Popen[str]], tmp_path: Path) -> None:
+    """The SIP bridge runs on worker 0; a phone joins a room placed on worker 1: the room spans both
+    workers and the phone and the WebRTC participant hear each other."""
+    import numpy as np
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    from enhancers.audio_io import read_48k
+    from tests.test_sip_baresip import Baresip
+    from tests.test_sip_support import needs_baresip, telephone_band
+
+    if needs_baresip.args[0]:
+        pytest.skip("baresip is not installed")
+    url, sip_port, proc = cluster_with_sip
+    room = "7788"
+    filler = Bot(url, "filler", "filler", speech())  # takes worker 0: the phone's room goes to worker 1
+    await filler.join()
+    bot_voice = speech("cmu_arctic_us_aew_a0001.wav")
+    bot = Bot(url, room, "webrtc", bot_voice)
+    await bot.join()
+    phone_voice = speech("cmu_arctic_us_axb_a0005.wav")
+    mic = tmp_path / "phone-mic.wav"
+    sf.write(mic, resample_poly(looped(phone_voice, 12), 1, 6).astype(np.float32), 8000, subtype="PCM_16")
+    mic_48k = read_48k(mic)
+    phone = Baresip(tmp_path, mic)
+    await phone.start()
+    try:
+        _, health = await _health(url)
+        assert health["placement"][room] == 1, health["placement"]
+        await phone.command("dial", f"sip:ivr@127.0.0.1:{sip_port}")
+        await asyncio.sleep(8.0)  # the spoken menu
+        await phone.command("sndcode", f"{room}#")
+        phone_id = None
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as http:
+            while phone_id is None:
+                assert time.monotonic() < deadline, "the phone did not join the room"
+                state = await (await http.get(f"{url}/api/rooms/{room}")).json()
+                phone_id = next((p["id"] for p in state.get("participants", []) if p.get("kind") == "sip"), None)
+                await asyncio.sleep(0.25)
+        _, health = await _health(url)
+        assert health["spanning_rooms"].get(room) == ["w0", "w1"], health["spanning_rooms"]
+        t0 = time.monotonic()
+        await asyncio.sleep(5.0)
+        heard_by_bot = bot.received_from(phone_id, since=t0)
+        await phone.command("hangup")
+        await asyncio.sleep(0.5)
+    finally:
+        await phone.stop()
+        await bot.leave()
+        await filler.leave()
+    assert len(heard_by_bot) > 48_000 * 3, "the phone's audio did not reach the WebRTC participant"
+    assert content_match(heard_by_bot[24_000:], looped(mic_48k, 2)) > 0.5
+    room_part = phone.received()[-4 * 48_000:]
+    assert content_match(room_part, looped(telephone_band(bot_voice), 4)) > 0.45
