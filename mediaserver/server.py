@@ -19,6 +19,7 @@ from mediaserver.ingest import InboundRtpSource
 from mediaserver.pipeline import PipelineHub
 from mediaserver.prompts import PromptManager  # prompts: TTS prompt tracks
 from mediaserver.quality import QualityMonitor, QualityTap  # quality: live SLIs per stream
+from mediaserver.rollout import RolloutManager  # rollout: canary / A/B of stage lists
 from mediaserver.room import (
     MediaSession,
     Participant,
@@ -73,6 +74,7 @@ class MediaServer:
         self.telemetry = MediaTelemetry(self)  # telemetry: spans, per-stream figures, sampler
         self.quality = QualityMonitor(config.quality)  # quality: DNSMOS and signals, on a thread of its own
         self._quality_taps: dict[PublishedStream, QualityTap] = {}
+        self.rollout = RolloutManager(self)  # rollout: which streams run a candidate stage list
         # a media worker behind a front (signaling/cluster): may this process create room R?  None: yes
         self.room_claim: Optional[Callable[[str], Awaitable[bool]]] = None
 
@@ -102,6 +104,7 @@ class MediaServer:
             return
         self._closed = True
         await cancel_quietly(self._ticker)
+        self.rollout.close()  # rollout
         for timer in list(self._offer_timers.values()):
             await cancel_quietly(timer)
         self._offer_timers.clear()
@@ -199,9 +202,9 @@ class MediaServer:
         """Start a participant's published stream from any chunk source and route it to the room."""
         room = participant.room
         m = self.config.media
-        pipeline = self.hub.open(f"{room.id}/{participant.id}",
-                                 list(stages) if stages is not None else participant.effective_stages())
         stream_id = stream_id or f"{participant.id}-mic"
+        pipeline = self.hub.open(f"{room.id}/{participant.id}", list(stages) if stages is not None
+                                 else self.rollout.stages_for(participant, stream_id))  # rollout: maybe an arm's
         tap = self.quality.open(stream_id, room.id)  # quality: pre/post chunks to the scorer thread
         stream = PublishedStream(stream_id, participant.id, kind, source,
                                  pipeline, self.clock, bitrate=m.opus_bitrate,
@@ -356,7 +359,8 @@ class MediaServer:
         """Per-participant stages (``None``: the room's); checked by ``validate_stages``."""
         participant.stages = None if stages is None else validate_stages(stages)
         if participant.published is not None:
-            participant.published.pipeline.set_stages(participant.effective_stages())
+            participant.published.pipeline.set_stages(
+                self.rollout.stages_for(participant, participant.published.id))  # rollout: maybe an arm's
             self._wire_echo_reference(participant)
             self.telemetry.stages_changed(participant.published)  # telemetry
             if participant.published.pipeline.degraded_reason:
@@ -368,12 +372,28 @@ class MediaServer:
         room.stages = validate_stages(stages)
         for p in room.participants.values():
             if p.stages is None and p.published is not None:
-                p.published.pipeline.set_stages(p.effective_stages())
+                p.published.pipeline.set_stages(self.rollout.stages_for(p, p.published.id))  # rollout
                 self._wire_echo_reference(p)
                 self.telemetry.stages_changed(p.published)  # telemetry
                 if p.published.pipeline.degraded_reason:
                     self._notice(self._send_stages_notice(p, p.published))
         await room.broadcast({"type": "room-updated", "room": room.describe()})
+
+    def restage(self, participant: Participant) -> None:
+        """Run on the participant's microphone what should run now (a rollout started or ended), live."""
+        stream = participant.published
+        if stream is None or stream.closed:
+            return
+        stages = self.rollout.stages_for(participant, stream.id)
+        if stages == stream.pipeline.requested_stages:
+            return
+        stream.pipeline.set_stages(stages)
+        self._wire_echo_reference(participant)
+        self.telemetry.stages_changed(stream)  # telemetry
+        if stream.pipeline.degraded_reason:
+            self._notice(self._send_stages_notice(participant, stream))
+        self._notice(participant.room.broadcast({"type": "participant-updated",
+                                                 "participant": participant.describe()}))
 
     # -- periodic work -----------------------------------------------------------
     def stream_stats(self, stream: PublishedStream) -> dict[str, Any]:
@@ -397,6 +417,7 @@ class MediaServer:
         out.update(self.telemetry.stream_extras(stream))  # telemetry: e2e latency, drops
         if stream in self._quality_taps:
             out["quality"] = self.quality.stream_stats(stream.id)  # quality: DNSMOS, SNR, level ...
+            out["quality"]["arm"] = self.rollout.arm_of(stream.id)  # rollout: baseline / candidate / None
         return out
 
     async def _room_ticker(self) -> None:

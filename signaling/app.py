@@ -23,6 +23,7 @@ from mediaserver.server import MediaServer
 from signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from signaling.metrics import render_metrics
 from signaling.prompts_api import post_prompt
+from signaling.rollout_api import add_routes as add_rollout_routes  # rollout: admin API (docs/ROLLOUT.md)
 from signaling.sip.server import SipEndpoint  # sip: the SIP/IVR bridge (docs/SIP.md)
 from signaling.websocket import SignalingConnection
 
@@ -292,6 +293,7 @@ def create_app(server: MediaServer, *, forwarded: bool = False) -> web.Applicati
     app.router.add_put("/api/rooms/{room_id}/participants/{participant_id}/stages", put_participant_stages)
     app.router.add_delete("/api/rooms/{room_id}/participants/{participant_id}", kick_participant)
     app.router.add_post("/api/rooms/{room_id}/prompts", post_prompt)  # signaling/prompts_api.py
+    add_rollout_routes(app, server.rollout, require_admin, read_json)  # signaling/rollout_api.py
     app.router.add_static("/static/", STATIC)
 
     async def on_startup(app: web.Application) -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from mediaserver.config import LimitsConfig, ServerConfig, load_config, parse_workers, worker_count
 from mediaserver.server import VERSION, MediaServer
+from signaling import rollout_cli
 from signaling.app import create_app
 from signaling.telemetry_setup import configure_telemetry
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--listen-only", action="store_true", help="subscribe only, no publishing")
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
     token.add_argument("--secret", help="signing secret (default: env MEDIASERVER_AUTH_SECRET)")
+    rollout_cli.add_parser(sub)  # rollout: start|status|promote|rollback over the HTTP API
     return parser
 
 
@@ -141,6 +143,8 @@ def serve(config: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "rollout":
+        return rollout_cli.run(args)
     if args.command == "token":
         import os
 
