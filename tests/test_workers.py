@@ -200,6 +200,13 @@ async def test_a_room_spanning_two_workers(spanning: tuple[str, subprocess.Popen
         # who is where: the first two joined the room's first worker
         relayed = [s for w in health["workers"] for s in [w["health"]["relay"]] if s]
         assert all(r["received"] > 0 and r["sent"] > 0 for r in relayed), relayed
+        async with aiohttp.ClientSession() as http:  # a prompt to p3 (on the second worker) goes there
+            said = await http.post(f"{url}/api/rooms/big/prompts", json={"text": "Hello there.", "to": bots[3].id})
+            assert said.status == 202, await said.text()
+        deadline = time.monotonic() + 20
+        while not any(e.get("to") == bots[3].id for e in bots[3].events_of("prompt.started")):
+            assert time.monotonic() < deadline, "the prompt to a participant of the other worker was not played"
+            await asyncio.sleep(0.1)
         # p3 (second worker) leaves: p0 (first worker) is told
         gone = bots.pop(3)
         await gone.leave()

@@ -44,6 +44,12 @@ class RoomBusHub:
         self._rooms: dict[str, _RoomState] = {}
         self.forwarded = 0
 
+    def worker_of_participant(self, room: str, participant: str) -> Optional[int]:
+        """The worker a participant of a spanning room is on (None: unknown, or the room does not span)."""
+        state = self._rooms.get(room)
+        entry = state.participants.get(participant) if state is not None else None
+        return self._worker.get(entry[0]) if entry is not None else None
+
     def spanning(self) -> dict[str, list[str]]:
         """Rooms hosted by more than one worker, and by which."""
         return {r: sorted(s.hosts) for r, s in self._rooms.items() if len(s.hosts) > 1}

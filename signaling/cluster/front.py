@@ -12,6 +12,7 @@ cap and header deadline) apply here, before anything reaches a worker.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -86,7 +87,7 @@ async def index(request: web.Request) -> web.StreamResponse:
 async def forward(request: web.Request, worker: int) -> web.Response:
     """``request`` as it came (method, path, query, auth, body) to ``worker``; its answer back."""
     pool = request.app[POOL_KEY]
-    body = await request.content.read(MAX_BODY + 1) if request.can_read_body else b""
+    body = await request.read()  # (kept by aiohttp: the same bytes when a router read it first)
     if len(body) > MAX_BODY:
         return json_error(413, "too-large", f"request bodies are limited to {MAX_BODY} bytes")
     headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
@@ -102,12 +103,25 @@ async def forward(request: web.Request, worker: int) -> web.Response:
 
 
 async def room_request(request: web.Request) -> web.StreamResponse:
+    """To the room's worker; a request about one participant (kick, its stages, a prompt ``to`` it) to
+    the worker that participant is on, when the room spans workers."""
     room = request.match_info["room_id"]
     if not ROOM_ID_RE.match(room):
         return json_error(400, "bad-room", "room ids are 1-64 characters: letters, digits, '_', '-', '.'")
     worker = request.app[POOL_KEY].placement.worker_of(room)
     if worker is None:
         return json_error(404, "unknown-room", f"no room {room!r}")
+    rest = request.match_info.get("rest", "").split("/")
+    participant: Optional[str] = rest[1] if len(rest) >= 2 and rest[0] == "participants" else None
+    if rest[0] == "prompts" and request.method == "POST":
+        try:
+            body = json.loads(await request.read() or b"{}")  # (read once: aiohttp keeps it for forward)
+        except (ValueError, RecursionError):
+            body = None  # the worker answers bad-json
+        participant = body.get("to") if isinstance(body, dict) and isinstance(body.get("to"), str) else None
+    if participant is not None:
+        host = request.app[HUB_KEY].worker_of_participant(room, participant)
+        worker = host if host is not None else worker
     return await forward(request, worker)
 
 
@@ -121,8 +135,6 @@ async def list_rooms(request: web.Request) -> web.StreamResponse:
         if resp.status != 200:
             return resp  # e.g. 401: the token does not allow listing rooms
         assert isinstance(resp.body, bytes)
-        import json
-
         for room in json.loads(resp.body).get("rooms", []):
             rooms.append({**room, "worker": w.index})
     return web.json_response({"rooms": rooms})

@@ -9,8 +9,8 @@ their participants, who lost their WebSocket with it, rejoin on a live one.
 
 ``Placement`` is the one table of room -> worker.  A room is placed when
 its first participant arrives through the front: on the live worker with
-the fewest participants, rooms just placed counting as one each until the
-worker reports them.  A worker may also start hosting a room by itself (a
+the fewest participants (the front's own joined sockets there, or what the
+worker reports if more: phone calls do not pass the front).  A worker may also start hosting a room by itself (a
 phone call: the SIP bridge runs on worker 0): the room then spans workers
 (signaling/cluster/bus.py) and the placement keeps sending WebSocket joins
 to the room's first host.  A room no worker reports any more (it emptied)
@@ -34,8 +34,6 @@ from mediaserver.room import RoomError
 
 log = logging.getLogger(__name__)
 
-PENDING_JOIN_S = 3.0  # routed joins are remembered this long (a report within that time holds them)
-REPORT_SLACK_S = 0.5  # a join routed this long before a worker's report may still be missing from it
 CLAIM_GRACE_S = 10.0  # a room placed on a worker that does not report it yet is kept this long
 START_TIMEOUT_S = 180.0  # a worker that is not healthy within this long after its start is restarted
 RESTART_MAX_S = 30.0
@@ -76,7 +74,7 @@ class Placement:
         self.spill_after = spill_after
         self._rooms: dict[str, int] = {}
         self._placed_at: dict[str, float] = {}  # rooms placed but not yet reported by their worker
-        self._routed: dict[tuple[str, int], list[float]] = {}  # joins sent lately, not yet in a worker's report
+        self._live: dict[tuple[str, int], int] = {}  # the front's joined sockets per (room, worker)
 
     def worker_of(self, room: str) -> Optional[int]:
         return self._rooms.get(room)
@@ -88,31 +86,36 @@ class Placement:
     def rooms(self) -> dict[str, int]:
         return dict(self._rooms)
 
-    def _unreported(self, index: int, times: list[float]) -> int:
-        """Of joins routed at ``times``, those worker ``index``'s last report cannot hold yet."""
-        since = self._workers[index].polled_at - REPORT_SLACK_S
-        return sum(1 for t in times if t > since)
-
     def _in_room(self, room: str, index: int) -> int:
-        """Participants of ``room`` on worker ``index``: as it last reported, plus joins routed since."""
+        """Participants of ``room`` on worker ``index``: the front's own live sockets there, or what the
+        worker last reported if that is more (phone calls do not come through the front)."""
         reported = int(self._workers[index].state.get("rooms", {}).get(room, 0))
-        return reported + self._unreported(index, self._routed.get((room, index), []))
+        return max(reported, self._live.get((room, index), 0))
 
     def load(self, index: int) -> int:
-        """Participants on worker ``index``: as it last reported, plus the joins routed to it since."""
-        routed = [t for (_, i), times in self._routed.items() if i == index for t in times]
-        return self._workers[index].participants + self._unreported(index, routed)
+        """Participants on worker ``index``, counted the same way."""
+        live = sum(n for (_, i), n in self._live.items() if i == index)
+        return max(self._workers[index].participants, live)
 
     def route(self, room: str) -> int:
-        """The worker for the next participant of ``room``: its worker (placing it if new), or, when the room
-        has ``spill_after`` participants there already, the least loaded worker with room for one more."""
+        """The worker for the next participant of ``room`` (a socket of the front, until ``release``): the
+        room's worker (placing it if new), or, when ``spill_after`` of the room's participants are there
+        already, the least loaded worker with room for one more."""
         index = self.place(room)
         if self.spill_after > 0 and self._in_room(room, index) >= self.spill_after:
             fits = [w for w in self._workers if w.ready and self._in_room(room, w.index) < self.spill_after]
             if fits:
                 index = min(fits, key=lambda w: (self.load(w.index), w.index)).index
-        self._routed.setdefault((room, index), []).append(time.monotonic())
+        self._live[(room, index)] = self._live.get((room, index), 0) + 1
         return index
+
+    def release(self, room: str, index: int) -> None:
+        """A socket routed by ``route`` left its room."""
+        n = self._live.get((room, index), 0) - 1
+        if n > 0:
+            self._live[(room, index)] = n
+        else:
+            self._live.pop((room, index), None)
 
     def place(self, room: str, prefer: Optional[int] = None) -> int:
         """The worker of ``room``: where it is, else ``prefer`` (if ready), else the least loaded ready one."""
@@ -153,8 +156,6 @@ class Placement:
         placed there that it no longer reports are forgotten after a grace period (a join on its way)."""
         now = time.monotonic()
         present = set(reported)
-        self._routed = {k: kept for k, times in self._routed.items()
-                        if (kept := [t for t in times if now - t < PENDING_JOIN_S])}
         for room in reported:
             owner = self._rooms.get(room)
             if owner is None or not self._workers[owner].ready:
@@ -167,6 +168,8 @@ class Placement:
                 self._placed_at.pop(room, None)
 
     def drop_worker(self, index: int) -> list[str]:
+        for key in [k for k in self._live if k[1] == index]:
+            del self._live[key]
         rooms = self.rooms_of(index)
         for room in rooms:
             self._rooms.pop(room, None)

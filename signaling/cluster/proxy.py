@@ -117,13 +117,15 @@ class SignalingProxy:
         await self._close_upstream()  # the room before, on another worker: the worker lets it leave
         try:
             index = self.pool.placement.route(room)
-            upstream = await self.pool.session(index).ws_connect(
-                "http://worker/ws", headers={"X-Forwarded-For": self.peer}, heartbeat=None,
-                max_msg_size=self.limits.max_ws_message_bytes * 4, autoping=True)
         except RoomError as exc:
             await self._send(error(exc.code, str(exc)))
             return await self._wait_for_join()
+        try:
+            upstream = await self.pool.session(index).ws_connect(
+                "http://worker/ws", headers={"X-Forwarded-For": self.peer}, heartbeat=None,
+                max_msg_size=self.limits.max_ws_message_bytes * 4, autoping=True)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            self.pool.placement.release(room, index)
             log.warning("%s: media worker for room %s unreachable: %s", self.peer, room, exc)
             await self._send(error("server-busy", "the room's media worker is not reachable; retry"))
             return await self._wait_for_join()
@@ -211,6 +213,9 @@ class SignalingProxy:
             await self.ws.close(code=code, message=b"closed by the media worker")
 
     async def _close_upstream(self) -> None:
+        if self.room is not None and self.worker is not None:
+            self.pool.placement.release(self.room, self.worker)
+            self.room = None
         upstream, self._upstream = self._upstream, None
         if upstream is not None and not upstream.closed:
             try:
