@@ -219,6 +219,7 @@ class Rollout:
         self.arms: dict[str, str] = {}  # stream id -> arm
         self.rooms_of: dict[str, str] = {}  # stream id -> room id
         self.excluded: set[str] = set()  # streams whose configured stages changed: out for good
+        self.tagged: set[str] = set()  # streams whose track span carries their arm
         self.figures = {arm: ArmFigures() for arm in ARMS}
         self.comparison: Comparison = compare([], [], delta=plan.settings.max_ovrl_drop, alpha=plan.settings.alpha,
                                               min_windows=plan.settings.min_windows)
@@ -295,11 +296,19 @@ class RolloutManager:
         log.info("rollout %s: stream %s -> %s arm", r.plan.id, stream_id, arm)
         self._event(r, "rollout.assigned", {"mediaserver.stream": stream_id, "mediaserver.rollout.arm": arm})
         self._server.quality.set_priority(stream_id, 1)  # its windows come first from the scorer's budget
-        stream = self._find_stream(r, stream_id)
-        st = self._server.telemetry.streams.get(stream) if stream is not None else None
+        self._tag(r, stream_id, self._find_stream(r, stream_id))
+
+    def _tag(self, r: Rollout, stream_id: str, stream: Optional[PublishedStream]) -> None:
+        """The arm on the stream's ``track`` span, once (a stream assigned as it publishes has no span yet:
+        tagged at the next evaluation)."""
+        if stream_id in r.tagged or stream is None:
+            return
+        st = self._server.telemetry.streams.get(stream)
         if st is not None:
+            arm = r.arms[stream_id]
             st.span.set_attribute("mediaserver.rollout.arm", arm)
             st.span.add_event("rollout.arm", {"mediaserver.rollout": r.plan.id, "mediaserver.rollout.arm": arm})
+            r.tagged.add(stream_id)
 
     # -- commands --------------------------------------------------------------------------------
     async def start(self, body: dict[str, Any]) -> Rollout:
@@ -447,6 +456,7 @@ class RolloutManager:
                 continue
             fig = r.figures[arm]
             live[arm] += 1
+            self._tag(r, stream_id, stream)
             if tuple(stream.pipeline.stages) != tuple(r.plan.candidate if arm == "candidate" else r.plan.baseline):
                 degraded[arm] += 1
                 continue  # degraded by admission control: its figures are not the arm's

@@ -109,8 +109,10 @@ async def _quality_of(bot: Bot, stream: str, stages: str, timeout: float) -> dic
 
 @pytest.mark.timeout(180)
 async def test_quality_rises_when_denoise_is_switched_on_live(start_server: ServerFactory) -> None:
+    # deadline 400 ms: on a busy machine DF3 chunks that miss the 40 ms deadline pass through raw, and a window
+    # takes no block with such a chunk: the test would wait for a clean one instead of measuring the denoiser
     cfg = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
-                       enhance=replace(EnhanceConfig(), default_stages=(), device="cpu"),
+                       enhance=replace(EnhanceConfig(), default_stages=(), device="cpu", deadline_ms=400.0),
                        quality=QualityConfig(period_s=5, window_s=4, first_window_s=1, cpu_share=1.0))
     rs = await start_server(cfg)
     await rs.server.hub.executor.preload(["denoise"])
