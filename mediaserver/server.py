@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from mediaserver.auth import DEV_GRANT, Grant, TokenVerifier
 from mediaserver.clock import MediaClock
@@ -75,8 +75,7 @@ class MediaServer:
         self.quality = QualityMonitor(config.quality)  # quality: DNSMOS and signals, on a thread of its own
         self._quality_taps: dict[PublishedStream, QualityTap] = {}
         self.rollout = RolloutManager(self)  # rollout: which streams run a candidate stage list
-        # a media worker behind a front (signaling/cluster): may this process create room R?  None: yes
-        self.room_claim: Optional[Callable[[str], Awaitable[bool]]] = None
+        self.links: Any = None  # mediaserver/federation.RoomLinks once rooms may span processes (attach_bus)
 
     async def start(self) -> None:
         validate_stages(self.config.enhance.default_stages)
@@ -122,6 +121,8 @@ class MediaServer:
             for s in list(room.streams.values()):
                 await room.remove_stream(s)
         await self.clock.close()
+        if self.links is not None:
+            await self.links.close()
         await asyncio.get_running_loop().run_in_executor(None, self.quality.close)  # quality
         if self.hub.executor is not None:
             await self.hub.executor.close()
@@ -147,9 +148,6 @@ class MediaServer:
         if identity is not None:
             while (old := self._identity_in(room_id, identity)) is not None:
                 await self._replace(old)
-        if self.room_claim is not None and room_id not in self.rooms.rooms and not await self.room_claim(room_id):
-            raise RoomError("room-elsewhere", f"room {room_id!r} lives on another media worker of this server",
-                            status=503)
         room = self.rooms.get_or_create(room_id)
         pid = new_id("p-")
         if session is None:
@@ -249,7 +247,7 @@ class MediaServer:
         self._wire_echo_reference(participant)
         self.telemetry.stages_changed(stream)  # telemetry
         self._notice(self._send_stages_notice(participant, stream))
-        self._notice(participant.room.broadcast({"type": "participant-updated",
+        self._notice(participant.room.announce({"type": "participant-updated",
                                                  "participant": participant.describe()}))
 
     def _wire_echo_reference(self, participant: Participant) -> None:
@@ -294,7 +292,7 @@ class MediaServer:
                 log.warning("participant %s: connection failed, removing", participant.id)
                 await self.leave(participant, reason="connection failed")
 
-        await room.broadcast({"type": "participant-joined", "participant": participant.describe()},
+        await room.announce({"type": "participant-joined", "participant": participant.describe()},
                              exclude=participant.id)
         return answer
 
@@ -326,12 +324,12 @@ class MediaServer:
             timer.cancel()
         await room.remove_participant(participant)
         log.info("room %s: %s left (%s)", room.id, participant.id, reason)
-        await room.broadcast({"type": "participant-left", "participant": participant.describe(),
+        await room.announce({"type": "participant-left", "participant": participant.describe(),
                               "reason": reason})
         await self.prompts.participant_left(participant)  # prompts: close tracks nobody hears
         self.telemetry.participant_left(participant, reason)  # telemetry
         if not keep_room:
-            self.rooms.drop_if_empty(room)
+            await self.rooms.drop_if_unused(room)
 
     async def kick(self, participant: Participant, reason: str = "removed by an administrator") -> None:
         try:
@@ -353,7 +351,7 @@ class MediaServer:
         participant.muted = bool(muted)
         if participant.published is not None:
             participant.published.muted = participant.muted
-        await participant.room.broadcast({"type": "participant-updated", "participant": participant.describe()})
+        await participant.room.announce({"type": "participant-updated", "participant": participant.describe()})
 
     async def set_participant_stages(self, participant: Participant, stages: object) -> None:
         """Per-participant stages (``None``: the room's); checked by ``validate_stages``."""
@@ -365,11 +363,16 @@ class MediaServer:
             self.telemetry.stages_changed(participant.published)  # telemetry
             if participant.published.pipeline.degraded_reason:
                 await self._send_stages_notice(participant, participant.published)
-        await participant.room.broadcast({"type": "participant-updated", "participant": participant.describe()})
+        await participant.room.announce({"type": "participant-updated", "participant": participant.describe()})
 
     async def set_room_stages(self, room: Room, stages: object) -> None:
         """The room's stages, live for every participant without its own; checked by ``validate_stages``."""
-        room.stages = validate_stages(stages)
+        await self.apply_room_stages(room, validate_stages(stages))
+        await room.announce({"type": "room-updated", "room": room.describe()})
+
+    async def apply_room_stages(self, room: Room, stages: list[str]) -> None:
+        """Set the room's (checked) stages on this process's participants without their own."""
+        room.stages = list(stages)
         for p in room.participants.values():
             if p.stages is None and p.published is not None:
                 p.published.pipeline.set_stages(self.rollout.stages_for(p, p.published.id))  # rollout
@@ -377,7 +380,6 @@ class MediaServer:
                 self.telemetry.stages_changed(p.published)  # telemetry
                 if p.published.pipeline.degraded_reason:
                     self._notice(self._send_stages_notice(p, p.published))
-        await room.broadcast({"type": "room-updated", "room": room.describe()})
 
     def restage(self, participant: Participant) -> None:
         """Run on the participant's microphone what should run now (a rollout started or ended), live."""
@@ -392,11 +394,26 @@ class MediaServer:
         self.telemetry.stages_changed(stream)  # telemetry
         if stream.pipeline.degraded_reason:
             self._notice(self._send_stages_notice(participant, stream))
-        self._notice(participant.room.broadcast({"type": "participant-updated",
+        self._notice(participant.room.announce({"type": "participant-updated",
                                                  "participant": participant.describe()}))
+
+    # -- rooms spanning processes (mediaserver/federation.py) -----------------------------
+    async def attach_bus(self, bus: Any, relay_host: str = "127.0.0.1") -> Any:
+        """Let rooms span this process and others: a relay socket, and ``bus`` for the room messages.
+        Returns the ``RoomLinks`` (hand it the bus's messages: ``links.on_message``)."""
+        from mediaserver.federation import RoomLinks
+        from mediaserver.relay import RelayEndpoint
+
+        endpoint = RelayEndpoint()
+        await endpoint.start(relay_host)
+        self.links = RoomLinks(self, endpoint, bus)
+        self.rooms.links = self.links
+        return self.links
 
     # -- periodic work -----------------------------------------------------------
     def stream_stats(self, stream: PublishedStream) -> dict[str, Any]:
+        if getattr(stream, "remote", False):
+            return stream.stats()  # type: ignore[attr-defined,no-any-return]  # a RemoteStream
         c = stream.counters
         out: dict[str, Any] = {
             "stream": stream.id, "participant": stream.owner_id, "kind": stream.kind,
@@ -454,5 +471,6 @@ class MediaServer:
             "clock": {"ticks": self.clock.ticks, "skipped_ticks": self.clock.skipped_ticks,
                       "last_lag_ms": round(self.clock.last_lag_ms, 2)},
             "executor": self.hub.stats(),
+            "relay": self.links.stats() if self.links is not None else None,
             "quality": self.quality.stats(),
         }
