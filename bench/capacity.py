@@ -80,14 +80,14 @@ def tree_cpu_s(root: int) -> float:
 
 
 @contextmanager
-def server(config: str, cpus: str, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def server(config: str, cpus: str, log: Path, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     if config == "plain":
         cmd = [str(BIN / "python"), str(ROOT / "bench" / "plain_forwarder.py"), "--port", str(port)]
     else:
         cmd = [str(BIN / "mediaserver"), "serve", "--host", "127.0.0.1", "--port", str(port), "--dev",
-               "--log-level", "WARNING"]
+               "--log-level", "WARNING", "--workers", str(workers)]
         if CONFIGS[config] is not None:
             cmd += ["--stages", str(CONFIGS[config])]
     with open(log, "ab") as out:
@@ -168,7 +168,7 @@ def session_config(url: str, args: argparse.Namespace, prefix: str, room_size: i
 async def ramp(config: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     held = 0
-    with server(config, args.server_cpus, log) as (url, proc):
+    with server(config, args.server_cpus, log, args.workers) as (url, proc):
         session = LoadSession(session_config(url, args, f"cap{config}", args.room_size))
         await session.start()
         try:
@@ -189,7 +189,7 @@ async def ramp(config: str, args: argparse.Namespace, log: Path) -> dict[str, An
             await session.close()
     big: dict[str, Any] | None = None
     if args.big_room:
-        with server(config, args.server_cpus, log) as (url, proc):
+        with server(config, args.server_cpus, log, args.workers) as (url, proc):
             session = LoadSession(session_config(url, args, f"big{config}", args.big_room))
             await session.start()
             try:
@@ -243,6 +243,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="plain,none,default,denoise,full")
     parser.add_argument("--server-cpus", default="0", help="taskset list for the server (default 0)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="media worker processes of the server (mediaserver serve --workers; default 1)")
     parser.add_argument("--bot-cpus", default="1", help="taskset list for the bots (default 1)")
     parser.add_argument("--bot-processes", type=int, default=2)
     parser.add_argument("--room-size", type=int, default=4)
@@ -272,6 +274,7 @@ def main() -> int:
     ratios = {f"{c}_over_plain": round(r["max_streams"] / plain, 2) for c, r in by.items()
               if plain and c != "plain"}
     report = {"bench": "capacity", "slo": SLO, "server_cpus": args.server_cpus, "bot_cpus": args.bot_cpus,
+              "workers": args.workers,
               "room_size": args.room_size, "results": results, "ratios": ratios,
               "wall_s": round(time.monotonic() - started, 1), "out": str(out)}
     (out / "capacity.json").write_text(json.dumps(report, indent=1))
