@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     stages = commands.add_parser("stages", help="list the known stage specs")
     stages.add_argument("--check", action="store_true", help="import each stage and show its latency")
 
+    serve = commands.add_parser("serve-executor", help="run the batched stages as a service for media processes")
+    serve.add_argument("--listen", default="127.0.0.1:7070",
+                       help="HOST:PORT (port 0: any free one) or unix:PATH (default 127.0.0.1:7070)")
+    serve.add_argument("--token-file", type=Path,
+                       help="file holding the shared token (default: env MEDIASERVER_EXECUTOR_TOKEN)")
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0,
+                       help="after a job arrives, how long to wait for the other clients' jobs of the tick")
+    serve.add_argument("--preload", default="", help="stage specs to load at start, e.g. denoise,aec")
+
     # The task's own options are added once the task module is imported (see run_eval).
     evaluate = commands.add_parser(
         "eval", add_help=False, allow_abbrev=False, help="evaluate a stage on real recordings"
@@ -194,6 +204,26 @@ def run_eval(args: argparse.Namespace, rest: list[str]) -> int:
     return int(module.run(task_args))
 
 
+def run_serve_executor(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from enhancers.executor.loading import resolve_device
+    from enhancers.executor.service import serve_executor
+
+    token = (args.token_file.read_text().strip() if args.token_file else
+             os.environ.get("MEDIASERVER_EXECUTOR_TOKEN", "")).encode()
+    if not token:
+        raise CliError("give --token-file or set MEDIASERVER_EXECUTOR_TOKEN (clients prove they know it)")
+    preload = [s.spec for s in parse_stage_list(args.preload)] if args.preload else []
+    try:
+        asyncio.run(serve_executor(args.listen, token, device=str(resolve_device(args.device)),
+                                   max_wait_ms=args.max_wait_ms, preload=preload))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
@@ -205,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_process(args)
         if args.command == "stages":
             return run_stages(args)
+        if args.command == "serve-executor":
+            return run_serve_executor(args)
         return run_eval(args, rest)
     except CliError as exc:
         print(f"enhancers: error: {exc}", file=sys.stderr)

@@ -43,6 +43,11 @@ class EnhanceConfig:
     # "process": stages run in a worker process of their own, off the event loop's GIL (servers);
     # "thread": on a thread of the server process (no second process; small deployments, debugging)
     isolation: str = "process"
+    # an executor service shared with other media processes (enhancers serve-executor: a GPU host, say):
+    # "host:port" or "unix:/path" and its token; stages then run there, with a local worker process as
+    # the fallback while it is unreachable ("" : the process's own executor, as ``isolation`` says)
+    executor_url: str = ""
+    executor_token: str = field(default="", repr=False)
     # a stage that hung or crashed the worker: backoff and give-up thresholds (enhancers/executor/recovery.py)
     recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
     # Admission control (enhancers/executor/admission.py): a stream gets the stages it asks for if the
@@ -364,6 +369,11 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         enhance = replace(enhance, device=env["MEDIASERVER_DEVICE"])
     if "MEDIASERVER_EXECUTOR" in env:
         enhance = replace(enhance, isolation=env["MEDIASERVER_EXECUTOR"])
+    if env.get("MEDIASERVER_EXECUTOR_URL"):
+        if not env.get("MEDIASERVER_EXECUTOR_TOKEN"):
+            raise ValueError("MEDIASERVER_EXECUTOR_URL needs MEDIASERVER_EXECUTOR_TOKEN (the service's token)")
+        enhance = replace(enhance, executor_url=env["MEDIASERVER_EXECUTOR_URL"],
+                          executor_token=env["MEDIASERVER_EXECUTOR_TOKEN"])
     if "MEDIASERVER_DEADLINE_MS" in env:
         enhance = replace(enhance, deadline_ms=float(env["MEDIASERVER_DEADLINE_MS"]))
     if "MEDIASERVER_MAX_ROOMS" in env:

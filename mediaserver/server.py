@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -84,7 +85,9 @@ class MediaServer:
         e = self.config.enhance
         executor = Executor(ExecutorConfig(device=e.device, deadline_ms=e.deadline_ms,
                                            max_wait_ms=e.max_wait_ms, torch_threads=e.torch_threads,
-                                           isolation=e.isolation, recovery=e.recovery,
+                                           isolation="remote" if e.executor_url else e.isolation,
+                                           remote_address=e.executor_url, remote_token=e.executor_token.encode(),
+                                           remote_name=f"mediaserver-{os.getpid()}", recovery=e.recovery,
                                            admission=e.admission, target_load=e.target_load,
                                            upgrade_load=e.upgrade_load, upgrade_interval_s=e.upgrade_interval_s,
                                            stage_costs={spec: (fixed, per) for spec, fixed, per in e.stage_costs}))

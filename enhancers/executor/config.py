@@ -31,8 +31,14 @@ class ExecutorConfig:
     # object torch and the models created (~200k; measured 170 ms, stalling all audio) every few s.
     freeze_gc: bool = True
     # "thread": stages run on a thread of this process (light; shares the GIL with the event loop);
-    # "process": in a worker process of their own (enhancers.executor.process), for servers.
+    # "process": in a worker process of their own (enhancers.executor.process), for servers;
+    # "remote": in an executor service at ``remote_address`` ("host:port" or "unix:/path", authenticated
+    # with ``remote_token``), shared with other media processes, with a local worker process as the
+    # fallback while it is unreachable (enhancers.executor.remote).
     isolation: str = "thread"
+    remote_address: str = ""
+    remote_token: bytes = b""
+    remote_name: str = "mediaserver"
     # a stage that hung or crashed the worker is disabled for 1, 2, 4 ... s (at most 60 s), then loaded
     # fresh; more than 5 faults in 5 minutes: disabled until restart (enhancers/executor/recovery.py)
     recovery: RecoveryPolicy = RecoveryPolicy()

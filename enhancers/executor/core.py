@@ -59,12 +59,21 @@ class Executor:
         self._deadline_s = config.deadline_ms / 1e3
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_KEYS, 0)
         self._errors = RateLimitedLog()
-        if config.isolation not in ("thread", "process"):
-            raise ValueError(f"isolation must be 'thread' or 'process', not {config.isolation!r}")
-        worker_cls = ProcessWorker if config.isolation == "process" else ThreadWorker
+        if config.isolation not in ("thread", "process", "remote"):
+            raise ValueError(f"isolation must be 'thread', 'process' or 'remote', not {config.isolation!r}")
         settings = WorkerSettings(device, config.stage_options, config.torch_threads, config.freeze_gc,
                                   config.recovery, config.load_timeout_ms / 1e3)
-        self._worker: Worker = worker_cls(settings, self.counters, self._errors)
+        self._worker: Worker
+        if config.isolation == "remote":
+            from enhancers.executor.remote import RemoteWorker
+
+            if not config.remote_address or not config.remote_token:
+                raise ValueError("isolation 'remote' needs remote_address and remote_token")
+            self._worker = RemoteWorker(settings, self.counters, self._errors, address=config.remote_address,
+                                        token=config.remote_token, name=config.remote_name)
+        else:
+            worker_cls = ProcessWorker if config.isolation == "process" else ThreadWorker
+            self._worker = worker_cls(settings, self.counters, self._errors)
         self._streams: dict[int, ExecutorStream] = {}
         self._ready: dict[int, ExecutorStream] = {}  # streams with pending chunks
         self._next_id = 0
