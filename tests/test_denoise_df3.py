@@ -119,13 +119,18 @@ def test_latency_is_declared_and_measured_with_an_impulse(stage: DeepFilterNet3S
     assert int(np.argmax(xcorr)) - (len(clean) - 1) == stage.latency_samples
 
 
-def test_chunk_by_chunk_equals_whole_file(stage: DeepFilterNet3Stage) -> None:
-    """Streaming 10 ms at a time gives the samples of processing the whole signals at once."""
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_chunk_by_chunk_equals_whole_file(precision: str) -> None:
+    """Streaming 10 ms at a time gives the samples of processing the whole signals at once.
+
+    In float32 up to rounding (GEMMs of other shapes sum in another order); with int8 GRUs
+    such a rounding difference can move an activation across a quantization step: -90 dB."""
+    stage = DeepFilterNet3Stage(native_streams=0, precision=precision)
     signals = np.stack([babble(1.0), speech_in_noise(1.0)[0]])
     streamed = run_streams(stage, list(signals), compensate_latency=False)
     whole = stage.enhance(torch.from_numpy(signals), block_frames=40).numpy()
     for s, w in zip(streamed, whole):
-        np.testing.assert_allclose(s, w, atol=1e-5)
+        np.testing.assert_allclose(s, w, atol=1e-5 if stage.precision == "fp32" else 5e-5)
 
 
 def test_batch_of_streams_equals_each_stream_alone() -> None:

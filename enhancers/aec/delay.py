@@ -130,21 +130,20 @@ class DelayEstimator:
 
     def _decide(self, st: dict[str, torch.Tensor], score: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        sc = st["dly_scalars"].clone()
+        # the per-stream scalars as separate [B] views, restacked once at the end (fewer small ops)
+        current, candidate, confirm, locked, _, _ = st["dly_scalars"].unbind(1)
         best_score, best = score.max(dim=1)
         best_f = best.float()
-        current = sc[:, DELAY]
         cur_score = torch.gather(score, 1, current.clamp_min(0).long()[:, None])[:, 0]
         cur_score = torch.where(current < 0, torch.full_like(cur_score, -1.0), cur_score)
         wants = (best_score > cfg.min_score) & (best_score > cur_score + cfg.margin) & (best_f != current)
-        same = wants & (best_f == sc[:, CANDIDATE])
-        sc[:, CONFIRM] = torch.where(same, sc[:, CONFIRM] + 1, torch.where(wants, 1.0, 0.0))
-        sc[:, CANDIDATE] = torch.where(wants, best_f, -1.0)
-        switch = sc[:, CONFIRM] >= cfg.confirm_chunks
-        sc[:, DELAY] = torch.where(switch, best_f, current)
-        sc[:, LOCKED] = torch.where(switch, 1.0, sc[:, LOCKED])
-        sc[:, CONFIRM] = torch.where(switch, 0.0, sc[:, CONFIRM])
-        sc[:, SCORE] = torch.gather(score, 1, sc[:, DELAY].clamp_min(0).long()[:, None])[:, 0]
-        sc[:, BEST] = best_f
-        st["dly_scalars"] = sc
-        return sc[:, DELAY]
+        same = wants & (best_f == candidate)
+        confirm = torch.where(same, confirm + 1, torch.where(wants, 1.0, 0.0))
+        candidate = torch.where(wants, best_f, -1.0)
+        switch = confirm >= cfg.confirm_chunks
+        delay = torch.where(switch, best_f, current)
+        locked = torch.where(switch, 1.0, locked)
+        confirm = torch.where(switch, 0.0, confirm)
+        chosen = torch.gather(score, 1, delay.clamp_min(0).long()[:, None])[:, 0]
+        st["dly_scalars"] = torch.stack([delay, candidate, confirm, locked, chosen, best_f], 1)
+        return delay

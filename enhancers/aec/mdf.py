@@ -31,7 +31,7 @@ from enhancers.stage import CHUNK
 
 # Indices into the per-stream scalar vector ``mdf_scalars``.
 DAVG1, DAVG2, DVAR1, DVAR2, PEY, PYY, SUM_ADAPT, ADAPTED, LEAK, BLOCKS = range(10)
-N_SCALARS = 10
+N_SCALARS = 10  # mdf_step restacks them in this order
 
 MIN_LEAK = 0.005
 VAR1_UPDATE = 0.5
@@ -150,7 +150,8 @@ def mdf_step(
     each row's block counter (it positions the far-spectrum ring).
     """
     n, frame, k = cfg.n_fft, cfg.frame, cfg.partitions
-    sc = st["mdf_scalars"].clone()
+    # the per-stream scalars as separate [B] views, restacked once at the end (fewer small ops)
+    davg1, davg2, dvar1, dvar2, pey, pyy, sum_adapt, was_adapted, _, blocks = st["mdf_scalars"].unbind(1)
     rows = torch.arange(mic.shape[0], device=mic.device)
     ring = st["mdf_x"]
     ring[rows, torch.remainder(count, k)] = x_new
@@ -168,23 +169,22 @@ def mdf_step(
     # Two-path logic: is the background filter reliably better (copy it to the
     # foreground) or reliably worse (reset it from the foreground)?
     diff = sff - see
-    sc[:, DAVG1] = 0.6 * sc[:, DAVG1] + 0.4 * diff
-    sc[:, DAVG2] = 0.85 * sc[:, DAVG2] + 0.15 * diff
-    sc[:, DVAR1] = 0.36 * sc[:, DVAR1] + 0.16 * sff * dbf
-    sc[:, DVAR2] = 0.7225 * sc[:, DVAR2] + 0.0225 * sff * dbf
-    d1, d2 = sc[:, DAVG1], sc[:, DAVG2]
+    d1 = 0.6 * davg1 + 0.4 * diff
+    d2 = 0.85 * davg2 + 0.15 * diff
+    dvar1 = 0.36 * dvar1 + 0.16 * sff * dbf
+    dvar2 = 0.7225 * dvar2 + 0.0225 * sff * dbf
     update_fg = (
         (diff * diff.abs() > sff * dbf)
-        | (d1 * d1.abs() > VAR1_UPDATE * sc[:, DVAR1])
-        | (d2 * d2.abs() > VAR2_UPDATE * sc[:, DVAR2])
+        | (d1 * d1.abs() > VAR1_UPDATE * dvar1)
+        | (d2 * d2.abs() > VAR2_UPDATE * dvar2)
     )
     reset_bg = ~update_fg & (
         (-diff * diff.abs() > VAR_BACKTRACK * sff * dbf)
-        | (-d1 * d1.abs() > VAR_BACKTRACK * sc[:, DVAR1])
-        | (-d2 * d2.abs() > VAR_BACKTRACK * sc[:, DVAR2])
+        | (-d1 * d1.abs() > VAR_BACKTRACK * dvar1)
+        | (-d2 * d2.abs() > VAR_BACKTRACK * dvar2)
     )
     switched = update_fg | reset_bg
-    sc[:, DAVG1 : DVAR2 + 1] = torch.where(switched[:, None], 0.0, sc[:, DAVG1 : DVAR2 + 1])
+    davg1, davg2, dvar1, dvar2 = (v.masked_fill(switched, 0.0) for v in (d1, d2, dvar1, dvar2))
     if bool(switched.any()):
         to_fg = torch.nonzero(update_fg).squeeze(1)
         wf.index_copy_(0, to_fg, w.index_select(0, to_fg))
@@ -208,7 +208,7 @@ def mdf_step(
     xf_pow = power(x_new)
     # Smoothed far power; a running mean over the first blocks so a young
     # stream does not start with a huge step.
-    ss = torch.clamp(1.0 / (sc[:, BLOCKS] + 1.0), min=0.35 / k)[:, None]
+    ss = torch.clamp(1.0 / (blocks + 1.0), min=0.35 / k)[:, None]
     far_power = (1 - ss) * st["mdf_power"] + 1.0 + ss * xf_pow
 
     spec_average = frame / 48_000.0 * 1.0
@@ -222,18 +222,15 @@ def mdf_step(
     st["mdf_eh"] = (1 - spec_average) * st["mdf_eh"] + spec_average * rf
     st["mdf_yh"] = (1 - spec_average) * st["mdf_yh"] + spec_average * yf_pow
     alpha = torch.minimum(beta0 * syy, beta_max * see) / see
-    pyy = ((1 - alpha) * sc[:, PYY] + alpha * pyy_inst).clamp_min(1.0)
-    pey = (1 - alpha) * sc[:, PEY] + alpha * pey_inst
+    pyy = ((1 - alpha) * pyy + alpha * pyy_inst).clamp_min(1.0)
+    pey = (1 - alpha) * pey + alpha * pey_inst
     pey = torch.minimum(torch.maximum(pey, MIN_LEAK * pyy), pyy)
-    sc[:, PYY], sc[:, PEY] = pyy, pey
     leak = pey / pyy
-    sc[:, LEAK] = leak
 
     rer = (1e-4 * sxx + 3.0 * leak * syy) / see
     rer = torch.maximum(rer, sey * sey / (1 + see * syy)).clamp_max(0.5)
-    newly = (sc[:, ADAPTED] < 0.5) & (sc[:, SUM_ADAPT] > k) & (leak > 0.03)
-    adapted = (sc[:, ADAPTED] > 0.5) | newly
-    sc[:, ADAPTED] = adapted.float()
+    newly = (was_adapted < 0.5) & (sum_adapt > k) & (leak > 0.03)
+    adapted = (was_adapted > 0.5) | newly
 
     # Per-bin step: adaptive (leakage-based) once adapted, fixed before.
     r = torch.minimum(leak[:, None] * yf_pow, 0.5 * (rf + 1.0))
@@ -241,7 +238,7 @@ def mdf_step(
     step_adapted = r / ((rf + 1.0) * (far_power + 10.0))
     warm_rate = torch.where(sxx > n * 1000.0, torch.minimum(0.25 * sxx, 0.25 * see) / see, 0.0)
     step_warm = warm_rate[:, None] / (far_power + 10.0)
-    sc[:, SUM_ADAPT] = torch.where(adapted, sc[:, SUM_ADAPT], sc[:, SUM_ADAPT] + warm_rate)
+    sum_adapt = torch.where(adapted, sum_adapt, sum_adapt + warm_rate)
     step = torch.where(adapted[:, None], step_adapted, step_warm)
 
     # Gradient step on the background filter, then the rotating constraint.
@@ -251,7 +248,7 @@ def mdf_step(
     rotating = 1 + torch.remainder(count, max(k - 1, 1))
     parts = torch.stack([torch.zeros_like(rotating), rotating.clamp_max(k - 1)], dim=1)
     _constrain(w, parts, cfg)
-    sc[:, BLOCKS] = sc[:, BLOCKS] + 1
+    sc = torch.stack([davg1, davg2, dvar1, dvar2, pey, pyy, sum_adapt, adapted.float(), leak, blocks + 1], 1)
 
     st["mdf_prop"], st["mdf_power"], st["mdf_scalars"] = prop, far_power, sc
     return MdfOutput(error=mic - echo, echo=echo, leak=leak, adapted=adapted)

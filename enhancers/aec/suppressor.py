@@ -166,7 +166,10 @@ class ResidualEchoSuppressor:
         """Per-bin suppression gains ``[B, bins]`` and the divergence flag ``[B]`` (use mic, not error)."""
         cfg = self.cfg
         a = cfg.psd_smoothing
-        sc = st["sup_scalars"].clone()
+        # the per-stream scalars as separate [B] views, restacked once at the end (fewer small ops)
+        fb_min, fb_local_min, xd_avg_min, overdrive, overdrive_sm, near_state, new_min_flag, min_ctr, diverged_flag, hang = (
+            st["sup_scalars"].unbind(1)
+        )
         spectra = torch.stack([xw, dw, ew, yw], 1)
         powers = self.to_bands(power(spectra))
         products = torch.view_as_real(
@@ -187,8 +190,7 @@ class ResidualEchoSuppressor:
 
         # Divergence safeguard: a linear output louder than the mic means the filter is off.
         sd_sum, se_sum = sdd.sum(-1), see.sum(-1)
-        diverged = torch.where(sc[:, DIVERGED] > 0.5, se_sum * 1.05 >= sd_sum, se_sum > sd_sum)
-        sc[:, DIVERGED] = diverged.float()
+        diverged = torch.where(diverged_flag > 0.5, se_sum * 1.05 >= sd_sum, se_sum > sd_sum)
         see = torch.where(diverged[:, None], sdd, see)
         cross_de = torch.where(diverged[:, None], sdd.to(cross.dtype), cross[:, 1])
 
@@ -201,14 +203,11 @@ class ResidualEchoSuppressor:
         pref = self.pref
         xd_avg = 1.0 - coh_xd[:, pref].mean(-1)
         de_avg = coh_de[:, pref].mean(-1)
-        sc[:, XD_AVG_MIN] = torch.where(
-            (xd_avg < 0.75) & (xd_avg < sc[:, XD_AVG_MIN]), xd_avg, sc[:, XD_AVG_MIN]
-        )
-        near = torch.where((de_avg > 0.98) & (xd_avg > 0.9), 1.0, sc[:, NEAR_STATE])
+        xd_avg_min = torch.where((xd_avg < 0.75) & (xd_avg < xd_avg_min), xd_avg, xd_avg_min)
+        near = torch.where((de_avg > 0.98) & (xd_avg > 0.9), 1.0, near_state)
         near = torch.where((de_avg < 0.95) | (xd_avg < 0.8), 0.0, near)
-        sc[:, NEAR_STATE] = near
         near_b = near > 0.5
-        no_echo_seen = sc[:, XD_AVG_MIN] >= 1.0
+        no_echo_seen = xd_avg_min >= 1.0
 
         h_echo = torch.minimum(coh_de, 1.0 - coh_xd)
         sorted_pref = torch.sort(h_echo[:, pref], dim=-1).values
@@ -219,37 +218,39 @@ class ResidualEchoSuppressor:
         h = torch.where(use_de[:, None], coh_de, torch.where(use_xd[:, None], 1.0 - coh_xd, h_echo))
         fb = torch.where(use_de, de_avg, torch.where(use_xd, xd_avg, fb_echo))
         fb_low = torch.where(use_de, de_avg, torch.where(use_xd, xd_avg, fb_low_echo))
-        sc[:, OVERDRIVE] = torch.where(no_echo_seen, st["sup_min_overdrive"], sc[:, OVERDRIVE])
+        overdrive = torch.where(no_echo_seen, st["sup_min_overdrive"], overdrive)
 
         # Track the local minimum of hNl to set the overdrive (suppression depth).
-        new_min = (fb_low < 0.6) & (fb_low < sc[:, FB_LOCAL_MIN])
-        sc[:, FB_LOCAL_MIN] = torch.where(new_min, fb_low, sc[:, FB_LOCAL_MIN])
-        sc[:, FB_MIN] = torch.where(new_min, fb_low, sc[:, FB_MIN])
-        sc[:, NEW_MIN] = torch.where(new_min, 1.0, sc[:, NEW_MIN])
-        sc[:, MIN_CTR] = torch.where(new_min, 0.0, sc[:, MIN_CTR])
-        sc[:, FB_LOCAL_MIN] = (sc[:, FB_LOCAL_MIN] + 0.001).clamp_max(1.0)
-        sc[:, XD_AVG_MIN] = (sc[:, XD_AVG_MIN] + 0.00075).clamp_max(1.0)
-        sc[:, MIN_CTR] = torch.where(sc[:, NEW_MIN] > 0.5, sc[:, MIN_CTR] + 1, sc[:, MIN_CTR])
-        fire = sc[:, MIN_CTR] >= 2
-        od = torch.maximum(
-            st["sup_target"] / (torch.log(sc[:, FB_MIN] + 1e-10) + 1e-10), st["sup_min_overdrive"]
-        )
-        sc[:, OVERDRIVE] = torch.where(fire, od, sc[:, OVERDRIVE])
-        sc[:, NEW_MIN] = torch.where(fire, 0.0, sc[:, NEW_MIN])
-        sc[:, MIN_CTR] = torch.where(fire, 0.0, sc[:, MIN_CTR])
-        rate = torch.where(sc[:, OVERDRIVE] < sc[:, OVERDRIVE_SM], 0.025, 0.23)
-        sc[:, OVERDRIVE_SM] = (1 - rate) * sc[:, OVERDRIVE_SM] + rate * sc[:, OVERDRIVE]
+        new_min = (fb_low < 0.6) & (fb_low < fb_local_min)
+        fb_local_min = torch.where(new_min, fb_low, fb_local_min)
+        fb_min = torch.where(new_min, fb_low, fb_min)
+        new_min_flag = torch.where(new_min, 1.0, new_min_flag)
+        min_ctr = torch.where(new_min, 0.0, min_ctr)
+        fb_local_min = (fb_local_min + 0.001).clamp_max(1.0)
+        xd_avg_min = (xd_avg_min + 0.00075).clamp_max(1.0)
+        min_ctr = torch.where(new_min_flag > 0.5, min_ctr + 1, min_ctr)
+        fire = min_ctr >= 2
+        od = torch.maximum(st["sup_target"] / (torch.log(fb_min + 1e-10) + 1e-10), st["sup_min_overdrive"])
+        overdrive = torch.where(fire, od, overdrive)
+        new_min_flag = torch.where(fire, 0.0, new_min_flag)
+        min_ctr = torch.where(fire, 0.0, min_ctr)
+        rate = torch.where(overdrive < overdrive_sm, 0.025, 0.23)
+        overdrive_sm = (1 - rate) * overdrive_sm + rate * overdrive
 
         # Weight the bands towards the preferred-band level, then overdrive.
         h = torch.where(h > fb[:, None], self.weight_curve * fb[:, None] + (1 - self.weight_curve) * h, h)
-        gain = torch.pow(h.clamp_min(1e-6), sc[:, OVERDRIVE_SM, None] * self.overdrive_curve)
+        gain = torch.pow(h.clamp_min(1e-6), overdrive_sm[:, None] * self.overdrive_curve)
 
         # Only where the far end was active within the echo tail, and where enabled.
         far_now = psd[:, 0, pref].sum(-1) > self.far_active
-        sc[:, HANG] = torch.where(far_now, float(cfg.hangover_chunks), (sc[:, HANG] - 1).clamp_min(0.0))
-        active = (sc[:, HANG] > 0) & (st["sup_enabled"] > 0.5)
+        hang = torch.where(far_now, float(cfg.hangover_chunks), (hang - 1).clamp_min(0.0))
+        active = (hang > 0) & (st["sup_enabled"] > 0.5)
         gain = torch.where(active[:, None], self.to_bins(gain), 1.0)
-        st["sup_scalars"] = sc
+        st["sup_scalars"] = torch.stack(
+            [fb_min, fb_local_min, xd_avg_min, overdrive, overdrive_sm, near, new_min_flag, min_ctr,
+             diverged.float(), hang],
+            1,
+        )
         return gain, diverged & active
 
     def track_noise(self, st: dict[str, torch.Tensor], dw: torch.Tensor) -> torch.Tensor:

@@ -294,10 +294,17 @@ class DeepFilterNet3Stage(Stage):
         y_df, df_h = net.df_decoder.df_gru.sequence(emb, [st["df_h0"], st["df_h1"]])
         # causal pathway conv over c0 frames: partial sums carried across calls
         taps = net.df_decoder.pathway_taps(c0).view(b, t, nb_df, order, -1)
-        ext = torch.cat([st["df_pending"], taps.new_zeros(b, nb_df, t, taps.shape[-1])], dim=2)
-        for j in range(order):
-            ext[:, :, j : j + t] += taps[:, :, :, j].transpose(1, 2)
-        path = torch.relu_(ext[:, :, :t] + net.df_decoder.convp_b).transpose(1, 2)  # [B, T, F, 2*order]
+        pending = st["df_pending"]  # [B, F, order - 1, 2*order]
+        if t == 1:  # streaming: the same sums without the [B, F, order, 2*order] scratch
+            tap = taps[:, 0]
+            path = torch.relu_(pending[:, :, 0] + tap[:, :, 0] + net.df_decoder.convp_b).unsqueeze(1)
+            new_pending = torch.cat([pending[:, :, 1:] + tap[:, :, 1:-1], tap[:, :, -1:]], dim=2)
+        else:
+            ext = torch.cat([pending, taps.new_zeros(b, nb_df, t, taps.shape[-1])], dim=2)
+            for j in range(order):
+                ext[:, :, j : j + t] += taps[:, :, :, j].transpose(1, 2)
+            path = torch.relu_(ext[:, :, :t] + net.df_decoder.convp_b).transpose(1, 2)  # [B, T, F, 2*order]
+            new_pending = ext[:, :, t:]
         coefs = net.df_decoder.coefs(
             y_df.reshape(b * t, -1), emb.reshape(b * t, -1), path.reshape(b * t, nb_df, -1)
         )
@@ -332,7 +339,7 @@ class DeepFilterNet3Stage(Stage):
             "erb_h1": erb_h[1],
             "df_h0": df_h[0],
             "df_h1": df_h[1],
-            "df_pending": ext[:, :, t:],
+            "df_pending": new_pending,
             "spec_low_hist": low_all[:, :, -(order - 1) :],
             "spec_hist": spec_all[:, -cfg.lookahead :],
         }

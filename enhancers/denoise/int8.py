@@ -27,10 +27,10 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "int8")
 QMAX = 127.0
-# Weights at least this large go through FBGEMM's prepacked kernels; smaller ones (the DF3
-# frequency convolutions: large M, 128 x 128 weights at most, which stay in cache) run faster
-# through ``_int_mm``.
-PREPACK_MIN_WEIGHTS = 65_536
+# Only weights at least this large are quantized: the GRU and dense layers.  Below it (DF3's
+# frequency convolutions: 128 x 128 at most, many rows) the float32 GEMM stays in cache and the
+# per-call quantization ops cost as much as the int8 GEMM saves (measured: no gain at B=16, 64).
+MIN_INT8_WEIGHTS = 65_536
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,9 +85,9 @@ def quantize_columns(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Matmul(torch.nn.Module):
     """``x @ W (+ bias)`` for ``x`` ``[M, K]``: float32, or int8 with per-row/per-column scales.
 
-    Int8 runs FBGEMM's dynamic linear on prepacked weights for large weights (the ``_int_mm``
-    path reorders the weight on every call: 5x slower with weights out of cache), else
-    ``_int_mm``.  FBGEMM quantizes activations per tensor, from the tensor's range;
+    Int8 (weights of ``MIN_INT8_WEIGHTS`` or more; smaller ones stay float32) runs FBGEMM's
+    dynamic linear on prepacked weights (``torch._int_mm`` reorders the weight on every call:
+    5x slower once the weights are out of cache), or ``_int_mm`` where FBGEMM is missing.  FBGEMM quantizes activations per tensor, from the tensor's range;
     each row is divided by its largest magnitude first and a sentinel row ``[-1, 1, 0...]``
     is appended, so the range is always [-1, 1]: the same per-row quantization whatever
     the batch.
@@ -100,7 +100,7 @@ class Matmul(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, precision: str = "fp32") -> None:
         super().__init__()
-        self.int8 = precision == "int8"
+        self.int8 = precision == "int8" and weight.numel() >= MIN_INT8_WEIGHTS
         self.packed: Any = None
         weight = weight.detach().float()
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
@@ -111,8 +111,7 @@ class Matmul(torch.nn.Module):
             q, scale = quantize_columns(weight)
             self.register_buffer("weight", q, persistent=False)
             self.register_buffer("scale", scale, persistent=False)
-            if q.numel() >= PREPACK_MIN_WEIGHTS:
-                self.packed = prepack(q, scale * QMAX)
+            self.packed = prepack(q, scale * QMAX)
         else:
             self.register_buffer("weight", weight.contiguous(), persistent=False)
             self.register_buffer("scale", torch.ones(()), persistent=False)
