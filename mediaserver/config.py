@@ -243,6 +243,15 @@ class ServerConfig:
     # with workers: a room's participants on one worker beyond which its next joins go to another worker,
     # the room then spanning workers (its streams relayed between them); 0: a room stays on one worker
     room_spill_after: int = 0
+    # a cluster of nodes (signaling/cluster/nodes.py): the Redis that holds the node registry, room owners
+    # and the room bus ("" : this server alone); this node's id, the URL other nodes reach its public port
+    # at, the token nodes prove to each other when one proxies a participant to another, and the address
+    # the workers' relay sockets bind and announce (other nodes send streams there)
+    redis_url: str = ""
+    node_id: str = ""
+    public_url: str = ""
+    cluster_token: str = field(default="", repr=False)
+    relay_host: str = "127.0.0.1"
     media: MediaConfig = field(default_factory=MediaConfig)
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -351,6 +360,16 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         cfg = replace(cfg, sip_port=int(env["MEDIASERVER_SIP_PORT"]))
     if env.get("MEDIASERVER_WORKERS"):
         cfg = replace(cfg, workers=parse_workers(env["MEDIASERVER_WORKERS"]))
+    if env.get("MEDIASERVER_REDIS_URL"):
+        cfg = replace(cfg, redis_url=env["MEDIASERVER_REDIS_URL"])
+    if env.get("MEDIASERVER_NODE_ID"):
+        cfg = replace(cfg, node_id=env["MEDIASERVER_NODE_ID"])
+    if env.get("MEDIASERVER_PUBLIC_URL"):
+        cfg = replace(cfg, public_url=env["MEDIASERVER_PUBLIC_URL"].rstrip("/"))
+    if env.get("MEDIASERVER_CLUSTER_TOKEN"):
+        cfg = replace(cfg, cluster_token=env["MEDIASERVER_CLUSTER_TOKEN"])
+    if env.get("MEDIASERVER_RELAY_HOST"):
+        cfg = replace(cfg, relay_host=env["MEDIASERVER_RELAY_HOST"])
     if env.get("MEDIASERVER_ROOM_SPILL_AFTER"):
         cfg = replace(cfg, room_spill_after=max(0, int(env["MEDIASERVER_ROOM_SPILL_AFTER"])))
     if "MEDIASERVER_LOG_LEVEL" in env:

@@ -180,7 +180,10 @@ class RelayEndpoint:
         self._next_id = 1
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> Address:
+        """Bind ``host`` (``auto``: this machine's own address, for relays between nodes)."""
         loop = asyncio.get_running_loop()
+        if host == "auto":
+            host = socket.gethostbyname(socket.gethostname())
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.bind((host, port))

@@ -125,7 +125,7 @@ def serve(config: ServerConfig) -> None:
         raise SystemExit(f"mediaserver: bad telemetry configuration: {exc}") from exc
     print(f"mediaserver: open http://{'localhost' if config.host in ('0.0.0.0', '::') else config.host}"
           f":{config.port}/ in two browser tabs", flush=True)
-    if worker_count(config) > 1:  # rooms on media worker processes behind this one (signaling/cluster)
+    if worker_count(config) > 1 or config.redis_url:  # media workers behind this process (signaling/cluster)
         from signaling.cluster.front import serve_front
 
         try:

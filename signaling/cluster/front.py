@@ -12,11 +12,13 @@ cap and header deadline) apply here, before anything reaches a worker.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from collections import Counter
 from typing import Any, Optional
@@ -28,6 +30,7 @@ from mediaserver.config import ServerConfig, worker_count
 from mediaserver.room import ROOM_ID_RE
 from signaling.app import ABUSE_KEY, STATIC, AbuseTracker, client_address, error_middleware, json_error
 from signaling.cluster.bus import RoomBusHub
+from signaling.cluster.nodes import ClusterRouter, NodeDirectory
 from signaling.cluster.pool import WorkerPool
 from signaling.cluster.prometheus import merge_expositions
 from signaling.cluster.proxy import SignalingProxy
@@ -40,6 +43,7 @@ CONFIG_KEY: web.AppKey[ServerConfig] = web.AppKey("config", ServerConfig)
 PROXIES_KEY: web.AppKey[set[SignalingProxy]] = web.AppKey("proxies", set)  # type: ignore[arg-type]
 CONNS_KEY: web.AppKey[Counter[str]] = web.AppKey("front-connections", Counter)
 HUB_KEY: web.AppKey[RoomBusHub] = web.AppKey("bus", RoomBusHub)
+ROUTER_KEY: web.AppKey[ClusterRouter] = web.AppKey("router", ClusterRouter)
 FORWARD_HEADERS = ("Authorization", "Content-Type", "Accept")
 MAX_BODY = 256 * 1024
 
@@ -48,6 +52,12 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG_KEY]
     limits = config.limits
     peer = client_address(request)
+    # another node of the cluster proxying a participant here: its address is the client's, and the room
+    # is hosted here whatever the directory says (no second hop)
+    hop = bool(config.cluster_token) and hmac.compare_digest(
+        request.headers.get("X-Mediaserver-Node", ""), config.cluster_token)
+    if hop:
+        peer = request.headers.get("X-Forwarded-For", peer).strip()[:64] or peer
     conns = request.app[CONNS_KEY]
     if conns.total() >= limits.max_connections:
         return json_error(503, "server-busy", f"the server is at its limit of {limits.max_connections} "
@@ -66,7 +76,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     try:
         ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=limits.max_ws_message_bytes)
         await ws.prepare(request)
-        proxy = SignalingProxy(ws, request.app[POOL_KEY], peer, limits, request.transport)
+        proxy = SignalingProxy(ws, request.app[POOL_KEY], peer, limits, request.transport,
+                               router=None if hop else request.app.get(ROUTER_KEY))
         proxies.add(proxy)
         await proxy.run()
         return ws
@@ -232,11 +243,13 @@ async def serve_front(config: ServerConfig) -> None:
     socket_dir = tempfile.mkdtemp(prefix="mediaserver-")
     front_socket = os.path.join(socket_dir, "front.sock")
     pool = WorkerPool(config, count, socket_dir, front_socket)
-    hub = RoomBusHub(pool.placement)
+    node_id = config.node_id or f"{socket.gethostname()}-{config.port}"
+    hub = RoomBusHub(pool.placement, node_id if config.redis_url else "")
     internal = web.AppRunner(create_internal_app(pool, hub))
     await internal.setup()
     await web.UnixSite(internal, front_socket).start()
     runner: Optional[web.AppRunner] = None
+    closers: list[Any] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -244,13 +257,59 @@ async def serve_front(config: ServerConfig) -> None:
     try:
         log.info("starting %d media workers", count)
         await pool.start()
-        runner, port = await start_http(create_front_app(config, pool, hub), config.host, config.port,
-                                        config.limits)
+        app = create_front_app(config, pool, hub)
+        if config.redis_url:
+            cluster = await _join_cluster(config, pool, hub, node_id)
+            app[ROUTER_KEY] = cluster[0]
+            closers.extend(cluster[1:])
+        runner, port = await start_http(app, config.host, config.port, config.limits)
         log.info("front ready on port %d with %d media workers", port, count)
         await stop.wait()
     finally:
+        for closer in reversed(closers):
+            await closer.close()
         await pool.close()  # workers drain first: their "bye" reaches the clients through the proxies
         if runner is not None:
             await runner.cleanup()
         await internal.cleanup()
         shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _local_state(pool: WorkerPool) -> tuple[int, dict[str, int]]:
+    """This node's participants and, per room, its participants here (from the workers' reports)."""
+    rooms: dict[str, int] = {}
+    for w in pool.workers:
+        for room, n in (w.state.get("rooms") or {}).items():
+            rooms[room] = rooms.get(room, 0) + int(n)
+    return sum(rooms.values()), rooms
+
+
+async def _join_cluster(config: ServerConfig, pool: WorkerPool, hub: RoomBusHub, node_id: str) -> list[Any]:
+    """Register this node in Redis, follow the room bus, route joins: (router, closers ...)."""
+    import redis.asyncio as aioredis
+
+    from signaling.cluster.interbus import ClusterBus
+
+    if not config.cluster_token:
+        raise SystemExit("mediaserver: a cluster (--redis) needs MEDIASERVER_CLUSTER_TOKEN, the secret its nodes "
+                         "share to proxy participants to each other")
+    client = aioredis.from_url(config.redis_url)
+    url = config.public_url or f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}" \
+                                f":{config.port}"
+    directory = NodeDirectory(client, node_id, url, lambda: _local_state(pool))
+    bus = ClusterBus(client, hub, node_id)
+    hub.cluster = bus
+    directory.on_node_lost.append(hub.node_gone)
+    await bus.start()
+    await directory.start()
+    router = ClusterRouter(directory, config.cluster_token, config.room_spill_after)
+    log.info("node %s in the cluster at %s (%d live nodes)", node_id, config.redis_url, len(directory.nodes))
+    return [router, bus, directory, _RedisCloser(client)]
+
+
+class _RedisCloser:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -37,9 +37,12 @@ class SignalingProxy:
     """Owns one client WebSocket of the front and its upstream WebSocket to a worker."""
 
     def __init__(self, ws: web.WebSocketResponse, pool: WorkerPool, peer: str, limits: LimitsConfig,
-                 transport: Optional[asyncio.BaseTransport]) -> None:
+                 transport: Optional[asyncio.BaseTransport], router: Any = None) -> None:
         self.ws = ws
         self.pool = pool
+        # in a cluster: ``await router.route(room)`` is None (this node) or the URL of the node to proxy to
+        self.router = router
+        self.node_url: Optional[str] = None  # the other node this socket is proxied to
         self.peer = peer
         self.limits = limits
         self.transport = transport
@@ -115,6 +118,10 @@ class SignalingProxy:
         another worker ends it early with that join (room, text) to route next."""
         room, text = join
         await self._close_upstream()  # the room before, on another worker: the worker lets it leave
+        if self.router is not None:
+            url = await self.router.route(room)
+            if url is not None:
+                return await self._relay_to_node(url, room, text)
         try:
             index = self.pool.placement.route(room)
         except RoomError as exc:
@@ -130,6 +137,28 @@ class SignalingProxy:
             await self._send(error("server-busy", "the room's media worker is not reachable; retry"))
             return await self._wait_for_join()
         self._upstream, self.worker, self.room = upstream, index, room
+        await upstream.send_str(text)
+        down = asyncio.ensure_future(self._downstream(upstream))
+        try:
+            return await self._upstream_pump(upstream, down)
+        finally:
+            down.cancel()
+            try:
+                await down
+            except asyncio.CancelledError:
+                pass
+
+    async def _relay_to_node(self, url: str, room: str, text: str) -> Optional[tuple[str, str]]:
+        """The room belongs to another node of the cluster: proxy this socket to that node's front."""
+        try:
+            upstream = await self.router.session().ws_connect(
+                url.replace("http", "ws", 1) + "/ws", heartbeat=None, max_msg_size=self.limits.max_ws_message_bytes * 4,
+                headers={"X-Forwarded-For": self.peer, "X-Mediaserver-Node": self.router.token})
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("%s: node %s of room %s unreachable: %s", self.peer, url, room, exc)
+            await self._send(error("server-busy", "the room's node is not reachable; retry"))
+            return await self._wait_for_join()
+        self._upstream, self.worker, self.room, self.node_url = upstream, None, room, url
         await upstream.send_str(text)
         down = asyncio.ensure_future(self._downstream(upstream))
         try:
@@ -183,6 +212,8 @@ class SignalingProxy:
         room = body.get("room")
         if not isinstance(room, str) or not ROOM_ID_RE.match(room) or room == self.room:
             return None
+        if self.node_url is not None or self.router is not None:
+            return room  # in a cluster any other room may live elsewhere: routed again
         index = self.pool.placement.worker_of(room)
         return room if index is not None and index != self.worker else None
 
@@ -215,7 +246,7 @@ class SignalingProxy:
     async def _close_upstream(self) -> None:
         if self.room is not None and self.worker is not None:
             self.pool.placement.release(self.room, self.worker)
-            self.room = None
+        self.room, self.node_url, self.worker = None, None, None
         upstream, self._upstream = self._upstream, None
         if upstream is not None and not upstream.closed:
             try:

@@ -91,7 +91,7 @@ async def _serve(config: ServerConfig, index: int, socket_path: str, front_socke
     app = create_app(server, forwarded=True)
 
     async def join_bus(app: web.Application) -> None:  # after the server started (its on_startup)
-        links = await server.attach_bus(bus)
+        links = await server.attach_bus(bus, config.relay_host)
         await bus.start({"op": "hello", "host": f"w{index}", "worker": index,
                          "relay": list(links.endpoint.address)}, links.on_message)
 

@@ -87,7 +87,19 @@ async function join(ev) {
     const msg = JSON.parse(e.data);
     chain = chain.then(() => onMessage(msg)).catch((err) => showError(String(err)));
   };
-  ws.onclose = () => { setStatus("disconnected", "idle"); teardown(); };
+  ws.onclose = (e) => {
+    const wasIn = !!state.me && !state.leaving;
+    state.me = null;
+    setStatus("disconnected", "idle");
+    teardown();
+    // the server (or the room's media worker or node) went away: join the same room again, on whatever
+    // answers at this address now, a few times
+    if (wasIn && [1001, 1006, 1011, 1012].includes(e.code) && (state.rejoins || 0) < 10) {
+      state.rejoins = (state.rejoins || 0) + 1;
+      setStatus("reconnecting…", "idle");
+      setTimeout(() => join({ preventDefault() {} }), 1000);
+    }
+  };
   ws.onerror = () => setStatus("connection error", "error");
 }
 
@@ -102,6 +114,7 @@ async function onMessage(msg) {
       await startPeer();
       $("join").disabled = true; $("leave").disabled = false; $("mute").disabled = false; $("stages").disabled = false;
       setStatus(`in room ${msg.room.id}`, "connected");
+      state.rejoins = 0; state.leaving = false;
       break;
     }
     case "answer":
@@ -230,7 +243,7 @@ function teardown() {
 }
 
 $("join-form").addEventListener("submit", join);
-$("leave").addEventListener("click", () => { send({ type: "leave" }); if (state.ws) state.ws.close(); });
+$("leave").addEventListener("click", () => { state.leaving = true; send({ type: "leave" }); if (state.ws) state.ws.close(); });
 $("mute").addEventListener("click", () => {
   state.muted = !state.muted;
   if (state.mic) state.mic.getAudioTracks().forEach((t) => { t.enabled = !state.muted; });
