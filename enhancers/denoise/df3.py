@@ -207,8 +207,8 @@ class DeepFilterNet3Stage(Stage):
             return self._process_torch(audio, streams)
         if len(streams) > self.native_streams:
             return self._process_migrating(audio, streams, native)
-        for i in native:
-            self._shadowed.pop(streams[i].slot, None)  # (a migration interrupted starts over)
+        # (a small call in the middle of a migration leaves the torch state a frame behind; the
+        # count goes on: the state catches up within a few frames, long before the handover)
         out = audio.to(self.device, torch.float32).clone()
         frames = audio.detach().cpu().numpy()
         for i in native:
