@@ -95,7 +95,7 @@ async def index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(STATIC / "index.html")
 
 
-async def forward(request: web.Request, worker: int) -> web.Response:
+async def forward(request: web.Request, worker: int, timeout_s: float = 30.0) -> web.Response:
     """``request`` as it came (method, path, query, auth, body) to ``worker``; its answer back."""
     pool = request.app[POOL_KEY]
     body = await request.read()  # (kept by aiohttp: the same bytes when a router read it first)
@@ -105,7 +105,8 @@ async def forward(request: web.Request, worker: int) -> web.Response:
     headers["X-Forwarded-For"] = client_address(request)
     try:
         async with pool.session(worker).request(request.method, f"http://worker{request.path_qs}", data=body,
-                                                headers=headers) as resp:
+                                                headers=headers,
+                                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             data = await resp.read()
             return web.Response(body=data, status=resp.status,
                                 content_type=resp.content_type or "application/json")
@@ -149,6 +150,34 @@ async def list_rooms(request: web.Request) -> web.StreamResponse:
         for room in json.loads(resp.body).get("rooms", []):
             rooms.append({**room, "worker": w.index})
     return web.json_response({"rooms": rooms})
+
+
+async def every_worker(request: web.Request) -> web.StreamResponse:
+    """A server-wide request (rollouts): to every ready worker (each runs it on its own streams); the
+    first worker's answer, with every worker's under ``workers`` (a refusal by any is returned as is)."""
+    pool = request.app[POOL_KEY]
+    ready = [w.index for w in pool.workers if w.ready]
+    if not ready:
+        return json_error(503, "server-busy", "no media worker is ready; retry in a moment")
+    body = await request.read()  # (read once, kept for every forward)
+    del body
+    # in parallel: starting a rollout waits for each worker's executor to load the candidate's stages
+    answers = await asyncio.gather(*(forward(request, i, timeout_s=300.0) for i in ready))
+    for resp in answers:
+        if resp.status >= 400:
+            return resp
+    bodies = []
+    for resp in answers:
+        assert isinstance(resp.body, bytes)
+        try:
+            bodies.append(json.loads(resp.body))
+        except ValueError:
+            bodies.append(None)
+    first = bodies[0]
+    if not isinstance(first, dict):
+        return answers[0]
+    return web.json_response({**first, "workers": {str(i): b for i, b in zip(ready, bodies)}},
+                             status=answers[0].status)
 
 
 async def list_stages(request: web.Request) -> web.Response:
@@ -210,6 +239,8 @@ def create_front_app(config: ServerConfig, pool: WorkerPool, hub: RoomBusHub) ->
     app.router.add_get("/api/rooms", list_rooms)
     app.router.add_route("*", "/api/rooms/{room_id}", room_request)
     app.router.add_route("*", "/api/rooms/{room_id}/{rest:.*}", room_request)
+    app.router.add_route("*", "/api/rollouts", every_worker)  # rollouts: each worker over its own streams
+    app.router.add_route("*", "/api/rollouts/{rest:.*}", every_worker)
     app.router.add_static("/static/", STATIC)
 
     def worker_lost(index: int) -> None:
