@@ -37,11 +37,12 @@ STAGES: dict[str, str] = {
 
 # The ladder an overloaded executor walks down for a stream it cannot give what it asked for
 # (enhancers/executor/admission.py): lighter variants of a spec, best first ...
-LIGHTER: dict[str, tuple[str, ...]] = {
-    "denoise": ("denoise:gtcrn", "denoise:nsnet2", "denoise:rnnoise"),
-    "denoise:df3": ("denoise:gtcrn", "denoise:nsnet2", "denoise:rnnoise"),
+LIGHTER: dict[str, tuple[str, ...]] = {  # each priced by the measured load model: the first that fits wins
+    "denoise": ("denoise:nsnet2", "denoise:gtcrn", "denoise:rnnoise"),
+    "denoise:df3": ("denoise:nsnet2", "denoise:gtcrn", "denoise:rnnoise"),
     "denoise:gtcrn": ("denoise:nsnet2", "denoise:rnnoise"),
-    "denoise:nsnet2": ("denoise:rnnoise",),
+    "denoise:nsnet2": ("denoise:gtcrn", "denoise:rnnoise"),
+    "denoise:rnnoise": ("denoise:nsnet2",),
     "vad:silero": ("vad:webrtc",),
 }
 # ... and the steps, in order, each applied to what the previous left: dereverb goes first (it adds
