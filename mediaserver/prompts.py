@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import logging
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from synth import (
     VoiceOptions,
 )
 from synth.cache import PromptCache
+from synth.service import Isolation
 
 if TYPE_CHECKING:
     from mediaserver.server import MediaServer
@@ -57,13 +57,6 @@ MAX_QUEUED_BYTES = 32 * 1024 * 1024  # audio one track holds, playing and queued
 _INT16_SCALE = np.float32(1.0 / 32767.0)
 
 
-def _release_heap() -> None:
-    """Hand freed heap back to the OS: glibc keeps large freed buffers (a long prompt's float32
-    synthesis buffers, tens of MiB) in the process otherwise, once its mmap threshold has grown."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 _NO_AUDIO = np.zeros(0, dtype=np.float32)
 _NO_AUDIO.flags.writeable = False
 
@@ -296,9 +289,10 @@ class PromptManager:
 
     def __init__(self, server: MediaServer, *, max_queued: int = MAX_QUEUED,
                  max_pending: int = MAX_PENDING_SYNTHESES, ready_timeout_s: float = READY_TIMEOUT_S,
-                 synth: SynthService | None = None) -> None:
+                 synth: SynthService | None = None, isolation: Isolation = "process") -> None:
         self._server = server
         self._synth = synth
+        self.isolation = isolation  # where synthesis runs: a process of its own (the server), or a thread
         self.max_queued = max_queued
         self.max_pending = max_pending
         self.ready_timeout_s = ready_timeout_s
@@ -332,7 +326,8 @@ class PromptManager:
             async with self._synth_lock:
                 if self._synth is None:
                     cache = PromptCache(memory_bytes=self.config.cache_memory_bytes)
-                    self._synth = await asyncio.to_thread(SynthService, None, cache)
+                    # process isolation: nothing is loaded here, the synthesis process starts on the first request
+                    self._synth = await asyncio.to_thread(SynthService, None, cache, isolation=self.isolation)
         return self._synth
 
     def _target(self, room: Room, to: str | None) -> None:
@@ -356,9 +351,11 @@ class PromptManager:
         self._pending[room.id] += 1
         try:
             synth = await self.service()
-            if len(text) > synth.engine.max_chars:  # refuse before queueing work on the synthesis thread
-                raise TextTooLong(len(text), synth.engine.max_chars)
-            result = await synth.synthesize(text, options or VoiceOptions())
+            max_chars = (await synth.engine_info()).max_chars
+            if len(text) > max_chars:  # refuse before queueing work behind other syntheses
+                raise TextTooLong(len(text), max_chars)
+            # 16-bit samples, as the track holds them: from a synthesis process exactly as they came back
+            result = await synth.synthesize(text, options or VoiceOptions(), pcm16=True)
         except (InvalidRequest, EngineFailure) as exc:
             raise _synth_error(exc) from exc
         finally:
@@ -384,10 +381,10 @@ class PromptManager:
     @staticmethod
     def _prompt(text: str, to: str | None, result: SynthResult) -> Prompt:
         # held as 16-bit samples while queued and playing: half the memory of float32, and nothing a
-        # listener can hear after a 32 kbit/s Opus encode (a 5000-character prompt is ~27 MiB, not ~55)
-        audio = np.round(np.clip(result.audio, -1.0, 1.0) * 32767.0).astype(np.int16)
-        _release_heap()
-        return Prompt(id=new_id("prompt-"), text=text, audio=audio, to=to, voice=result.voice,
+        # listener can hear after a 32 kbit/s Opus encode (a 5000-character prompt is ~27 MiB, not ~55).
+        # From the synthesis process a long prompt's samples are a read-only view of a shared mapping:
+        # its pages join this process's RSS as they are played, and go when the prompt lets go of them.
+        return Prompt(id=new_id("prompt-"), text=text, audio=result.audio, to=to, voice=result.voice,
                       cache_hit=result.cache_hit, metadata=result.metadata())
 
     def _player(self, room: Room, to: str | None) -> PromptPlayer:

@@ -2,9 +2,10 @@
 
 Spoken prompts repeat ("You are muted", "Press 1 for sales"), so the service synthesizes each distinct
 request once. The key is a SHA-256 over the text, the engine identity, the voice and every option; the
-value is the finished audio (what the service hands out, already at 48 kHz) with its sample rate and
-metadata. Disk entries are written atomically (temporary file + rename), so several server processes
-may share one cache directory; unreadable entries are treated as misses and removed.
+value is the finished audio (what the service hands out, already at 48 kHz: float32, or int16 from a
+synthesis process) with its sample rate and metadata; disk entries keep the dtype they were stored
+with. Disk entries are written atomically (temporary file + rename), so several server processes may
+share one cache directory; unreadable entries are treated as misses and removed.
 """
 
 from __future__ import annotations
@@ -103,6 +104,18 @@ class PromptCache:
         self._remember(key, loaded)
         return loaded
 
+    def remember(self, key: str, result: SynthResult) -> None:
+        """Store a result in memory only (its producer wrote the disk entry, if any)."""
+        self._remember(key, result)
+
+    def count(self, hit: bool) -> None:
+        """Count a lookup its producer answered (a disk hit or a miss seen by another process)."""
+        with self._lock:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
+
     def put(self, key: str, result: SynthResult) -> None:
         """Store a result in memory and, when a directory is set, on disk."""
         self._remember(key, result)
@@ -133,9 +146,8 @@ class PromptCache:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
-                np.savez(
-                    handle, audio=result.audio.astype(np.float32), sample_rate=result.sample_rate, meta=meta
-                )
+                audio = result.audio if result.audio.dtype == np.int16 else result.audio.astype(np.float32)
+                np.savez(handle, audio=audio, sample_rate=result.sample_rate, meta=meta)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -148,8 +160,11 @@ class PromptCache:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
+                audio = np.array(data["audio"])
+                if audio.dtype != np.int16:
+                    audio = audio.astype(np.float32, copy=False)
                 return SynthResult(
-                    audio=np.array(data["audio"], dtype=np.float32),
+                    audio=audio,
                     sample_rate=int(data["sample_rate"]),
                     engine=str(meta["engine"]),
                     voice=str(meta["voice"]),
