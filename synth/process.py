@@ -234,6 +234,8 @@ class _Child:
         child_end.close()
         self.hello: asyncio.Future[EngineInfo] = loop.create_future()
         self.dead = False
+        self._closing = threading.Lock()
+        self._closed = False
         self._loop = loop
         self._deliver = deliver
         self._reader = threading.Thread(target=self._read, name="synth-reader", daemon=True)
@@ -257,13 +259,16 @@ class _Child:
                     else:
                         audio = np.zeros(0, dtype=np.int16)
                     msg = ("audio", req_id, meta, audio)
+                    del audio
             except (EOFError, OSError, RuntimeError, ValueError):
                 msg = ("eof",)
+            eof = msg[0] == "eof"
             try:
                 self._loop.call_soon_threadsafe(self._deliver, self, msg)
             except RuntimeError:  # the loop is closed
                 return
-            if msg[0] == "eof":
+            del msg  # not held here while waiting for the next message: the audio is let go with its prompt
+            if eof:
                 return
 
     def kill(self) -> None:
@@ -271,21 +276,29 @@ class _Child:
             self.process.kill()
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Blocking: ask the child to stop, kill it if it does not, and wait for the reader."""
-        try:
-            self.conn.send(("close", 0))
-        except (OSError, ValueError):
-            pass
-        self.process.join(timeout_s)
-        if self.process.is_alive():
-            self.process.kill()
+        """Blocking: ask the child to stop, kill it if it does not, and wait for the reader (once; any thread)."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.conn.send(("close", 0))
+            except (OSError, ValueError):
+                pass
             self.process.join(timeout_s)
-        self.conn.close()  # the reader's recv ends (EOF/OSError)
-        self._reader.join(timeout_s)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(timeout_s)
+            self.conn.close()  # the reader's recv ends (EOF/OSError)
+            if threading.current_thread() is not self._reader:
+                self._reader.join(timeout_s)
 
 
 def _reap(child: _Child, unexpected: bool) -> None:
-    child.close(1.0)
+    try:
+        child.close(1.0)
+    except Exception:  # noqa: BLE001 - a reaper thread has nobody to tell but the log
+        log.debug("closing a synthesis process failed", exc_info=True)
     if unexpected:
         log.error("the synthesis process (pid %s) exited with %s; the next request starts another",
                   child.pid, child.process.exitcode)
@@ -370,6 +383,8 @@ class SynthProcess:
             else:
                 if not request.future.done():
                     request.future.set_result(result)
+                del result
+            del request  # nor here, while waiting for the next request
 
     async def _send(self, request: _Request) -> Any:
         child = await self._ensure_child()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -13,7 +14,9 @@ import aiohttp
 import numpy as np
 import pytest
 
+from bench.signaling_flood import call_figures
 from loadtest.bot import Bot
+from loadtest.lightmedia import encode_opus
 from mediaserver.config import AuthConfig, EnhanceConfig, PromptConfig, ServerConfig
 from tests.audio_checks import best_alignment, content_match
 from tests.conftest import RunningServer, ServerFactory
@@ -301,3 +304,49 @@ async def test_many_long_prompts_keep_memory_bounded_and_the_newest_play(start_s
         assert content_match(heard, last) > 0.6, "the newest prompt did not play"
     finally:
         await bot.leave()
+
+
+LONGEST = ("The quick brown fox jumps over the lazy dog near the river bank. " * 80)[:5000]
+STALL_BOUND_MS = 300.0  # generous: a busy shared machine; bench/attack.py measures it against 100 ms
+
+
+async def call_during_long_prompt(rs: RunningServer, room: str) -> tuple[dict[str, Any], str]:
+    """Two participants talking (continuous noise, so any silence is a gap) while a 5000-character
+    prompt is requested, synthesized and starts playing: the call's figures over that time, the prompt id."""
+    audio = (np.random.default_rng(1).standard_normal(RATE * 4) * 0.1).astype(np.float32)
+    packets = encode_opus(audio)
+    a, b = (Bot(rs.url, room, name, audio, light=True, opus_packets=packets) for name in ("talker", "listener"))
+    await a.join(timeout=30.0)
+    await b.join(timeout=30.0)
+    try:
+        await _wait_for(lambda: all(any(len(r.rtp_arrivals) > 50 for r in bot.recordings.values())
+                                    for bot in (a, b)), 30)
+        await asyncio.sleep(1.0)
+        t0 = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            r = await http.post(f"{rs.url}/api/rooms/{room}/prompts", json={"text": LONGEST},
+                                timeout=aiohttp.ClientTimeout(total=120))
+            assert r.status == 202, await r.text()
+            prompt = (await r.json())["prompt"]
+        await _wait_for(lambda: bool(_events(b, "prompt.started", prompt)), 15)
+        await asyncio.sleep(1.5)
+        return call_figures(a, b, t0, time.monotonic() - 0.3), prompt
+    finally:
+        await a.leave()
+        await b.leave()
+
+
+async def test_a_long_prompt_is_synthesized_without_stalling_the_call(server: RunningServer) -> None:
+    """The synthesis of a 5000-character prompt (minutes of audio) runs in the synthesis process: the
+    call in the room goes on (no long gap, few frames lost) and the server only maps the finished
+    16-bit audio (nothing converted or copied here; released when the prompt is done)."""
+    figures, prompt_id = await call_during_long_prompt(server, "stall")
+    assert figures["frames_expected"] > 200, figures
+    assert figures["largest_gap_ms"] <= STALL_BOUND_MS, figures
+    assert figures["frames_lost"] <= 0.05 * figures["frames_expected"], figures
+    service = await server.server.prompts.service()
+    assert service.process is not None and service.process.pid not in (None, os.getpid())
+    prompt = server.server.prompts.find(prompt_id)
+    assert prompt is not None and prompt.duration_s > 120
+    # the room emptied: its prompt track was closed and let go of the audio
+    assert prompt.audio.size == 0 and "stall" not in server.server.rooms.rooms
