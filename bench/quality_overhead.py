@@ -85,14 +85,16 @@ def _cpu_by_kind(pid: int) -> dict[str, float]:
 def server(quality: bool, cpus: str, log: Path, code: str | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [str(BIN / "mediaserver"), "serve", "--host", "127.0.0.1", "--port", str(port), "--dev",
-           "--log-level", "WARNING", "--stages", ""]
+    # python -m signaling.main (the ``mediaserver`` command's module): the command line does not say
+    # "mediaserver", so a shared machine's clean-up of stray servers by name leaves this one alone
+    cmd = [str(BIN / "python"), "-m", "signaling.main", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--dev", "--log-level", "WARNING", "--stages", ""]
     env = {**os.environ, "MEDIASERVER_QUALITY": "1" if quality else "0"}
     if code:  # another checkout's code (a before/after comparison), with this virtualenv
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH")]))
     with open(log, "ab") as out:
-        proc = subprocess.Popen(["taskset", "-c", cpus, *cmd], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=env)
+        proc = subprocess.Popen(["taskset", "-c", cpus, *cmd], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=code or ROOT, env=env)  # -m puts the working directory first on the path
     try:
         wait_healthy(url, proc)
         yield url, proc
@@ -124,7 +126,12 @@ async def measure(quality: bool, streams: int, args: argparse.Namespace, log: Pa
             c0, t0 = _cpu_by_kind(proc.pid), time.monotonic()
             window = await session.measure(args.hold, f"{streams} streams")
             c1, t1 = _cpu_by_kind(proc.pid), time.monotonic()
-            health = _health(url)
+            try:
+                health = _health(url)
+            except OSError:  # the server is gone: say so rather than lose the whole run
+                print(f"[quality_overhead] the server exited ({proc.poll()}) before the end of the window",
+                      file=sys.stderr, flush=True)
+                health = {}
         finally:
             await session.close()
     wall = t1 - t0
@@ -184,8 +191,9 @@ async def run(args: argparse.Namespace, out: Path, micro_figures: dict[str, floa
     for streams in [int(s) for s in args.streams.split(",")]:
         ons, offs = [], []
         for r in range(args.rounds):  # interleaved: a shared machine's other load falls on both sides
-            ons.append(await measure(True, streams, args, out / f"on-{streams}-{r}.log"))
-            offs.append(await measure(False, streams, args, out / f"off-{streams}-{r}.log"))
+            for quality, runs in ((True, ons), (False, offs)):
+                runs.append(await measure(quality, streams, args, out / f"{'on' if quality else 'off'}-{streams}-{r}.log"))
+                print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # kept if a later run fails
 
         def med(runs: list[dict[str, Any]], key: str) -> float:
             return float(statistics.median(x[key] for x in runs))

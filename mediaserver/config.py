@@ -197,7 +197,7 @@ class QualityConfig:
     # DNSMOS windows (before and after enhancement) for the whole server: the scorer process may spend
     # cpu_share of one core (a token bucket of CPU seconds holding burst_s seconds' worth), streams get
     # windows in a fair order (mediaserver/quality_budget.py), none more often than every period_s
-    cpu_share: float = 0.03
+    cpu_share: float = 0.02
     burst_s: float = 60.0
     period_s: float = 30.0
     score_timeout_s: float = 120.0  # a batch the scorer process has not answered by then: process replaced

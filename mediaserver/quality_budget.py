@@ -2,7 +2,7 @@
 
 One DNSMOS window costs ~0.45 s of one core per clip on this machine (a window of a stream with
 stages is two clips: before and after).  A fixed period per stream would make that cost grow with
-the number of streams; instead the scorer gets a share of one core (``cpu_share``, default 0.03)
+the number of streams; instead the scorer gets a share of one core (``cpu_share``, default 0.02)
 as a token bucket of CPU seconds, filled at ``cpu_share`` seconds per second up to ``burst_s``
 seconds' worth, started full.  A stream that is due a window (its last one was at least
 ``period_s`` ago) asks for it; it is granted when the bucket holds the window's estimated cost and
