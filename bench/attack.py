@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.load import BIN, ROOT, free_port, stop_server, wait_healthy  # noqa: E402
 from bench.media_flood import server_addresses, spawn_sender  # noqa: E402
 from bench.signaling_flood import call_figures, flood_subprocess  # noqa: E402
+from enhancers.process_name import EXECUTOR_WORKER  # noqa: E402
 from loadtest import attacks, sip_attacks  # noqa: E402
 from loadtest.bot import Bot  # noqa: E402
 from loadtest.lightmedia import encode_opus  # noqa: E402
@@ -92,6 +93,14 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def tree_usage(root: int, tree: bool = True) -> dict[str, float]:
     """RSS (MiB), open file descriptors and CPU seconds of ``root`` and (``tree``) its descendants."""
     rss = cpu = 0.0
@@ -107,6 +116,17 @@ def tree_usage(root: int, tree: bool = True) -> dict[str, float]:
         except OSError:
             pass
     return {"rss_mib": rss, "fds": fds, "cpu_s": cpu}
+
+
+def children_rss(root: int) -> dict[str, float]:
+    """RSS (MiB) of the server's child processes by name (``ms-executor``, ``ms-synth``, ...)."""
+    out: dict[str, float] = {}
+    for pid in process_tree(root):
+        if pid == root:
+            continue
+        name = process_name(pid) or str(pid)
+        out[name] = round(out.get(name, 0.0) + tree_usage(pid, tree=False)["rss_mib"], 1)
+    return out
 
 
 def get_json(url: str, token: str | None = None) -> Any:
@@ -200,6 +220,8 @@ class Suite:
                "rss_growth_mib": round(own1["rss_mib"] - own0["rss_mib"], 1), "fd_growth": own1["fds"] - own0["fds"],
                "tree_rss_growth_mib": round(u1["rss_mib"] - u0["rss_mib"], 1),
                "server_cpu_percent": round(100.0 * (u1["cpu_s"] - u0["cpu_s"]) / (t1 - t0), 1),
+               # the named children at the window's end (ms-synth: the prompts' synthesis process)
+               "children_rss_mib": children_rss(self.pid),
                "attacker": attacker}
         out["ok"] = {"gap": call["largest_gap_ms"] <= GAP_LIMIT_MS, "no_eviction": out["evicted"] == 0,
                      "rss": out["rss_growth_mib"] <= RSS_LIMIT_MIB}
@@ -311,7 +333,8 @@ async def sip_tcp_lockout(s: Suite) -> dict[str, Any]:
 
 
 async def worker_stop(s: Suite) -> dict[str, Any]:
-    children = [p for p in process_tree(s.pid) if p != s.pid]
+    # by name: the server has other children (the synthesis process ms-synth, multiprocessing's resource tracker)
+    children = [p for p in process_tree(s.pid) if p != s.pid and process_name(p) == EXECUTOR_WORKER]
     if not children:
         return {"skipped": "no executor worker process"}
     worker = children[0]

@@ -8,6 +8,13 @@ addressed to; they stay (silent) until the room empties or the target leaves, so
 renegotiation once its track exists.  A new track holds its first prompt until the subscribers'
 senders read from it (the renegotiation is done), so its beginning is not lost.
 
+Synthesis (engine, watermark, resampling, normalization, padding) runs in the synthesis process of
+``synth.process`` (``SynthService(isolation="process")``), never on this process's interpreter: the
+event loop that paces the audio only receives a prompt's finished 16-bit samples, a read-only mapping
+of the process's memory file for a long prompt, whose pages join this process as they are played and
+are unmapped when the prompt is played, cut or dropped.  What a track holds is bounded in bytes
+(``PromptConfig.max_queued_bytes``), the cache in its own byte budget (``cache_memory_bytes``).
+
 ``interrupt`` cuts the playing prompt at the next tick and drops the queue.  Everyone who hears a
 prompt receives ``prompt.started`` when its first chunk is pulled and ``prompt.finished`` when its last
 one is (or when it is cut).  Being published like any stream, prompts reach the echo reference of

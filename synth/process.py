@@ -4,7 +4,10 @@ Synthesizing a 5000-character prompt (the engine, its watermark, resampling to 4
 normalization, padding) is seconds of CPU and passes over tens of MiB of samples.  On a thread of the
 media server's process that work held the GIL against the event loop that paces the audio (150 ms gaps
 in a call while ten such prompts were queued) and its buffers stayed in the server's heap.  Here one
-spawned, niced child (``ms-synth``) owns the engine; :class:`SynthProcess` is the parent's side.
+niced child (``ms-synth``) owns the engine; :class:`SynthProcess` is the parent's side.  The child is a
+fresh interpreter (``python -m synth.child``, :mod:`synth.child`) that imports only ``synth``, numpy and
+scipy (~120 MiB): multiprocessing's spawn would import the server's ``__main__`` again (torch,
+aiortc: ~360 MiB).
 
 * Started on the first request (the media server's warm-up phrase makes that its start), started again
   on the next request after it died (killed, out of memory) or hung (no answer in
@@ -32,8 +35,9 @@ import ctypes.util
 import itertools
 import logging
 import mmap
-import multiprocessing
 import os
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -225,13 +229,22 @@ class _Request:
 class _Child:
     """One running child: its process, the parent's end of the socket and the thread reading it."""
 
-    def __init__(self, ctx: Any, settings: ChildSettings, loop: asyncio.AbstractEventLoop,
+    def __init__(self, settings: ChildSettings, loop: asyncio.AbstractEventLoop,
                  deliver: Callable[[_Child, tuple[Any, ...]], None]) -> None:
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        self.conn: Connection = parent_end
-        self.process = ctx.Process(target=child_main, args=(child_end, settings), name=PROCESS_NAME, daemon=True)
-        self.process.start()
-        child_end.close()
+        parent_end, child_end = socket.socketpair()
+        try:
+            # a fresh interpreter that imports only synth (multiprocessing's spawn would import the server's
+            # __main__ again: torch, aiortc ... hundreds of MiB for a process that needs numpy and scipy)
+            self.process = subprocess.Popen([sys.executable, "-m", "synth.child", str(child_end.fileno())],
+                                            pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL)
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        self.conn = Connection(parent_end.detach())
+        self.conn.send(list(sys.path))  # so that the engine factory unpickles there as it would here
+        self.conn.send(settings)
         self.hello: asyncio.Future[EngineInfo] = loop.create_future()
         self.dead = False
         self._closing = threading.Lock()
@@ -272,7 +285,7 @@ class _Child:
                 return
 
     def kill(self) -> None:
-        if self.process.is_alive():
+        if self.process.poll() is None:
             self.process.kill()
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -285,10 +298,11 @@ class _Child:
                 self.conn.send(("close", 0))
             except (OSError, ValueError):
                 pass
-            self.process.join(timeout_s)
-            if self.process.is_alive():
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.join(timeout_s)
+                self.process.wait(timeout_s)
             self.conn.close()  # the reader's recv ends (EOF/OSError)
             if threading.current_thread() is not self._reader:
                 self._reader.join(timeout_s)
@@ -301,7 +315,7 @@ def _reap(child: _Child, unexpected: bool) -> None:
         log.debug("closing a synthesis process failed", exc_info=True)
     if unexpected:
         log.error("the synthesis process (pid %s) exited with %s; the next request starts another",
-                  child.pid, child.process.exitcode)
+                  child.pid, child.process.returncode)
 
 
 class SynthProcess:
@@ -318,7 +332,6 @@ class SynthProcess:
         self.request_timeout_s = request_timeout_s
         self.info: EngineInfo | None = None  # known after the first child said hello
         self.starts = 0  # children started (restarts: starts - 1)
-        self._ctx = multiprocessing.get_context("spawn")
         self._child: _Child | None = None
         self._queue: asyncio.Queue[_Request] | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -417,7 +430,7 @@ class SynthProcess:
         if self._failure is not None and time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
             raise self._failure
         loop = asyncio.get_running_loop()
-        child = await asyncio.to_thread(_Child, self._ctx, self.settings, loop, self._deliver)
+        child = await asyncio.to_thread(_Child, self.settings, loop, self._deliver)
         self._child = child
         self.starts += 1
         try:

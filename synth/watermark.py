@@ -179,17 +179,34 @@ def mark_signal(n_samples: int, prompt_id: int, key: str) -> np.ndarray:
     return np.resize(period, n_samples)
 
 
-def embed(audio: np.ndarray, rate: int, prompt_id: int, config: WatermarkConfig) -> np.ndarray:
-    """``audio`` (float mono at ``rate``) with the mark of ``prompt_id`` added under it; float32 out."""
+EMBED_BLOCK_FRAMES = 4096  # short-time frames shaped at a time in a long prompt (about 12 s at 22.05 kHz)
+
+
+def embed(audio: np.ndarray, rate: int, prompt_id: int, config: WatermarkConfig,
+          block_frames: int = EMBED_BLOCK_FRAMES) -> np.ndarray:
+    """``audio`` (float mono at ``rate``) with the mark of ``prompt_id`` added under it; float32 out.
+
+    The mark is shaped ``block_frames`` short-time frames at a time (:func:`_embed_blocks`; the same
+    samples as on whole-prompt spectra, :func:`_embed_whole`, which a 5000-character prompt made
+    1.4 GiB of complex128 and seconds of per-frame Python); only a few frames of audio take the whole path.
+    """
     if audio.size == 0 or not config.enabled:
         return audio.astype(np.float32)
-    from scipy.signal import istft, stft
-
     host = audio.astype(np.float64)
     n16 = int(np.ceil(host.size * RATE / rate)) + PERIOD // 8
     mark = _resample(mark_signal(n16, prompt_id, config.key), RATE, rate)[: host.size]
     if mark.size < host.size:
         mark = np.pad(mark, (0, host.size - mark.size))
+    size, _ = _stft_params(rate)
+    if host.size > 4 * size:
+        return _embed_blocks(host, mark, rate, config, block_frames)
+    return _embed_whole(host, mark, rate, config)
+
+
+def _embed_whole(host: np.ndarray, mark: np.ndarray, rate: int, config: WatermarkConfig) -> np.ndarray:
+    """The shaping on whole-signal spectra (scipy's stft/istft): the reference :func:`_embed_blocks` matches."""
+    from scipy.signal import istft, stft
+
     size, hop = _stft_params(rate)
     _, _, host_spec = stft(host, nperseg=size, noverlap=size - hop, boundary="even")
     _, _, mark_spec = stft(mark, nperseg=size, noverlap=size - hop, boundary="even")
@@ -203,6 +220,73 @@ def embed(audio: np.ndarray, rate: int, prompt_id: int, config: WatermarkConfig)
     if shaped.size < host.size:
         shaped = np.pad(shaped, (0, host.size - shaped.size))
     return np.clip(host + shaped, -1.0, 1.0).astype(np.float32)
+
+
+def _piece_slice(pieces: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """``np.concatenate(pieces)[start:stop]`` without building the concatenation."""
+    out, offset = [], 0
+    for piece in pieces:
+        lo, hi = max(start - offset, 0), min(stop - offset, piece.size)
+        if lo < hi:
+            out.append(piece[lo:hi])
+        offset += piece.size
+    return np.concatenate(out)
+
+
+def _embed_blocks(host: np.ndarray, mark: np.ndarray, rate: int, config: WatermarkConfig,
+                  block_frames: int) -> np.ndarray:
+    """:func:`embed`'s shaping a block of frames at a time, on the frame grid scipy's whole-signal
+    ``stft(boundary="even")`` / ``istft(boundary=True)`` use: each output block takes every frame that
+    overlaps it, so only the summation order differs.  Two passes over the mark: its in-band RMS is
+    a property of the whole prompt."""
+    from scipy import fft as sp_fft
+    from scipy.signal import get_window
+
+    size, hop = _stft_params(rate)
+    half, n = size // 2, host.size
+    nadd = (-(n + 2 * half - size) % hop) % size  # stft(padded=True)'s zeros after the extension
+    frames = (n + 2 * half + nadd - size) // hop + 1
+
+    def extended(x: np.ndarray) -> list[np.ndarray]:  # scipy's even extension, then the padding
+        return [x[half:0:-1], x, x[-2:-(half + 2):-1], np.zeros(nadd)]
+
+    host_ext, mark_ext = extended(host), extended(mark)
+    window = np.asarray(get_window("hann", size))
+    scale = float(window.sum())
+    inband = (np.fft.rfftfreq(size, 1.0 / rate) >= BAND_HZ[0]) & (np.fft.rfftfreq(size, 1.0 / rate) <= BAND_HZ[1])
+
+    def spectra(pieces: list[np.ndarray], k0: int, k1: int) -> np.ndarray:
+        """Frames k0 .. k1-1 of the extended signal: (bins, frames), scaled as scipy's stft."""
+        seg = _piece_slice(pieces, k0 * hop, (k1 - 1) * hop + size)
+        framed = np.lib.stride_tricks.sliding_window_view(seg, size)[::hop].T * window[:, None]
+        return np.asarray(sp_fft.rfft(framed, axis=0)) / scale
+
+    energy = 0.0
+    for k0 in range(0, frames, block_frames):
+        energy += float(np.sum(np.abs(spectra(mark_ext, k0, min(k0 + block_frames, frames))[inband]) ** 2))
+    mark_rms = np.sqrt(energy / (frames * int(inband.sum())))
+    level = 10.0 ** (config.strength_db / 20.0) / max(mark_rms, 1e-12)
+
+    out = np.empty(n, dtype=np.float32)
+    ratio = size // hop
+    for a in range(0, n, block_frames * hop):
+        b = min(a + block_frames * hop, n)
+        # every frame that overlaps samples a .. b-1 (extended indices a+half .. b+half-1)
+        k0 = max(0, -(-(a + half - size + 1) // hop))
+        k1 = min(frames, (b + half - 1) // hop + 1)
+        host_spec, mark_spec = spectra(host_ext, k0, k1), spectra(mark_ext, k0, k1)
+        shaped_spec = mark_spec * (level * _smooth_magnitude(host_spec)) * inband[:, None]
+        subs = np.asarray(sp_fft.irfft(shaped_spec, n=size, axis=0))[:size] * scale * window[:, None]
+        count = k1 - k0
+        ola = np.zeros((count - 1) * hop + size)
+        norm = np.zeros_like(ola)
+        for r in range(ratio):  # overlap-add: row r*hop+u of frame j lands on j*hop + r*hop + u
+            ola[r * hop: r * hop + count * hop] += subs[r * hop:(r + 1) * hop].T.reshape(-1)
+            norm[r * hop: r * hop + count * hop] += np.tile(window[r * hop:(r + 1) * hop] ** 2, count)
+        lo = a + half - k0 * hop
+        shaped = ola[lo: lo + (b - a)] / np.where(norm[lo: lo + (b - a)] > 1e-10, norm[lo: lo + (b - a)], 1.0)
+        out[a:b] = np.clip(host[a:b] + shaped, -1.0, 1.0)
+    return out
 
 
 def whiten(audio: np.ndarray, rate: int) -> np.ndarray:

@@ -149,3 +149,33 @@ def test_concurrent_threads_get_their_own_voice_and_rate(engine: EspeakEngine) -
     for index, reference in enumerate(expected):
         assert abs(len(results[index]) - len(reference.audio)) < 0.02 * len(reference.audio)
     assert median_f0(results[0], engine.sample_rate) > 1.5 * median_f0(results[2], engine.sample_rate)
+
+
+def test_a_long_prompt_is_watermarked_a_block_at_a_time_with_the_same_samples() -> None:
+    """The mark is shaped on blocks of short-time frames (a 5000-character prompt's whole-prompt spectra
+    were 1.4 GiB): the same samples as on whole-prompt spectra, whatever the block size."""
+    from synth.watermark import (
+        PERIOD,
+        RATE,
+        WatermarkConfig,
+        _embed_whole,
+        _resample,
+        detect,
+        embed,
+        mark_signal,
+    )
+
+    plain = EspeakEngine()
+    plain.watermark = WatermarkConfig(enabled=False)
+    native = plain.synthesize(" ".join([TEXT] * 12))
+    assert native.duration_s > 30
+    config = WatermarkConfig()
+    host = native.audio.astype(np.float64)
+    n16 = int(np.ceil(host.size * RATE / native.sample_rate)) + PERIOD // 8
+    mark = _resample(mark_signal(n16, 0x5A17ED, config.key), RATE, native.sample_rate)[: host.size]
+    whole = _embed_whole(host, mark, native.sample_rate, config)
+    for block_frames in (333, 4096):
+        blocks = embed(native.audio, native.sample_rate, 0x5A17ED, config, block_frames=block_frames)
+        assert blocks.dtype == np.float32 and blocks.shape == whole.shape
+        assert np.max(np.abs(blocks - whole)) <= 1e-6, block_frames
+    assert detect(blocks, native.sample_rate, config).prompt_id == 0x5A17ED

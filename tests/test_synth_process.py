@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from synth.cache import PromptCache
-from synth.engine import EngineFailure, SynthResult, TextTooLong, UnknownVoice, VoiceOptions
+from synth.engine import EngineFailure, SynthEngine, SynthResult, TextTooLong, UnknownVoice, VoiceOptions
 from synth.espeak import EspeakEngine
 from synth.render import to_pcm16
 from synth.service import SynthService
@@ -22,13 +22,22 @@ SHORT = "Your microphone is muted."
 LONG = ("The quick brown fox jumps over the lazy dog near the river bank. " * 80)[:5000]
 
 
-class PidEngine(EspeakEngine):
-    """eSpeak that notes which process synthesized (built in the child by its factory: this module)."""
+class ToneEngine(SynthEngine):
+    """A deterministic engine (eSpeak's output depends on what it spoke before): a chirp per text at
+    22.05 kHz, and which process made it.  Built in the child by its factory: this class."""
+
+    name = "tone"
+
+    def voices(self) -> list[str]:
+        return ["a"]
+
+    def default_voice(self) -> str:
+        return "a"
 
     def _synthesize(self, text: str, voice: str, options: VoiceOptions) -> SynthResult:
-        result = super()._synthesize(text, voice, options)
-        result.extra["pid"] = os.getpid()
-        return result
+        t = np.arange(len(text) * 2205) / 22050.0
+        audio = (0.3 * np.sin(2 * np.pi * (200.0 + 400.0 * t) * t)).astype(np.float32)
+        return SynthResult(audio, 22050, self.name, voice, extra={"pid": os.getpid()})
 
 
 def _mappings() -> int:
@@ -38,7 +47,7 @@ def _mappings() -> int:
 
 
 async def test_the_process_speaks_the_same_audio_as_the_thread(tmp_path: Path) -> None:
-    async with SynthService(isolation="process", engine_factory=PidEngine) as remote:
+    async with SynthService(isolation="process", engine_factory=ToneEngine) as remote:
         result = await remote.synthesize(SHORT)
         again = await remote.synthesize(SHORT, pcm16=True)
         assert remote.process is not None and remote.process.pid not in (None, os.getpid())
@@ -46,8 +55,9 @@ async def test_the_process_speaks_the_same_audio_as_the_thread(tmp_path: Path) -
     assert result.extra["pid"] == child, "synthesized in the synthesis process"
     assert result.audio.dtype == np.float32 and not result.audio.flags.writeable
     assert again.cache_hit and again.audio.dtype == np.int16 and not again.audio.flags.writeable
-    async with SynthService(EspeakEngine()) as local:
+    async with SynthService(ToneEngine()) as local:
         here = await local.synthesize(SHORT)
+    assert here.extra["pid"] == os.getpid() and here.extra["watermark_id"] == result.extra["watermark_id"]
     assert np.array_equal(to_pcm16(here.audio), again.audio), "the same 16-bit samples as the worker thread"
     assert np.max(np.abs(result.audio - here.audio)) <= 1.0 / 32767
     assert result.metadata()["synthetic"] is True and result.sample_rate == 48000 and len(result.audio) % 480 == 0
