@@ -2,7 +2,9 @@
 
 Engines (:class:`SynthEngine`): :class:`~synth.espeak.EspeakEngine` (embedded default, eSpeak NG from
 the espeakng-loader wheel) and :class:`~synth.piper.PiperEngine` (a user-provided Piper ONNX voice).
-The server uses :class:`~synth.service.SynthService`, which caches prompts and returns 48 kHz audio.
+The server uses :class:`~synth.service.SynthService`, which caches prompts and returns 48 kHz audio; the
+media server runs it with ``isolation="process"``: synthesis in a process of its own
+(:mod:`synth.process`), the audio handed back as 16-bit samples in a shared mapping.
 """
 
 from synth.cache import PromptCache, cache_key, default_cache_dir

@@ -303,9 +303,9 @@ class _Child:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout_s)
-            self.conn.close()  # the reader's recv ends (EOF/OSError)
             if threading.current_thread() is not self._reader:
-                self._reader.join(timeout_s)
+                self._reader.join(timeout_s)  # the child is gone: its reader has read EOF
+            self.conn.close()
 
 
 def _reap(child: _Child, unexpected: bool) -> None:
