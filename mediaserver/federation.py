@@ -37,11 +37,20 @@ from mediaserver.relay import Address, RelayEndpoint, RelaySink, RemoteStream
 
 if TYPE_CHECKING:
     from mediaserver.room import Room
-    from mediaserver.server import MediaServer
 
 log = logging.getLogger(__name__)
 
 ROOM_EVENTS = ("participant-joined", "participant-updated", "participant-left", "room-updated")
+
+
+class LinkedServer(Protocol):
+    """What the links read and do of the media server (``MediaServer``): its rooms and clock, and setting a
+    room's stages on its own participants."""
+
+    rooms: Any  # RoomRegistry
+    clock: Any  # MediaClock
+
+    async def apply_room_stages(self, room: "Room", stages: list[str]) -> None: ...
 
 
 class RoomBus(Protocol):
@@ -54,7 +63,7 @@ class RoomLinks:
     """Owns, for every room this process hosts, the other hosts, the relay sinks of local streams and
     the remote streams and participants."""
 
-    def __init__(self, server: "MediaServer", endpoint: RelayEndpoint, bus: RoomBus) -> None:
+    def __init__(self, server: LinkedServer, endpoint: RelayEndpoint, bus: RoomBus) -> None:
         self.server = server
         self.endpoint = endpoint
         self.bus = bus

@@ -184,10 +184,11 @@ async def test_fuzzed_datagrams_at_both_media_ports_change_nothing(start_server:
 
 async def test_the_issue_datagram_and_a_flood_with_default_limits(server: RunningServer) -> None:
     a, b, a_src, b_src = await _call(server, "flood")
-    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    own, server_addr = client_socket(b)
+    # the nominated pair may be IPv6 (this machine has both): the stranger speaks the same family
+    stranger = socket.socket(socket.AF_INET6 if ":" in server_addr[0] else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         guard = _session(server, "flood", b.id).guard
-        own, server_addr = client_socket(b)
         for _ in range(3):
             own.sendto(PACKET_TOO_LONG, server_addr)
             stranger.sendto(PACKET_TOO_LONG, server_addr)

@@ -25,7 +25,7 @@ from mediaserver.auth import create_token
 from mediaserver.config import AuthConfig, EnhanceConfig, LimitsConfig, ServerConfig
 from mediaserver.server import MediaServer
 from signaling.app import create_app
-from signaling.main import start_http
+from signaling.http_server import start_http
 from tests.conftest import RunningServer, ServerFactory, noise
 
 SECRET = "test-secret-of-decent-length-0123456789"

@@ -326,8 +326,8 @@ async def test_compose_stack_is_consistent_with_what_the_server_exports(start_se
                                                                         tmp_path: Path) -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"mediaserver", "otel-collector", "prometheus", "grafana", "jaeger"} <= set(services)
-    build = services["mediaserver"]["build"]
+    assert {"node-a", "node-b", "executor", "redis", "otel-collector", "prometheus", "grafana", "jaeger"} <= set(services)
+    build = services["node-a"]["build"]
     assert (REPO / build["context"] / build["dockerfile"]).is_file()
     mounted: dict[str, Path] = {}
     for name, svc in services.items():
@@ -337,7 +337,9 @@ async def test_compose_stack_is_consistent_with_what_the_server_exports(start_se
             path = _host_path(volume)
             assert path is not None and path.exists(), f"{name} mounts {volume}: missing in the repository"
             mounted[volume.split(":")[1]] = path
-    env = services["mediaserver"]["environment"]
+    env = services["node-a"]["environment"]
+    assert env["MEDIASERVER_REDIS_URL"].startswith("redis://redis:") and env["MEDIASERVER_EXECUTOR_URL"].startswith(
+        "executor:") and services["node-b"]["environment"]["MEDIASERVER_NODE_ID"] == "node-b"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317" and env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
 
     collector = yaml.safe_load(mounted["/etc/otelcol-contrib/config.yaml"].read_text())
@@ -346,7 +348,7 @@ async def test_compose_stack_is_consistent_with_what_the_server_exports(start_se
     assert "otlp/jaeger" in collector["service"]["pipelines"]["traces"]["exporters"]
     prom = yaml.safe_load(mounted["/etc/prometheus/prometheus.yml"].read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    assert "mediaserver:8080" in targets and all(t.split(":")[0] in services for t in targets)
+    assert {"node-a:8080", "node-b:8080"} <= targets and all(t.split(":")[0] in services for t in targets)
     provisioning = mounted["/etc/grafana/provisioning"]
     datasources = yaml.safe_load((provisioning / "datasources" / "datasources.yaml").read_text())["datasources"]
     uids = {d["uid"] for d in datasources}

@@ -268,7 +268,7 @@ def create_internal_app(pool: WorkerPool, hub: RoomBusHub) -> web.Application:
 
 async def serve_front(config: ServerConfig) -> None:
     """Start the workers and the public port; run until SIGINT/SIGTERM, then stop workers in order."""
-    from signaling.main import start_http
+    from signaling.http_server import start_http
 
     count = worker_count(config)
     socket_dir = tempfile.mkdtemp(prefix="mediaserver-")

@@ -118,10 +118,10 @@ def run_worker(config: ServerConfig, index: int, count: int, socket_path: str, f
     die_with_parent()
     logging.basicConfig(level=config.log_level,
                         format=f"%(asctime)s %(levelname)s [w{index}] %(name)s: %(message)s")
-    from signaling.main import _install_uvloop
+    from signaling.http_server import install_uvloop
     from signaling.telemetry_setup import configure_telemetry
 
-    _install_uvloop()
+    install_uvloop()
     telemetry: Any = None
     try:
         telemetry = configure_telemetry(service_version="worker")
