@@ -246,6 +246,7 @@ class _Child:
         self.conn.send(list(sys.path))  # so that the engine factory unpickles there as it would here
         self.conn.send(settings)
         self.hello: asyncio.Future[EngineInfo] = loop.create_future()
+        self.hello.add_done_callback(lambda f: f.cancelled() or f.exception())  # failures are read when awaited
         self.dead = False
         self._closing = threading.Lock()
         self._closed = False
@@ -423,16 +424,20 @@ class SynthProcess:
             child = self._child
             if child is None or child.dead:
                 child = await self._start()
-        await asyncio.wait_for(asyncio.shield(child.hello), self.start_timeout_s)
+        self.info = await asyncio.wait_for(asyncio.shield(child.hello), self.start_timeout_s)
         return child
 
     async def _start(self) -> _Child:
         if self._failure is not None and time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
             raise self._failure
         loop = asyncio.get_running_loop()
-        child = await asyncio.to_thread(_Child, self.settings, loop, self._deliver)
-        self._child = child
-        self.starts += 1
+        spawn = asyncio.ensure_future(asyncio.to_thread(_Child, self.settings, loop, self._deliver))
+        try:
+            child = await asyncio.shield(spawn)
+        except asyncio.CancelledError:  # the caller went away: the child it started is kept, or closed
+            spawn.add_done_callback(self._spawned)
+            raise
+        self._spawned(spawn)
         try:
             self.info = await asyncio.wait_for(asyncio.shield(child.hello), self.start_timeout_s)
         except TimeoutError:
@@ -444,6 +449,17 @@ class SynthProcess:
         if self.starts > 1:
             log.warning("synthesis process started again (pid %s)", child.pid)
         return child
+
+    def _spawned(self, spawn: asyncio.Future[_Child]) -> None:
+        """A child has been started: it is the child now, unless the service closed or has another one."""
+        if spawn.cancelled() or spawn.exception() is not None:
+            return
+        child = spawn.result()
+        if self._closed or (self._child is not None and self._child is not child and not self._child.dead):
+            threading.Thread(target=child.close, args=(1.0,), name="synth-reap", daemon=True).start()
+        elif self._child is not child:
+            self._child = child
+            self.starts += 1
 
     def _start_failed(self, exc: SynthError) -> SynthError:
         self._failure, self._failed_at = exc, time.monotonic()

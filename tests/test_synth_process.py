@@ -140,3 +140,34 @@ async def test_the_process_is_started_again_after_it_was_killed_or_hung() -> Non
         service.process.request_timeout_s = 60.0
         assert (await service.synthesize("A new process answers.")).duration_s > 0.3
         assert service.process.pid not in (None, hung) and service.process.starts == 4
+
+
+def _synth_children() -> set[int]:
+    """This process's children running the synthesis process."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    command = f.read()
+            except OSError:
+                continue
+            if parent == os.getpid() and b"synth.child" in command:
+                found.add(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("wait_s", [0.0, 0.3])
+async def test_closing_while_the_process_starts_leaves_none_behind(wait_s: float) -> None:
+    before = _synth_children()
+    service = SynthService(isolation="process")
+    starting = asyncio.create_task(service.synthesize(SHORT))
+    await asyncio.sleep(wait_s)
+    starting.cancel()
+    await service.aclose()
+    deadline = time.monotonic() + 15
+    while _synth_children() - before and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not _synth_children() - before, "a synthesis process outlived its service"
