@@ -442,6 +442,5 @@ class Bot:
             rec.trim(before)
         if self.track is not None:
             for log_ in (self.track.send_log, self.track.wire_log):
-                k = next((i for i, (t, _) in enumerate(log_) if t >= before), len(log_))
-                del log_[:k]
+                del log_[:bisect.bisect_left(log_, before, key=lambda entry: entry[0])]
         self.events = [e for e in self.events if e.get("_t", 0.0) >= before or e.get("type") != "stats"]

@@ -107,6 +107,8 @@ def headline(report: dict[str, Any], report_dir: Path | None = None) -> dict[str
         "loadgen_loop_lag_ms_p99": s.get("loadgen_loop_lag_ms", {}).get("p99"),
         "loadgen_cpu_cores": s.get("loadgen_cpu", {}).get("cores"),
         "loadgen_cpu_ms_per_bot_per_s": s.get("loadgen_cpu", {}).get("ms_per_bot_per_s"),
+        "loadgen_packets_per_s": s.get("loadgen_cpu", {}).get("packets_per_s"),
+        "loadgen_cpu_us_per_packet": s.get("loadgen_cpu", {}).get("us_per_packet"),
     }
     if report.get("kind") == "ramp":
         out["max_participants_held"] = report.get("max_participants_held")

@@ -10,18 +10,22 @@ streaming meanwhile.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import gc
 import logging
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from loadtest.bot import Bot, Recording
-from loadtest.lightmedia import encode_opus
+from loadtest.lightmedia import encode_opus_cached, opus_cache_path
 from loadtest.marker import MarkerTemplate, MatchOptions, SendTimeline
 from loadtest.quality import dnsmos
-from loadtest.sources import SourceLibrary
+from loadtest.sources import SourceConfig, SourceLibrary
 from loadtest.streams import measure_stream, owner_since, window_audio
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,35 @@ log = logging.getLogger(__name__)
 STATS_FIELDS = ("participant", "stream", "stages", "server_latency_ms", "e2e_latency_ms", "subscriber_dropped",
                 "dropped_backlog", "processing_ms", "jitter_buffer_ms",
                 "jitter_ms", "received", "lost", "late", "concealed_chunks", "bypassed", "chunks")
+
+
+def _first(entry: tuple[float, int]) -> float:
+    return entry[0]
+
+
+_libraries: dict[SourceConfig, SourceLibrary] = {}
+
+
+def _encode_signal(sources: SourceConfig, index: int) -> None:
+    library = _libraries.get(sources)
+    if library is None:
+        library = _libraries[sources] = SourceLibrary(sources)
+    encode_opus_cached(library.signal(index).mix)
+
+
+def prepare_signals(sources: SourceConfig, indices: list[int], processes: int) -> None:
+    """Encode the signals of bots ``indices`` into the Opus cache now, in ``processes`` processes, so that
+    bots joining later (while others stream) only read it (``encode_opus_cached``)."""
+    library = SourceLibrary(sources)
+    todo = [i for i in indices if not opus_cache_path(library.signal(i).mix).exists()]
+    if not todo:
+        return
+    if processes <= 1 or len(todo) < 4:
+        for i in todo:
+            encode_opus_cached(library.signal(i).mix)
+        return
+    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_encode_signal, [sources] * len(todo), todo, chunksize=max(1, len(todo) // (4 * processes))))
 
 
 @dataclass(frozen=True)
@@ -67,6 +100,9 @@ class BotHost:
         self.decode_share = decode_share
         self.bots: list[tuple[BotSpec, Bot]] = []
         self._join_gate = asyncio.Semaphore(max_concurrent_joins)
+        # one thread builds the bots' signals and Opus packets: several would take turns at the GIL with the
+        # event loop (a convoy: joining bots stalled the streaming ones for as long as all encodes took)
+        self._media_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loadtest-media")
         self._opus: dict[int, list[bytes]] = {}
         self.loop_lag: list[tuple[float, float]] = []  # (time, ms late) of a 10 ms timer: is the load generator keeping up?
         self.cpu: list[tuple[float, float]] = []  # (time, CPU seconds of this process) every 0.5 s
@@ -98,17 +134,22 @@ class BotHost:
         """Create and join bots; one result per spec (``ok``, ``id``, ``error``, milestones)."""
         if self._lag_task is None:
             self._lag_task = asyncio.get_running_loop().create_task(self._watch_loop())
-        return list(await asyncio.gather(*(self._join_one(s) for s in specs)))
+        results = list(await asyncio.gather(*(self._join_one(s) for s in specs)))
+        # what exists now (bots, their aiortc objects, recordings) lives to the end: keep the garbage
+        # collector from walking it again and again (a full collection over hundreds of peer connections
+        # is a long pause of the event loop)
+        gc.freeze()
+        return results
 
     def _media(self, index: int) -> tuple[np.ndarray, list[bytes] | None]:
         """A bot's signal and, for light bots, its Opus packets (built off the event loop)."""
         mix = self.library.signal(index).mix
         if self.light and index not in self._opus:
-            self._opus[index] = encode_opus(mix)
+            self._opus[index] = encode_opus_cached(mix)
         return mix, self._opus.get(index)
 
     async def _join_one(self, spec: BotSpec) -> dict[str, Any]:
-        mix, packets = await asyncio.get_running_loop().run_in_executor(None, self._media, spec.index)
+        mix, packets = await asyncio.get_running_loop().run_in_executor(self._media_pool, self._media, spec.index)
         bot = Bot(self.url, spec.room, spec.name, mix, loop=True, stages=spec.stages,
                   echo_cancellation=spec.echo_cancellation, token=spec.token, local_addr=spec.local_addr,
                   light=self.light, opus_packets=packets, decode_share=self.decode_share, fast=self.fast)
@@ -145,8 +186,11 @@ class BotHost:
         for _, bot in self.bots:
             if bot.id is None or bot.track is None:
                 continue
-            frames = [(t, p) for t, p in bot.track.send_log if t >= since]
-            wire = [(t, p) for t, p in bot.track.wire_log if t >= since]
+            frames = bot.track.send_log[bisect.bisect_left(bot.track.send_log, since, key=_first):]
+            if bot.wire_sender is not None:  # the wire sender hands a packet over and sends it at once
+                out[bot.id] = {"frames": frames, "wire": frames, "encode_ms": 0.0}
+                continue
+            wire = bot.track.wire_log[bisect.bisect_left(bot.track.wire_log, since, key=_first):]
             at = {p: t for t, p in frames}
             hops = [(t - at[p]) * 1000.0 for t, p in wire if p in at]
             out[bot.id] = {"frames": frames, "wire": wire,
@@ -175,13 +219,21 @@ class BotHost:
         loop_lag = {"p50": round(float(np.percentile(lag, 50)), 2), "p99": round(float(np.percentile(lag, 99)), 2),
                     "max": round(max(lag), 2)} if lag else None
         cpu = self.cpu_cores(since, until)
+        span = max(1e-9, until - since)
+        packets_in = sum(bisect.bisect_left(r.rtp_arrivals, until) - bisect.bisect_left(r.rtp_arrivals, since)
+                         for _, b in self.bots for r in b.recordings.values())
+        packets_out = sum(bisect.bisect_left(b.track.wire_log, until, key=_first)
+                          - bisect.bisect_left(b.track.wire_log, since, key=_first)
+                          for _, b in self.bots if b.track is not None)
         return {"streams": streams, "sent_dnsmos": sent, "bots": bots, "server_stats": server_stats,
                 "loop_lag_ms": loop_lag, "cpu_cores": round(cpu, 4) if cpu is not None else None,
+                "packets_per_s": {"in": round(packets_in / span, 1), "out": round(packets_out / span, 1)},
                 "media": self.media_counters()}
 
     def media_counters(self) -> dict[str, int]:
         """The fast path's own counters, summed over this host's bots (all zero on aiortc's path)."""
-        out = {"sent": 0, "skipped": 0, "not_connected": 0, "received": 0, "fallback": 0, "undecryptable": 0}
+        out = {"sent": 0, "skipped": 0, "not_connected": 0, "received": 0, "fallback": 0, "undecryptable": 0,
+               "rtcp_dropped": 0}
         for _, bot in self.bots:
             if bot.wire_sender is not None:
                 out["sent"] += bot.wire_sender.sent
@@ -191,10 +243,12 @@ class BotHost:
                 out["received"] += bot._wire_rx.packets
                 out["fallback"] += bot._wire_rx.fallback
                 out["undecryptable"] += bot._wire_rx.undecryptable
+                out["rtcp_dropped"] += bot._wire_rx.rtcp_dropped
         return out
 
     async def halt(self) -> dict[str, Any]:
         """All bots leave (their recordings stay for analysis); idempotent."""
+        self._media_pool.shutdown(wait=False, cancel_futures=True)
         if self._lag_task is not None:
             self._lag_task.cancel()
             self._lag_task = None

@@ -71,6 +71,8 @@ async def run_ramp(config: SessionConfig, plan: RampPlan, slo: Slo) -> dict[str,
     steps: list[dict[str, Any]] = []
     held: int | None = None
     try:
+        if config.light:
+            await session.prepare(plan.max_participants)
         count = plan.start
         while True:
             new = count - len(session.specs)

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 
-from loadtest.host import BotSpec
+from loadtest.host import BotSpec, prepare_signals
 from loadtest.lightmedia import opus_lookahead_ms
 from loadtest.promtext import MetricsScraper, to_json
 from loadtest.sources import SourceConfig
@@ -100,6 +100,13 @@ class LoadSession:
         self.scraper.start()
         if self.config.progress:
             self._progress_task = asyncio.get_running_loop().create_task(self._progress())
+
+    async def prepare(self, bots: int) -> None:
+        """Encode the signals of the first ``bots`` bots into the Opus cache before any joins (in as many
+        processes as the bots get): bots joining during a run then only read it."""
+        self._set_phase(f"encoding {bots} signals")
+        await asyncio.get_running_loop().run_in_executor(
+            None, prepare_signals, self.config.sources, list(range(bots)), max(1, self.config.processes))
 
     async def close(self) -> None:
         self._phase = "stopping"
@@ -227,6 +234,7 @@ class LoadSession:
         encode = [v["encode_ms"] for v in logs.values() if v.get("encode_ms") is not None]
         lags = [p["loop_lag_ms"] for p in parts if p.get("loop_lag_ms")]
         cpu = [p["cpu_cores"] for p in parts if p.get("cpu_cores") is not None]
+        pps = {k: round(sum(p.get("packets_per_s", {}).get(k, 0.0) for p in parts), 1) for k in ("in", "out")}
         media: dict[str, int] = {}
         for p in parts:
             for k, v in (p.get("media") or {}).items():
@@ -254,7 +262,10 @@ class LoadSession:
                                                 "max": max((x["max"] for x in lags), default=None)},
                         "loadgen_cpu": {"cores": round(sum(cpu), 3) if cpu else None, "processes": len(cpu),
                                         "ms_per_bot_per_s": round(1000.0 * sum(cpu) / n_bots, 3)
-                                        if cpu and n_bots else None},
+                                        if cpu and n_bots else None,
+                                        "packets_per_s": pps,
+                                        "us_per_packet": round(1e6 * sum(cpu) / (pps["in"] + pps["out"]), 2)
+                                        if cpu and pps["in"] + pps["out"] > 0 else None},
                         "loadgen_media": media},
             "streams": streams, "streams_missing": missing, "sent_dnsmos": sent, "bots": bots,
             "server_stats": {k: [{**x, "t": round(x["t"] - self.started, 3)} for x in v] for k, v in stats.items()},
@@ -284,6 +295,8 @@ async def run_load(config: SessionConfig, bots: int, rooms: int, duration_s: flo
     session = LoadSession(config)
     await session.start()
     try:
+        if config.light:
+            await session.prepare(bots)
         joins = await session.add_bots([session.room_name(i % rooms) for i in range(bots)])
         await session.hold(config.warmup_s, "warm-up")
         window = await session.measure(duration_s, halt=True)
