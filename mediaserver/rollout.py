@@ -524,6 +524,9 @@ class RolloutManager:
                 r.figures[arm].stage_cpu = total if specs else 0.0
 
     def close(self) -> None:
+        from mediaserver.rollout_telemetry import rollout_instruments
+
+        rollout_instruments().forget(self)
         if self._task is not None:
             self._task.cancel()
             self._task = None

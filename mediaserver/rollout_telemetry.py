@@ -71,12 +71,21 @@ class RolloutInstruments:
         with self._lock:
             self._managers.add(manager)
 
+    def forget(self, manager: Any) -> None:
+        with self._lock:
+            self._managers.discard(manager)
+
     def _live(self) -> list[Any]:
         with self._lock:
             return list(self._managers)
 
     def _rollouts(self) -> list[Any]:
-        return [m.current for m in self._live()]
+        """The one rollout the per-arm series describe: the running one, else the last started (a process
+        normally has one server; tests start several, and one attribute set can have one value)."""
+        rollouts = [m.current for m in self._live() if m.current is not None]
+        if not rollouts:
+            return [None]
+        return [max(rollouts, key=lambda r: (r.running, r.started_mono))]
 
     def _windows(self, options: CallbackOptions) -> Iterable[Observation]:
         for r in self._rollouts():
@@ -91,13 +100,15 @@ class RolloutInstruments:
                 yield Observation(v if v is not None and math.isfinite(v) else 0.0, {"bound": bound})
 
     def _active(self, options: CallbackOptions) -> Iterable[Observation]:
-        for m in self._live():
-            yield Observation(1 if m.current is not None and m.current.running else 0, {})
+        yield Observation(int(any(m.current is not None and m.current.running for m in self._live())), {})
 
     def _rollbacks(self, options: CallbackOptions) -> Iterable[Observation]:
+        totals: dict[str, int] = {}
         for m in self._live():
             for reason, n in list(m.rollbacks.items()):
-                yield Observation(n, {"reason": reason})
+                totals[reason] = totals.get(reason, 0) + n
+        for reason, n in totals.items():
+            yield Observation(n, {"reason": reason})
 
 
 _instruments: RolloutInstruments | None = None
