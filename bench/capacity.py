@@ -1,11 +1,13 @@
 """Capacity: the largest number of streams that meets the SLO, per configuration, against a plain aiortc baseline.
 
 For each configuration a fresh server is started, pinned to ``--server-cpus``
-(default core 0), and real WebRTC bots (``loadtest``, light media path,
-real speech mixed with real noise from ../shared/eval) run pinned to
-``--bot-cpus`` (default core 1). Bots join in rooms of ``--room-size``,
-``--step`` at a time; after each step's warm-up a ``--hold`` window is
-measured with every bot still running. A step holds when, in its window:
+(default core 0), and real WebRTC bots (``loadtest``: pre-encoded speech
+mixed with real noise from ../shared/eval, on the fast media path of
+``loadtest/wire.py``, which lets one core of bots carry several times what
+one core of server does) run pinned to ``--bot-cpus`` (default core 1).
+Bots join in rooms of ``--room-size``, ``--step`` at a time; after each
+step's warm-up a ``--hold`` window is measured with every bot still
+running. A step holds when, in its window:
 
 - frames lost at subscribers + chunks concealed by the server < 1 % of frames;
 - chunks the executor bypassed (deadline or error) < 1 % of chunks;
@@ -15,9 +17,14 @@ measured with every bot still running. A step holds when, in its window:
 The configurations: ``plain`` (bench/plain_forwarder.py: aiortc's own
 receive/decode, one aiortc Opus encode per stream, packets fanned out: the
 baseline of the same run), ``none`` (the server, no stages), ``default``
-(the server's default stages), ``denoise``, ``full`` (aec,dereverb,denoise).
+(the server's default stages), ``denoise``, ``full`` (aec,dereverb,denoise);
+not by default, ``wire`` (bench/wire_forwarder.py: packets forwarded at the
+socket, no codec: it measures how many streams the bots' own cores carry).
 Server CPU is read from /proc over the server's whole process tree (the
-executor worker included). After the ramp of each configuration, one room
+executor worker included). Every step also reports the bots' own CPU and
+event-loop lag (``loadgen``); ``loadgen_limited`` marks a step whose bots
+were too busy to trust its figures (loop lag p99 over 20 ms, or more than
+80 % of their cores). After the ramp of each configuration, one room
 of ``--big-room`` participants is measured once.
 
 Prints JSON (and writes capacity.json, capacity.png to ``--out``):
@@ -48,8 +55,12 @@ from bench.load import BIN, ROOT, free_port, stop_server, wait_healthy  # noqa: 
 from loadtest.session import LoadSession, SessionConfig  # noqa: E402
 from loadtest.sources import SourceConfig, default_dir  # noqa: E402
 
-CONFIGS = {"plain": None, "none": "", "default": None, "denoise": "denoise", "full": "aec,dereverb,denoise"}
+CONFIGS = {"plain": None, "none": "", "default": None, "denoise": "denoise", "full": "aec,dereverb,denoise",
+           "wire": None}
+FORWARDERS = {"plain": "plain_forwarder.py", "wire": "wire_forwarder.py"}
 SLO = {"lost_or_concealed": 0.01, "bypassed": 0.01, "p95_ms": 150.0}
+LOADGEN_LAG_MS = 20.0  # bots' event-loop lag p99 above which a step measured the bots more than the server
+LOADGEN_BUSY = 0.8  # share of the bots' cores above which likewise
 
 
 # -- the server under test --------------------------------------------------------------------------------
@@ -83,8 +94,8 @@ def tree_cpu_s(root: int) -> float:
 def server(config: str, cpus: str, log: Path, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    if config == "plain":
-        cmd = [str(BIN / "python"), str(ROOT / "bench" / "plain_forwarder.py"), "--port", str(port)]
+    if config in FORWARDERS:
+        cmd = [str(BIN / "python"), str(ROOT / "bench" / FORWARDERS[config]), "--port", str(port)]
     else:
         cmd = [str(BIN / "mediaserver"), "serve", "--host", "127.0.0.1", "--port", str(port), "--dev",
                "--log-level", "WARNING", "--workers", str(workers)]
@@ -105,7 +116,7 @@ def _delta(samples: list[dict[str, Any]], key: str) -> float:
     return float(values[-1] - values[0]) if len(values) >= 2 else 0.0
 
 
-def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float) -> dict[str, Any]:
+def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float, bot_cores: int = 1) -> dict[str, Any]:
     """The SLO figures of one window, and which objectives it breaches."""
     s = window["summary"]
     latencies = [x[1] for st in window["streams"] for x in st["latency_samples"]]
@@ -126,7 +137,7 @@ def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float
            "bypassed_rate": round(bypassed / chunks, 5) if chunks else 0.0,
            "latency_ms": {"p50": p50, "p95": p95, "p99": p99},
            "longest_gap_ms": s["longest_gap_ms"], "server_cpu_cores": round(cpu_s / wall_s, 3),
-           "loadgen_loop_lag_ms": s["loadgen_loop_lag_ms"]}
+           "loadgen_loop_lag_ms": s["loadgen_loop_lag_ms"], "loadgen_cpu": s.get("loadgen_cpu")}
     breaches = []
     if fig["lost_or_concealed"] >= SLO["lost_or_concealed"]:
         breaches.append(f"lost+concealed {fig['lost_or_concealed']:.2%}")
@@ -138,18 +149,22 @@ def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float
         breaches.append(f"{joins_failed} joins failed")
     if s["streams_silent"] or s.get("streams_missing"):
         breaches.append(f"{s['streams_silent']} silent, {s.get('streams_missing')} missing subscriptions")
+    lag_p99 = (s.get("loadgen_loop_lag_ms") or {}).get("p99")
+    loadgen_cores = (s.get("loadgen_cpu") or {}).get("cores")
+    fig["loadgen_limited"] = bool((lag_p99 is not None and lag_p99 > LOADGEN_LAG_MS)
+                                  or (loadgen_cores is not None and loadgen_cores > LOADGEN_BUSY * bot_cores))
     return {**fig, "breaches": breaches, "held": not breaches}
 
 
 async def measure_step(session: LoadSession, proc: subprocess.Popen[bytes], rooms: list[str],
-                       warmup_s: float, hold_s: float) -> dict[str, Any]:
+                       warmup_s: float, hold_s: float, bot_cores: int = 1) -> dict[str, Any]:
     joins = await session.add_bots(rooms)
     failed = sum(1 for j in joins if not j["ok"])
     await session.hold(warmup_s, f"{len(session.specs)} streams, warm-up")
     cpu0, t0 = tree_cpu_s(proc.pid), time.monotonic()
     window = await session.measure(hold_s, f"{len(session.specs)} streams")
     cpu1, t1 = tree_cpu_s(proc.pid), time.monotonic()
-    out = judge(window, failed, cpu1 - cpu0, t1 - t0)
+    out = judge(window, failed, cpu1 - cpu0, t1 - t0, bot_cores)
     await session.trim(window["until_s"])
     return {"streams": len(session.specs), **out}
 
@@ -162,24 +177,29 @@ def session_config(url: str, args: argparse.Namespace, prefix: str, room_size: i
     share = min(1.0, args.decode_per_bot / max(1, room_size - 1)) if args.decode_per_bot else 1.0
     return SessionConfig(url=url, sources=sources, processes=args.bot_processes, dnsmos_per_publisher=0,
                          score_sent=False, warmup_s=args.warmup, progress=not args.quiet, room_prefix=prefix,
-                         decode_share=share)
+                         decode_share=share, fast=not args.no_fast_path)
 
 
 async def ramp(config: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+    bot_cores = len(_cpu_list(args.bot_cpus))
     steps: list[dict[str, Any]] = []
     held = 0
     with server(config, args.server_cpus, log, args.workers) as (url, proc):
         session = LoadSession(session_config(url, args, f"cap{config}", args.room_size))
         await session.start()
         try:
+            await session.prepare(args.max)  # a no-op once cached: every bot's Opus packets, before any joins
             count = args.start
             while count <= args.max:
                 rooms = [session.room_name(i // args.room_size) for i in range(len(session.specs), count)]
-                step = await measure_step(session, proc, rooms, args.warmup, args.hold)
+                step = await measure_step(session, proc, rooms, args.warmup, args.hold, bot_cores)
                 steps.append(step)
+                loadgen = step.get("loadgen_cpu") or {}
                 print(f"[capacity] {config}: {step['streams']} streams -> "
                       f"{'held' if step['held'] else 'BROKE: ' + '; '.join(step['breaches'])} "
-                      f"(cpu {step['server_cpu_cores']}, p95 {step['latency_ms']['p95']} ms)",
+                      f"(cpu {step['server_cpu_cores']}, p95 {step['latency_ms']['p95']} ms; bots "
+                      f"{loadgen.get('cores')} cores, lag p99 {(step['loadgen_loop_lag_ms'] or {}).get('p99')} ms"
+                      f"{', LOADGEN-LIMITED' if step['loadgen_limited'] else ''})",
                       file=sys.stderr, flush=True)
                 if not step["held"]:
                     break
@@ -193,13 +213,16 @@ async def ramp(config: str, args: argparse.Namespace, log: Path) -> dict[str, An
             session = LoadSession(session_config(url, args, f"big{config}", args.big_room))
             await session.start()
             try:
+                await session.prepare(args.big_room)
                 big = await measure_step(session, proc, [session.room_name(0)] * args.big_room,
-                                         args.warmup, args.hold)
+                                         args.warmup, args.hold, bot_cores)
             finally:
                 await session.close()
     cores = len(_cpu_list(args.server_cpus))
     at_capacity = next((s for s in steps if s["streams"] == held), None)
+    limited = [s["streams"] for s in steps if s.get("loadgen_limited")]
     return {"config": config, "stages": CONFIGS[config] if config != "default" else "server default",
+            "loadgen_limited_steps": limited,
             "max_streams": held, "streams_per_core": round(held / cores, 1),
             "cpu_ms_per_stream_per_s": round(1000 * at_capacity["server_cpu_cores"] / held, 2)
             if at_capacity and held else None,
@@ -254,8 +277,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=6.0)
     parser.add_argument("--hold", type=float, default=10.0)
     parser.add_argument("--big-room", type=int, default=16, help="participants of the one big room (0: skip)")
-    parser.add_argument("--decode-per-bot", type=int, default=3,
-                        help="received streams each bot decodes for latency (0: all); the rest are counted only")
+    parser.add_argument("--decode-per-bot", type=int, default=1,
+                        help="received streams each bot decodes for latency (0: all); the rest are counted from "
+                             "their RTP headers only (loss, gaps, jitter)")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="bots send and receive through aiortc's per-packet path (the slow reference)")
     parser.add_argument("--quick", action="store_true", help="start 4, step 4, max 8, hold 5 s, no big room")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--out", type=Path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import math
@@ -14,8 +15,9 @@ from aiortc.codecs.opus import OpusDecoder
 from loadtest.lightmedia import decode_opus, encode_opus, opus_lookahead_ms
 from loadtest.marker import MarkerTemplate, ReceivedSegment, SendTimeline, measure_segment
 from loadtest.promtext import aggregate, parse
-from loadtest.session import SessionConfig, run_load
+from loadtest.session import LoadSession, SessionConfig, run_load
 from loadtest.sources import SourceConfig, SourceLibrary
+from loadtest.workers import LocalHost
 from mediaserver.config import AuthConfig, EnhanceConfig, ServerConfig
 from tests.conftest import EVAL, ServerFactory
 
@@ -160,3 +162,60 @@ async def test_counted_only_streams_still_report_every_frame(start_server: Serve
     for stream in window["streams"]:
         assert stream["frames_received"] >= 0.5 * stream["frames_expected"] > 0, stream
         assert stream["latency_windows"] == 0  # nothing decoded: no marker latency, by design
+
+
+async def test_fast_path_measures_known_losses_and_latency(start_server: ServerFactory) -> None:
+    """Bots on the fast media path (loadtest.wire) against a real server: what they lose is counted.
+
+    Three bots in a room, every stream decoded.  Mid-window one publisher's
+    sender skips 25 packets (500 ms lost on its way to the server) and another
+    stops sending for the last 2 s; the third is untouched.  Their subscribers
+    must report exactly that as missing frames and gaps, and the marker
+    latency must agree with the server's own figure.
+    """
+    _library()
+    server = await start_server(ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True)))
+    config = SessionConfig(url=server.url, sources=SourceConfig(str(EVAL / "speech"), None, None), stages="none",
+                           processes=0, warmup_s=3.0, progress=False, dnsmos_per_publisher=0, score_sent=False)
+    assert config.fast and config.light
+    session = LoadSession(config)
+    await session.start()
+    try:
+        await session.prepare(3)
+        joins = await session.add_bots([session.room_name(0)] * 3)
+        assert all(j["ok"] for j in joins), joins
+        await session.hold(config.warmup_s, "warm-up")
+        host = session.hosts[0]
+        assert isinstance(host, LocalHost)
+        bots = {bot.id: bot for _, bot in host.host.bots}
+        gap_pub, stop_pub, clean_pub = sorted(bots)
+        assert all(b.wire_sender is not None for b in bots.values()), "the fast path did not take the senders"
+        window = asyncio.get_running_loop().create_task(session.measure(7.0, halt=True))
+        await asyncio.sleep(2.0)
+        bots[gap_pub].wire_sender.skip(25)  # type: ignore[union-attr]
+        await asyncio.sleep(3.0)
+        bots[stop_pub].wire_sender.stopped = True  # type: ignore[union-attr]
+        report = await window
+    finally:
+        await session.close()
+    s = report["summary"]
+    media = s["loadgen_media"]
+    assert media["received"] > 0 and media["fallback"] <= 5 and media["skipped"] == 25, media
+    assert s["streams"] == 6, report["streams_missing"]
+    by_pub: dict[str, list[dict]] = {}
+    for stream in report["streams"]:
+        by_pub.setdefault(stream["publisher"], []).append(stream)
+    print(json.dumps({pub: [(x["dropped"], x["gaps"], x["longest_gap_ms"], x["latency_ms"]["p50"]) for x in xs]
+                      for pub, xs in by_pub.items()}))
+    for stream in by_pub[clean_pub]:
+        assert stream["dropped"] <= 3 and stream["gaps"] == 0, stream
+    for stream in by_pub[gap_pub]:  # one hole of 25 frames
+        assert 22 <= stream["dropped"] <= 30, stream
+        assert stream["gaps"] >= 1 and 440.0 <= stream["longest_gap_ms"] <= 580.0, stream
+    for stream in by_pub[stop_pub]:  # the last 2 s of the window missing
+        assert 85 <= stream["dropped"] <= 115, stream
+    for stream in report["streams"]:
+        assert stream["latency_windows"] >= 3, stream
+        assert 10.0 < stream["latency_ms"]["p50"] < 400.0, stream["latency_ms"]
+    assert s["marker_vs_server"] is not None and abs(s["marker_vs_server"]["difference_ms"]) <= 20.0, \
+        s["marker_vs_server"]
