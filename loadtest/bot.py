@@ -26,7 +26,14 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import is_rtcp
 
-from loadtest.lightmedia import TS_MOD, EncodedPcmTrack, InlineDecoder, OpusMonoDecoder, frame_mono
+from loadtest.lightmedia import (
+    TS_MOD,
+    EncodedPcmTrack,
+    InlineDecoder,
+    OpusMonoDecoder,
+    frame_mono,
+    receive_without_decoder_thread,
+)
 from loadtest.wire import StreamSink, WireReceiver, WireSender
 
 log = logging.getLogger(__name__)
@@ -365,6 +372,7 @@ class Bot:
             decode = self._decodes(mid)
             if not isinstance(getattr(transceiver.receiver, _JITTER_ATTR, None), InlineDecoder):
                 setattr(transceiver.receiver, _JITTER_ATTR, InlineDecoder(rec, decode=decode))
+                receive_without_decoder_thread(transceiver.receiver)  # its thread would never get work
             if transceiver.receiver not in self._sinks:
                 self._sinks[transceiver.receiver] = StreamSink(rec, decode)
             return

@@ -34,6 +34,7 @@ import hashlib
 import logging
 import os
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -282,6 +283,36 @@ class OpusMonoDecoder:
         dec, self._dec = getattr(self, "_dec", None), None
         if dec:
             self._lib.opus_decoder_destroy(dec)
+
+
+_R = "_RTCRtpReceiver__"  # aiortc's name-mangled private attributes of RTCRtpReceiver
+_RECEIVER_ATTRS = ("started", "codecs", "rtx_ssrc", "transport", "rtcp_task", "decoder_thread")
+
+
+def receive_without_decoder_thread(receiver: Any) -> bool:
+    """Let ``receiver`` start without aiortc's decoder thread (one per received stream, idle once an
+    ``InlineDecoder`` replaces its jitter buffer: hundreds of threads to start, and to join one by one
+    on the event loop when the bots leave).  False, and nothing changed, on an aiortc without the
+    attributes this relies on.
+    """
+    if not all(hasattr(receiver, _R + name) for name in _RECEIVER_ATTRS):
+        return False
+
+    async def receive(self: Any, parameters: Any) -> None:  # aiortc's RTCRtpReceiver.receive, less the thread
+        if getattr(self, _R + "started"):
+            return
+        codecs, rtx_ssrc = getattr(self, _R + "codecs"), getattr(self, _R + "rtx_ssrc")
+        for codec in parameters.codecs:
+            codecs[codec.payloadType] = codec
+        for encoding in parameters.encodings:
+            if encoding.rtx:
+                rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc
+        getattr(self, _R + "transport")._register_rtp_receiver(self, parameters)
+        setattr(self, _R + "rtcp_task", asyncio.ensure_future(self._run_rtcp()))
+        setattr(self, _R + "started", True)
+
+    receiver.receive = types.MethodType(receive, receiver)
+    return True
 
 
 class InlineDecoder:
