@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -201,13 +201,49 @@ def _answer(conn: Connection, req_id: int, parent: int, engine: SynthEngine, dis
 
 
 # -- the parent's side -------------------------------------------------------------------------------------
+class _Mapping:
+    """Owns one private mapping of a memory file (libc mmap: Python's mmap module keeps a duplicate of the
+    file descriptor open for as long as the mapping lives, one per queued prompt); unmapped when garbage."""
+
+    _libc: ctypes.CDLL | None = None
+
+    def __init__(self, fd: int, size: int) -> None:
+        libc = self._load()
+        # private and writable: copy-on-write, so a stray write cannot fault; reads share the file's pages
+        address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+        if address is None or address == ctypes.c_void_p(-1).value:
+            raise OSError(ctypes.get_errno(), "mmap of a prompt's memory file failed")
+        self.address, self.size = int(address), size
+
+    @classmethod
+    def _load(cls) -> ctypes.CDLL:
+        if cls._libc is None:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_long]
+            libc.munmap.restype = ctypes.c_int
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            cls._libc = libc
+        return cls._libc
+
+    def __del__(self) -> None:
+        if self._libc is not None:
+            self._libc.munmap(self.address, self.size)
+
+
 def _mapped_pcm(fd: int, samples: int) -> np.ndarray:
-    """The int16 samples of a memfd, as a read-only view of a shared mapping (unmapped with the array)."""
+    """The int16 samples of a memfd, as a read-only view of a mapping that is unmapped with the array
+    (and every view of it); the descriptor is closed at once."""
     try:
-        mapping = mmap.mmap(fd, samples * 2, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        mapping = _Mapping(fd, samples * 2)
     finally:
         os.close(fd)
-    return np.frombuffer(mapping, dtype=np.int16, count=samples)
+    memory = (ctypes.c_char * mapping.size).from_address(mapping.address)
+    memory._mapping = mapping  # type: ignore[attr-defined]  # the array's base keeps the mapping alive
+    audio = np.frombuffer(cast(Any, memory), dtype=np.int16, count=samples)
+    audio.flags.writeable = False
+    return audio
 
 
 class _ChildGone(EngineFailure):

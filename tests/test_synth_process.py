@@ -46,6 +46,17 @@ def _mappings() -> int:
         return sum("memfd:synth-prompt" in line for line in f)
 
 
+def _open_memory_files() -> int:
+    """The prompt memory files this process holds a descriptor of."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += "memfd:synth-prompt" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return count
+
+
 async def test_the_process_speaks_the_same_audio_as_the_thread(tmp_path: Path) -> None:
     async with SynthService(isolation="process", engine_factory=ToneEngine) as remote:
         result = await remote.synthesize(SHORT)
@@ -100,12 +111,17 @@ async def test_a_long_prompt_comes_back_as_a_shared_mapping_released_with_its_au
         beat.cancel()
         assert result.duration_s > 120 and result.audio.dtype == np.int16 and not result.audio.flags.writeable
         assert _mappings() == before + 1, "the samples are a view of the process's memory file"
+        assert _open_memory_files() == 0, "a held prompt holds no file descriptor"
+        view = result.audio[48_000:96_000]
         assert service.cache.bytes_in_memory == 0, "too large for the cache: not kept"
         lag = max(np.diff(ticks)) if len(ticks) > 1 else 0.0
         # the event loop went on while minutes of audio were rendered (generous: the machine may be busy)
         assert len(ticks) > 20 and lag < 0.5, (len(ticks), lag)
         del result
         await asyncio.sleep(0.1)  # the futures' done callbacks that still refer to it run
+        assert _mappings() == before + 1 and len(view) == 48_000, "a view keeps the mapping"
+        assert float(np.max(np.abs(view.astype(np.float32)))) > 0
+        del view
         assert _mappings() == before, "unmapped once nothing refers to the audio"
 
 
