@@ -15,10 +15,11 @@ aiortc: ~360 MiB).
   queued behind it go to the new child.  One request is in the child at a time.
 * The child validates, synthesizes and renders (:func:`synth.render.render`) and converts to 16-bit
   samples.  It hands them back in a memory file (``memfd_create``) whose descriptor crosses the socket
-  (SCM_RIGHTS); the parent maps it read-only and the int16 array is a view of that mapping.  Nothing is
-  copied, pickled or converted in the parent, its pages count in the server's RSS only as they are read
-  (played), and unmapping (the last reference to the array gone: the prompt played, cut or dropped)
-  frees them.  Short results (at most ``INLINE_BYTES``) travel inside the reply message instead.
+  (SCM_RIGHTS); the parent maps it (libc ``mmap``, private; the descriptor is closed at once) and the
+  int16 array, read-only, is a view of that mapping.  Nothing is copied, pickled or converted in the
+  parent, its pages count in the server's RSS only as they are read (played), and unmapping (the last
+  reference to the array gone: the prompt played, cut or dropped) frees them.  Short results (at most
+  ``INLINE_BYTES``) travel inside the reply message instead.
 * The socket is read by one thread of the parent (blocking reads, no Python work per sample), which
   hands each reply to the event loop.
 * Errors cross as (class name, message, attributes) and are raised again as the same ``SynthError``
@@ -466,14 +467,11 @@ class SynthProcess:
     async def _start(self) -> _Child:
         if self._failure is not None and time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
             raise self._failure
-        loop = asyncio.get_running_loop()
-        spawn = asyncio.ensure_future(asyncio.to_thread(_Child, self.settings, loop, self._deliver))
-        try:
-            child = await asyncio.shield(spawn)
-        except asyncio.CancelledError:  # the caller went away: the child it started is kept, or closed
-            spawn.add_done_callback(self._spawned)
-            raise
-        self._spawned(spawn)
+        # started from the event loop's thread (a vfork and exec: milliseconds), which lives as long as the
+        # process: the child's parent-death signal follows the thread that started it
+        child = _Child(self.settings, asyncio.get_running_loop(), self._deliver)
+        self._child = child
+        self.starts += 1
         try:
             self.info = await asyncio.wait_for(asyncio.shield(child.hello), self.start_timeout_s)
         except TimeoutError:
@@ -485,17 +483,6 @@ class SynthProcess:
         if self.starts > 1:
             log.warning("synthesis process started again (pid %s)", child.pid)
         return child
-
-    def _spawned(self, spawn: asyncio.Future[_Child]) -> None:
-        """A child has been started: it is the child now, unless the service closed or has another one."""
-        if spawn.cancelled() or spawn.exception() is not None:
-            return
-        child = spawn.result()
-        if self._closed or (self._child is not None and self._child is not child and not self._child.dead):
-            threading.Thread(target=child.close, args=(1.0,), name="synth-reap", daemon=True).start()
-        elif self._child is not child:
-            self._child = child
-            self.starts += 1
 
     def _start_failed(self, exc: SynthError) -> SynthError:
         self._failure, self._failed_at = exc, time.monotonic()
