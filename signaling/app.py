@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from mediaserver.auth import AuthError
+from mediaserver.config import LimitsConfig
 from mediaserver.room import RoomError
 from mediaserver.server import MediaServer
 from signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -152,18 +153,17 @@ def require_admin(request: web.Request, room_id: str) -> None:
     request.app[SERVER_KEY].auth.require(bearer(request), "admin", room_id)
 
 
-async def websocket_handler(request: web.Request) -> web.StreamResponse:
-    server = request.app[SERVER_KEY]
-    limits = server.config.limits
-    peer = client_address(request)
-    conns = request.app[CONN_KEY]
+def refuse_connection(app: web.Application, conns: Counter[str], peer: str,
+                      limits: LimitsConfig) -> web.Response | None:
+    """Why a new signaling WebSocket from ``peer`` is refused before its handshake (None: it is not):
+    the server's total, the address's cool-down, the address's own cap.  O(1), no parsing."""
     if conns.total() >= limits.max_connections:
         log.warning("%s: signaling connection refused: the server holds %d (limit)", peer, limits.max_connections)
         return json_error(503, "server-busy", f"the server is at its limit of {limits.max_connections} "
                                               "signaling connections; retry later")
-    cooling = request.app[ABUSE_KEY].blocked_for(peer)
+    cooling = app[ABUSE_KEY].blocked_for(peer)
     if cooling > 0:
-        request.app[ABUSE_KEY].refused += 1
+        app[ABUSE_KEY].refused += 1
         return json_error(429, "cooling-down", f"this address's connections kept breaking the rules; retry in "
                                                f"{cooling:.0f} s")
     limit = limits.max_connections_per_address
@@ -171,6 +171,17 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         log.warning("%s: too many connections (limit %d)", peer, limit)
         return json_error(429, "too-many-connections",
                           f"at most {limit} signaling connections per address; close one and retry")
+    return None
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    server = request.app[SERVER_KEY]
+    limits = server.config.limits
+    peer = client_address(request)
+    conns = request.app[CONN_KEY]
+    refused = refuse_connection(request.app, conns, peer, limits)
+    if refused is not None:
+        return refused
     conns[peer] += 1  # counted before the handshake awaits: simultaneous handshakes cannot overshoot
     try:
         conn: SignalingConnection | None = None

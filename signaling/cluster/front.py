@@ -28,7 +28,15 @@ from aiohttp import web
 
 from mediaserver.config import ServerConfig, worker_count
 from mediaserver.room import ROOM_ID_RE
-from signaling.app import ABUSE_KEY, STATIC, AbuseTracker, client_address, error_middleware, json_error
+from signaling.app import (
+    ABUSE_KEY,
+    STATIC,
+    AbuseTracker,
+    client_address,
+    error_middleware,
+    json_error,
+    refuse_connection,
+)
 from signaling.cluster.bus import RoomBusHub
 from signaling.cluster.nodes import ClusterRouter, NodeDirectory
 from signaling.cluster.pool import WorkerPool
@@ -59,17 +67,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if hop:
         peer = request.headers.get("X-Forwarded-For", peer).strip()[:64] or peer
     conns = request.app[CONNS_KEY]
-    if conns.total() >= limits.max_connections:
-        return json_error(503, "server-busy", f"the server is at its limit of {limits.max_connections} "
-                                              "signaling connections; retry later")
-    cooling = request.app[ABUSE_KEY].blocked_for(peer)
-    if cooling > 0:
-        request.app[ABUSE_KEY].refused += 1
-        return json_error(429, "cooling-down", f"this address's connections kept breaking the rules; retry in "
-                                               f"{cooling:.0f} s")
-    if conns[peer] >= limits.max_connections_per_address:
-        return json_error(429, "too-many-connections", f"at most {limits.max_connections_per_address} signaling "
-                                                       "connections per address; close one and retry")
+    refused = refuse_connection(request.app, conns, peer, limits)
+    if refused is not None:
+        return refused
     conns[peer] += 1
     proxies = request.app[PROXIES_KEY]
     proxy: Optional[SignalingProxy] = None

@@ -137,7 +137,11 @@ class SignalingProxy:
             await self._send(error("server-busy", "the room's media worker is not reachable; retry"))
             return await self._wait_for_join()
         self._upstream, self.worker, self.room = upstream, index, room
-        await upstream.send_str(text)
+        return await self._pump(upstream, text)
+
+    async def _pump(self, upstream: aiohttp.ClientWebSocketResponse, join: str) -> Optional[tuple[str, str]]:
+        """Send the join upstream, then pump both ways until either side closes (or a join to move)."""
+        await upstream.send_str(join)
         down = asyncio.ensure_future(self._downstream(upstream))
         try:
             return await self._upstream_pump(upstream, down)
@@ -159,16 +163,7 @@ class SignalingProxy:
             await self._send(error("server-busy", "the room's node is not reachable; retry"))
             return await self._wait_for_join()
         self._upstream, self.worker, self.room, self.node_url = upstream, None, room, url
-        await upstream.send_str(text)
-        down = asyncio.ensure_future(self._downstream(upstream))
-        try:
-            return await self._upstream_pump(upstream, down)
-        finally:
-            down.cancel()
-            try:
-                await down
-            except asyncio.CancelledError:
-                pass
+        return await self._pump(upstream, text)
 
     async def _upstream_pump(self, upstream: aiohttp.ClientWebSocketResponse,
                              upstream_closed: asyncio.Future[None]) -> Optional[tuple[str, str]]:
