@@ -389,7 +389,7 @@ class PromptManager:
     def _prompt(text: str, to: str | None, result: SynthResult) -> Prompt:
         # held as 16-bit samples while queued and playing: half the memory of float32, and nothing a
         # listener can hear after a 32 kbit/s Opus encode (a 5000-character prompt is ~27 MiB, not ~55).
-        # From the synthesis process a long prompt's samples are a read-only view of a shared mapping:
+        # From the synthesis process a long prompt's samples are a read-only view of a mapping of its memory file:
         # its pages join this process's RSS as they are played, and go when the prompt lets go of them.
         return Prompt(id=new_id("prompt-"), text=text, audio=result.audio, to=to, voice=result.voice,
                       cache_hit=result.cache_hit, metadata=result.metadata())
