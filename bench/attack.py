@@ -168,6 +168,16 @@ class Suite:
     a: Bot | None = None
     b: Bot | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
+    loop_lag_s: float = 0.0  # the longest this process's event loop (the bots') was late since the window began
+    _beat: asyncio.Task[None] | None = None
+
+    async def _heartbeat(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            self.loop_lag_s = max(self.loop_lag_s, now - last - 0.005)
+            last = now
 
     def token(self, identity: str, room: str = ROOM, admin: bool = False) -> str:
         perms = ("publish", "subscribe", "admin") if admin else ("publish", "subscribe")
@@ -187,8 +197,11 @@ class Suite:
                 raise RuntimeError("the legitimate call never started")
             await asyncio.sleep(0.2)
         await asyncio.sleep(2.0)
+        self._beat = asyncio.ensure_future(self._heartbeat())
 
     async def stop_call(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
         for bot in (self.a, self.b):
             if bot is not None:
                 await bot.leave()
@@ -204,6 +217,7 @@ class Suite:
         await asyncio.sleep(0.5)
         u0, ev0, t0 = tree_usage(self.pid), self.evictions(), time.monotonic()
         own0 = tree_usage(self.pid, tree=False)
+        skipped0, self.loop_lag_s = get_json(self.url + "/healthz")["clock"]["skipped_ticks"], 0.0
         try:
             attacker = await attack(self)
         except Exception as exc:  # the attack tool failing is a finding too, not the end of the suite
@@ -212,8 +226,11 @@ class Suite:
             await asyncio.sleep(rest)
         await asyncio.sleep(0.5)  # what the attack delayed arrives (or not) after it
         t1, u1, own1 = time.monotonic(), tree_usage(self.pid), tree_usage(self.pid, tree=False)
+        # who was late: the server's media clock (ticks it skipped) or this process, where the bots receive
+        late = {"server_skipped_ticks": get_json(self.url + "/healthz")["clock"]["skipped_ticks"] - skipped0,
+                "bench_loop_lag_ms": round(self.loop_lag_s * 1000.0, 1)}
         call = call_figures(self.a, self.b, t0, t1 - 0.3)
-        out = {"attack": name, "seconds": round(t1 - t0, 2), **call,
+        out = {"attack": name, "seconds": round(t1 - t0, 2), **call, **late,
                "evicted": self.evictions() - ev0,
                # the server process itself; the tree's figures also move when an executor worker is
                # replaced (a recovery that reloads the models), which is no growth an attack caused
@@ -227,7 +244,8 @@ class Suite:
                      "rss": out["rss_growth_mib"] <= RSS_LIMIT_MIB}
         self.results.append(out)
         print(f"[attack] {name}: gap {call['largest_gap_ms']} ms, lost {call['frames_lost']}, "
-              f"rss {out['rss_growth_mib']:+} MiB, fds {out['fd_growth']:+}, evicted {out['evicted']}",
+              f"rss {out['rss_growth_mib']:+} MiB, fds {out['fd_growth']:+}, evicted {out['evicted']}, "
+              f"server skipped {late['server_skipped_ticks']} ticks, bench loop late {late['bench_loop_lag_ms']} ms",
               file=sys.stderr, flush=True)
         for bot in (self.a, self.b):
             bot.trim(time.monotonic() - 5.0)
