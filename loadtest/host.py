@@ -14,7 +14,11 @@ import bisect
 import gc
 import logging
 import multiprocessing
+import os
+import sys
+import threading
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,6 +44,21 @@ def _first(entry: tuple[float, int]) -> float:
 
 
 _libraries: dict[SourceConfig, SourceLibrary] = {}
+
+
+def _stall_watchdog(beat: list[float], threshold_s: float) -> None:
+    """Debugging aid (``LOADTEST_STALL_MS``): log where the event loop's thread is whenever its 10 ms
+    heartbeat is more than the threshold late, once per stall."""
+    main = threading.main_thread().ident
+    reported = 0.0
+    while True:
+        time.sleep(threshold_s / 4)
+        late = time.monotonic() - beat[0]
+        if late > threshold_s and beat[0] != reported:
+            reported = beat[0]
+            frame = sys._current_frames().get(main or 0)
+            stack = "".join(traceback.format_stack(frame)[-10:]) if frame is not None else "?"
+            log.warning("event loop stalled %.0f ms so far, at:\n%s", late * 1000.0, stack)
 
 
 def _encode_signal(sources: SourceConfig, index: int) -> None:
@@ -110,13 +129,24 @@ class BotHost:
 
     async def _watch_loop(self) -> None:
         n = 0
+        stall_ms = float(os.environ.get("LOADTEST_STALL_MS", "0") or 0)
+        beat = [time.monotonic()]
+        if stall_ms > 0:
+            threading.Thread(target=_stall_watchdog, args=(beat, stall_ms / 1000.0), daemon=True,
+                             name="loadtest-stall-watchdog").start()
         while True:
             before = time.monotonic()
             await asyncio.sleep(0.01)
-            now = time.monotonic()
+            now = beat[0] = time.monotonic()
             self.loop_lag.append((now, max(0.0, (now - before - 0.01) * 1000.0)))
             if n % 50 == 0:
                 self.cpu.append((now, time.process_time()))
+            if n % 200 == 0:
+                # Everything that survived the last 2 s (recordings, send logs, the stats messages bots keep:
+                # hundreds of thousands of objects after a minute of 160 bots) leaves the collector's view:
+                # a full collection walking it all stalled the loop for up to a second.  Garbage cycles
+                # older than that are not collected any more, which a load test of minutes can afford.
+                gc.freeze()
             n += 1
             if len(self.loop_lag) > 200_000:
                 del self.loop_lag[:100_000]
@@ -135,10 +165,7 @@ class BotHost:
         if self._lag_task is None:
             self._lag_task = asyncio.get_running_loop().create_task(self._watch_loop())
         results = list(await asyncio.gather(*(self._join_one(s) for s in specs)))
-        # what exists now (bots, their aiortc objects, recordings) lives to the end: keep the garbage
-        # collector from walking it again and again (a full collection over hundreds of peer connections
-        # is a long pause of the event loop)
-        gc.freeze()
+        gc.freeze()  # the bots and their aiortc objects live to the end (see _watch_loop)
         return results
 
     def _media(self, index: int) -> tuple[np.ndarray, list[bytes] | None]:
