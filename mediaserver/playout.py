@@ -4,9 +4,11 @@
 playout: it extends the wrapping RTP counters, counts received, lost, late,
 duplicate and discarded packets, estimates the RFC 3550 interarrival jitter,
 primes to a target delay, is *pulled* one 10 ms chunk at a time by the media
-clock, conceals underruns on time, goes silent after 60 ms without audio and
-re-primes, and adapts its target: up 10 ms on each underrun, down towards
-three times the measured jitter, dropping a backlog well above the target.
+clock, conceals underruns on time *without skipping* (the concealment is
+inserted and the late packet still plays: the delay grows instead of a
+packet being lost), goes silent after 60 ms without audio and re-primes, and
+adapts its target: up 10 ms on each underrun, down towards three times the
+measured jitter, dropping a backlog well above the target.
 
 A codec's buffer (``mediaserver.jitter.JitterBuffer`` for Opus,
 ``signaling.sip.jitter.G711JitterBuffer`` for phones) says what it stores per
@@ -196,8 +198,11 @@ class PlayoutBuffer(ABC, Generic[Entry]):
             self._pending = np.zeros(0, dtype=np.float32)
             self._on_silence()
             return np.zeros(self.chunk, dtype=np.float32), None
+        # Stretch, do not skip: the concealment is *inserted* and the playout position stays where it is,
+        # so the packet that was only late still plays when it comes (the delay grows by this chunk; the
+        # backlog trim of ``_adapt`` takes it back once the target has decayed).  Advancing the position
+        # here turned every packet a few ms late into a lost one and never let the delay grow.
         pcm = self._conceal(self.chunk - len(self._pending))
-        self._play_ts += len(pcm)
         st.concealed_chunks += 1
         buf = np.concatenate([self._pending, pcm])
         self._pending = buf[self.chunk:]

@@ -72,6 +72,29 @@ def test_jitter_is_absorbed_and_measured() -> None:
     assert jb.stats.received == len(pk)
 
 
+def test_a_late_packet_still_plays_after_an_underrun() -> None:
+    """A packet that comes a little after its playout time (a stalled sender or server loop) is played
+    late, with a concealed chunk inserted before it, not thrown away as lost: the delay grows instead."""
+    x = speech(seconds=3.0)
+    pk = _packets(x)
+    clock = FakeClock()
+    jb = JitterBuffer(clock=clock, min_delay_ms=20.0, start_delay_ms=20.0)
+    # two stalls of the path: packets 60-61 come together 35 ms after 60 was sent, 100-101 25 ms after
+    # 100 was sent (more than the 20 ms buffer: the playout runs dry before they come)
+    late = {60: 0.035, 61: 0.015, 100: 0.025, 101: 0.005}
+    arrivals = sorted((i * 0.02 + late.get(i, 0.0), i) for i in range(len(pk)))
+    k = 0
+    for tick in range(len(pk) * 2 + 30):
+        clock.t = tick * 0.01
+        while k < len(arrivals) and arrivals[k][0] <= clock.t:
+            i = arrivals[k][1]
+            jb.push(i, i * 960, pk[i], arrivals[k][0])
+            k += 1
+        jb.pull()
+    assert jb.stats.late == 0 and jb.stats.lost == 0
+    assert jb.stats.underruns >= 1 and jb.stats.concealed_chunks >= 1
+
+
 def test_buffer_latency_stays_bounded_after_a_burst() -> None:
     x = speech(seconds=4.0)
     pk = _packets(x)
