@@ -4,7 +4,9 @@ All published streams pull their next chunk on the same tick, so the
 enhancement executor receives every stream's chunk at nearly the same moment
 and batches them.  The clock never tries to catch up by bursting: when the
 event loop stalls for more than ``max_catchup`` ticks it skips ahead and
-counts the lag.
+counts the lag; a tick that is late first lets the loop read the sockets, so
+that the packets that arrived during a stall reach their jitter buffers
+before the ticks that play them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 TICK_S = 0.010
+CATCHUP_YIELDS = 3  # loop turns given to the network before a late tick
 
 
 class MediaClock:
@@ -47,6 +50,14 @@ class MediaClock:
             delay = next_t - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            elif delay < -self.tick_s:
+                # Late by more than a tick (the loop was busy): let the network side run first.  The
+                # datagrams that came during the stall are still in the sockets; without this, the
+                # catch-up ticks run back to back before any of them reaches a jitter buffer and every
+                # stream whose buffer is shorter than the stall underruns at once.  A few loop turns:
+                # socket -> ICE queue -> DTLS/SRTP task -> RTP receiver -> jitter buffer.
+                for _ in range(CATCHUP_YIELDS):
+                    await asyncio.sleep(0)
             lag = time.monotonic() - next_t
             self.last_lag_ms = lag * 1000.0
             self.max_lag_ms = max(self.max_lag_ms, self.last_lag_ms)
