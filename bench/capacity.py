@@ -177,7 +177,7 @@ def session_config(url: str, args: argparse.Namespace, prefix: str, room_size: i
     share = min(1.0, args.decode_per_bot / max(1, room_size - 1)) if args.decode_per_bot else 1.0
     return SessionConfig(url=url, sources=sources, processes=args.bot_processes, dnsmos_per_publisher=0,
                          score_sent=False, warmup_s=args.warmup, progress=not args.quiet, room_prefix=prefix,
-                         decode_share=share, fast=not args.no_fast_path)
+                         decode_share=share, fast=not args.no_fast_path, scrape_interval_s=args.scrape_interval)
 
 
 async def ramp(config: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
@@ -283,6 +283,9 @@ def main() -> int:
     parser.add_argument("--no-fast-path", action="store_true",
                         help="bots send and receive through aiortc's per-packet path (the slow reference)")
     parser.add_argument("--quick", action="store_true", help="start 4, step 4, max 8, hold 5 s, no big room")
+    parser.add_argument("--scrape-interval", type=float, default=5.0,
+                        help="seconds between the bench's /metrics scrapes of the server (default 5; a scrape costs "
+                             "the server tens of ms of CPU at 64 streams, a real Prometheus scrapes every 15-60 s)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

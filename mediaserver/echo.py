@@ -55,11 +55,29 @@ class RoomMix:
         self._own: dict[str, TickRing] = {}
         self._targeted: dict[str, TickRing] = {}
         self._listeners: dict[str, Callable[[np.ndarray, Optional[float]], None]] = {}
+        self._users: set[str] = set()  # participants whose echo canceller reads references
+
+    def use(self, participant_id: str, on: bool) -> None:
+        """Whether ``participant_id`` reads references (its microphone runs aec).  A room where nobody
+        does keeps no chunks: copying every stream's chunk on every tick was a few % of a core at 64
+        forwarded streams for nothing."""
+        if on:
+            self._users.add(participant_id)
+        else:
+            self._users.discard(participant_id)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._users)
 
     def add_stream(self, stream: PublishedStream, targets: Optional[set[str]]) -> None:
         own = self._own.setdefault(stream.id, TickRing())
 
+        users = self._users
+
         def listener(audio: np.ndarray, origin: Optional[float]) -> None:
+            if not users:
+                return
             tick = stream.current_tick
             own.add(tick, audio)
             if targets is None:
@@ -79,6 +97,7 @@ class RoomMix:
 
     def remove_participant(self, participant_id: str) -> None:
         self._targeted.pop(participant_id, None)
+        self._users.discard(participant_id)
 
     def reference(self, participant_id: str, own_stream_id: Optional[str], tick: int) -> np.ndarray:
         """The audio sent to ``participant_id`` at tick ``tick - lag``."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import types
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -55,6 +56,9 @@ class DirectRtpSender:
         self._ts_origin = random32()
         self.sent = 0
         self.not_connected = 0
+        # The RTP header is built once with aiortc's serializer (the negotiated extension map: mid,
+        # abs-send-time) and then only patched per packet: sequence number, timestamp, abs-send-time.
+        self._header, self._abs_at = _header_template(payload_type, self._ssrc, self._mid, self._map)
 
     @staticmethod
     def install(sender: RTCRtpSender, track: "SubscriberTrack") -> bool:
@@ -89,19 +93,38 @@ class DirectRtpSender:
         if dtls._state != State.CONNECTED or pair is None:
             self.not_connected += 1
             return False
-        rtp = RtpPacket(payload_type=self._payload_type, marker=1, sequence_number=self._seq,
-                        timestamp=(self._ts_origin + packet.pts) & 0xFFFFFFFF, ssrc=self._ssrc,
-                        payload=packet.data)
+        header = self._header
+        timestamp = (self._ts_origin + packet.pts) & 0xFFFFFFFF
+        _SEQ_TS.pack_into(header, 2, self._seq, timestamp)
         ntp = clock.current_ntp_time()
-        rtp.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
-        rtp.extensions.mid = self._mid
-        data = dtls._tx_srtp.protect(rtp.serialize(self._map))
+        if self._abs_at:
+            header[self._abs_at:self._abs_at + 3] = ((ntp >> 14) & 0x00FFFFFF).to_bytes(3, "big")
+        data = dtls._tx_srtp.protect(bytes(header) + packet.data)
         pair.protocol.transport.sendto(data, pair.remote_addr)
         self._seq = uint16_add(self._seq, 1)
         s = self._sender
         setattr(s, _S + "ntp_timestamp", ntp)
-        setattr(s, _S + "rtp_timestamp", rtp.timestamp)
+        setattr(s, _S + "rtp_timestamp", timestamp)
         setattr(s, _S + "octet_count", getattr(s, _S + "octet_count") + len(packet.data))
         setattr(s, _S + "packet_count", getattr(s, _S + "packet_count") + 1)
         self.sent += 1
         return True
+
+
+_SEQ_TS = struct.Struct("!HI")  # sequence number and timestamp, at offset 2 of an RTP header
+
+
+def _header_template(payload_type: int, ssrc: int, mid: Any, extensions_map: Any) -> tuple[bytearray, int]:
+    """An RTP header (marker set) with the sender's extensions, and where its 3-byte abs-send-time
+    value sits (0: not negotiated), found by serializing two values and comparing."""
+
+    def build(abs_send_time: int) -> bytes:
+        rtp = RtpPacket(payload_type=payload_type, marker=1, sequence_number=0, timestamp=0, ssrc=ssrc)
+        rtp.extensions.abs_send_time = abs_send_time
+        rtp.extensions.mid = mid
+        return bytes(rtp.serialize(extensions_map))
+
+    low, high = build(0), build(0xFFFFFF)
+    diff = [i for i in range(min(len(low), len(high))) if low[i] != high[i]]
+    at = diff[0] if len(diff) == 3 and diff[2] - diff[0] == 2 and len(low) == len(high) else 0
+    return bytearray(low), at

@@ -258,10 +258,12 @@ class MediaServer:
         stream = participant.published
         if stream is None:
             return
+        room, pid, sid = participant.room, participant.id, stream.id
         if any(s.split(":")[0] == "aec" for s in stream.pipeline.stages):
-            room, pid, sid = participant.room, participant.id, stream.id
+            room.mix.use(pid, True)
             stream.set_reference(lambda tick: room.mix.reference(pid, sid, tick))
         else:
+            room.mix.use(pid, False)
             stream.set_reference(None)
 
     async def accept_offer(self, participant: Participant, sdp: str) -> str:
