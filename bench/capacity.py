@@ -63,6 +63,14 @@ LOADGEN_LAG_MS = 20.0  # bots' event-loop lag p99 above which a step measured th
 LOADGEN_BUSY = 0.8  # share of the bots' cores above which likewise
 
 
+def expected_stages(config: str) -> list[str] | None:
+    """The stage list every stream of ``config`` asks for (None: not known here, or not the server)."""
+    stages = CONFIGS.get(config)
+    if config in FORWARDERS or stages is None:
+        return None
+    return [s for s in stages.split(",") if s]
+
+
 # -- the server under test --------------------------------------------------------------------------------
 def _ticks() -> float:
     return float(os.sysconf("SC_CLK_TCK"))
@@ -116,8 +124,11 @@ def _delta(samples: list[dict[str, Any]], key: str) -> float:
     return float(values[-1] - values[0]) if len(values) >= 2 else 0.0
 
 
-def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float, bot_cores: int = 1) -> dict[str, Any]:
-    """The SLO figures of one window, and which objectives it breaches."""
+def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float, bot_cores: int = 1,
+          expected: list[str] | None = None) -> dict[str, Any]:
+    """The SLO figures of one window, and which objectives it breaches; ``expected``: the stage list every
+    stream asked for (a stream the server's admission control gave a lighter list, or none, counts as
+    degraded: the configuration's capacity is where nobody is)."""
     s = window["summary"]
     latencies = [x[1] for st in window["streams"] for x in st["latency_samples"]]
     p50, p95, p99 = (round(float(np.percentile(latencies, q)), 1) if latencies else None for q in (50, 95, 99))
@@ -130,6 +141,12 @@ def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float
             chunks += _delta(rows, "chunks")
             bypassed += _delta(rows, "bypassed")
             concealed += _delta(rows, "concealed_chunks")
+    running: dict[str, Any] = {}
+    for samples in window["server_stats"].values():
+        for x in samples:
+            running[str(x.get("stream"))] = x.get("stages")
+    degraded = {} if expected is None else {
+        k: v for k, v in running.items() if isinstance(v, list) and list(v) != list(expected)}
     lost = s["drop_rate"] or 0.0
     concealed_rate = concealed / chunks if chunks else 0.0
     fig = {"lost_rate": lost, "concealed_rate": round(concealed_rate, 5),
@@ -137,7 +154,9 @@ def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float
            "bypassed_rate": round(bypassed / chunks, 5) if chunks else 0.0,
            "latency_ms": {"p50": p50, "p95": p95, "p99": p99},
            "longest_gap_ms": s["longest_gap_ms"], "server_cpu_cores": round(cpu_s / wall_s, 3),
-           "loadgen_loop_lag_ms": s["loadgen_loop_lag_ms"], "loadgen_cpu": s.get("loadgen_cpu")}
+           "loadgen_loop_lag_ms": s["loadgen_loop_lag_ms"], "loadgen_cpu": s.get("loadgen_cpu"),
+           "degraded_streams": len(degraded),
+           "degraded_to": sorted({",".join(v) or "none" for v in degraded.values()})}
     breaches = []
     if fig["lost_or_concealed"] >= SLO["lost_or_concealed"]:
         breaches.append(f"lost+concealed {fig['lost_or_concealed']:.2%}")
@@ -147,6 +166,8 @@ def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float
         breaches.append(f"p95 {p95} ms")
     if joins_failed:
         breaches.append(f"{joins_failed} joins failed")
+    if degraded:
+        breaches.append(f"{len(degraded)} streams degraded by admission control (to {', '.join(fig['degraded_to'])})")
     if s["streams_silent"] or s.get("streams_missing"):
         breaches.append(f"{s['streams_silent']} silent, {s.get('streams_missing')} missing subscriptions")
     lag_p99 = (s.get("loadgen_loop_lag_ms") or {}).get("p99")
@@ -157,14 +178,15 @@ def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float
 
 
 async def measure_step(session: LoadSession, proc: subprocess.Popen[bytes], rooms: list[str],
-                       warmup_s: float, hold_s: float, bot_cores: int = 1) -> dict[str, Any]:
+                       warmup_s: float, hold_s: float, bot_cores: int = 1,
+                       expected: list[str] | None = None) -> dict[str, Any]:
     joins = await session.add_bots(rooms)
     failed = sum(1 for j in joins if not j["ok"])
     await session.hold(warmup_s, f"{len(session.specs)} streams, warm-up")
     cpu0, t0 = tree_cpu_s(proc.pid), time.monotonic()
     window = await session.measure(hold_s, f"{len(session.specs)} streams")
     cpu1, t1 = tree_cpu_s(proc.pid), time.monotonic()
-    out = judge(window, failed, cpu1 - cpu0, t1 - t0, bot_cores)
+    out = judge(window, failed, cpu1 - cpu0, t1 - t0, bot_cores, expected)
     await session.trim(window["until_s"])
     return {"streams": len(session.specs), **out}
 
@@ -192,7 +214,8 @@ async def ramp(config: str, args: argparse.Namespace, log: Path) -> dict[str, An
             count = args.start
             while count <= args.max:
                 rooms = [session.room_name(i // args.room_size) for i in range(len(session.specs), count)]
-                step = await measure_step(session, proc, rooms, args.warmup, args.hold, bot_cores)
+                step = await measure_step(session, proc, rooms, args.warmup, args.hold, bot_cores,
+                                          expected_stages(config))
                 steps.append(step)
                 loadgen = step.get("loadgen_cpu") or {}
                 print(f"[capacity] {config}: {step['streams']} streams -> "
@@ -215,7 +238,7 @@ async def ramp(config: str, args: argparse.Namespace, log: Path) -> dict[str, An
             try:
                 await session.prepare(args.big_room)
                 big = await measure_step(session, proc, [session.room_name(0)] * args.big_room,
-                                         args.warmup, args.hold, bot_cores)
+                                         args.warmup, args.hold, bot_cores, expected_stages(config))
             finally:
                 await session.close()
     cores = len(_cpu_list(args.server_cpus))

@@ -61,6 +61,13 @@ class EnhanceConfig:
     upgrade_load: float = 0.45
     upgrade_interval_s: float = 2.0
     stage_costs: tuple[tuple[str, float, float], ...] = ()
+    # When the executor's worker shares its cores with the media process(es) (every usable core runs a
+    # media worker: ``shared_cpus`` -1 finds that out at start; 0: never; N: N cores), a stream is also
+    # admitted only while stages + the media process's measured CPU + host_ms_per_stream for the
+    # newcomer stay within cpu_target of those cores (enhancers/executor/admission.py).
+    shared_cpus: int = -1
+    cpu_target: float = 0.8
+    host_ms_per_stream: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,11 @@ class QualityConfig:
     threads: int = 1  # ONNX Runtime intra-op threads of the scorer
     nice: int = 10  # the scorer thread's nice increment (Linux), so the media path wins the CPU
     per_stream_metrics: bool = False  # /metrics: per-stream gauges too (else per room and stage set only)
+    # intelligibility SLI (mediaserver/quality_wer.py): every wer_every-th window of a stream whose stages change
+    # its audio also gets the WER of Whisper tiny.en on "after" against "before", in the scorer process and its
+    # budget; 0: off. Windows whose input holds fewer than wer_min_words words get none.
+    wer_every: int = 0
+    wer_min_words: int = 3
 
 
 @dataclass(frozen=True)
@@ -335,6 +347,19 @@ def parse_workers(value: object) -> int:
     return n
 
 
+def parse_wer_every(text: str) -> int:
+    """``MEDIASERVER_QUALITY_WER``: ``1``/``on``/``true``/``yes`` every window, ``k`` every k-th, ``0``/``off``: none."""
+    text = text.strip().lower()
+    if text in ("on", "true", "yes"):
+        return 1
+    if text in ("off", "false", "no", ""):
+        return 0
+    n = int(text)
+    if n < 0:
+        raise ValueError("MEDIASERVER_QUALITY_WER is on, off or a window count k >= 0")
+    return n
+
+
 def worker_count(config: ServerConfig) -> int:
     """How many media worker processes ``config`` asks for (``workers=0``: one per usable core)."""
     if config.workers > 0:
@@ -410,6 +435,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         quality = replace(quality, cpu_share=float(env["MEDIASERVER_QUALITY_CPU_SHARE"]))
     if "MEDIASERVER_QUALITY_PER_STREAM_METRICS" in env:
         quality = replace(quality, per_stream_metrics=env["MEDIASERVER_QUALITY_PER_STREAM_METRICS"] in ("1", "true", "yes"))
+    if env.get("MEDIASERVER_QUALITY_WER"):  # on/1: every window with stages; a number k: every k-th; 0/off
+        quality = replace(quality, wer_every=parse_wer_every(env["MEDIASERVER_QUALITY_WER"]))
     auth = cfg.auth
     if env.get("MEDIASERVER_AUTH_SECRET"):
         auth = replace(auth, secret=env["MEDIASERVER_AUTH_SECRET"])

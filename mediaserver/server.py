@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from mediaserver.auth import DEV_GRANT, Grant, TokenVerifier
 from mediaserver.clock import MediaClock
-from mediaserver.config import ServerConfig
+from mediaserver.config import ServerConfig, worker_count
 from mediaserver.ingest import InboundRtpSource
 from mediaserver.pipeline import PipelineHub
 from mediaserver.prompts import PromptManager  # prompts: TTS prompt tracks
@@ -78,6 +78,19 @@ class MediaServer:
         self.rollout = RolloutManager(self)  # rollout: which streams run a candidate stage list
         self.links: Any = None  # mediaserver/federation.RoomLinks once rooms may span processes (attach_bus)
 
+    def _shared_cpus(self) -> int:
+        """The cores the executor's worker shares with media processes (0: it has cores of its own)."""
+        e = self.config.enhance
+        if e.shared_cpus >= 0:
+            return e.shared_cpus
+        if e.executor_url:
+            return 0  # a remote executor service runs on its own host
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = os.cpu_count() or 1
+        return cpus if cpus <= worker_count(self.config) else 0
+
     async def start(self) -> None:
         validate_stages(self.config.enhance.default_stages)
         from enhancers.executor import Executor, ExecutorConfig
@@ -90,7 +103,9 @@ class MediaServer:
                                            remote_name=f"mediaserver-{os.getpid()}", recovery=e.recovery,
                                            admission=e.admission, target_load=e.target_load,
                                            upgrade_load=e.upgrade_load, upgrade_interval_s=e.upgrade_interval_s,
-                                           stage_costs={spec: (fixed, per) for spec, fixed, per in e.stage_costs}))
+                                           stage_costs={spec: (fixed, per) for spec, fixed, per in e.stage_costs},
+                                           shared_cpus=self._shared_cpus(), cpu_target=e.cpu_target,
+                                           host_ms_per_stream=e.host_ms_per_stream))
         await executor.start()
         if e.default_stages:
             await executor.preload(list(e.default_stages))  # first chunks already get their stages

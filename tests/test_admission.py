@@ -45,6 +45,23 @@ def test_ladder_goes_down_to_no_stages() -> None:
     assert list(candidates([])) == [[]]
 
 
+def test_on_shared_cores_the_media_process_cpu_counts_too() -> None:
+    """A worker on the media process's own core: the stages fit the tick, but with what the media process
+    already spends (its decode, encode, forwarding) the core is full, so the newcomer gets a lighter list."""
+    from enhancers.executor.admission import Admission, LoadModel
+
+    model = LoadModel({HEAVY: (0.0, 1.0), LIGHT: (0.0, 0.25)})
+    lighter = {HEAVY: (LIGHT,)}
+    own_cores = Admission(model, target_load=0.55, upgrade_load=0.45, lighter=lighter)
+    shared = Admission(model, target_load=0.55, upgrade_load=0.45, lighter=lighter, shared_cpus=1, cpu_target=0.8)
+    others = {HEAVY: 3}  # 3 ms of stages per tick; the newcomer's heavy list makes 4 ms: 0.4 of the tick
+    assert own_cores.decide([HEAVY], others).result == "admitted"
+    assert shared.decide([HEAVY], others, host_ms=2.0).result == "admitted"  # (4 + 2) / 10 = 0.6 of the core
+    busy = shared.decide([HEAVY], others, host_ms=4.5)  # (4 + 4.5) / 10 = 0.85: too much; light: 0.775
+    assert busy.result == "degraded" and busy.stages == [LIGHT] and "CPU full" in busy.reason
+    assert shared.decide([HEAVY], others, host_ms=6.0).result == "refused"  # not even the light one fits
+
+
 async def _run(streams: list[ExecutorStream], ticks: int) -> dict[int, list[bool]]:
     """Feed every stream running stages a chunk per tick; which chunks came back bypassed, per stream."""
     bypassed: dict[int, list[bool]] = {s.stream_id: [] for s in streams}

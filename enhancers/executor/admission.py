@@ -46,6 +46,7 @@ DEFAULT_STAGE_COSTS: dict[str, tuple[float, float]] = {  # bench/stage_cost.py, 
 }
 UNKNOWN_STAGE_COST = (0.5, 1.0)  # a spec with no prior (tests' stages, new models): pessimistic
 MIN_SAMPLES = 20  # calls timed before the measured model replaces the prior
+HOST_MEAN_S = 30.0  # time constant of the host process's measured CPU (shared cores)
 ALPHA = 0.05  # weight of one call in the running moments (~20 calls, a fraction of a second)
 
 
@@ -164,11 +165,14 @@ class Admission:
     """Fits stage lists into the tick budget given the streams already admitted."""
 
     def __init__(self, model: LoadModel, target_load: float, upgrade_load: float,
-                 lighter: Mapping[str, Sequence[str]] | None = None) -> None:
+                 lighter: Mapping[str, Sequence[str]] | None = None, shared_cpus: int = 0,
+                 cpu_target: float = 0.8) -> None:
         self.model = model
         self.target_load = target_load
         self.upgrade_load = min(upgrade_load, target_load)
         self.lighter = lighter
+        self.shared_cpus = shared_cpus
+        self.cpu_target = cpu_target
 
     @staticmethod
     def rows(stage_lists: Iterable[Sequence[str]]) -> dict[str, int]:
@@ -192,18 +196,41 @@ class Admission:
             rows[spec] = rows.get(spec, 0) + 1
         return self.load(rows)
 
-    def decide(self, requested: Sequence[str], others: Mapping[str, int], limit: float | None = None) -> Decision:
-        """The best candidate for ``requested`` that fits under ``limit`` (default ``target_load``)."""
+    def cpu_load(self, rows: Mapping[str, int], host_ms: float) -> float:
+        """Predicted share of the shared cores used by the stages of ``rows`` plus ``host_ms`` per tick of
+        the host process (0 when the worker does not share cores with it)."""
+        if self.shared_cpus <= 0:
+            return 0.0
+        return (self.model.tick_ms(rows) + host_ms) / (TICK_MS * self.shared_cpus)
+
+    def decide(self, requested: Sequence[str], others: Mapping[str, int], limit: float | None = None,
+               host_ms: float = 0.0, cpu_limit: float | None = None) -> Decision:
+        """The best candidate for ``requested`` that fits under ``limit`` (default ``target_load``) and, on
+        shared cores, whose stages plus ``host_ms`` (the host's CPU per tick, the newcomer's included) fit
+        under ``cpu_limit`` (default ``cpu_target``) of them."""
         limit = self.target_load if limit is None else limit
+        cpu_limit = self.cpu_target if cpu_limit is None else cpu_limit
         before = self.load(others)
         for stages in self.ladder(requested):
             load = self._with(others, stages)
-            if not stages or load <= limit:
+            rows = dict(others)
+            for spec in stages:
+                rows[spec] = rows.get(spec, 0) + 1
+            cpu = self.cpu_load(rows, host_ms)
+            if not stages or (load <= limit and cpu <= cpu_limit):
                 if list(stages) == list(requested):
                     return Decision(list(stages), "admitted")
                 want = self._with(others, requested)
-                why = (f"enhancement executor full: {','.join(requested)} would bring the load to {want:.2f} "
-                       f"of the tick (target {limit:.2f}; {before:.2f} in use by the streams already admitted)")
+                rows = dict(others)
+                for spec in requested:
+                    rows[spec] = rows.get(spec, 0) + 1
+                want_cpu = self.cpu_load(rows, host_ms)
+                if want > limit or self.shared_cpus <= 0:
+                    why = (f"enhancement executor full: {','.join(requested)} would bring the load to {want:.2f} "
+                           f"of the tick (target {limit:.2f}; {before:.2f} in use by the streams already admitted)")
+                else:
+                    why = (f"CPU full: {','.join(requested)} would bring the {self.shared_cpus} core(s) shared by "
+                           f"the media and the enhancement processes to {want_cpu:.2f} (target {cpu_limit:.2f})")
                 if not stages:
                     return Decision([], "refused", why + "; no stages fit, audio is forwarded unprocessed")
                 return Decision(list(stages), "degraded", why + f"; running {','.join(stages)} instead")
@@ -221,7 +248,11 @@ class AdmissionControl:
                  apply: Callable[[ExecutorStream, list[str], Any], None]) -> None:
         self.config = config
         self.model = LoadModel(config.stage_costs)
-        self.policy = Admission(self.model, config.target_load, config.upgrade_load, config.ladder)
+        self.policy = Admission(self.model, config.target_load, config.upgrade_load, config.ladder,
+                                config.shared_cpus, config.cpu_target)
+        # the host process's CPU per 10 ms tick (running mean over upgrade intervals; shared cores only)
+        self._host_ms = 0.0
+        self._host_mark: tuple[float, float] | None = None  # (monotonic, process_time) at the last sample
         self.counts: dict[str, int] = dict.fromkeys(ADMISSION_RESULTS, 0)
         self.upgrades = 0
         self._streams = streams
@@ -252,7 +283,7 @@ class AdmissionControl:
         requested = stream.requested_stages
         decision = Decision(list(requested), "admitted")
         if self.config.admission and requested:
-            decision = self.policy.decide(requested, self._others(stream))
+            decision = self.policy.decide(requested, self._others(stream), host_ms=self._host_now(stream))
         if requested:
             self.counts[decision.result] += 1
         stream.degraded_reason, stream.changed_at = decision.reason, time.monotonic()
@@ -270,14 +301,40 @@ class AdmissionControl:
                 stage_s += seconds
             self._stage_ms += ALPHA * (stage_s * 1e3 - self._stage_ms)
 
+    # -- the host's CPU (shared cores) -----------------------------------------------------------
+    def _sample_host(self) -> None:
+        """Update the host process's measured CPU per tick (its own threads: media, signaling, SLIs)."""
+        now, cpu = time.monotonic(), time.process_time()
+        if self._host_mark is not None and now - self._host_mark[0] >= 0.5:
+            dt = now - self._host_mark[0]
+            ms = (cpu - self._host_mark[1]) / dt * TICK_MS
+            # a slow running mean (~30 s): the bursts of joins (DTLS handshakes, SDP) are not what a stream
+            # costs for its life; until it has grown, the per-stream prior stands in (``_host_now``)
+            self._host_ms += min(1.0, dt / HOST_MEAN_S) * (ms - self._host_ms)
+        if self._host_mark is None or now - self._host_mark[0] >= 0.5:
+            self._host_mark = (now, cpu)
+
+    def _host_now(self, stream: ExecutorStream) -> float:
+        """The host's CPU per tick with ``stream`` in it: measured, or the prior per enhanced stream until
+        measured, plus the newcomer's prior when it has no stages yet (0 on cores of its own)."""
+        if self.config.shared_cpus <= 0:
+            return 0.0
+        self._sample_host()
+        per = self.config.host_ms_per_stream
+        enhanced = sum(1 for s in self._streams.values() if s is not stream and s.stages)
+        host = max(self._host_ms, per * enhanced)
+        return host + (per if not stream.stages else 0.0)
+
     # -- upgrades --------------------------------------------------------------------------
     def _schedule(self, force: bool = False) -> None:
         if self._timer is None and self._loop is not None and (
-                force or any(s.degraded_reason for s in self._streams.values())):
+                force or self.config.shared_cpus > 0 or any(s.degraded_reason for s in self._streams.values())):
             self._timer = self._loop.call_later(self.config.upgrade_interval_s, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
+        if self.config.shared_cpus > 0:
+            self._sample_host()
         now = time.monotonic()
         for stream in [s for s in self._streams.values() if s.degraded_reason]:  # oldest first
             if now - stream.changed_at >= self.config.upgrade_interval_s:
@@ -286,7 +343,9 @@ class AdmissionControl:
 
     def _try_upgrade(self, stream: ExecutorStream, now: float) -> None:
         """A better stage list for ``stream`` if it fits under ``upgrade_load`` (not just the target)."""
-        decision = self.policy.decide(stream.requested_stages, self._others(stream), self.config.upgrade_load)
+        upgrade_cpu = self.config.cpu_target - (self.config.target_load - self.config.upgrade_load)
+        decision = self.policy.decide(stream.requested_stages, self._others(stream), self.config.upgrade_load,
+                                      host_ms=self._host_now(stream), cpu_limit=upgrade_cpu)
         rank = {tuple(c): i for i, c in enumerate(self.policy.ladder(stream.requested_stages))}
         if rank.get(tuple(decision.stages), len(rank)) >= rank.get(tuple(stream.stages), len(rank)):
             return
@@ -305,6 +364,11 @@ class AdmissionControl:
             "load": round(load, 4),  # predicted stage time per tick / 10 ms, the streams as admitted now
             "measured_load": round(self._stage_ms / TICK_MS, 4),  # measured stage time per round / 10 ms
             "target_load": self.config.target_load,
+            "shared_cpus": self.config.shared_cpus,  # 0: the worker has cores of its own
+            "host_ms_per_tick": round(self._host_ms, 3),  # the host process's measured CPU (shared cores)
+            "cpu_load": round(self.policy.cpu_load(self.policy.rows(s.stages for s in self._streams.values()),
+                                                   self._host_ms), 4),
+            "cpu_target": self.config.cpu_target,
             "headroom": round(max(0.0, self.config.target_load - load), 4),
             "admission": self.config.admission,
             "admissions": dict(self.counts),

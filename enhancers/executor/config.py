@@ -55,3 +55,12 @@ class ExecutorConfig:
     upgrade_interval_s: float = 2.0
     stage_costs: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     ladder: Mapping[str, Sequence[str]] | None = None
+    # When the worker shares its cores with the process that feeds it (``shared_cpus`` > 0: a media
+    # server whose every usable core runs a media worker), the stages' time alone says nothing of the
+    # CPU left: a stream is also admitted only if the predicted stage time plus the host process's
+    # measured CPU per tick plus ``host_ms_per_stream`` for the newcomer (its decode, encode and
+    # forwarding) stays within ``cpu_target`` of the ``shared_cpus`` cores.  0: the worker has cores
+    # of its own (or is remote) and only ``target_load`` applies.
+    shared_cpus: int = 0
+    cpu_target: float = 0.8
+    host_ms_per_stream: float = 0.25
