@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	@for b in bench/*.py; do case $$b in bench/soak.py|bench/capacity.py|bench/plain_forwarder.py|bench/attack.py|bench/media_flood.py|bench/signaling_flood.py|bench/sip_flood.py) continue;; esac; echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/*.py; do case $$b in bench/soak.py|bench/capacity.py|bench/cluster_latency.py|bench/plain_forwarder.py|bench/attack.py|bench/media_flood.py|bench/signaling_flood.py|bench/sip_flood.py) continue;; esac; echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lint: setup
 	$(BIN)/ruff check .
@@ -59,3 +59,10 @@ bench-capacity: setup
 # ATTACK_ARGS="--quick" for the bounded counts that `make test` runs (tests/test_attacks.py).
 attack: setup
 	$(BIN)/python bench/attack.py $(ATTACK_ARGS)
+
+# Cluster latency (issue 19; not part of `make bench`): Redis and two nodes on loopback, one room of 8 with 4
+# participants on each node, then the same 8 bots on one node; same-node vs cross-node marker latency, as JSON.
+# CLUSTER_ARGS="--quick" for a short run without stages.
+.PHONY: bench-cluster
+bench-cluster: setup
+	$(BIN)/python bench/cluster_latency.py $(CLUSTER_ARGS)

@@ -24,7 +24,9 @@ from loadtest.sources import SourceConfig, default_dir
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--url", required=True, action="append",
+                   help="server base URL, e.g. http://127.0.0.1:8080; repeated (a cluster's nodes): bots join "
+                        "through them in turn, metrics are read from the first")
     p.add_argument("--speech", help="folder of speech recordings (default ../shared/eval/speech)")
     p.add_argument("--noise", help="folder of noise recordings (default ../shared/eval/noise)")
     p.add_argument("--snr", type=float, default=10.0, help="speech-to-noise ratio of the mix, dB (default 10)")
@@ -81,7 +83,8 @@ def session_config(args: argparse.Namespace, bots: int) -> SessionConfig:
     noise = None if args.no_noise else (args.noise or (str(default_dir("noise")) if default_dir("noise") else None))
     sources = SourceConfig(speech_dir=args.speech, noise_dir=noise, snr_db=None if noise is None else args.snr)
     processes = args.processes if args.processes is not None else min(os.cpu_count() or 1, bots)
-    return SessionConfig(url=args.url, sources=sources, stages=args.stages, processes=processes, token=args.token,
+    return SessionConfig(url=args.url[0], join_urls=args.url if len(args.url) > 1 else [], sources=sources,
+                         stages=args.stages, processes=processes, token=args.token,
                          dnsmos_per_publisher=args.dnsmos_per_publisher, warmup_s=args.warmup,
                          progress=not args.quiet, score_sent=not args.no_sent_dnsmos, light=not args.full_aiortc,
                          fast=not args.no_fast_path, uvloop=not args.no_uvloop,

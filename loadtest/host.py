@@ -94,6 +94,7 @@ class BotSpec:
     token: str | None = None
     local_addr: str | None = None
     echo_cancellation: bool = True
+    url: str | None = None  # the server this bot joins through (a cluster's node); None: its host's URL
 
 
 @dataclass
@@ -177,7 +178,7 @@ class BotHost:
 
     async def _join_one(self, spec: BotSpec) -> dict[str, Any]:
         mix, packets = await asyncio.get_running_loop().run_in_executor(self._media_pool, self._media, spec.index)
-        bot = Bot(self.url, spec.room, spec.name, mix, loop=True, stages=spec.stages,
+        bot = Bot(spec.url or self.url, spec.room, spec.name, mix, loop=True, stages=spec.stages,
                   echo_cancellation=spec.echo_cancellation, token=spec.token, local_addr=spec.local_addr,
                   light=self.light, opus_packets=packets, decode_share=self.decode_share, fast=self.fast)
         self.bots.append((spec, bot))
@@ -189,7 +190,7 @@ class BotHost:
                 error = f"{type(exc).__name__}: {exc}"
         if bot.errors and error is None:
             error = str(bot.errors[0])
-        return {"name": spec.name, "index": spec.index, "room": spec.room, "id": bot.id,
+        return {"name": spec.name, "index": spec.index, "room": spec.room, "id": bot.id, "url": bot.url,
                 "ok": error is None and bot.id is not None, "error": error}
 
     async def status(self) -> dict[str, Any]:

@@ -36,7 +36,9 @@ PROGRESS_METRICS = ("participants", "rooms", "skipped_ticks", "bypass_deadline",
 class SessionConfig:
     """How bots are made and measured (everything but how many)."""
 
-    url: str
+    url: str  # the server: bots join through it, its /metrics and /healthz are read
+    # several servers (a cluster's nodes): bot i joins through join_urls[i % len]; empty: url
+    join_urls: list[str] = field(default_factory=list)
     sources: SourceConfig = field(default_factory=SourceConfig)
     # per-bot join override: None: the room's default; "none": no stages; "a;b": bots alternate (A/B runs)
     stages: str | None = None
@@ -140,15 +142,24 @@ class LoadSession:
     def room_name(self, i: int) -> str:
         return f"{self.config.room_prefix}-{i}"
 
-    async def add_bots(self, rooms: list[str]) -> list[dict[str, Any]]:
-        """One new bot per entry of ``rooms``, spread round-robin over the hosts; their join results."""
-        spread = self.config.spread_source_addresses and _is_loopback(self.config.url)
+    def url_of(self, index: int) -> str:
+        """The server bot ``index`` joins through (``join_urls`` in turn, else ``url``)."""
+        urls = self.config.join_urls
+        return urls[index % len(urls)] if urls else self.config.url
+
+    async def add_bots(self, rooms: list[str], urls: list[str] | None = None) -> list[dict[str, Any]]:
+        """One new bot per entry of ``rooms``, spread round-robin over the hosts; their join results.
+        ``urls``: the server each of them joins through (default ``url_of``)."""
+        if urls is not None and len(urls) != len(rooms):
+            raise ValueError("one URL per bot")
         batches: dict[int, list[BotSpec]] = {}
-        for room in rooms:
+        for k, room in enumerate(rooms):
             i = len(self.specs)
+            url = urls[k] if urls is not None else self.url_of(i)
+            spread = self.config.spread_source_addresses and _is_loopback(url)
             addr = f"127.0.0.{2 + i // BOTS_PER_ADDRESS}" if spread and i // BOTS_PER_ADDRESS < 250 else None
             spec = BotSpec(name=f"bot{i}", room=room, index=i, stages=self.stages_of(i), token=self.config.token,
-                           local_addr=addr)
+                           local_addr=addr, url=None if url == self.config.url else url)
             self.specs.append(spec)
             batches.setdefault(i % len(self.hosts), []).append(spec)
         self._set_phase(f"joining {len(rooms)}")

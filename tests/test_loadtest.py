@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -219,3 +220,29 @@ async def test_fast_path_measures_known_losses_and_latency(start_server: ServerF
         assert 10.0 < stream["latency_ms"]["p50"] < 400.0, stream["latency_ms"]
     assert s["marker_vs_server"] is not None and abs(s["marker_vs_server"]["difference_ms"]) <= 20.0, \
         s["marker_vs_server"]
+
+
+async def test_bots_join_through_the_servers_they_are_given() -> None:
+    """Several servers (a cluster's nodes): bots take ``join_urls`` in turn, or the URL ``add_bots`` names
+    for each; a bot on the session's own URL keeps ``url=None`` (its host's)."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.specs: list[Any] = []
+
+        async def call(self, command: str, **kwargs: Any) -> Any:
+            assert command == "add"
+            self.specs += kwargs["specs"]
+            return [{"name": s.name, "index": s.index, "room": s.room, "id": s.name, "ok": True}
+                    for s in kwargs["specs"]]
+
+    a, b = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
+    session = LoadSession(SessionConfig(url=a, join_urls=[a, b], progress=False))
+    host = Recorder()
+    session.hosts = [host]  # type: ignore[list-item]
+    await session.add_bots(["r"] * 4)
+    await session.add_bots(["r"] * 2, urls=[b, a])
+    assert [s.url for s in host.specs] == [None, b, None, b, b, None]
+    assert all(s.local_addr == "127.0.0.2" for s in host.specs)
+    with pytest.raises(ValueError):
+        await session.add_bots(["r"] * 2, urls=[a])
