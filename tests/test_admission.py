@@ -172,3 +172,39 @@ async def test_a_full_server_degrades_the_newcomer_and_tells_it(start_server: Se
     finally:
         await second.leave()
         await listener.leave()
+
+
+def test_missed_deadlines_shed_the_newest_stream_one_step_not_the_older_ones() -> None:
+    """The model let in more than the machine carries: the executor's own counters say so, and the stream
+    admitted last moves one step down its ladder; the ones admitted before keep their stages."""
+    from types import SimpleNamespace
+
+    from enhancers.executor.admission import candidates
+    from enhancers.executor.shedding import LoadShedder
+
+    counters = {"chunks": 0, "bypass_deadline": 0, "dropped_backlog": 0}
+    old = SimpleNamespace(stream_id=1, label="old", stages=["denoise"], requested_stages=["denoise"],
+                          changed_at=1.0, closed=False, degraded_reason="")
+    new = SimpleNamespace(stream_id=2, label="new", stages=["denoise"], requested_stages=["denoise"],
+                          changed_at=2.0, closed=False, degraded_reason="")
+    streams = {1: old, 2: new}
+    applied: list[tuple[str, list[str]]] = []
+
+    def apply(stream: SimpleNamespace, stages: list[str]) -> None:
+        applied.append((stream.label, stages))
+        stream.stages = stages
+
+    shedder = LoadShedder(counters, max_bypass=0.01, hold_s=20.0)
+    ladder = lambda requested: list(candidates(requested))  # noqa: E731
+    assert shedder.check(streams, ladder, apply, now=10.0) is None  # first mark
+    counters["chunks"] += 1000
+    counters["bypass_deadline"] += 5  # 0.5 %: within the budget
+    assert shedder.check(streams, ladder, apply, now=12.0) is None
+    counters["chunks"] += 1000
+    counters["bypass_deadline"] += 300  # 30 % missed their deadline: once could be a transient
+    assert shedder.check(streams, ladder, apply, now=14.0) is None
+    counters["chunks"] += 1000
+    counters["bypass_deadline"] += 300  # and again
+    assert shedder.check(streams, ladder, apply, now=16.0) is new
+    assert applied == [("new", list(candidates(["denoise"]))[1])] and old.stages == ["denoise"]
+    assert "overloaded" in new.degraded_reason and shedder.holding(20.0) and not shedder.holding(40.0)

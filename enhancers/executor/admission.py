@@ -28,6 +28,7 @@ from typing import Any
 
 from enhancers.executor.config import ExecutorConfig
 from enhancers.executor.messages import RoundResult
+from enhancers.executor.shedding import LoadShedder
 from enhancers.executor.stream import ExecutorStream
 from enhancers.registry import DEGRADE_STEPS, LIGHTER
 
@@ -245,8 +246,10 @@ class AdmissionControl:
     """
 
     def __init__(self, config: ExecutorConfig, streams: Mapping[int, ExecutorStream],
-                 apply: Callable[[ExecutorStream, list[str], Any], None]) -> None:
+                 apply: Callable[[ExecutorStream, list[str], Any], None],
+                 counters: Mapping[str, int] | None = None) -> None:
         self.config = config
+        self.shedder = LoadShedder(counters if counters is not None else {})  # the executor's own counters
         self.model = LoadModel(config.stage_costs)
         self.policy = Admission(self.model, config.target_load, config.upgrade_load, config.ladder,
                                 config.shared_cpus, config.cpu_target)
@@ -328,7 +331,8 @@ class AdmissionControl:
     # -- upgrades --------------------------------------------------------------------------
     def _schedule(self, force: bool = False) -> None:
         if self._timer is None and self._loop is not None and (
-                force or self.config.shared_cpus > 0 or any(s.degraded_reason for s in self._streams.values())):
+                force or self.config.shared_cpus > 0
+                or any(s.degraded_reason or (self.config.admission and s.stages) for s in self._streams.values())):
             self._timer = self._loop.call_later(self.config.upgrade_interval_s, self._tick)
 
     def _tick(self) -> None:
@@ -336,9 +340,25 @@ class AdmissionControl:
         if self.config.shared_cpus > 0:
             self._sample_host()
         now = time.monotonic()
-        for stream in [s for s in self._streams.values() if s.degraded_reason]:  # oldest first
-            if now - stream.changed_at >= self.config.upgrade_interval_s:
-                self._try_upgrade(stream, now)
+        if self.config.admission:
+            def shed(stream: ExecutorStream, stages: list[str]) -> None:
+                self._apply(stream, stages, stream.options)
+                if stream.on_change is not None:
+                    stream.on_change(stream)
+
+            def cost(stream: ExecutorStream, stages: list[str]) -> float:
+                rows = self._others(stream)
+                for spec in stages:
+                    rows[spec] = rows.get(spec, 0) + 1
+                return self.model.tick_ms(rows)
+
+            if self.shedder.check(self._streams, self.policy.ladder, shed, now, cost) is not None:
+                self._schedule()
+                return
+        if not self.shedder.holding(now):
+            for stream in [s for s in self._streams.values() if s.degraded_reason]:  # oldest first
+                if now - stream.changed_at >= self.config.upgrade_interval_s:
+                    self._try_upgrade(stream, now)
         self._schedule()
 
     def _try_upgrade(self, stream: ExecutorStream, now: float) -> None:
@@ -373,6 +393,7 @@ class AdmissionControl:
             "admission": self.config.admission,
             "admissions": dict(self.counts),
             "upgrades": self.upgrades,
+            "shed": self.shedder.shed,  # streams moved down their ladder because deadlines were missed
             "degraded_streams": sum(1 for s in self._streams.values() if s.degraded_reason),
             "load_model": self.model.describe(),
         }

@@ -88,7 +88,7 @@ class Executor:
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
         self._closed = False
         self._active = 0  # streams running at least one stage (a refused one submits nothing)
-        self.admission = AdmissionControl(config, self._streams, self._apply_stages)
+        self.admission = AdmissionControl(config, self._streams, self._apply_stages, self.counters)
 
     @property
     def device(self) -> torch.device:
