@@ -255,6 +255,9 @@ class ServerConfig:
     # with workers: a room's participants on one worker beyond which its next joins go to another worker,
     # the room then spanning workers (its streams relayed between them); 0: a room stays on one worker
     room_spill_after: int = 0
+    # with workers: worker i runs on the i-th usable core only (its executor worker too), when there are
+    # at least as many usable cores as workers (MEDIASERVER_PIN_WORKERS=0: let the kernel move them)
+    pin_workers: bool = True
     # a cluster of nodes (signaling/cluster/nodes.py): the Redis that holds the node registry, room owners
     # and the room bus ("" : this server alone); this node's id, the URL other nodes reach its public port
     # at, the token nodes prove to each other when one proxies a participant to another, and the address
@@ -395,6 +398,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         cfg = replace(cfg, cluster_token=env["MEDIASERVER_CLUSTER_TOKEN"])
     if env.get("MEDIASERVER_RELAY_HOST"):
         cfg = replace(cfg, relay_host=env["MEDIASERVER_RELAY_HOST"])
+    if env.get("MEDIASERVER_PIN_WORKERS"):
+        cfg = replace(cfg, pin_workers=env["MEDIASERVER_PIN_WORKERS"].strip().lower() not in ("0", "false", "no", "off"))
     if env.get("MEDIASERVER_ROOM_SPILL_AFTER"):
         cfg = replace(cfg, room_spill_after=max(0, int(env["MEDIASERVER_ROOM_SPILL_AFTER"])))
     if "MEDIASERVER_LOG_LEVEL" in env:
