@@ -1,15 +1,9 @@
-"""Live quality SLIs per stream: a tap on the media path and a scorer thread off it.
+"""Live quality SLIs per stream: a tap on the media path (``mediaserver/quality_tap.py``) and a scorer thread off it.
 
-``QualityTap`` is called by ``PublishedStream._drain`` for every chunk (``on_chunk``), with
-the chunk as it entered the pipeline and as it left: it copies both into a 1 s block
-(``[100, 480]``) and, once a second, hands the block to the monitor's bounded queue (full:
-the block is dropped and counted, the media path never waits).  It also marks a block
-*unclean* when its "after" audio is not what the block's stage set makes of it: chunks that
-were bypassed (deadline missed, stage error: fail-open), a stage set that changed within the
-block (results arrive in order, so chunks submitted before a switch come back after it), the
-``settle_s`` after such a change (chunks still in flight, fresh stage states warming up), or a
-stage that was not available in the executor (loading, disabled: its rows pass through).  No
-other work happens on the event loop.
+``QualityTap`` (one per stream, on the event loop) copies each chunk before and after the stages into
+1 s blocks, marks the blocks whose "after" audio is not what their stage set makes of them
+(*unclean*: bypassed chunks, a stage switch and the settling after it, a stage the executor did not
+have) and hands them to the monitor's bounded queue.
 
 ``QualityMonitor`` owns one thread (niced) that turns blocks into:
 
@@ -28,7 +22,11 @@ other work happens on the event loop.
   ends the window being captured, which is discarded (counted), and the next window starts at
   the next clean block; a granted window not captured within ``3 * window_s + 5`` s gives its
   grant back; when more than ``max_pending`` windows wait, the oldest are dropped (counted).  A
-  stream without stages is scored once: its "after" is its "before".
+  stream without stages is scored once: its "after" is its "before";
+- optionally (``wer_every`` > 0, off by default), every ``wer_every``-th window of a stream whose
+  stages change its audio is also an intelligibility pair: the WER of Whisper tiny.en's transcript
+  of the "after" audio against that of the "before" audio, latency-aligned, computed in the same
+  scorer process and charged to the same budget (``mediaserver/quality_wer.py``).
 
 Results are plain immutable objects swapped into dicts (read by ``stats``, telemetry).
 """
@@ -42,130 +40,15 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
-
-import numpy as np
 
 from mediaserver.config import QualityConfig
 from mediaserver.quality_budget import ScoringBudget
+from mediaserver.quality_tap import BLOCK_CHUNKS, CHUNK, UNCLEAN_REASONS, QualityTap, _Block  # noqa: F401
+from mediaserver.quality_wer import WerCounters, WerReport, intelligibility_config, wants_pair
+from mediaserver.quality_windows import QualityReport, _StreamState, _Window, batch_answers, batch_inputs
 
 log = logging.getLogger(__name__)
-
-CHUNK = 480
-BLOCK_CHUNKS = 100  # 1 s
-
-# why a block is unclean (bit flags of _Block.unclean; names in UNCLEAN_REASONS)
-BYPASSED = 1  # a chunk passed through unprocessed (deadline missed, stage error)
-STAGES_CHANGED = 2  # the stage set changed within the block
-SETTLING = 4  # within settle_s of a stage change
-STAGE_UNAVAILABLE = 8  # a stage was loading or disabled in the executor (its rows passed through)
-UNCLEAN_REASONS = {BYPASSED: "bypassed", STAGES_CHANGED: "stages_changed", SETTLING: "settling",
-                   STAGE_UNAVAILABLE: "stage_unavailable"}
-
-
-@dataclass(frozen=True)
-class QualityReport:
-    """The last DNSMOS window of one stream, before and after enhancement."""
-
-    stream: str
-    room: str
-    stages: str  # the stage set that ran on the window ("none": no stages)
-    before: Any  # enhancers.quality.MosScore
-    after: Any
-    windows: int  # windows scored so far on this stream
-    at: float  # time.monotonic() when scored
-
-
-@dataclass
-class _Block:
-    tap: "QualityTap"
-    before: np.ndarray
-    after: Optional[np.ndarray]  # None: the pipeline left every chunk as it was
-    stages: str
-    unclean: int = 0  # 0: every chunk ran ``stages``, settled; else UNCLEAN_REASONS flags
-
-
-@dataclass
-class _StreamState:
-    tap: "QualityTap"
-    tracker: Any  # enhancers.quality.SignalTracker
-    room: str
-    seen: int = 0  # blocks seen
-    next_window: int = 0  # block index from which the stream is due its next window (period_s)
-    capture: list[_Block] = field(default_factory=list)
-    windows: int = 0
-    reserved: Optional[float] = None  # a window granted by the budget (CPU seconds reserved), being captured
-    granted_at: int = 0  # block index of the grant
-
-
-@dataclass
-class _Window:
-    state: _StreamState
-    stream: str
-    blocks: list[_Block]
-    reserved: float
-
-
-class QualityTap:
-    """Owns one stream's block buffers on the event loop; ``on_chunk`` is ``PublishedStream``'s hook."""
-
-    __slots__ = ("monitor", "stream_id", "room_id", "_before", "_after", "_n", "_same", "closed",
-                 "_stage_list", "_label", "_unclean", "_settle", "_unavailable_mark")
-
-    def __init__(self, monitor: "QualityMonitor", stream_id: str, room_id: str) -> None:
-        self.monitor = monitor
-        self.stream_id = stream_id
-        self.room_id = room_id
-        self._n = 0
-        self._same = True
-        self._before = np.empty((BLOCK_CHUNKS, CHUNK), dtype=np.float32)
-        self._after = np.empty((BLOCK_CHUNKS, CHUNK), dtype=np.float32)
-        self.closed = False
-        self._stage_list: Optional[list[str]] = None  # the stage set of the last chunk (None: none seen yet)
-        self._label = "none"
-        self._unclean = 0
-        self._settle = 0  # chunks still settling after a stage change
-        self._unavailable_mark = monitor.unavailable_count()
-
-    def on_chunk(self, stream: Any, before: np.ndarray, result: Any) -> None:
-        after = result.audio
-        if len(before) != CHUNK or len(after) != CHUNK or self.closed:
-            return
-        stages = stream.pipeline.stages
-        if stages != self._stage_list:
-            if self._stage_list is not None:  # a switch: chunks in flight ran the old set; new states warm up
-                self._unclean |= STAGES_CHANGED
-                self._settle = self.monitor.settle_chunks
-            self._stage_list = stages
-            self._label = ",".join(stages) or "none"
-        elif self._settle:
-            self._settle -= 1
-            self._unclean |= SETTLING
-        if result.bypassed:
-            self._unclean |= BYPASSED
-        n = self._n
-        self._before[n] = before
-        if after is not before:
-            if self._same:  # the first changed chunk of the block: the ones before it came out as they went in
-                self._same = False
-                self._after[:n] = self._before[:n]
-            self._after[n] = after
-        elif not self._same:
-            self._after[n] = before
-        self._n = n + 1
-        if self._n == BLOCK_CHUNKS:
-            mark = self.monitor.unavailable_count()
-            if mark != self._unavailable_mark and stages:
-                self._unclean |= STAGE_UNAVAILABLE
-            self._unavailable_mark = mark
-            if self._same:
-                self.monitor.submit(_Block(self, self._before, None, self._label, self._unclean))
-            else:
-                self.monitor.submit(_Block(self, self._before, self._after, self._label, self._unclean))
-                self._after = np.empty((BLOCK_CHUNKS, CHUNK), dtype=np.float32)
-            self._before = np.empty((BLOCK_CHUNKS, CHUNK), dtype=np.float32)
-            self._n, self._same, self._unclean = 0, True, 0
 
 
 class QualityMonitor:
@@ -181,6 +64,11 @@ class QualityMonitor:
         self._queue: queue.Queue[Optional[_Block]] = queue.Queue(maxsize=max(1, c.max_queued_blocks))
         self._states: dict[str, _StreamState] = {}  # scorer thread only
         self.budget = ScoringBudget(c.cpu_share, c.burst_s)
+        self._wer_config = intelligibility_config(c)  # None: no intelligibility pairs
+        if self._wer_config is not None:
+            self.budget.max_wer_pairs, self.budget.wer_share = 1, 1.0 / c.wer_every
+        self.wer_reports: dict[str, WerReport] = {}
+        self.wer = WerCounters()
         self.reports: dict[str, QualityReport] = {}
         self.signals: dict[str, tuple[Any, Any]] = {}  # stream -> (before, after) SideSignals
         self._new: deque[QualityReport] = deque(maxlen=1024)  # for telemetry, oldest dropped
@@ -224,6 +112,7 @@ class QualityMonitor:
         tap.closed = True
         self.reports.pop(tap.stream_id, None)
         self.signals.pop(tap.stream_id, None)
+        self.wer_reports.pop(tap.stream_id, None)
 
     def set_priority(self, stream_id: str, priority: int) -> None:
         """Streams with a higher priority get their windows first (a rollout's arms); 0: the default."""
@@ -258,7 +147,10 @@ class QualityMonitor:
 
     def stream_stats(self, stream_id: str) -> dict[str, Any]:
         """The ``quality`` object of a stream in ``stats`` (docs/PROTOCOL.md)."""
-        out: dict[str, Any] = {"mos": None, "signals": None, "arm": None}
+        out: dict[str, Any] = {"mos": None, "signals": None, "wer": None, "arm": None}
+        w = self.wer_reports.get(stream_id)
+        if w is not None:
+            out["wer"] = w.as_dict()
         r = self.reports.get(stream_id)
         if r is not None:
             out["mos"] = {"before": r.before.as_dict(), "after": r.after.as_dict(), "stages": r.stages,
@@ -276,7 +168,8 @@ class QualityMonitor:
                 "expired_grants": self.expired_grants, "unclean_blocks": dict(self.unclean_blocks),
                 "queued_blocks": self._queue.qsize(), "pending_windows": len(self._pending),
                 "budget": self.budget.stats(), "thread_cpu_s": round(self.thread_cpu_s, 3),
-                "scorer_cpu_s": round(self.scorer_cpu_s, 3)}
+                "scorer_cpu_s": round(self.scorer_cpu_s, 3),
+                "wer": self.wer.stats(self.config.wer_every) if self._wer_config is not None else None}
 
     def close(self) -> None:
         if self._thread is not None:
@@ -361,7 +254,9 @@ class QualityMonitor:
         if st.reserved is None:
             if block.unclean:
                 return  # nothing to capture yet: ask when there is
-            st.reserved = self.budget.request(stream_id, 1 if block.stages == "none" else 2)
+            wer = int(self._wer_config is not None and block.stages != "none"
+                      and st.stage_windows % self.config.wer_every == 0)
+            st.reserved = self.budget.request(stream_id, 1 if block.stages == "none" else 2, wer)
             if st.reserved is None:
                 return
             st.granted_at = st.seen
@@ -371,7 +266,7 @@ class QualityMonitor:
         if not block.unclean:
             st.capture.append(block)
         if len(st.capture) >= self._window_blocks:
-            self._pending.append(_Window(st, stream_id, st.capture, st.reserved))
+            self._pending.append(_Window(st, stream_id, st.capture, st.reserved, self._wer_due(st, st.capture)))
             st.capture, st.reserved = [], None
             st.next_window = st.seen + 1 + max(0, self._period_blocks - self._window_blocks)
             excess = len(self._pending) - max(1, self.config.max_pending)
@@ -384,6 +279,13 @@ class QualityMonitor:
             self.expired_grants += 1  # no clean run of blocks: the grant goes to someone else
             self.budget.refund(st.reserved)
             st.capture, st.reserved = [], None
+
+    def _wer_due(self, st: _StreamState, blocks: list[_Block]) -> bool:
+        """Whether this captured window is also an intelligibility pair (every ``wer_every``-th with stages)."""
+        if self._wer_config is None or not wants_pair(blocks):
+            return False
+        st.stage_windows += 1
+        return (st.stage_windows - 1) % self.config.wer_every == 0
 
     def _pump(self) -> None:
         """Start the scorer process when a window first waits, hand it the waiting windows, take its answers."""
@@ -421,41 +323,40 @@ class QualityMonitor:
                 return
             from enhancers.quality.scorer_process import ScorerProcess, ScorerSettings
 
-            self._model = ScorerProcess(ScorerSettings(threads=self.config.threads, nice=self.config.nice))
+            self._model = ScorerProcess(ScorerSettings(threads=self.config.threads, nice=self.config.nice,
+                                                       wer=self._wer_config))
             self._starting = self._model.start_async()  # loaded and warmed up in its own process
             return
         windows, self._pending = self._pending, []
-        clips: list[np.ndarray] = []
-        for w in windows:
-            clips.append(np.concatenate([b.before for b in w.blocks]).reshape(-1))
-            if any(b.after is not None for b in w.blocks):
-                clips.append(np.concatenate([b.before if b.after is None else b.after for b in w.blocks]).reshape(-1))
-        self._inflight = (self._model.submit(clips), windows, time.monotonic())
+        clips, pairs = batch_inputs(windows)
+        self._inflight = (self._model.submit(clips, pairs=pairs), windows, time.monotonic())
 
     def _collect(self, future: Future[Any], windows: list[_Window]) -> None:
         try:
-            scores, cpu_s = self._model.collect(future)
+            scores, cpu_s, wers = self._model.collect(future)
         except Exception:
             log.exception("quality scoring failed")
             self.dropped_windows += len(windows)
             for w in windows:
                 self.budget.refund(w.reserved)
             return
-        self.scorer_cpu_s += cpu_s
+        self.scorer_cpu_s += cpu_s + sum(a.cpu_s for a in wers)
         now = time.monotonic()
         per_clip = cpu_s / max(1, len(scores))
-        i = 0
-        for w in windows:
-            two = any(b.after is not None for b in w.blocks)
-            before, after = scores[i], scores[i + 1] if two else scores[i]
-            i += 2 if two else 1
-            self.budget.charge(w.reserved, per_clip * (2 if two else 1), 2 if two else 1)
+        for w, before, after, answer in batch_answers(windows, scores, wers):
+            self.budget.charge(w.reserved, per_clip * w.clips, w.clips,
+                               1 if answer is not None else 0, answer.cpu_s if answer is not None else 0.0)
+            wer = self.wer.record(answer, w.blocks[0].stages, w.state.wer_pairs, now) if answer is not None else None
             if w.blocks[0].tap.closed:
                 continue
             w.state.windows += 1
             self.windows_scored += 1
-            report = QualityReport(w.stream, w.state.room, w.blocks[0].stages, before, after, w.state.windows, now)
+            report = QualityReport(w.stream, w.state.room, w.blocks[0].stages, before, after, w.state.windows, now,
+                                   wer)
             self.reports[w.stream] = report
+            if wer is not None:
+                self.wer_reports[w.stream] = wer
+                w.state.wer_pairs = wer.pairs
             self._new.append(report)
             for q in list(self._listeners):
                 q.append(report)

@@ -13,6 +13,12 @@ the window's real cost (the scorer process's CPU time for it) is charged when it
 reservation is refunded when the window is never taken (the stream left, its audio stayed
 unclean, the window was dropped).  The estimate per clip is a running mean of the measured costs.
 
+A window may also carry an intelligibility pair (``QualityConfig.wer_every``: two Whisper tiny.en
+transcriptions in the same scorer process, ~1 s of one core).  Its cost is reserved with the window
+(``wer_pairs``), charged at what the scorer measured, and estimated by a running mean of its own;
+the bucket always holds at least one window with a pair (``max_wer_pairs``), so that enabling WER
+lowers how many windows the share pays for, never raises what the scorer spends.
+
 Everything here runs on the monitor's scorer thread, except ``set_priority`` and ``set_boost``
 (plain assignments, from the event loop).
 """
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 CLIP_COST_PRIOR_S = 0.45  # one 9.01 s segment of the P.835 model, one core of the development machine
+WER_PAIR_COST_PRIOR_S = 1.2  # two Whisper tiny.en transcriptions of a 4 s window (docs/TELEMETRY.md)
 _WAITING_EXPIRES_S = 5.0  # a stream that stopped asking (blocks dropped, closed) leaves the queue
 
 
@@ -32,6 +39,7 @@ _WAITING_EXPIRES_S = 5.0  # a stream that stopped asking (blocks dropped, closed
 class _Waiting:
     since: float  # last time it asked
     clips: int
+    wer_pairs: int = 0
 
 
 class ScoringBudget:
@@ -42,6 +50,9 @@ class ScoringBudget:
         self.burst_s = max(1.0, float(burst_s))
         self.boost: Optional[float] = None  # a higher share while a rollout runs (set_boost)
         self.clip_cost_s = CLIP_COST_PRIOR_S
+        self.wer_pair_cost_s = WER_PAIR_COST_PRIOR_S
+        self.max_wer_pairs = 0  # pairs a window may carry (the monitor sets 1 when WER is on): sizes the bucket
+        self.wer_share = 0.0  # pairs per window on average (1 / wer_every): for the windows-per-minute estimate
         self._clock = clock
         self._last = clock()
         self.tokens = self.capacity
@@ -60,7 +71,10 @@ class ScoringBudget:
 
     @property
     def capacity(self) -> float:
-        return max(self.rate * self.burst_s, 2 * self.clip_cost_s)
+        return max(self.rate * self.burst_s, 2 * self.clip_cost_s + self.max_wer_pairs * self.wer_pair_cost_s)
+
+    def _cost(self, clips: float, wer_pairs: float) -> float:
+        return clips * self.clip_cost_s + wer_pairs * self.wer_pair_cost_s
 
     def set_priority(self, stream: str, priority: int) -> None:
         if priority:
@@ -78,13 +92,13 @@ class ScoringBudget:
     def _key(self, stream: str) -> tuple[int, float]:
         return (-self.priority.get(stream, 0), self.last_grant.get(stream, float("-inf")))
 
-    def request(self, stream: str, clips: int) -> Optional[float]:
-        """``stream`` is due a window of ``clips`` clips: granted now (the CPU seconds reserved for it, to be
-        settled with ``charge`` or ``refund``) or not yet (None)."""
+    def request(self, stream: str, clips: int, wer_pairs: int = 0) -> Optional[float]:
+        """``stream`` is due a window of ``clips`` clips (and ``wer_pairs`` intelligibility pairs): granted now
+        (the CPU seconds reserved for it, to be settled with ``charge`` or ``refund``) or not yet (None)."""
         now = self._clock()
         self._refill(now)
-        self._waiting[stream] = _Waiting(now, clips)
-        cost = clips * self.clip_cost_s
+        self._waiting[stream] = _Waiting(now, clips, wer_pairs)
+        cost = self._cost(clips, wer_pairs)
         if self.rate <= 0 or self.tokens < cost:
             return None
         stale = [s for s, w in self._waiting.items() if now - w.since > _WAITING_EXPIRES_S]
@@ -92,8 +106,9 @@ class ScoringBudget:
             del self._waiting[s]
         # the streams ahead of this one, and what their windows would cost first
         mine = self._key(stream)
-        ahead = sum(w.clips for s, w in self._waiting.items() if s != stream and self._key(s) < mine)
-        if self.tokens < (ahead + clips) * self.clip_cost_s:
+        ahead = sum(self._cost(w.clips, w.wer_pairs) for s, w in self._waiting.items()
+                    if s != stream and self._key(s) < mine)
+        if self.tokens < ahead + cost:
             return None
         del self._waiting[stream]
         self.tokens -= cost
@@ -108,13 +123,17 @@ class ScoringBudget:
         self.tokens = min(self.capacity, self.tokens + reserved)
         self.refunded += 1
 
-    def charge(self, reserved: float, cpu_s: float, clips: int) -> None:
-        """A granted window was scored with ``cpu_s`` of the scorer's CPU: settle its reservation."""
+    def charge(self, reserved: float, cpu_s: float, clips: int, wer_pairs: int = 0, wer_cpu_s: float = 0.0) -> None:
+        """A granted window was scored with ``cpu_s`` of the scorer's CPU for its ``clips`` DNSMOS clips and
+        ``wer_cpu_s`` for its ``wer_pairs`` intelligibility pairs: settle its reservation."""
+        spent = cpu_s + wer_cpu_s
         self.reserved_s = max(0.0, self.reserved_s - reserved)
-        self.tokens += reserved - cpu_s  # may go below zero: the next windows wait for it
-        self.charged_s += cpu_s
+        self.tokens += reserved - spent  # may go below zero: the next windows wait for it
+        self.charged_s += spent
         if clips > 0 and cpu_s > 0:
             self.clip_cost_s = 0.8 * self.clip_cost_s + 0.2 * (cpu_s / clips)
+        if wer_pairs > 0 and wer_cpu_s > 0:
+            self.wer_pair_cost_s = 0.8 * self.wer_pair_cost_s + 0.2 * (wer_cpu_s / wer_pairs)
 
     def forget(self, stream: str) -> None:
         self._waiting.pop(stream, None)
@@ -125,6 +144,7 @@ class ScoringBudget:
         self._refill(self._clock())
         return {"cpu_share": self.rate, "tokens_s": round(self.tokens, 3), "capacity_s": round(self.capacity, 3),
                 "clip_cost_s": round(self.clip_cost_s, 3), "reserved_s": round(self.reserved_s, 3),
+                "wer_pair_cost_s": round(self.wer_pair_cost_s, 3) if self.max_wer_pairs else None,
                 "waiting": len(self._waiting),
                 "granted": self.granted, "refunded": self.refunded, "charged_s": round(self.charged_s, 3),
-                "windows_per_minute": round(60.0 * self.rate / (2 * self.clip_cost_s), 2)}
+                "windows_per_minute": round(60.0 * self.rate / self._cost(2, self.wer_share), 2)}

@@ -7,7 +7,10 @@ enhancement) and ``score`` (``sig``/``bak``/``ovrl``).  Per-stream gauges exist 
 ``GET /api/rooms/{id}``.  One window per stream per period is recorded (``record_new``, called
 by the telemetry sampler once a second), never anything per chunk.  Span attributes
 ``mediaserver.quality.*`` on the stream's ``track`` span hold the last window, and each window
-is a ``quality`` span event.
+is a ``quality`` span event.  The optional intelligibility SLI (``QualityConfig.wer_every``) adds
+the ``mediaserver.quality.wer`` histogram (``room``, ``stages``: its mean and pair count per room
+and stage set), the ``mediaserver.quality.wer.pairs`` counter by ``result`` and the
+``mediaserver.quality.wer*`` span attributes of the last pair.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 
 MOS_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5, 5.0)
 SNR_BUCKETS_DB = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 60.0)
+WER_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5)
 
 
 class QualityInstruments:
@@ -54,6 +58,18 @@ class QualityInstruments:
             "mediaserver.quality.blocks.unclean", callbacks=[self._unclean], unit="{block}",
             description="1 s blocks whose processed audio no window may use, by reason: bypassed (chunks passed "
                         "through unprocessed), stages_changed, settling (just after a change), stage_unavailable.")
+        self.wer = meter.create_histogram(
+            "mediaserver.quality.wer", unit="1", explicit_bucket_boundaries_advisory=WER_BUCKETS,
+            description="Word error rate of Whisper tiny.en on a sampled window after the stages against the same "
+                        "window before them (0: every word kept; only with wer_every); attributes room, stages.")
+        meter.create_observable_counter(
+            "mediaserver.quality.wer.pairs", callbacks=[self._wer_pairs], unit="{pair}",
+            description="Intelligibility pairs by result: scored, few_words (the input held fewer than "
+                        "wer_min_words words), failed.")
+        meter.create_observable_gauge(
+            "mediaserver.stream.quality.wer", callbacks=[self._per_stream_wer], unit="1",
+            description="Last intelligibility WER per stream (only with per_stream_metrics and wer_every); room, "
+                        "stream.")
         meter.create_observable_gauge(
             "mediaserver.stream.quality.ovrl", callbacks=[self._per_stream], unit="1",
             description="Last DNSMOS OVRL per stream (only with per_stream_metrics); room, stream, position.")
@@ -80,6 +96,19 @@ class QualityInstruments:
         for m in self._live():
             for reason, n in list(m.unclean_blocks.items()):
                 yield Observation(n, {"reason": reason})
+
+    def _wer_pairs(self, options: CallbackOptions) -> Iterable[Observation]:
+        for m in self._live():
+            if m.config.wer_every > 0:
+                for result, n in list(m.wer.results.items()):
+                    yield Observation(n, {"result": result})
+
+    def _per_stream_wer(self, options: CallbackOptions) -> Iterable[Observation]:
+        for m in self._live():
+            if m.config.per_stream_metrics:
+                rooms = {r.stream: r.room for r in list(m.reports.values())}
+                for stream, w in list(m.wer_reports.items()):
+                    yield Observation(w.wer, {"room": rooms.get(stream, ""), "stream": stream})
 
     def _per_stream(self, options: CallbackOptions) -> Iterable[Observation]:
         for m in self._live():
@@ -113,6 +142,10 @@ def span_attributes(r: QualityReport, signals: Any) -> dict[str, Any]:
             attrs[f"mediaserver.quality.level_dbfs.{position}"] = round(side.level_dbfs, 1)
         attrs["mediaserver.quality.clipping"] = round(signals[0].clipping, 5)
         attrs["mediaserver.quality.speech_ratio"] = round(signals[0].speech_ratio, 3)
+    if r.wer is not None:  # the window was an intelligibility pair
+        attrs["mediaserver.quality.wer"] = round(r.wer.wer, 3)
+        attrs["mediaserver.quality.wer.words"] = r.wer.words
+        attrs["mediaserver.quality.wer.pairs"] = r.wer.pairs
     return attrs
 
 
@@ -133,6 +166,8 @@ def record_new(tel: MediaTelemetry, monitor: QualityMonitor) -> None:
         if signals is not None:
             for position, side in zip(("before", "after"), signals):
                 inst.snr.record(float(side.snr_db), {"room": r.room, "stages": r.stages, "position": position})
+        if r.wer is not None:
+            inst.wer.record(float(r.wer.wer), {"room": r.room, "stages": r.stages})
         span = spans.get(r.stream)
         if span is not None:
             attrs = span_attributes(r, signals)

@@ -138,8 +138,10 @@ async def test_quality_rises_when_denoise_is_switched_on_live(start_server: Serv
     assert after["bak"] > before["bak"] + 0.5, den
     assert den["signals"]["after"]["snr_db"] > den["signals"]["before"]["snr_db"], den
     assert den["arm"] is None
+    assert raw["wer"] is None and den["wer"] is None  # the intelligibility SLI is off by default
     health = rs.server.health()["quality"]
     assert health["windows_scored"] >= 2 and health["dropped_blocks"] == 0, health
+    assert health["wer"] is None, health
     # the switch fell inside a block (labelled with the new set) and the next second settled: neither was used
     assert health["unclean_blocks"]["stages_changed"] >= 1 and health["unclean_blocks"]["settling"] >= 1, health
 

