@@ -14,9 +14,9 @@ streams relayed between the hosts (mediaserver/federation.py).
 from __future__ import annotations
 
 import asyncio
-import os
 import json
 import logging
+import os
 import signal
 from dataclasses import replace
 from typing import Any
