@@ -223,6 +223,9 @@ class PeerSession:
                 log.exception("participant %s: creating an offer failed", self.participant_id)
                 self._negotiating = False
                 return
+            if self.closed:  # closed while the offer was made (close() does not wait for the lock): no offer,
+                self._negotiating = False  # and no answer timer left behind holding the session
+                return
             self.renegotiations += 1
             loop = asyncio.get_running_loop()
             self._timeout = loop.call_later(self._limits.negotiation_timeout_s, self._answer_timed_out)
@@ -243,6 +246,8 @@ class PeerSession:
             _aiortc_pc.HEADER_EXTENSIONS = saved
 
     def _answer_timed_out(self) -> None:
+        if self.closed:
+            return
         log.warning("participant %s did not answer the server offer in time", self.participant_id)
         self._negotiating = False
 

@@ -290,9 +290,8 @@ async def serve_front(config: ServerConfig) -> None:
         await pool.start()
         app = create_front_app(config, pool, hub)
         if config.redis_url:
-            cluster = await _join_cluster(config, pool, hub, node_id)
-            app[ROUTER_KEY] = cluster[0]
-            closers.extend(cluster[1:])
+            app[ROUTER_KEY], cluster_closers = await _join_cluster(config, pool, hub, node_id)
+            closers.extend(cluster_closers)
         runner, port = await start_http(app, config.host, config.port, config.limits)
         log.info("front ready on port %d with %d media workers", port, count)
         await stop.wait()
@@ -315,8 +314,10 @@ def _local_state(pool: WorkerPool) -> tuple[int, dict[str, int]]:
     return sum(rooms.values()), rooms
 
 
-async def _join_cluster(config: ServerConfig, pool: WorkerPool, hub: RoomBusHub, node_id: str) -> list[Any]:
-    """Register this node in Redis, follow the room bus, route joins: (router, closers ...)."""
+async def _join_cluster(config: ServerConfig, pool: WorkerPool, hub: RoomBusHub,
+                        node_id: str) -> tuple[ClusterRouter, list[Any]]:
+    """Register this node in Redis, follow the room bus, route joins: the router, and what to close (in
+    reverse order: the directory and the bus while their Redis client is still open, the client last)."""
     import redis.asyncio as aioredis
 
     from signaling.cluster.interbus import ClusterBus
@@ -335,7 +336,7 @@ async def _join_cluster(config: ServerConfig, pool: WorkerPool, hub: RoomBusHub,
     await directory.start()
     router = ClusterRouter(directory, config.cluster_token, config.room_spill_after)
     log.info("node %s in the cluster at %s (%d live nodes)", node_id, config.redis_url, len(directory.nodes))
-    return [router, bus, directory, _RedisCloser(client)]
+    return router, [_RedisCloser(client), router, bus, directory]
 
 
 class _RedisCloser:

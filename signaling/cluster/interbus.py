@@ -28,6 +28,7 @@ class ClusterBus:
         self.node_id = node_id
         self._pubsub = redis.pubsub()
         self._task: Optional[asyncio.Task[None]] = None
+        self._closing = False
         self.following: set[str] = set()
         self.published = 0
         self.received = 0
@@ -37,16 +38,15 @@ class ClusterBus:
         self._task = asyncio.get_running_loop().create_task(self._listen(), name="cluster-bus")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        try:
-            await self._pubsub.aclose()
-        except Exception:  # noqa: BLE001 - Redis gone: nothing to close
-            pass
+            # redis-py may turn a cancellation that lands inside a read into a connection error, which the
+            # loop would survive: the flag ends it, and the wait is bounded so a node's shutdown never hangs
+            await asyncio.wait({self._task}, timeout=2.0)
+        closing = asyncio.ensure_future(self._pubsub.aclose())  # (it finishes its teardown even if cancelled)
+        closing.add_done_callback(_retrieved)  # Redis gone: nothing to close
+        await asyncio.wait({closing}, timeout=2.0)
 
     async def publish(self, room: str, host: str, relay: tuple[str, int] | None, body: dict[str, Any]) -> None:
         message = json.dumps({"node": self.node_id, "host": host, "relay": list(relay) if relay else None,
@@ -68,12 +68,14 @@ class ClusterBus:
             await self._pubsub.unsubscribe(f"ms:bus:{room}")
 
     async def _listen(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a dropped connection: retried after a pause
+                if self._closing:
+                    return
                 log.warning("cluster: room bus read failed: %s", exc)
                 await asyncio.sleep(1.0)
                 continue
@@ -89,3 +91,9 @@ class ClusterBus:
                                       dict(data["body"]))
             except Exception:  # noqa: BLE001 - one bad message must not end the bus
                 log.exception("cluster: a room bus message failed")
+
+
+def _retrieved(future: "asyncio.Future[Any]") -> None:
+    """Its outcome read, so that an error closing a dead connection is not reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()

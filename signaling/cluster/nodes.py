@@ -52,6 +52,7 @@ class NodeDirectory:
         self.nodes: dict[str, NodeInfo] = {}
         self.on_node_lost: list[Callable[[str], Any]] = []
         self._task: Optional[asyncio.Task[None]] = None
+        self._closing = False
         self._hosted: set[str] = set()  # rooms with participants here at the last refresh
 
     async def start(self) -> None:
@@ -59,12 +60,10 @@ class NodeDirectory:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="node-directory")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            self._task.cancel()  # (bounded: see ClusterBus.close)
+            await asyncio.wait({self._task}, timeout=2.0)
         try:
             await self.redis.delete(f"ms:node:{self.node_id}")
             for room in self._hosted:
@@ -73,11 +72,13 @@ class NodeDirectory:
             pass
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(REFRESH_S)
             try:
                 await self._refresh()
             except Exception as exc:  # noqa: BLE001 - Redis down: keep serving what is here, retry
+                if self._closing:
+                    return
                 log.warning("cluster: Redis refresh failed: %s", exc)
 
     async def _refresh(self) -> None:
