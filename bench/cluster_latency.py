@@ -95,12 +95,12 @@ def redis_server(cpus: str, tmp: Path) -> Iterator[str]:
 
 
 @contextmanager
-def node(name: str, redis_url: str, token: str, stages: str | None, cpus: str,
-         log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def node(name: str, redis_url: str, token: str, stages: str | None, cpus: str, log: Path,
+         log_level: str = "WARNING") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [str(BIN / "mediaserver"), "serve", "--dev", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--log-level", "WARNING"]
+           "--workers", "1", "--log-level", log_level]
     if stages is not None:
         cmd += ["--stages", stages]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MEDIASERVER_REDIS_URL": redis_url, "MEDIASERVER_NODE_ID": name,
@@ -285,7 +285,8 @@ async def phase(kind: str, urls: dict[str, str], redis_url: str, args: argparse.
     node_of = where["node_of"]
     by_name = {j["name"]: node_of.get(j["id"]) for j in joins if j["ok"]}
     media_on_joined_node = all(by_name.get(n) == v for n, v in joined_via.items())
-    return {"room": room, "joined_via": joined_via, "media_node": by_name,
+    signaling = {b["name"]: {"renegotiations": b["renegotiations"], "errors": b["errors"]} for b in window["bots"]}
+    return {"room": room, "joined_via": joined_via, "media_node": by_name, "bots_signaling": signaling,
             "media_on_joined_node": media_on_joined_node if kind == "cluster" else None,
             "placement": {k: v for k, v in where.items() if k != "node_of"},
             **figures(window, joins, node_of), "relay": _delta(before, after)}
@@ -297,8 +298,8 @@ async def run_config(config: str, args: argparse.Namespace, out: Path) -> dict[s
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cluster-latency-")))
         redis_url = stack.enter_context(redis_server(args.server_cpus, tmp))
         token = secrets.token_hex(16)
-        a = stack.enter_context(node("node-a", redis_url, token, stages, args.server_cpus, out / f"node-a-{config}.log"))
-        b = stack.enter_context(node("node-b", redis_url, token, stages, args.server_cpus, out / f"node-b-{config}.log"))
+        a, b = (stack.enter_context(node(name, redis_url, token, stages, args.server_cpus, out / f"{name}-{config}.log",
+                                         args.log_level)) for name in ("node-a", "node-b"))
         urls = {"node-a": a[0], "node-b": b[0]}
         await asyncio.sleep(2.5)  # both nodes in each other's view of the directory (refreshed every second)
         prefix = f"cl{config}{os.getpid() % 1000}"
@@ -357,6 +358,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=6.0)
     parser.add_argument("--hold", type=float, default=20.0, help="measured seconds per phase")
     parser.add_argument("--quick", action="store_true", help="warm-up 4 s, hold 8 s, no stages only")
+    parser.add_argument("--log-level", default="WARNING", help="the nodes' log level (their logs go to --out)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
