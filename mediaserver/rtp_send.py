@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _S = "_RTCRtpSender__"  # aiortc's name-mangled private attributes of RTCRtpSender
+# the attributes aiortc's RTCP sender reports read, named once (not per packet)
+_NTP, _RTP_TS, _OCTETS, _PACKETS = (_S + n for n in ("ntp_timestamp", "rtp_timestamp", "octet_count", "packet_count"))
 _REQUIRED = ("rtp_started", "rtp_exited", "rtp_header_extensions_map", "mid", "packet_count", "octet_count",
              "rtp_timestamp", "ntp_timestamp")
 
@@ -103,10 +105,10 @@ class DirectRtpSender:
         pair.protocol.transport.sendto(data, pair.remote_addr)
         self._seq = uint16_add(self._seq, 1)
         s = self._sender
-        setattr(s, _S + "ntp_timestamp", ntp)
-        setattr(s, _S + "rtp_timestamp", timestamp)
-        setattr(s, _S + "octet_count", getattr(s, _S + "octet_count") + len(packet.data))
-        setattr(s, _S + "packet_count", getattr(s, _S + "packet_count") + 1)
+        setattr(s, _NTP, ntp)
+        setattr(s, _RTP_TS, timestamp)
+        setattr(s, _OCTETS, getattr(s, _OCTETS) + len(packet.data))
+        setattr(s, _PACKETS, getattr(s, _PACKETS) + 1)
         self.sent += 1
         return True
 

@@ -191,11 +191,16 @@ class Admission:
         """Predicted share of the tick the stages of ``rows`` use."""
         return self.model.tick_ms(rows) / TICK_MS
 
-    def _with(self, others: Mapping[str, int], stages: Sequence[str]) -> float:
+    @staticmethod
+    def plus(others: Mapping[str, int], stages: Sequence[str]) -> dict[str, int]:
+        """``others`` with one more stream running ``stages``."""
         rows = dict(others)
         for spec in stages:
             rows[spec] = rows.get(spec, 0) + 1
-        return self.load(rows)
+        return rows
+
+    def _with(self, others: Mapping[str, int], stages: Sequence[str]) -> float:
+        return self.load(self.plus(others, stages))
 
     def cpu_load(self, rows: Mapping[str, int], host_ms: float) -> float:
         """Predicted share of the shared cores used by the stages of ``rows`` plus ``host_ms`` per tick of
@@ -213,19 +218,13 @@ class Admission:
         cpu_limit = self.cpu_target if cpu_limit is None else cpu_limit
         before = self.load(others)
         for stages in self.ladder(requested):
-            load = self._with(others, stages)
-            rows = dict(others)
-            for spec in stages:
-                rows[spec] = rows.get(spec, 0) + 1
-            cpu = self.cpu_load(rows, host_ms)
+            rows = self.plus(others, stages)
+            load, cpu = self.load(rows), self.cpu_load(rows, host_ms)
             if not stages or (load <= limit and cpu <= cpu_limit):
                 if list(stages) == list(requested):
                     return Decision(list(stages), "admitted")
-                want = self._with(others, requested)
-                rows = dict(others)
-                for spec in requested:
-                    rows[spec] = rows.get(spec, 0) + 1
-                want_cpu = self.cpu_load(rows, host_ms)
+                wanted = self.plus(others, requested)
+                want, want_cpu = self.load(wanted), self.cpu_load(wanted, host_ms)
                 if want > limit or self.shared_cpus <= 0:
                     why = (f"enhancement executor full: {','.join(requested)} would bring the load to {want:.2f} "
                            f"of the tick (target {limit:.2f}; {before:.2f} in use by the streams already admitted)")
@@ -347,10 +346,7 @@ class AdmissionControl:
                     stream.on_change(stream)
 
             def cost(stream: ExecutorStream, stages: list[str]) -> float:
-                rows = self._others(stream)
-                for spec in stages:
-                    rows[spec] = rows.get(spec, 0) + 1
-                return self.model.tick_ms(rows)
+                return self.model.tick_ms(self.policy.plus(self._others(stream), stages))
 
             if self.shedder.check(self._streams, self.policy.ladder, shed, now, cost) is not None:
                 self._schedule()
