@@ -297,8 +297,24 @@ async def ping_flood(s: Suite) -> dict[str, Any]:
     return await flood_subprocess(s.url, 1.5 if s.quick else s.seconds)
 
 
+async def niced(*argv: str) -> dict[str, Any]:
+    """``python -m argv...`` (an attack tool printing JSON) in a process of its own at nice 19: on a real
+    network the attacker's CPU is not the server's, nor the legitimate participants' (here all share two
+    cores, and an attack run in this process would delay the bots' receiving, which the call's figures
+    would count against the server)."""
+    proc = await asyncio.create_subprocess_exec("nice", "-n", "19", str(BIN / "python"), "-m", *argv, cwd=ROOT,
+                                                stdout=subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return json.loads(out) if out else {"error": f"attacker exited {proc.returncode}"}
+
+
+async def niced_attack(name: str, url: str, **kwargs: Any) -> dict[str, Any]:
+    """``loadtest.attacks`` ``name`` with ``kwargs``, niced in a process of its own."""
+    return await niced("loadtest.attacks", name, "--url", url, "--kwargs", json.dumps(kwargs))
+
+
 async def stage_join(s: Suite) -> dict[str, Any]:
-    return await attacks.stage_join(s.url, items=8000, room=ROOM, token=s.token("mallory-stages"))
+    return await niced_attack("stage-join", s.url, items=8000, room=ROOM, token=s.token("mallory-stages"))
 
 
 async def bad_stage_types(s: Suite) -> dict[str, Any]:
@@ -315,17 +331,18 @@ async def nested_json(s: Suite) -> dict[str, Any]:
 
 
 async def slowloris(s: Suite) -> dict[str, Any]:
-    return await attacks.slowloris(s.url, connections=20 if s.quick else 200, seconds=8.0, local_addr="127.0.0.3")
+    return await niced_attack("slowloris", s.url, connections=20 if s.quick else 200, seconds=8.0,
+                              local_addr="127.0.0.3")
 
 
 async def connection_flood(s: Suite) -> dict[str, Any]:
     addresses = [f"127.0.2.{n}" for n in range(1, 6 if s.quick else 61)]
-    return await attacks.connection_flood(s.url, addresses=addresses, per_address=34, hold_s=1.0)
+    return await niced_attack("connection-flood", s.url, addresses=addresses, per_address=34, hold_s=1.0)
 
 
 async def same_identity(s: Suite) -> dict[str, Any]:
-    return await attacks.same_identity_joins(s.url, token=s.token("mallory-twin", room="twins"), room="twins",
-                                             joins=6 if s.quick else 48)
+    return await niced_attack("same-identity", s.url, token=s.token("mallory-twin", room="twins"), room="twins",
+                              joins=6 if s.quick else 30, local_addr="127.0.0.4")  # under the 32 per address
 
 
 async def sip_anonymous_listen(s: Suite) -> dict[str, Any]:
@@ -339,15 +356,15 @@ async def sip_anonymous_listen(s: Suite) -> dict[str, Any]:
 
 
 async def sip_invite_flood(s: Suite) -> dict[str, Any]:
-    sources = tuple(f"127.0.0.{n}" for n in range(60, 68))
-    res = await sip_attacks.invite_flood(("127.0.0.1", s.sip_port), f"room-{ROOM}", 100 if s.quick else 400,
-                                         sources)
-    return {"sent": res.sent, "statuses": dict(res.statuses), "responses_per_request": dict(res.responses_per_request)}
+    sources = ",".join(f"127.0.0.{n}" for n in range(60, 68))
+    return await niced("loadtest.sip_attacks", "invite-flood", "--port", str(s.sip_port), "--user", f"room-{ROOM}",
+                       "--count", "100" if s.quick else "400", "--sources", sources)
 
 
 async def sip_tcp_lockout(s: Suite) -> dict[str, Any]:
-    sources = tuple(f"127.0.1.{n}" for n in range(1, 31))
-    return await sip_attacks.tcp_lockout(("127.0.0.1", s.sip_port), 60 if s.quick else 300, sources)
+    sources = ",".join(f"127.0.1.{n}" for n in range(1, 31))
+    return await niced("loadtest.sip_attacks", "tcp-lockout", "--port", str(s.sip_port),
+                       "--count", "60" if s.quick else "300", "--sources", sources)
 
 
 async def worker_stop(s: Suite) -> dict[str, Any]:
@@ -358,14 +375,18 @@ async def worker_stop(s: Suite) -> dict[str, Any]:
     worker = children[0]
     os.kill(worker, signal.SIGSTOP)
     await asyncio.sleep(2.0 if s.quick else 5.0)
-    os.kill(worker, signal.SIGCONT)
+    try:
+        os.kill(worker, signal.SIGCONT)
+        replaced = False
+    except ProcessLookupError:  # the server found it stuck, killed it and started another
+        replaced = True
     deadline, stages = time.monotonic() + 30.0, {}
     while time.monotonic() < deadline:  # processing must come back without a restart
         stages = get_json(s.url + "/healthz")["executor"].get("stages", {})
         if stages and not any(v.get("disabled") for v in stages.values()):
             break
         await asyncio.sleep(0.5)
-    return {"stopped_pid": worker, "disabled_after": sorted(k for k, v in stages.items() if v.get("disabled")),
+    return {"stopped_pid": worker, "replaced_while_stopped": replaced, "disabled_after": sorted(k for k, v in stages.items() if v.get("disabled")),
             "recovered_s": round(30.0 - (deadline - time.monotonic()), 1)}
 
 

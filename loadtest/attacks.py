@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -210,10 +211,11 @@ async def connection_flood(url: str, *, addresses: list[str], per_address: int,
             **dict(sorted(statuses.items()))}
 
 
-async def same_identity_joins(url: str, *, token: str, room: str, joins: int = 8) -> dict[str, Any]:
+async def same_identity_joins(url: str, *, token: str, room: str, joins: int = 8,
+                              local_addr: str | None = None) -> dict[str, Any]:
     """``joins`` sockets joining ``room`` with one token, one after the other: what each was told."""
     events: Counter[str] = Counter()
-    async with aiohttp.ClientSession() as http:
+    async with _session(local_addr) as http:
         sockets = []
         for _ in range(joins):
             ws = await http.ws_connect(ws_url(url))
@@ -264,8 +266,10 @@ async def join_without_offer(url: str, *, room: str = "attack-idle", wait_s: flo
     return {"attack": "join-without-offer", "seen": seen, "after_s": round(took, 2)}
 
 
-ATTACKS = {"ping-flood": ping_flood, "stage-join": stage_join, "nested-json": nested_json,
-           "slowloris": slowloris}
+ATTACKS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
+    "ping-flood": ping_flood, "stage-join": stage_join, "nested-json": nested_json, "slowloris": slowloris,
+    "connection-flood": connection_flood, "same-identity": same_identity_joins,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,18 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=8000, help="stage-join")
     parser.add_argument("--connections", type=int, default=50, help="slowloris")
     parser.add_argument("--local-addr", help="source address (e.g. 127.0.0.2)")
+    parser.add_argument("--kwargs", default="{}", help="JSON object of further keyword arguments of the attack")
     args = parser.parse_args(argv)
-    if args.attack == "ping-flood":
-        result = asyncio.run(ping_flood(args.url, sockets=args.sockets, seconds=args.seconds,
-                                        local_addr=args.local_addr))
-    elif args.attack == "stage-join":
-        result = asyncio.run(stage_join(args.url, items=args.items, local_addr=args.local_addr))
-    elif args.attack == "nested-json":
-        result = asyncio.run(nested_json(args.url))
-    else:
-        result = asyncio.run(slowloris(args.url, connections=args.connections, seconds=args.seconds,
-                                       local_addr=args.local_addr))
-    print(json.dumps(result))
+    options: dict[str, Any] = {
+        "ping-flood": {"sockets": args.sockets, "seconds": args.seconds, "local_addr": args.local_addr},
+        "stage-join": {"items": args.items, "local_addr": args.local_addr},
+        "slowloris": {"connections": args.connections, "seconds": args.seconds, "local_addr": args.local_addr},
+    }.get(args.attack, {})
+    options.update(json.loads(args.kwargs))
+    print(json.dumps(asyncio.run(ATTACKS[args.attack](args.url, **options))))
     return 0
 
 

@@ -96,6 +96,11 @@ class LimitsConfig:
     # TCP connections to the HTTP port in all (signaling, API, page, half-open requests); beyond it the
     # connection is answered 503 ``server-busy`` and closed at once (signaling/main.py)
     max_http_connections: int = 2000
+    # new TCP connections to the HTTP port a second (token bucket, ``new_connection_burst`` at once); the
+    # one beyond is answered 503 ``server-busy`` at once, unparsed: the handshakes share the media clock's
+    # event loop (a flood of 1000 WebSocket handshakes in a second cost the call 14 frames)
+    new_connections_per_s: float = 200.0
+    new_connection_burst: int = 100
     # a request's line and headers must arrive within this long of the connection (or of the previous
     # request on a keep-alive connection), else the connection is closed (slowloris); signaling/main.py
     http_header_timeout_s: float = 5.0

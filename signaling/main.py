@@ -11,6 +11,7 @@ import sys
 from aiohttp import web
 
 from mediaserver.config import ServerConfig, load_config, parse_workers, worker_count
+from mediaserver.process_setup import avoid_huge_pages, freeze_startup_heap
 from mediaserver.server import VERSION, MediaServer
 from signaling import rollout_cli
 from signaling.app import create_app
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _serve_until_signal(app: web.Application, config: ServerConfig) -> None:
     runner, _ = await start_http(app, config.host, config.port, config.limits)
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -61,6 +63,7 @@ async def _serve_until_signal(app: web.Application, config: ServerConfig) -> Non
 def serve(config: ServerConfig) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_uvloop()
+    avoid_huge_pages()  # before any child process starts: they inherit it
     try:  # telemetry: the OTel SDK, once, from the OTEL_* variables (signaling/telemetry_setup.py)
         telemetry = configure_telemetry(service_version=VERSION)
     except ValueError as exc:

@@ -297,3 +297,29 @@ async def test_half_open_http_requests_are_closed_and_capped() -> None:
     finally:
         await runner.cleanup()
 
+
+
+async def test_new_connections_beyond_the_rate_get_503_unparsed_then_are_served_again() -> None:
+    """A burst of new connections beyond ``new_connection_burst`` is answered 503 ``server-busy`` (and
+    closed) before anything it sent is read; once the bucket refills, a new connection is served."""
+    cfg = config(new_connections_per_s=2.0, new_connection_burst=5)
+    server = MediaServer(cfg)
+    runner, port = await start_http(create_app(server), "127.0.0.1", 0, cfg.limits)
+
+    async def get_healthz() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head = await asyncio.wait_for(reader.read(4096), 10.0)
+        writer.close()
+        return head
+
+    try:
+        heads = await asyncio.gather(*(get_healthz() for _ in range(20)))
+        busy = [h for h in heads if h.startswith(b"HTTP/1.1 503") and b"server-busy" in h]
+        served = [h for h in heads if h.startswith(b"HTTP/1.1 200")]
+        assert len(served) + len(busy) == 20, heads
+        assert 5 <= len(served) <= 12 and len(busy) >= 8, (len(served), len(busy))  # refills 2/s meanwhile
+        await asyncio.sleep(1.5)  # three tokens back
+        assert (await get_healthz()).startswith(b"HTTP/1.1 200")
+    finally:
+        await runner.cleanup()

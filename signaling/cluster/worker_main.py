@@ -26,6 +26,7 @@ from aiohttp import web
 
 from enhancers.process_name import MEDIA_WORKER, die_with_parent, set_process_name
 from mediaserver.config import ServerConfig
+from mediaserver.process_setup import avoid_huge_pages, freeze_startup_heap
 from mediaserver.server import MediaServer
 from signaling.app import SERVER_KEY, create_app
 
@@ -102,6 +103,7 @@ async def _serve(config: ServerConfig, index: int, socket_path: str, front_socke
     await runner.setup()
     site = web.UnixSite(runner, socket_path)
     await site.start()
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -137,6 +139,7 @@ def run_worker(config: ServerConfig, index: int, count: int, socket_path: str, f
     from signaling.telemetry_setup import configure_telemetry
 
     install_uvloop()
+    avoid_huge_pages()
     telemetry: Any = None
     try:
         telemetry = configure_telemetry(service_version="worker")
