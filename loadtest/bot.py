@@ -14,6 +14,7 @@ import bisect
 import fractions
 import json
 import logging
+import random
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -252,11 +253,27 @@ class Bot:
         self.pc.on("connectionstatechange", self._on_connection_state)
 
     # -- lifecycle --------------------------------------------------------------
+    async def _connect(self, http: aiohttp.ClientSession, deadline: float) -> aiohttp.ClientWebSocketResponse:
+        """The signaling WebSocket; a 503 (the server's new-connection rate, or its connection cap) is tried
+        again after its Retry-After (at most 1 s, jittered: a ramp of many bots spreads out) until ``deadline``."""
+        url = self.url.replace("http", "ws", 1) + "/ws"
+        while True:
+            try:
+                return await http.ws_connect(url)
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status != 503:
+                    raise
+                after = float(exc.headers.get("Retry-After", "1")) if exc.headers else 1.0
+                retry_s = min(1.0, after) * (0.5 + random.random())
+                if time.monotonic() + retry_s > deadline:
+                    raise
+                await asyncio.sleep(retry_s)
+
     async def join(self, timeout: float = 10.0) -> None:
         self.times["join_start"] = time.monotonic()
         connector = aiohttp.TCPConnector(local_addr=(self.local_addr, 0)) if self.local_addr else None
         self._session = aiohttp.ClientSession(connector=connector)
-        self._ws = await self._session.ws_connect(self.url.replace("http", "ws", 1) + "/ws")
+        self._ws = await self._connect(self._session, time.monotonic() + timeout)
         self._reader = asyncio.get_running_loop().create_task(self._read())
         msg: dict[str, Any] = {"type": "join", "version": 1, "room": self.room, "name": self.name,
                                "echoCancellation": self.echo_cancellation}

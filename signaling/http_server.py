@@ -18,6 +18,7 @@ from mediaserver.config import LimitsConfig
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
                  b"Retry-After: 5\r\nContent-Length: 83\r\n\r\n"
                  b'{"error": "server-busy", "message": "the server is at its connection limit; retry"}')
+RATE_RESPONSE = BUSY_RESPONSE.replace(b"Retry-After: 5", b"Retry-After: 1")  # new connections come too fast
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +56,7 @@ def limit_connections(http: web.Server, limit: int, rate_per_s: float = 0.0, bur
         if refused[0] in (1, 10, 100, 1000) or refused[0] % 10000 == 0:
             log.warning("HTTP connection refused (%s): %d open (limit %d), new at most %g/s; %d refused", reason,
                         len(http.connections), limit, rate_per_s, refused[0])
-        transport.write(BUSY_RESPONSE)
+        transport.write(RATE_RESPONSE if reason == "rate" else BUSY_RESPONSE)
         # closed on the next turn of the loop: aiohttp starts the connection's request task right after
         # this, and that task must see the connection open (it asserts so) before it sees it closed
         asyncio.get_running_loop().call_later(0.0, transport.close)
