@@ -40,7 +40,7 @@ from enhancers.executor.messages import (
 from enhancers.executor.shm import JobArea
 from enhancers.executor.transport import Channel, WorkerStatus
 from enhancers.executor.worker import COUNTER_KEYS, RateLimitedLog
-from enhancers.process_name import EXECUTOR_WORKER, set_process_name
+from enhancers.process_name import EXECUTOR_WORKER, die_with_parent, set_process_name
 from enhancers.stage import Stage
 
 log = logging.getLogger("enhancers.executor")
@@ -176,5 +176,6 @@ class ChildWorker:
 def child_main(conn: Connection, device: str, torch_threads: int, freeze_gc: bool, status: WorkerStatus) -> None:
     """Entry point of the worker process."""
     set_process_name(EXECUTOR_WORKER)
+    die_with_parent()  # spawned from the event loop's thread, which lives as long as the media process
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ChildWorker(conn, device, torch_threads, freeze_gc, status).serve()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from enhancers.process_name import QUALITY_SCORER, set_process_name
+from enhancers.process_name import QUALITY_SCORER, die_with_parent, set_process_name
 from enhancers.quality.dnsmos import MODEL_RATE, MosScore, shared_model
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ class ScoredBatch(NamedTuple):
 
 def _worker_init(settings: ScorerSettings) -> None:
     set_process_name(QUALITY_SCORER)
+    die_with_parent()  # a media process killed with SIGKILL left its scorer running, idle, for good
     if settings.nice > 0 and hasattr(os, "nice"):
         try:
             os.nice(settings.nice)
