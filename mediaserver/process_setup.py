@@ -5,12 +5,13 @@ Both keep the event loop, and so the media clock, from pausing for work nobody a
 - ``avoid_huge_pages``: numpy asks the kernel for transparent huge pages (``madvise``) for every array of
   4 MiB or more.  The speech synthesizer, the quality scorer and the executor make such arrays all the
   time, and each first touch of a huge page is 2 MiB zeroed at once: on the 2-core development VM
-  (``transparent_hugepage`` = madvise) a prompt attack made ~3600 of them, and the call of two
-  participants had 50-110 ms gaps in half the attack suites (``bench/attack.py``: prompt-memory, the
-  server's clock and the bots' loop late together); with them off, 0 huge page faults and 24-28 ms in
-  every run.
+  (``transparent_hugepage`` = madvise) a run of three attacks, prompts among them, made ~3600 of
+  them, and the call of two participants had 50-110 ms gaps in half the attack suites
+  (``bench/attack.py`` prompt-memory: the server's clock and the bots' loop late together); with
+  them off, 0 huge page faults and 25-30 ms in every run.
 - ``freeze_startup_heap``: a full collection of Python's cyclic garbage collector walks every tracked
-  object while the loop waits; the objects of the imports and the models never become garbage.
+  object while the loop waits (15-22 ms at the ~55-66k objects of a started server here); the objects
+  of the imports and the models never become garbage, so they leave those walks.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def avoid_huge_pages() -> None:
 def freeze_startup_heap() -> None:
     """Take what the process holds once started (modules, models, the server) out of the cyclic collector.
 
-    A full collection walks every tracked object while the event loop waits: the ~60k objects of the
-    imports and models, walked each time, made a 50-80 ms pause at ~170k objects.  Called once at an
-    entry point after startup, never in a process that starts servers again and again (the tests).
+    A full collection walks every tracked object while the event loop waits; those made at startup
+    were walked each time.  Called once at an entry point after startup, never in a process that
+    starts servers again and again (the tests).
     """
     gc.collect()
     gc.freeze()
