@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -79,3 +79,21 @@ async def start_server() -> AsyncIterator[ServerFactory]:
 @pytest.fixture
 async def server(start_server: ServerFactory) -> RunningServer:
     return await start_server()
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """The process's OTel SDK (as the entry point configures it, unless an earlier test did) with an in-memory
+    span exporter for this test: ``spans.get_finished_spans()``."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from signaling.telemetry_setup import configure_telemetry
+
+    setup = configure_telemetry({"OTEL_SERVICE_NAME": "mediaserver-test"})
+    exporter = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exporter)
+    if setup.tracer_provider is not None:
+        setup.tracer_provider.add_span_processor(processor)
+    yield exporter
+    processor.shutdown()

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.bot import Bot
@@ -34,7 +31,6 @@ from mediaserver.pipeline import PipelineResult
 from mediaserver.quality import BLOCK_CHUNKS, CHUNK, QualityMonitor, QualityTap, _Block
 from mediaserver.quality_budget import ScoringBudget
 from mediaserver.quality_wer import aligned_pair, wants_pair
-from signaling.telemetry_setup import configure_telemetry
 from tests.conftest import ServerFactory, noise, speech
 from tests.test_browser import browser  # noqa: F401  (fixture: headless Chromium with a fake microphone)
 
@@ -137,17 +133,13 @@ def test_budget_reserves_charges_and_learns_the_cost_of_pairs() -> None:
 
 
 # -- live ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def spans() -> Iterator[InMemorySpanExporter]:
-    """The process's SDK (as at the entry point, unless an earlier test configured it) and an in-memory span
-    processor for this module."""
-    setup = configure_telemetry({"OTEL_SERVICE_NAME": "mediaserver-test"})
-    exporter = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(exporter)
-    if setup.tracer_provider is not None:
-        setup.tracer_provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
+def _live_config() -> ServerConfig:
+    # deadline 400 ms: on a busy machine DF3 chunks that miss the 40 ms deadline pass through raw, and a window
+    # takes no block with such a chunk. The scorer unniced and a large share: scored soon on a busy machine.
+    return ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
+                        enhance=replace(EnhanceConfig(), default_stages=(), device="cpu", deadline_ms=400.0),
+                        quality=QualityConfig(period_s=4, window_s=4, first_window_s=1, cpu_share=1.0, nice=0,
+                                              wer_every=1))
 
 
 def _speech() -> np.ndarray:
@@ -204,14 +196,8 @@ async def _wer_metrics(url: str, room: str, timeout: float) -> dict[str, Any]:
 
 @pytest.mark.timeout(240)
 async def test_live_call_with_denoise_reports_a_plausible_wer(start_server: ServerFactory,
-                                                             spans: InMemorySpanExporter) -> None:
-    # deadline 400 ms: on a busy machine DF3 chunks that miss the 40 ms deadline pass through raw, and a window
-    # takes no block with such a chunk. The scorer unniced and a large share: scored soon on a busy machine.
-    cfg = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
-                       enhance=replace(EnhanceConfig(), default_stages=(), device="cpu", deadline_ms=400.0),
-                       quality=QualityConfig(period_s=4, window_s=4, first_window_s=1, cpu_share=1.0, nice=0,
-                                             wer_every=1))
-    rs = await start_server(cfg)
+                                                             spans: Any) -> None:
+    rs = await start_server(_live_config())
     await rs.server.hub.executor.preload(["denoise"])
     pub = Bot(rs.url, "wer", "pub", _speech(), stages=["denoise"])
     await pub.join()
@@ -252,11 +238,7 @@ async def test_live_call_with_denoise_reports_a_plausible_wer(start_server: Serv
 async def test_browser_page_shows_the_wer(start_server: ServerFactory, browser) -> None:  # type: ignore[no-untyped-def]  # noqa: F811,E501
     from tests.test_browser import _join
 
-    cfg = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
-                       enhance=replace(EnhanceConfig(), default_stages=(), device="cpu", deadline_ms=400.0),
-                       quality=QualityConfig(period_s=4, window_s=4, first_window_s=1, cpu_share=1.0, nice=0,
-                                             wer_every=1))
-    rs = await start_server(cfg)
+    rs = await start_server(_live_config())
     await rs.server.hub.executor.preload(["denoise"])
     bot = Bot(rs.url, "werweb", "bot", _speech(), stages=["denoise"])
     await bot.join()

@@ -19,7 +19,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -42,23 +41,6 @@ MAX_GAP_MS = 100.0
 @pytest.fixture
 def noisy_stage(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(registry.STAGES, CANDIDATE, "tests.rollout_stages:NoisyDenoiser")
-
-
-@pytest.fixture
-def spans() -> Iterator[Any]:
-    """The process's OTel SDK (as the entry point configures it) with an in-memory span exporter."""
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from signaling.telemetry_setup import configure_telemetry
-
-    setup = configure_telemetry({"OTEL_SERVICE_NAME": "mediaserver-test"})
-    exporter = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(exporter)
-    if setup.tracer_provider is not None:
-        setup.tracer_provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
 
 
 def _noisy(name: str) -> np.ndarray:
