@@ -19,6 +19,13 @@ class MediaConfig:
     """RTP/codec settings of the forwarding path."""
 
     opus_bitrate: int = 32_000  # per published stream, mono voice
+    # Encoder complexity (0-10) of streams the server re-encodes (those with stages): the full one while the
+    # event loop's core has room, the lighter one while it is busy (mediaserver/encoder_load.py); equal
+    # values keep it fixed
+    opus_complexity: int = 5
+    opus_complexity_under_load: int = 1
+    opus_light_above: float = 0.8  # busy share of the loop's core (run + run-queue wait) that switches to light
+    opus_full_below: float = 0.6  # ... and, held for 5 s, back to full
     jitter_min_ms: float = 20.0
     jitter_max_ms: float = 200.0
     jitter_start_ms: float = 40.0
@@ -411,6 +418,10 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         cfg = replace(cfg, log_level=env["MEDIASERVER_LOG_LEVEL"].upper())
     if "MEDIASERVER_OPUS_BITRATE" in env:
         media = replace(media, opus_bitrate=int(env["MEDIASERVER_OPUS_BITRATE"]))
+    if "MEDIASERVER_OPUS_COMPLEXITY" in env:
+        media = replace(media, opus_complexity=int(env["MEDIASERVER_OPUS_COMPLEXITY"]))
+    if "MEDIASERVER_OPUS_COMPLEXITY_UNDER_LOAD" in env:
+        media = replace(media, opus_complexity_under_load=int(env["MEDIASERVER_OPUS_COMPLEXITY_UNDER_LOAD"]))
     if "MEDIASERVER_DIRECT_RTP_SEND" in env:
         media = replace(media, direct_rtp_send=env["MEDIASERVER_DIRECT_RTP_SEND"] not in ("0", "false", "no"))
     if "MEDIASERVER_FORWARD_UNPROCESSED" in env:

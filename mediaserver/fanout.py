@@ -25,6 +25,7 @@ from mediaserver.audio_format import CHUNK
 from mediaserver.opus import FRAME_SAMPLES, OpusEncoder
 
 if TYPE_CHECKING:
+    from mediaserver.encoder_load import EncoderComplexity
     from mediaserver.rtp_send import DirectRtpSender
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,13 @@ class EncodedPacket:
 
 
 class StreamEncoder:
-    """The single Opus encoder of one published stream."""
+    """The single Opus encoder of one published stream, at the complexity ``complexity`` says now."""
 
-    def __init__(self, bitrate: int = 32_000, fec: bool = True) -> None:
-        self._encoder = OpusEncoder(bitrate=bitrate, fec=fec)
+    def __init__(self, bitrate: int = 32_000, fec: bool = True,
+                 complexity: Optional["EncoderComplexity"] = None) -> None:
+        self._complexity = complexity
+        self._encoder = OpusEncoder(bitrate=bitrate, fec=fec,
+                                    **({"complexity": complexity.current} if complexity is not None else {}))
         self._frame = np.zeros(FRAME_SAMPLES, dtype=np.float32)
         self._fill = 0
         self._pts = 0
@@ -66,6 +70,8 @@ class StreamEncoder:
         if self._fill < FRAME_SAMPLES:
             return None
         self._fill = 0
+        if self._complexity is not None and self._complexity.current != self._encoder.complexity:
+            self._encoder.set_complexity(self._complexity.current)
         data = self._encoder.encode(self._frame)
         packet = EncodedPacket(data=data, pts=self._pts, origin=self._origin)
         self._pts += FRAME_SAMPLES

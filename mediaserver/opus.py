@@ -99,6 +99,13 @@ class OpusEncoder:
         ctl(ctypes.c_void_p(self._enc), ctypes.c_int(_OPUS_SET_SIGNAL), ctypes.c_int32(_OPUS_SIGNAL_VOICE))
         self._out = ctypes.create_string_buffer(4000)
         self.bitrate = bitrate
+        self.complexity = complexity
+
+    def set_complexity(self, complexity: int) -> None:
+        """Change the complexity (0-10) from the next frame on."""
+        libopus().opus_encoder_ctl(ctypes.c_void_p(self._enc), ctypes.c_int(_OPUS_SET_COMPLEXITY),
+                                   ctypes.c_int32(complexity))
+        self.complexity = complexity
 
     def encode(self, pcm: np.ndarray) -> bytes:
         """Encode exactly one 20 ms frame of float32 mono samples."""

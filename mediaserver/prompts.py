@@ -222,7 +222,8 @@ class PromptPlayer:
         self.source.held = True
         pipeline = server.hub.open(f"{room.id}/{owner}", [])
         self.stream = PublishedStream(owner, owner, "prompt", self.source, pipeline, server.clock,
-                                      bitrate=server.config.media.opus_bitrate, synthetic=True)
+                                      bitrate=server.config.media.opus_bitrate, synthetic=True,
+                                      complexity=server.encoder_complexity)
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.stream.start()

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 from mediaserver.auth import DEV_GRANT, Grant, TokenVerifier
 from mediaserver.clock import MediaClock
+from mediaserver.encoder_load import EncoderComplexity
 from mediaserver.config import ServerConfig, worker_count
 from mediaserver.ingest import InboundRtpSource
 from mediaserver.pipeline import PipelineHub
@@ -62,6 +63,10 @@ class MediaServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.clock = MediaClock()
+        m = config.media
+        self.encoder_complexity: EncoderComplexity = EncoderComplexity(  # Opus complexity by the loop's load (encoder_load.py)
+            m.opus_complexity, m.opus_complexity_under_load, light_above=m.opus_light_above,
+            full_below=m.opus_full_below)
         self.hub = PipelineHub()
         self.rooms = RoomRegistry(list(config.enhance.default_stages), config.limits.max_rooms,
                                   config.limits.max_participants_per_room)
@@ -112,6 +117,7 @@ class MediaServer:
         self.hub.executor = executor
         self.quality.unavailable_count = lambda: executor.counters.get("stage_unavailable", 0)  # quality
         self._ticker = asyncio.get_running_loop().create_task(self._room_ticker(), name="room-ticker")
+        self.encoder_complexity.start()
         self.prompts.start()  # prompts: load the speech synthesizer in the background
         self.telemetry.start()  # telemetry
 
@@ -121,6 +127,7 @@ class MediaServer:
             return
         self._closed = True
         await cancel_quietly(self._ticker)
+        await self.encoder_complexity.close()
         self.rollout.close()  # rollout
         for timer in list(self._offer_timers.values()):
             await cancel_quietly(timer)
@@ -224,7 +231,7 @@ class MediaServer:
         tap = self.quality.open(stream_id, room.id)  # quality: pre/post chunks to the scorer thread
         stream = PublishedStream(stream_id, participant.id, kind, source,
                                  pipeline, self.clock, bitrate=m.opus_bitrate,
-                                 forward_unprocessed=m.forward_unprocessed,
+                                 forward_unprocessed=m.forward_unprocessed, complexity=self.encoder_complexity,
                                  on_chunk=tap.on_chunk if tap is not None else None)
         if tap is not None:
             self._quality_taps[stream] = tap
@@ -491,6 +498,7 @@ class MediaServer:
             "clock": {"ticks": self.clock.ticks, "skipped_ticks": self.clock.skipped_ticks,
                       "last_lag_ms": round(self.clock.last_lag_ms, 2)},
             "executor": self.hub.stats(),
+            "encoder": self.encoder_complexity.stats(),
             "relay": self.links.stats() if self.links is not None else None,
             "quality": self.quality.stats(),
         }

@@ -20,6 +20,7 @@ import numpy as np
 
 from mediaserver.audio_format import SAMPLE_RATE
 from mediaserver.clock import MediaClock
+from mediaserver.encoder_load import EncoderComplexity
 from mediaserver.fanout import Fanout, StreamEncoder
 from mediaserver.pipeline import PipelineResult, StreamPipeline
 
@@ -78,7 +79,8 @@ class PublishedStream:
                  pipeline: StreamPipeline, clock: MediaClock, *, bitrate: int = 32_000,
                  reference: Optional[Callable[[int], Optional[np.ndarray]]] = None,
                  on_chunk: Optional[Callable[["PublishedStream", np.ndarray, PipelineResult], None]] = None,
-                 synthetic: bool = False, forward_unprocessed: bool = True) -> None:
+                 synthetic: bool = False, forward_unprocessed: bool = True,
+                 complexity: Optional[EncoderComplexity] = None) -> None:
         self.id = stream_id
         self.owner_id = owner_id
         self.kind = kind
@@ -89,7 +91,7 @@ class PublishedStream:
         self.pipeline = pipeline
         pipeline.on_result = self._on_result
         self.fanout = Fanout()
-        self.encoder = StreamEncoder(bitrate=bitrate)
+        self.encoder = StreamEncoder(bitrate=bitrate, complexity=complexity)
         self.counters = StreamCounters()
         self.muted = False
         self._clock = clock

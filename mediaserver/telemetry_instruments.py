@@ -215,6 +215,13 @@ OTHER_METRICS: tuple[tuple[str, str, str, str, ObservationSource], ...] = (
     ("mediaserver.media.packets.dropped", "counter", "{packet}",
      "Datagrams at the WebRTC media ports dropped before or while aiortc handled them, by reason "
      "(mediaserver/transport_guard.py REASONS); counted for the whole process.", _media_drops),
+    ("mediaserver.opus.complexity", "gauge", "1",
+     "Opus complexity the encoders of re-encoded streams use now: the full one, or the lighter one while the "
+     "event loop's core is busy (mediaserver/encoder_load.py).",
+     lambda tel: [(float(tel.server.encoder_complexity.current), {})]),
+    ("mediaserver.opus.complexity_changes", "counter", "{change}",
+     "Switches of the Opus complexity between full and light.",
+     lambda tel: [(float(tel.server.encoder_complexity.changes), {})]),
     ("mediaserver.clock.lag", "gauge", "s", "How late the media clock's last 10 ms tick ran.",
      _clock(lambda c: c.last_lag_ms / 1000.0)),
     ("mediaserver.clock.lag_max", "gauge", "s", "Largest media clock lag since start.",
