@@ -8,9 +8,8 @@ complexity 5 when its core is full runs out of core before anything else; one th
 complexity 1 gives up quality it had room for.  So, as WebRTC's own encoders do under CPU pressure, the complexity follows
 the load of the event loop's core:
 
-* :class:`LoopBusy` measures the share of wall time the event loop's thread spent running or waiting
-  to run (``/proc/thread-self/schedstat``: run time plus run-queue wait; where that file is missing,
-  the thread's CPU time only);
+* :class:`mediaserver.loop_load.LoopLoad` measures, once a second, the share of wall time the event
+  loop's thread spent running or waiting to run, and hands each reading to ``observe``;
 * :class:`EncoderComplexity` owns the complexity every encoder of the process uses now: the light one
   (``MediaConfig.opus_complexity_under_load``) from the first window at or above ``light_above``, the
   full one (``MediaConfig.opus_complexity``) again after ``recover_windows`` windows in a row at or
@@ -24,40 +23,10 @@ complexity in use (``mediaserver_opus_complexity``) and the switches (``mediaser
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 log = logging.getLogger(__name__)
-
-SCHEDSTAT = "/proc/thread-self/schedstat"
-
-
-class LoopBusy:
-    """Owns the last reading of the calling thread's run + run-queue time; ``sample()`` is the share of
-    wall time since the previous call (call it from the thread to measure: the event loop's)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._last: Optional[tuple[float, float]] = None
-
-    @staticmethod
-    def _thread_seconds() -> float:
-        try:
-            with open(SCHEDSTAT, "rb") as f:
-                run_ns, wait_ns, _ = f.read().split()
-            return (int(run_ns) + int(wait_ns)) / 1e9
-        except (OSError, ValueError):
-            return time.thread_time()
-
-    def sample(self) -> Optional[float]:
-        """Busy share of the window since the last call; None on the first call."""
-        now, busy = self._clock(), self._thread_seconds()
-        last, self._last = self._last, (now, busy)
-        if last is None or now <= last[0]:
-            return None
-        return max(0.0, (busy - last[1]) / (now - last[0]))
 
 
 class EncoderComplexity:
@@ -69,8 +38,7 @@ class EncoderComplexity:
     """
 
     def __init__(self, full: int = 5, light: int = 1, *, light_above: float = 0.8, full_below: float = 0.6,
-                 recover_windows: int = 5, window_s: float = 1.0,
-                 busy: Optional[Callable[[], Optional[float]]] = None) -> None:
+                 recover_windows: int = 5) -> None:
         for name, value in (("full", full), ("light", light)):
             if not 0 <= value <= 10:
                 raise ValueError(f"Opus complexity {name}={value} is not in 0..10")
@@ -79,13 +47,10 @@ class EncoderComplexity:
         self.light_above = light_above
         self.full_below = full_below
         self.recover_windows = max(1, recover_windows)
-        self.window_s = window_s
         self.current = full
         self.changes = 0
         self.last_busy: Optional[float] = None
         self._calm = 0
-        self._busy = busy if busy is not None else LoopBusy().sample
-        self._task: Optional[asyncio.Task[None]] = None
 
     @property
     def adaptive(self) -> bool:
@@ -115,26 +80,6 @@ class EncoderComplexity:
         self.current = complexity
         self.changes += 1
         self._calm = 0
-
-    def start(self) -> None:
-        """Sample the event loop's thread every ``window_s`` (call on the loop)."""
-        if self._task is None and self.adaptive:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="opus-complexity")
-
-    async def _run(self) -> None:
-        self._busy()  # the first reading opens the first window
-        while True:
-            await asyncio.sleep(self.window_s)
-            self.observe(self._busy())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
 
     def stats(self) -> dict[str, object]:
         return {"opus_complexity": self.current, "full": self.full, "under_load": self.light,

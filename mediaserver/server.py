@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 from mediaserver.auth import DEV_GRANT, Grant, TokenVerifier
 from mediaserver.clock import MediaClock
 from mediaserver.encoder_load import EncoderComplexity
+from mediaserver.loop_load import JoinGate, LoopLoad
 from mediaserver.config import ServerConfig, worker_count
 from mediaserver.ingest import InboundRtpSource
 from mediaserver.pipeline import PipelineHub
@@ -64,9 +65,15 @@ class MediaServer:
         self.config = config
         self.clock = MediaClock()
         m = config.media
-        self.encoder_complexity: EncoderComplexity = EncoderComplexity(  # Opus complexity by the loop's load (encoder_load.py)
+        # the event loop's load (loop_load.py), read once a second: the Opus complexity follows it
+        # (encoder_load.py); while the media clock skips ticks a newcomer gets server-busy
+        self.encoder_complexity: EncoderComplexity = EncoderComplexity(
             m.opus_complexity, m.opus_complexity_under_load, light_above=m.opus_light_above,
             full_below=m.opus_full_below)
+        self.join_gate: JoinGate = JoinGate(config.limits.join_skipped_ticks, config.limits.join_min_participants)
+        self.loop_load: LoopLoad = LoopLoad([
+            self.encoder_complexity.observe,
+            lambda _: self.join_gate.observe(self.clock.ticks, self.clock.skipped_ticks)])
         self.hub = PipelineHub()
         self.rooms = RoomRegistry(list(config.enhance.default_stages), config.limits.max_rooms,
                                   config.limits.max_participants_per_room)
@@ -117,7 +124,7 @@ class MediaServer:
         self.hub.executor = executor
         self.quality.unavailable_count = lambda: executor.counters.get("stage_unavailable", 0)  # quality
         self._ticker = asyncio.get_running_loop().create_task(self._room_ticker(), name="room-ticker")
-        self.encoder_complexity.start()
+        self.loop_load.start()
         self.prompts.start()  # prompts: load the speech synthesizer in the background
         self.telemetry.start()  # telemetry
 
@@ -127,7 +134,7 @@ class MediaServer:
             return
         self._closed = True
         await cancel_quietly(self._ticker)
-        await self.encoder_complexity.close()
+        await self.loop_load.close()
         self.rollout.close()  # rollout
         for timer in list(self._offer_timers.values()):
             await cancel_quietly(timer)
@@ -166,6 +173,9 @@ class MediaServer:
         if not (grant.allows("publish", room_id) or grant.allows("subscribe", room_id)):
             raise RoomError("forbidden", "the token allows neither publishing nor subscribing here", status=403)
         checked = None if stages is None else validate_stages(stages)  # before the room is created
+        if (busy := self.join_gate.refusal(self.rooms.participant_count)) is not None:
+            log.warning("join to room %r refused: %s", room_id[:64], busy)
+            raise RoomError("server-busy", busy, status=503)
         self.rooms.validate_id(room_id)
         # a join token's identity (``sub``) is unique per room: a second join replaces the first (as in
         # LiveKit).  Development grants and SIP calls carry no identity of their own.
@@ -499,6 +509,8 @@ class MediaServer:
                       "last_lag_ms": round(self.clock.last_lag_ms, 2)},
             "executor": self.hub.stats(),
             "encoder": self.encoder_complexity.stats(),
+            "load": {"loop_busy": None if self.loop_load.last_busy is None else round(self.loop_load.last_busy, 3),
+                     **self.join_gate.stats()},
             "relay": self.links.stats() if self.links is not None else None,
             "quality": self.quality.stats(),
         }

@@ -222,6 +222,12 @@ OTHER_METRICS: tuple[tuple[str, str, str, str, ObservationSource], ...] = (
     ("mediaserver.opus.complexity_changes", "counter", "{change}",
      "Switches of the Opus complexity between full and light.",
      lambda tel: [(float(tel.server.encoder_complexity.changes), {})]),
+    ("mediaserver.joins.refused", "counter", "{join}",
+     "Joins refused with server-busy while the media clock skipped ticks (its core full; "
+     "mediaserver/loop_load.py JoinGate).", lambda tel: [(float(tel.server.join_gate.refused), {})]),
+    ("mediaserver.event_loop.busy", "gauge", "1",
+     "Share of the last second the event loop's thread ran or waited to run (mediaserver/loop_load.py).",
+     lambda tel: [] if tel.server.loop_load.last_busy is None else [(tel.server.loop_load.last_busy, {})]),
     ("mediaserver.clock.lag", "gauge", "s", "How late the media clock's last 10 ms tick ran.",
      _clock(lambda c: c.last_lag_ms / 1000.0)),
     ("mediaserver.clock.lag_max", "gauge", "s", "Largest media clock lag since start.",
