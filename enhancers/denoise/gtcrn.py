@@ -18,6 +18,15 @@ interpolated back to 48 kHz.  The output holds the model's band only, 0 to
 filters (72 + 72 samples at 48 kHz) plus 480 samples at 16 kHz of framing:
 a 512-sample window whose hop (16 ms) does not divide into 10 ms chunks needs
 up to 224 samples of queue so that every chunk has its 160 samples ready.
+
+Two runtimes compute the same frames (``tests/test_denoise_gtcrn.py`` checks
+them against each other): ``runtime="native"`` (the default) steps the
+network natively (torch GEMMs and numba kernels,
+:mod:`enhancers.denoise.gtcrn_native`), its per-stream caches in the stage's
+slot pool (``self.state``, one row per stream slot); ``runtime="onnx"``
+(spec ``denoise:gtcrn@runtime=onnx``) runs the batched ONNX Runtime session
+of :mod:`enhancers.denoise.gtcrn_graph`, each stream's caches in its
+:class:`GTCRNStream`.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from scipy.signal import get_window
 
 from enhancers.denoise.df3 import attenuation_mix
 from enhancers.denoise.gtcrn_graph import CACHE_SHAPES, gtcrn_session, split_caches, stack_caches
+from enhancers.denoise.gtcrn_native import GTCRNNative, gtcrn_native
 from enhancers.denoise.nsnet2 import synthesis_window
 from enhancers.denoise.resample import Decimator, Interpolator, lowpass_taps
 from enhancers.stage import CHUNK, SAMPLE_RATE, BatchContext, Stage, StageStream
@@ -48,17 +58,25 @@ RESAMPLE_BETA = 6.0  # Kaiser: about 63 dB stop band
 
 
 class GTCRNStream:
-    """One stream's state: resampler histories, STFT buffers, the output queue and the model caches."""
+    """One stream's state: resampler histories, STFT buffers, the output queue and the model caches
+    (``runtime="onnx"``: the session's cache arrays in ``caches``; native: the stream's rows of the
+    stage's slot pool are at ``slot``, and ``frames`` counts the frames run, its place in their rings)."""
 
-    def __init__(self, decimator: Decimator, interpolator: Interpolator, atten_mix: float) -> None:
+    def __init__(
+        self, decimator: Decimator, interpolator: Interpolator, atten_mix: float, slot: int, onnx_caches: bool
+    ) -> None:
         self.atten_mix = atten_mix
+        self.slot = slot
+        self.frames = 0  # frames the model has run for this stream
         self.decimator_history = decimator.initial_history()
         self.interpolator_history = interpolator.initial_history()
         self.analysis = np.zeros(FFT_SIZE)  # the last FFT_SIZE samples at 16 kHz
         self.pending = 0  # samples in ``analysis`` not yet part of a frame
         self.overlap = np.zeros(FFT_SIZE - HOP)
         self.queue = np.zeros(OUTPUT_QUEUE)  # completed 16 kHz output not yet sent
-        self.caches = {name: np.zeros(shape, dtype=np.float32) for name, shape in CACHE_SHAPES.items()}
+        self.caches = (
+            {name: np.zeros(shape, dtype=np.float32) for name, shape in CACHE_SHAPES.items()} if onnx_caches else {}
+        )
 
     def push(self, x: np.ndarray) -> np.ndarray | None:
         """Append one chunk at 16 kHz; returns the analysis frame it completes, if any (at most
@@ -82,37 +100,51 @@ class GTCRNStream:
 
 
 class GTCRNStage(Stage):
-    """GTCRN denoiser: one shared ONNX Runtime session, each stream's state in ``StageStream.native``.
+    """GTCRN denoiser: the shared network (native weights or one ONNX Runtime session), each
+    stream's framing state in ``StageStream.native`` and, native, its model caches in ``self.state``.
 
     Runs on the CPU whatever the executor device.  Per tick: resampling of all
-    rows at once, one batched session call for the streams whose 16 ms frame
+    rows at once, one batched network step for the streams whose 16 ms frame
     completes in this chunk, overlap-add.  Per-stream option: ``atten_lim_db``
     (attenuation limit in dB, as DF3's; default ``None`` = unlimited).
+    Constructor option ``runtime``: ``"native"`` (default) or ``"onnx"``.
     """
 
     name = "denoise:gtcrn"
     latency_samples = 2 * ((RESAMPLE_TAPS - 1) // 2) + FACTOR * (HOP + OUTPUT_QUEUE)
 
-    def __init__(self, device: str | torch.device = "cpu", atten_lim_db: float | None = None) -> None:
-        super().__init__(device)
+    def __init__(
+        self, device: str | torch.device = "cpu", atten_lim_db: float | None = None, runtime: str = "native"
+    ) -> None:
+        super().__init__("cpu")  # the network and every stream's state stay on the CPU (see to_device)
+        if runtime not in ("native", "onnx"):
+            raise ValueError(f"runtime is 'native' or 'onnx', not {runtime!r}")
         self.default_atten_lim_db = atten_lim_db
-        self.session = gtcrn_session()  # fail at construction, not on the first chunk
+        self.runtime = runtime
+        # fail at construction, not on the first chunk
+        self.net: GTCRNNative | None = gtcrn_native() if runtime == "native" else None
+        self.session = gtcrn_session() if runtime == "onnx" else None
         taps = lowpass_taps(FACTOR, RESAMPLE_TAPS, RESAMPLE_CUTOFF, RESAMPLE_BETA)
         self.decimator = Decimator(taps, FACTOR)
         self.interpolator = Interpolator(taps, FACTOR)
         self.window = np.sqrt(get_window("hann", FFT_SIZE, fftbins=True))
         self.synthesis = synthesis_window(self.window, HOP)
 
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return GTCRNNative.initial_state() if self.runtime == "native" else {}
+
     def open_native(self, stream: StageStream) -> None:
         limit = stream.options.get("atten_lim_db", self.default_atten_lim_db)
-        stream.native = GTCRNStream(self.decimator, self.interpolator, attenuation_mix(limit))
+        stream.native = GTCRNStream(
+            self.decimator, self.interpolator, attenuation_mix(limit), stream.slot, self.session is not None
+        )
 
     def close_native(self, stream: StageStream) -> None:
         stream.native = None
 
     def to_device(self, device: str | torch.device) -> None:
-        """Nothing to move: the session and every stream's state stay on the CPU."""
-        self.device = torch.device(device)
+        """Nothing to move: the network and every stream's state stay on the CPU (``process`` hands
+        its output back on the input's device)."""
 
     def process(self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext) -> torch.Tensor:
         if len(streams) == 0:
@@ -135,17 +167,31 @@ class GTCRNStage(Stage):
         return torch.from_numpy(y.astype(np.float32)).to(audio.device)
 
     def _frames(self, states: list[GTCRNStream], frames: np.ndarray) -> list[np.ndarray]:
-        """One session call for ``frames`` ``[k, FFT_SIZE]`` of ``states``: the HOP samples each completes."""
+        """One network step for ``frames`` ``[k, FFT_SIZE]`` of ``states``: the HOP samples each completes."""
         spec = np.fft.rfft(frames * self.window, axis=-1)
-        mix = np.stack([spec.real, spec.imag], axis=-1).astype(np.float32)[:, :, None, :]
-        enh, *caches = self.session.run(None, {"mix": mix, **stack_caches([st.caches for st in states])})
-        out = enh[:, :, 0, 0].astype(np.float64) + 1j * enh[:, :, 0, 1]
+        if self.session is not None:
+            mix = np.stack([spec.real, spec.imag], axis=-1).astype(np.float32)[:, :, None, :]
+            enh, *caches = self.session.run(None, {"mix": mix, **stack_caches([st.caches for st in states])})
+            out = enh[:, :, 0, 0].astype(np.float64) + 1j * enh[:, :, 0, 1]
+            for st, c in zip(states, split_caches(dict(zip(CACHE_SHAPES, caches)), len(states))):
+                st.caches = c
+        else:
+            out = self._native_step(states, spec)
         mix_back = np.array([st.atten_mix for st in states])[:, None]
-        out = out + mix_back * (spec - out)  # attenuation limit: the noisy spectrum mixed back, as DF3/libDF
+        if mix_back.any():  # attenuation limit: the noisy spectrum mixed back, as DF3/libDF
+            out = out + mix_back * (spec - out)
         y = np.fft.irfft(out, n=FFT_SIZE, axis=-1) * self.synthesis
-        result = []
-        for st, c, frame_out in zip(states, split_caches(dict(zip(CACHE_SHAPES, caches)), len(states)), y):
-            st.caches = c
-            result.append(frame_out[:HOP] + st.overlap)
-            st.overlap = frame_out[HOP:]
-        return result
+        completed = y[:, :HOP] + np.stack([st.overlap for st in states])
+        for st, tail in zip(states, y[:, HOP:]):
+            st.overlap = tail
+        return list(completed)
+
+    def _native_step(self, states: list[GTCRNStream], spec: np.ndarray) -> np.ndarray:
+        """The native network on the noisy spectra ``spec`` ``[k, 257]`` of ``states``: enhanced spectra."""
+        assert self.net is not None
+        slots = np.array([st.slot for st in states], dtype=np.int64)
+        done = np.array([st.frames for st in states], dtype=np.int64)
+        out = self.net.step(spec, self.state, slots, done)
+        for st in states:
+            st.frames += 1
+        return out
