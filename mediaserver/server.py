@@ -15,10 +15,10 @@ from typing import Any, Optional, Sequence
 
 from mediaserver.auth import DEV_GRANT, Grant, TokenVerifier
 from mediaserver.clock import MediaClock
-from mediaserver.encoder_load import EncoderComplexity
-from mediaserver.loop_load import JoinGate, LoopLoad
 from mediaserver.config import ServerConfig, worker_count
+from mediaserver.encoder_load import EncoderComplexity
 from mediaserver.ingest import InboundRtpSource
+from mediaserver.loop_load import JoinGate, LoopLoad
 from mediaserver.pipeline import PipelineHub
 from mediaserver.prompts import PromptManager  # prompts: TTS prompt tracks
 from mediaserver.quality import QualityMonitor, QualityTap  # quality: live SLIs per stream
