@@ -26,6 +26,8 @@ import logging
 import time
 from typing import Callable, Optional
 
+from mediaserver.room import cancel_quietly
+
 log = logging.getLogger(__name__)
 
 SCHEDSTAT = "/proc/thread-self/schedstat"
@@ -88,13 +90,8 @@ class LoopLoad:
                     log.exception("loop load listener failed")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_quietly(self._task)
+        self._task = None
 
 
 class JoinGate:
