@@ -121,6 +121,8 @@ class MediaServer:
         await executor.start()
         if e.default_stages:
             await executor.preload(list(e.default_stages))  # first chunks already get their stages
+            if e.admission:  # and the lighter ones an overload moves streams to, before it happens
+                executor.prepare_fallbacks(list(e.default_stages))
         self.hub.executor = executor
         self.quality.unavailable_count = lambda: executor.counters.get("stage_unavailable", 0)  # quality
         self._ticker = asyncio.get_running_loop().create_task(self._room_ticker(), name="room-ticker")

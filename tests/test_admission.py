@@ -208,3 +208,66 @@ def test_missed_deadlines_shed_the_newest_stream_one_step_not_the_older_ones() -
     assert shedder.check(streams, ladder, apply, now=16.0) is new
     assert applied == [("new", list(candidates(["denoise"]))[1])] and old.stages == ["denoise"]
     assert "overloaded" in new.degraded_reason and shedder.holding(20.0) and not shedder.holding(40.0)
+
+
+def test_a_stage_not_timed_yet_takes_a_few_streams_until_its_cost_is_measured() -> None:
+    """Slow start: a prior is a guess for this machine, so a burst of joins is not all let in on it. The
+    first streams run the stage; the next ones wait on no stages ("measuring") until the stage has been
+    timed at a batch half their number; a stage timed as expensive then admits what the tick holds."""
+    from enhancers.executor.admission import MIN_SAMPLES, PROBE_ROWS, Admission, LoadModel
+
+    spec = "denoise:gtcrn"  # prior 0.35 ms + 0.065 ms per stream: on the prior alone 16 streams fit easily
+    model = LoadModel()
+    policy = Admission(model, target_load=0.55, upgrade_load=0.45, lighter={})
+    rows: dict[str, int] = {}
+    burst = []
+    for _ in range(8):
+        decision = policy.decide([spec], rows)
+        burst.append(decision)
+        rows = policy.plus(rows, decision.stages)
+    assert [d.result for d in burst[:PROBE_ROWS]] == ["admitted"] * PROBE_ROWS
+    waiting = burst[PROBE_ROWS]
+    assert waiting.stages == [] and waiting.measuring and "measuring the cost" in waiting.reason, waiting
+    assert rows == {spec: PROBE_ROWS}
+
+    for _ in range(MIN_SAMPLES):  # timed at the 4 streams it runs: 1.2 ms a call
+        model.observe(spec, PROBE_ROWS, 0.0012)
+    assert policy.decide([spec], {spec: PROBE_ROWS}).result == "admitted"  # trusted up to twice the batch
+    assert policy.decide([spec], {spec: 2 * PROBE_ROWS}).measuring
+
+    expensive = LoadModel()
+    for _ in range(MIN_SAMPLES):  # the same stage on a slower machine: 6 ms for 4 streams
+        expensive.observe(spec, PROBE_ROWS, 0.006)
+    full = Admission(expensive, target_load=0.55, upgrade_load=0.45, lighter={}).decide([spec], {spec: PROBE_ROWS})
+    assert full.result == "refused" and not full.measuring and "executor full" in full.reason, full
+
+
+def test_an_overload_of_several_streams_is_shed_in_one_check_newest_first() -> None:
+    """Deadlines missed with the model timed at the real batch: the newest streams go one step down each,
+    as many as the model says must, and the oldest keeps its stages."""
+    from types import SimpleNamespace
+
+    from enhancers.executor.admission import candidates
+    from enhancers.executor.shedding import LoadShedder
+
+    counters = {"chunks": 0, "bypass_deadline": 0, "dropped_backlog": 0}
+    streams = {i: SimpleNamespace(stream_id=i, label=f"s{i}", stages=["denoise"], requested_stages=["denoise"],
+                                  changed_at=float(i), closed=False, degraded_reason="") for i in range(1, 5)}
+
+    def apply(stream: SimpleNamespace, stages: list[str]) -> None:
+        stream.stages = stages
+
+    def fits() -> bool:  # the model: the tick holds two streams of "denoise"
+        return sum(1 for s in streams.values() if s.stages == ["denoise"]) <= 2
+
+    shedder = LoadShedder(counters, max_bypass=0.01, hold_s=20.0)
+    ladder = lambda requested: list(candidates(requested))  # noqa: E731
+    shedder.check(streams, ladder, apply, now=10.0, fits=fits)
+    for now in (12.0, 14.0):
+        counters["chunks"] += 1000
+        counters["bypass_deadline"] += 400
+        first = shedder.check(streams, ladder, apply, now=now, fits=fits)
+    assert first is streams[4] and [s.stream_id for s in shedder.last_shed] == [4, 3]
+    assert streams[1].stages == streams[2].stages == ["denoise"]
+    assert streams[3].stages == streams[4].stages == list(candidates(["denoise"]))[1]
+    assert shedder.shed == 2 and "overloaded" in streams[3].degraded_reason

@@ -57,6 +57,21 @@ MIGRATE_FRAMES = 300
 MIN_NORM_STATE = 1e-30  # keeps the complex-feature normalizer finite on long digital silence
 
 
+def idle_priority() -> None:
+    """Run the calling thread only when its cores have nothing else to run (Linux ``SCHED_IDLE``, else the
+    lowest nice); best effort."""
+    import os
+
+    tid = threading.get_native_id()
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+        except (AttributeError, OSError):
+            pass
+
+
 def post_filter(noisy: torch.Tensor, enhanced: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """libDF's optional post filter (after PercepNet): deepens the attenuation of bins the network
     already attenuates.  Spectra as real views [B, T, F, 2]; ``beta`` [B] (0 leaves a row unchanged)."""
@@ -95,13 +110,15 @@ class DeepFilterNet3Stage(Stage):
         device: str | torch.device = "cpu",
         atten_lim_db: float | None = None,
         post_filter_beta: float = 0.0,
-        native_streams: int = 2,
+        native_streams: int = 1,
         precision: str = "auto",
     ) -> None:
         super().__init__(device)
-        # On CPU, one torch step costs more than libDF's C runtime at batch 1 or 2 (bench/denoise.py);
-        # the first ``native_streams`` streams opened while fewer are live run on libDF (which also
-        # releases the GIL), the others in the batched torch path.  Outputs agree (parity test).
+        # On CPU, one torch step costs twice libDF's C runtime at batch 1 (1.7 vs 0.8 ms), as much at
+        # batch 2 (2.0 vs 2.1 ms; bench/stage_cost.py, 2026-12-07); the first ``native_streams`` streams
+        # opened while fewer are live run on libDF (which also releases the GIL), the others in the
+        # batched torch path.  Outputs agree (parity test).  One, not two: every libDF stream runs
+        # twice while it migrates to torch (MIGRATE_FRAMES) and costs ~250 ms of CPU to replace.
         self.native_streams = native_streams if self.device.type == "cpu" else 0
         self._native_live = 0
         # libDF's df_create loads and optimizes the model (seconds): keep ready states in a pool,
@@ -177,7 +194,13 @@ class DeepFilterNet3Stage(Stage):
             stream.native.close()
             stream.native = None
             self._native_live -= 1
-            threading.Thread(target=self._refill, name="libdf-refill", daemon=True).start()
+            threading.Thread(target=self._refill_idle, name="libdf-refill", daemon=True).start()
+
+    def _refill_idle(self) -> None:
+        """``_refill`` at idle priority: a libDF state costs ~250 ms of CPU to create, which on a core the
+        streams share would otherwise stall every stream's chunks past their deadline."""
+        idle_priority()
+        self._refill()
 
     def _refill(self) -> None:
         """Create libDF states until the pool holds ``native_streams`` of them."""

@@ -15,6 +15,13 @@ with every stream already admitted, else the first lighter candidate of the
 ladder that fits (:func:`candidates`), else no stages.  Streams already
 admitted are never degraded to make room.  A degraded stream is upgraded
 when its better candidate fits under the lower ``upgrade_load`` (hysteresis).
+
+A prior is only a guess for this machine (DF3's was 3x too low on the development VM), so the
+model's word on a spec is trusted only as far as it was measured, as TCP's slow start trusts a
+path: a spec timed fewer than ``MIN_SAMPLES`` calls takes at most ``PROBE_ROWS`` streams, one
+timed at batches of up to ``n`` streams at most ``2 n``; a stream that would go beyond waits on a
+lighter list ("measuring") and is upgraded, checked every ``PROBE_RECHECK_S``, as the measured
+batch grows.  An operator's declared cost (``stage_costs``) is trusted as it is.
 """
 
 from __future__ import annotations
@@ -47,20 +54,23 @@ DEFAULT_STAGE_COSTS: dict[str, tuple[float, float]] = {  # bench/stage_cost.py, 
 }
 UNKNOWN_STAGE_COST = (0.5, 1.0)  # a spec with no prior (tests' stages, new models): pessimistic
 MIN_SAMPLES = 20  # calls timed before the measured model replaces the prior
-HOST_MEAN_S = 30.0  # time constant of the host process's measured CPU (shared cores)
+HOST_MEAN_S = 5.0  # time constant of the host process's measured CPU (shared cores)
+PROBE_ROWS = 4  # streams a spec not yet timed may take
+PROBE_RECHECK_S = 0.5  # how often streams waiting for a spec's cost to be measured are upgraded
 ALPHA = 0.05  # weight of one call in the running moments (~20 calls, a fraction of a second)
 
 
 class _Moments:
-    __slots__ = ("n", "nn", "nt", "samples", "t")
+    __slots__ = ("max_rows", "n", "nn", "nt", "samples", "t")
 
     def __init__(self) -> None:
         self.n = self.t = self.nn = self.nt = 0.0
-        self.samples = 0
+        self.samples = self.max_rows = 0
 
     def add(self, rows: int, ms: float) -> None:
         a = 1.0 if self.samples == 0 else ALPHA
         self.samples += 1
+        self.max_rows = max(self.max_rows, rows)
         self.n += a * (rows - self.n)
         self.t += a * (ms - self.t)
         self.nn += a * (rows * rows - self.nn)
@@ -97,6 +107,25 @@ class LoadModel:
                 fixed, per = prior[0] * scale, prior[1] * scale
         return max(fixed, floor[0]), max(per, floor[1])
 
+    def trusted_rows(self, spec: str) -> float:
+        """How many streams the model's cost of ``spec`` may be trusted for (slow start)."""
+        if spec in self.declared:
+            return float("inf")
+        m = self._moments.get(spec)
+        if m is None or m.samples < MIN_SAMPLES:
+            return PROBE_ROWS
+        return max(PROBE_ROWS, 2 * m.max_rows)
+
+    def timed(self, spec: str) -> bool:
+        """``spec`` runs here: its calls have been timed."""
+        m = self._moments.get(spec)
+        return m is not None and m.samples >= MIN_SAMPLES
+
+    def largest_batch(self, spec: str) -> int:
+        """The most streams one timed call of ``spec`` ran (0: not timed)."""
+        m = self._moments.get(spec)
+        return m.max_rows if m is not None else 0
+
     def tick_ms(self, rows: Mapping[str, int]) -> float:
         """Predicted stage time of one tick where ``rows[spec]`` streams run ``spec``."""
         total = 0.0
@@ -112,7 +141,8 @@ class LoadModel:
             fixed, per = self.cost(spec)
             m = self._moments.get(spec)
             out[spec] = {"fixed_ms": round(fixed, 4), "per_stream_ms": round(per, 4),
-                         "timed_calls": m.samples if m is not None else 0}
+                         "timed_calls": m.samples if m is not None else 0,
+                         "largest_batch": m.max_rows if m is not None else 0}
         return out
 
 
@@ -160,6 +190,7 @@ class Decision:
     stages: list[str]
     result: str  # "admitted" | "degraded" | "refused"
     reason: str = ""
+    measuring: bool = False  # a better list waits only for its cost to be measured at more streams
 
 
 class Admission:
@@ -217,14 +248,28 @@ class Admission:
         limit = self.target_load if limit is None else limit
         cpu_limit = self.cpu_target if cpu_limit is None else cpu_limit
         before = self.load(others)
+        untrusted: list[str] = []  # specs of better lists that fit but were not measured at as many streams
         for stages in self.ladder(requested):
             rows = self.plus(others, stages)
             load, cpu = self.load(rows), self.cpu_load(rows, host_ms)
+            beyond = [spec for spec in stages if rows[spec] > self.model.trusted_rows(spec)]
+            # meanwhile only stages that run already: no model loads just while a cost is measured
+            unloaded = untrusted and any(not self.model.timed(spec) for spec in stages)
+            if stages and load <= limit and cpu <= cpu_limit and (beyond or unloaded):
+                untrusted += [spec for spec in beyond if spec not in untrusted]
+                continue
             if not stages or (load <= limit and cpu <= cpu_limit):
                 if list(stages) == list(requested):
                     return Decision(list(stages), "admitted")
                 wanted = self.plus(others, requested)
                 want, want_cpu = self.load(wanted), self.cpu_load(wanted, host_ms)
+                measuring = bool(untrusted)
+                if measuring and want <= limit and want_cpu <= cpu_limit:
+                    timed = ", ".join(f"{spec} timed at batches of up to {self.model.largest_batch(spec)}"
+                                      for spec in untrusted)
+                    why = f"measuring the cost on this machine before more streams run it ({timed})"
+                    return Decision(list(stages), "degraded" if stages else "refused",
+                                    why + f"; running {','.join(stages) or 'no stages'} meanwhile", measuring=True)
                 if want > limit or self.shared_cpus <= 0:
                     why = (f"enhancement executor full: {','.join(requested)} would bring the load to {want:.2f} "
                            f"of the tick (target {limit:.2f}; {before:.2f} in use by the streams already admitted)")
@@ -232,8 +277,10 @@ class Admission:
                     why = (f"CPU full: {','.join(requested)} would bring the {self.shared_cpus} core(s) shared by "
                            f"the media and the enhancement processes to {want_cpu:.2f} (target {cpu_limit:.2f})")
                 if not stages:
-                    return Decision([], "refused", why + "; no stages fit, audio is forwarded unprocessed")
-                return Decision(list(stages), "degraded", why + f"; running {','.join(stages)} instead")
+                    return Decision([], "refused", why + "; no stages fit, audio is forwarded unprocessed",
+                                    measuring=measuring)
+                return Decision(list(stages), "degraded", why + f"; running {','.join(stages)} instead",
+                                measuring=measuring)
         return Decision([], "refused", "no candidate")  # not reached: the ladder ends with []
 
 
@@ -262,6 +309,7 @@ class AdmissionControl:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._stage_ms = 0.0  # measured stage time per round, running mean
+        self._measuring: set[int] = set()  # degraded streams whose better list waits for a measurement
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -289,10 +337,18 @@ class AdmissionControl:
         if requested:
             self.counts[decision.result] += 1
         stream.degraded_reason, stream.changed_at = decision.reason, time.monotonic()
+        self._note_measuring(stream, decision)
         if decision.reason:
-            log.warning("stream %s (%s): %s", stream.stream_id, stream.label, decision.reason)
+            log.log(logging.INFO if decision.measuring else logging.WARNING, "stream %s (%s): %s",
+                    stream.stream_id, stream.label, decision.reason)
             self._schedule(force=True)  # (a new stream is not in ``streams`` yet)
         return decision.stages
+
+    def _note_measuring(self, stream: ExecutorStream, decision: Decision) -> None:
+        if decision.measuring:
+            self._measuring.add(stream.stream_id)
+        else:
+            self._measuring.discard(stream.stream_id)
 
     def observe(self, results: Iterable[RoundResult]) -> None:
         """The worker's timings of a finished job's stage calls."""
@@ -310,8 +366,10 @@ class AdmissionControl:
         if self._host_mark is not None and now - self._host_mark[0] >= 0.5:
             dt = now - self._host_mark[0]
             ms = (cpu - self._host_mark[1]) / dt * TICK_MS
-            # a slow running mean (~30 s): the bursts of joins (DTLS handshakes, SDP) are not what a stream
-            # costs for its life; until it has grown, the per-stream prior stands in (``_host_now``)
+            # a running mean over ~5 s: long enough that a burst of joins (DTLS handshakes, SDP) does not
+            # read as what a stream costs for its life, short enough to follow streams joining (an
+            # underestimate overloads the core, and every stream's chunks then miss their deadline);
+            # until it has grown, the per-stream prior stands in (``_host_now``)
             self._host_ms += min(1.0, dt / HOST_MEAN_S) * (ms - self._host_ms)
         if self._host_mark is None or now - self._host_mark[0] >= 0.5:
             self._host_mark = (now, cpu)
@@ -328,11 +386,17 @@ class AdmissionControl:
         return host + (per if not stream.stages else 0.0)
 
     # -- upgrades --------------------------------------------------------------------------
+    def _interval(self) -> float:
+        self._measuring &= self._streams.keys()
+        if self._measuring:
+            return min(self.config.upgrade_interval_s, PROBE_RECHECK_S)
+        return self.config.upgrade_interval_s
+
     def _schedule(self, force: bool = False) -> None:
         if self._timer is None and self._loop is not None and (
                 force or self.config.shared_cpus > 0
                 or any(s.degraded_reason or (self.config.admission and s.stages) for s in self._streams.values())):
-            self._timer = self._loop.call_later(self.config.upgrade_interval_s, self._tick)
+            self._timer = self._loop.call_later(self._interval(), self._tick)
 
     def _tick(self) -> None:
         self._timer = None
@@ -348,23 +412,39 @@ class AdmissionControl:
             def cost(stream: ExecutorStream, stages: list[str]) -> float:
                 return self.model.tick_ms(self.policy.plus(self._others(stream), stages))
 
-            if self.shedder.check(self._streams, self.policy.ladder, shed, now, cost) is not None:
+            def fits() -> bool:
+                rows = self.policy.rows(s.stages for s in self._streams.values())
+                host = max(self._host_ms, self.config.host_ms_per_stream * sum(1 for s in self._streams.values()
+                                                                               if s.stages))
+                return (self.policy.load(rows) <= self.config.target_load
+                        and self.policy.cpu_load(rows, host) <= self.config.cpu_target)
+
+            if self.shedder.check(self._streams, self.policy.ladder, shed, now, cost, fits):
+                for stream in self.shedder.last_shed:
+                    self._measuring.discard(stream.stream_id)
                 self._schedule()
                 return
         if not self.shedder.holding(now):
             for stream in [s for s in self._streams.values() if s.degraded_reason]:  # oldest first
-                if now - stream.changed_at >= self.config.upgrade_interval_s:
+                wait = PROBE_RECHECK_S if stream.stream_id in self._measuring else self.config.upgrade_interval_s
+                if now - stream.changed_at >= wait:
                     self._try_upgrade(stream, now)
         self._schedule()
 
     def _try_upgrade(self, stream: ExecutorStream, now: float) -> None:
         """A better stage list for ``stream`` if it fits under ``upgrade_load`` (not just the target)."""
-        upgrade_cpu = self.config.cpu_target - (self.config.target_load - self.config.upgrade_load)
-        decision = self.policy.decide(stream.requested_stages, self._others(stream), self.config.upgrade_load,
-                                      host_ms=self._host_now(stream), cpu_limit=upgrade_cpu)
+        limit, cpu_limit = self.config.upgrade_load, self.config.cpu_target - (self.config.target_load
+                                                                                - self.config.upgrade_load)
+        if stream.stream_id in self._measuring:  # it was let in at the target, only its cost was not known yet
+            limit, cpu_limit = self.config.target_load, self.config.cpu_target
+        decision = self.policy.decide(stream.requested_stages, self._others(stream), limit,
+                                      host_ms=self._host_now(stream), cpu_limit=cpu_limit)
         rank = {tuple(c): i for i, c in enumerate(self.policy.ladder(stream.requested_stages))}
         if rank.get(tuple(decision.stages), len(rank)) >= rank.get(tuple(stream.stages), len(rank)):
+            if not decision.measuring:
+                self._measuring.discard(stream.stream_id)  # what it waits for now is load, not a measurement
             return
+        self._note_measuring(stream, decision)
         self.upgrades += 1
         log.info("stream %s (%s): load allows %s again (asked for %s)", stream.stream_id, stream.label,
                  ",".join(decision.stages) or "no stages", ",".join(stream.requested_stages))

@@ -142,6 +142,15 @@ class Executor:
         for spec in specs:
             await self._worker.wait_loaded(spec)
 
+    def prepare_fallbacks(self, stages: Sequence[str]) -> list[str]:
+        """Start loading, in the background, every lighter stage admission control may give a stream asking
+        for ``stages``, so that an overload never waits for a model to load; the specs requested."""
+        specs = sorted({spec for option in self.admission.policy.ladder(list(stages)) for spec in option}
+                       - set(stages))
+        for spec in specs:
+            self._request_load(spec)
+        return specs
+
     # -- streams -----------------------------------------------------------------
     def open_stream(
         self,

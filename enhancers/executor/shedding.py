@@ -8,7 +8,10 @@ the design rules out.  ``LoadShedder`` watches the executor's own counters inste
 when in two check intervals in a row more than ``max_bypass`` of the chunks missed their deadline
 (or were dropped from a backlog), the stream whose stages changed last (the newest admission) is
 moved down its ladder (``Admission.ladder``) to the first list the load model prices cheaper than
-what it runs, so the streams admitted before it keep what they got.
+what it runs, so the streams admitted before it keep what they got.  By then the model has timed
+the stages at the real batch sizes: while it still says the streams do not fit (``fits``), the next
+newest stream is moved one step down too, so an overload of several streams is shed in one check,
+not one stream every two.
 After a shed no stream is upgraded for ``hold_s`` (the model that let it in was too optimistic;
 upgrades resume once the measured costs have caught up).  Loop thread only.
 """
@@ -26,6 +29,7 @@ log = logging.getLogger("enhancers.executor")
 
 MAX_BYPASS = 0.01  # share of chunks missing their deadline over a check above which a stream is shed
 HOLD_S = 20.0  # no upgrades for this long after a shed
+CHECK_S = 1.5  # shortest interval judged (the caller may check more often: a stage loading stalls ~1-2 s)
 
 
 class LoadShedder:
@@ -36,8 +40,10 @@ class LoadShedder:
         self.max_bypass = max_bypass
         self.hold_s = hold_s
         self.shed = 0
+        self.last_shed: list[ExecutorStream] = []  # the streams the last shedding check moved
         self.last_shed_at = float("-inf")
         self._mark: Optional[tuple[int, int]] = None
+        self._mark_at = float("-inf")
         self._bad = 0  # consecutive checks over the budget (a transient, e.g. a model loading, is one)
 
     def _late(self) -> tuple[int, int]:
@@ -50,39 +56,54 @@ class LoadShedder:
 
     def check(self, streams: Mapping[int, ExecutorStream], ladder: Callable[[list[str]], list[list[str]]],
               apply: Callable[[ExecutorStream, list[str]], None], now: float | None = None,
-              cost: Callable[[ExecutorStream, list[str]], float] | None = None) -> Optional[ExecutorStream]:
-        """Shed one stream if the last two intervals missed too many deadlines; the stream shed, or None.
-        ``cost(stream, stages)``: the predicted tick time with ``stream`` running ``stages`` (the ladder's
-        next step is not always cheaper at every batch size: the first one that is, is taken)."""
+              cost: Callable[[ExecutorStream, list[str]], float] | None = None,
+              fits: Callable[[], bool] | None = None) -> Optional[ExecutorStream]:
+        """Shed if the last two intervals missed too many deadlines: the newest stream one step, then the
+        next newest while ``fits()`` says the streams still do not fit; the first stream shed, or None
+        (all of them: ``last_shed``).  ``cost(stream, stages)``: the predicted tick time with ``stream``
+        running ``stages`` (the ladder's next step is not always cheaper at every batch size: the first
+        one that is, is taken)."""
         now = time.monotonic() if now is None else now
+        if now - self._mark_at < CHECK_S:
+            return None
         chunks, late = self._late()
-        mark, self._mark = self._mark, (chunks, late)
+        mark, self._mark, self._mark_at = self._mark, (chunks, late), now
         if mark is None or chunks - mark[0] <= 0:
             return None
         share = (late - mark[1]) / (chunks - mark[0])
         self._bad = self._bad + 1 if share > self.max_bypass else 0
         if self._bad < 2:
             return None
-        running = [s for s in streams.values() if s.stages and not s.closed]
+        running = sorted((s for s in streams.values() if s.stages and not s.closed),
+                         key=lambda s: (s.changed_at, s.stream_id), reverse=True)
         if not running:
             return None
-        newest = max(running, key=lambda s: (s.changed_at, s.stream_id))
-        options = ladder(list(newest.requested_stages or newest.stages))
+        self.last_shed = []
+        for stream in running:
+            if self.last_shed and (fits is None or fits()):
+                break
+            self._step_down(stream, share, ladder, apply, now, cost)
+            self.last_shed.append(stream)
+        self.last_shed_at = now
+        self._bad = 0
+        self._mark = self._late()  # the next interval starts after the change
+        return self.last_shed[0]
+
+    def _step_down(self, stream: ExecutorStream, share: float, ladder: Callable[[list[str]], list[list[str]]],
+                   apply: Callable[[ExecutorStream, list[str]], None], now: float,
+                   cost: Callable[[ExecutorStream, list[str]], float] | None) -> None:
+        options = ladder(list(stream.requested_stages or stream.stages))
         try:
-            below = options[options.index(list(newest.stages)) + 1:]
+            below = options[options.index(list(stream.stages)) + 1:]
         except ValueError:
             below = []
         if cost is not None:
-            now_cost = cost(newest, list(newest.stages))
-            below = [c for c in below if not c or cost(newest, c) < now_cost]
+            now_cost = cost(stream, list(stream.stages))
+            below = [c for c in below if not c or cost(stream, c) < now_cost]
         lower = below[0] if below else []
-        reason = (f"enhancement executor overloaded: {share:.1%} of chunks missed their deadline; the newest "
-                  f"stream runs {','.join(lower) or 'no stages'} instead of {','.join(newest.stages)}")
-        log.warning("stream %s (%s): %s", newest.stream_id, newest.label, reason)
-        newest.degraded_reason, newest.changed_at = reason, now
+        reason = (f"enhancement executor overloaded: {share:.1%} of chunks missed their deadline; "
+                  f"the stream runs {','.join(lower) or 'no stages'} instead of {','.join(stream.stages)}")
+        log.warning("stream %s (%s): %s", stream.stream_id, stream.label, reason)
+        stream.degraded_reason, stream.changed_at = reason, now
         self.shed += 1
-        self.last_shed_at = now
-        self._bad = 0
-        apply(newest, lower)
-        self._mark = self._late()  # the next interval starts after the change
-        return newest
+        apply(stream, lower)
