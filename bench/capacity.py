@@ -25,7 +25,10 @@ executor worker included). Every step also reports the bots' own CPU and
 event-loop lag (``loadgen``); ``loadgen_limited`` marks a step whose bots
 were too busy to trust its figures (loop lag p99 over 20 ms, or more than
 80 % of their cores). After the ramp of each configuration, one room
-of ``--big-room`` participants is measured once.
+of ``--big-room`` participants is measured once.  The step that broke after
+capacity is also judged as an overload (``overload``): do the streams that run
+stages keep the SLO while admission control gives the newcomers lighter
+stages or none?
 
 Prints JSON (and writes capacity.json, capacity.png to ``--out``):
 
@@ -132,7 +135,7 @@ def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float
     s = window["summary"]
     latencies = [x[1] for st in window["streams"] for x in st["latency_samples"]]
     p50, p95, p99 = (round(float(np.percentile(latencies, q)), 1) if latencies else None for q in (50, 95, 99))
-    chunks = bypassed = concealed = 0.0
+    chunks = bypassed = concealed = enhanced_chunks = enhanced_bypassed = 0.0
     for samples in window["server_stats"].values():
         by_stream: dict[str, list[dict[str, Any]]] = {}
         for x in samples:
@@ -141,6 +144,9 @@ def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float
             chunks += _delta(rows, "chunks")
             bypassed += _delta(rows, "bypassed")
             concealed += _delta(rows, "concealed_chunks")
+            if rows[-1].get("stages"):  # a stream running stages (admitted, or degraded to a lighter list)
+                enhanced_chunks += _delta(rows, "chunks")
+                enhanced_bypassed += _delta(rows, "bypassed")
     running: dict[str, Any] = {}
     for samples in window["server_stats"].values():
         for x in samples:
@@ -152,6 +158,7 @@ def judge(window: dict[str, Any], joins_failed: int, cpu_s: float, wall_s: float
     fig = {"lost_rate": lost, "concealed_rate": round(concealed_rate, 5),
            "lost_or_concealed": round(lost + concealed_rate, 5),
            "bypassed_rate": round(bypassed / chunks, 5) if chunks else 0.0,
+           "bypassed_rate_enhanced": round(enhanced_bypassed / enhanced_chunks, 5) if enhanced_chunks else 0.0,
            "latency_ms": {"p50": p50, "p95": p95, "p99": p99},
            "longest_gap_ms": s["longest_gap_ms"], "server_cpu_cores": round(cpu_s / wall_s, 3),
            "loadgen_loop_lag_ms": s["loadgen_loop_lag_ms"], "loadgen_cpu": s.get("loadgen_cpu"),
@@ -241,6 +248,12 @@ async def ramp(config: str, args: argparse.Namespace, log: Path) -> dict[str, An
                                          args.warmup, args.hold, bot_cores, expected_stages(config))
             finally:
                 await session.close()
+    overload = beyond_capacity(steps, held)
+    if overload is not None:
+        print(f"[capacity] {config}: beyond capacity ({overload['streams']} streams) the streams running stages "
+              f"{'keep' if overload['admitted_keep_slo'] else 'do NOT keep'} the SLO; "
+              f"{overload['degraded_streams']} degraded (to {', '.join(overload['degraded_to']) or '-'})",
+              file=sys.stderr, flush=True)
     cores = len(_cpu_list(args.server_cpus))
     at_capacity = next((s for s in steps if s["streams"] == held), None)
     limited = [s["streams"] for s in steps if s.get("loadgen_limited")]
@@ -249,7 +262,22 @@ async def ramp(config: str, args: argparse.Namespace, log: Path) -> dict[str, An
             "max_streams": held, "streams_per_core": round(held / cores, 1),
             "cpu_ms_per_stream_per_s": round(1000 * at_capacity["server_cpu_cores"] / held, 2)
             if at_capacity and held else None,
-            "steps": steps, "big_room": big}
+            "overload": overload, "steps": steps, "big_room": big}
+
+
+def beyond_capacity(steps: list[dict[str, Any]], held: int) -> dict[str, Any] | None:
+    """The step that broke after capacity, judged as an overload: do the streams running stages keep the SLO
+    (nothing lost, < 1 % of their chunks bypassed, p95 in bound) while the newcomers get lighter stages or
+    none?  None when no step held or none broke."""
+    broke = next((s for s in steps if not s["held"]), None)
+    if broke is None or not held:
+        return None
+    p95 = broke["latency_ms"]["p95"]
+    keep = (broke["lost_or_concealed"] < SLO["lost_or_concealed"] and p95 is not None and p95 <= SLO["p95_ms"]
+            and broke["bypassed_rate_enhanced"] < SLO["bypassed"])
+    return {"streams": broke["streams"], "admitted_keep_slo": keep, "degraded_streams": broke["degraded_streams"],
+            "degraded_to": broke["degraded_to"], "bypassed_rate_enhanced": broke["bypassed_rate_enhanced"],
+            "lost_or_concealed": broke["lost_or_concealed"], "p95_ms": p95}
 
 
 def _cpu_list(spec: str) -> list[int]:

@@ -235,6 +235,9 @@ def test_a_stage_not_timed_yet_takes_a_few_streams_until_its_cost_is_measured() 
     assert policy.decide([spec], {spec: PROBE_ROWS}).result == "admitted"  # trusted up to twice the batch
     assert policy.decide([spec], {spec: 2 * PROBE_ROWS}).measuring
 
+    cheap = policy.decide(["vad", "limiter"], {"vad": 32, "limiter": 32})  # too cheap for a prior's error to matter
+    assert cheap.result == "admitted", cheap
+
     expensive = LoadModel()
     for _ in range(MIN_SAMPLES):  # the same stage on a slower machine: 6 ms for 4 streams
         expensive.observe(spec, PROBE_ROWS, 0.006)

@@ -20,8 +20,9 @@ A prior is only a guess for this machine (DF3's was 3x too low on the developmen
 model's word on a spec is trusted only as far as it was measured, as TCP's slow start trusts a
 path: a spec timed fewer than ``MIN_SAMPLES`` calls takes at most ``PROBE_ROWS`` streams, one
 timed at batches of up to ``n`` streams at most ``2 n``; a stream that would go beyond waits on a
-lighter list ("measuring") and is upgraded, checked every ``PROBE_RECHECK_S``, as the measured
-batch grows.  An operator's declared cost (``stage_costs``) is trusted as it is.
+lighter list of stages that run already ("measuring") and is upgraded, checked every
+``PROBE_RECHECK_S``, as the measured batch grows.  An operator's declared cost (``stage_costs``)
+is trusted as it is, and so is the prior of a stage too cheap for an error to matter (VAD, limiter).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ UNKNOWN_STAGE_COST = (0.5, 1.0)  # a spec with no prior (tests' stages, new mode
 MIN_SAMPLES = 20  # calls timed before the measured model replaces the prior
 HOST_MEAN_S = 5.0  # time constant of the host process's measured CPU (shared cores)
 PROBE_ROWS = 4  # streams a spec not yet timed may take
+CHEAP_MS = 1.0  # a spec whose prior prices 64 streams under this (VAD, limiter) is not probed: 4x off is noise
 PROBE_RECHECK_S = 0.5  # how often streams waiting for a spec's cost to be measured are upgraded
 ALPHA = 0.05  # weight of one call in the running moments (~20 calls, a fraction of a second)
 
@@ -109,7 +111,8 @@ class LoadModel:
 
     def trusted_rows(self, spec: str) -> float:
         """How many streams the model's cost of ``spec`` may be trusted for (slow start)."""
-        if spec in self.declared:
+        prior = DEFAULT_STAGE_COSTS.get(spec)
+        if spec in self.declared or (prior is not None and prior[0] + 64 * prior[1] <= CHEAP_MS):
             return float("inf")
         m = self._moments.get(spec)
         if m is None or m.samples < MIN_SAMPLES:
