@@ -274,3 +274,42 @@ def test_an_overload_of_several_streams_is_shed_in_one_check_newest_first() -> N
     assert streams[1].stages == streams[2].stages == ["denoise"]
     assert streams[3].stages == streams[4].stages == list(candidates(["denoise"]))[1]
     assert shedder.shed == 2 and "overloaded" in streams[3].degraded_reason
+
+
+async def test_a_burst_of_streams_gets_a_real_stage_as_its_cost_is_measured() -> None:
+    """Six streams open at once on GTCRN before it ever ran: four run it, two wait on no stages; once the
+    worker has timed it at four streams, the two are upgraded and their noise is taken out too."""
+    from tests.conftest import noise
+
+    spec = "denoise:gtcrn"
+    executor = Executor(ExecutorConfig(device="cpu", deadline_ms=1000.0, admission=True))
+    await executor.start()
+    try:
+        await executor.preload([spec])
+        streams = [executor.open_stream(spec, label=f"s{i}") for i in range(6)]
+        assert [s.stages for s in streams[:4]] == [[spec]] * 4
+        for s in streams[4:]:
+            assert s.stages == [] and "measuring the cost" in s.degraded_reason, s.degraded_reason
+        assert executor.stats()["admissions"]["admitted"] == 4
+
+        tap = noise(seconds=8.0).astype(np.float32)  # a real running tap
+        tap = np.tile(tap * (0.05 / float(np.sqrt(np.mean(tap ** 2)))), 3)
+        processed = 0  # chunks of a stream that waited, processed after its upgrade
+        energy_in = energy_out = 0.0
+        for i in range(len(tap) // CHUNK):
+            chunk = np.ascontiguousarray(tap[i * CHUNK:(i + 1) * CHUNK])
+            results = await asyncio.gather(*(s.process(chunk) for s in streams))
+            if streams[5].stages == [spec] and not results[5].bypassed:
+                processed += 1
+                if processed > 100:  # its GTCRN state has settled
+                    energy_in += float(np.sum(chunk ** 2))
+                    energy_out += float(np.sum(results[5].audio ** 2))
+                if processed >= 400:
+                    break
+            await asyncio.sleep(0.005)
+        assert streams[4].stages == streams[5].stages == [spec], [s.degraded_reason for s in streams]
+        assert processed >= 400, f"the waiting streams ran GTCRN for {processed} chunks only"
+        assert energy_out < 0.25 * energy_in, (energy_out, energy_in)  # GTCRN takes the tap noise out
+        assert executor.stats()["upgrades"] >= 2
+    finally:
+        await executor.close()
