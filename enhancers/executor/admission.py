@@ -383,10 +383,12 @@ class AdmissionControl:
         if self.config.shared_cpus <= 0:
             return 0.0
         self._sample_host()
-        per = self.config.host_ms_per_stream
-        enhanced = sum(1 for s in self._streams.values() if s is not stream and s.stages)
-        host = max(self._host_ms, per * enhanced)
-        return host + (per if not stream.stages else 0.0)
+        return self._host_estimate(stream) + (self.config.host_ms_per_stream if not stream.stages else 0.0)
+
+    def _host_estimate(self, without: ExecutorStream | None = None) -> float:
+        """The host's CPU per tick: measured, but at least the prior per enhanced stream (``without`` aside)."""
+        enhanced = sum(1 for s in self._streams.values() if s is not without and s.stages)
+        return max(self._host_ms, self.config.host_ms_per_stream * enhanced)
 
     # -- upgrades --------------------------------------------------------------------------
     def _interval(self) -> float:
@@ -417,10 +419,8 @@ class AdmissionControl:
 
             def fits() -> bool:
                 rows = self.policy.rows(s.stages for s in self._streams.values())
-                host = max(self._host_ms, self.config.host_ms_per_stream * sum(1 for s in self._streams.values()
-                                                                               if s.stages))
                 return (self.policy.load(rows) <= self.config.target_load
-                        and self.policy.cpu_load(rows, host) <= self.config.cpu_target)
+                        and self.policy.cpu_load(rows, self._host_estimate()) <= self.config.cpu_target)
 
             if self.shedder.check(self._streams, self.policy.ladder, shed, now, cost, fits):
                 for stream in self.shedder.last_shed:
