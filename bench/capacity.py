@@ -59,7 +59,8 @@ from loadtest.session import LoadSession, SessionConfig  # noqa: E402
 from loadtest.sources import SourceConfig, default_dir  # noqa: E402
 
 CONFIGS = {"plain": None, "none": "", "default": None, "denoise": "denoise", "full": "aec,dereverb,denoise",
-           "nsnet2": "denoise:nsnet2", "rnnoise": "denoise:rnnoise", "gtcrn": "denoise:gtcrn", "wire": None}
+           "nsnet2": "denoise:nsnet2", "rnnoise": "denoise:rnnoise", "gtcrn": "denoise:gtcrn", "wire": None,
+           "light": "aec:webrtc,dereverb,denoise:gtcrn"}  # the full chain's light models
 FORWARDERS = {"plain": "plain_forwarder.py", "wire": "wire_forwarder.py"}
 SLO = {"lost_or_concealed": 0.01, "bypassed": 0.01, "p95_ms": 150.0}
 LOADGEN_LAG_MS = 20.0  # bots' event-loop lag p99 above which a step measured the bots more than the server

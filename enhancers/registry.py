@@ -27,6 +27,7 @@ STAGES: dict[str, str] = {
     "vad:silero": "enhancers.vad:SileroVadStage",
     "limiter": "enhancers.limiter:LimiterStage",
     "aec": "enhancers.aec.stage:EchoCancellerStage",
+    "aec:webrtc": "enhancers.aec.webrtc:WebRtcEchoCancellerStage",
     "dereverb": "enhancers.dereverb.stage:DereverbStage",
     "denoise": "enhancers.denoise.df3:DeepFilterNet3Stage",
     "denoise:df3": "enhancers.denoise.df3:DeepFilterNet3Stage",
@@ -44,12 +45,16 @@ LIGHTER: dict[str, tuple[str, ...]] = {  # each priced by the measured load mode
     "denoise:nsnet2": ("denoise:gtcrn", "denoise:rnnoise"),
     "denoise:rnnoise": ("denoise:nsnet2",),
     "vad:silero": ("vad:webrtc",),
+    "aec": ("aec:webrtc",),
 }
 # ... and the steps, in order, each applied to what the previous left: dereverb goes first (it adds
-# least, +0.09 DNSMOS OVRL), then lighter voice activity and denoisers, then denoise, then aec;
-# when even that does not fit the stream runs no stages at all (its audio is forwarded as it came).
+# least, +0.09 DNSMOS OVRL), then lighter voice activity and denoisers, then WebRTC's AEC3 for the
+# batched echo canceller (it leaks more echo, AECMOS echo 3.6 against 4.1 on the far-end recording,
+# at a twentieth of the cost of a small batch), then denoise, then aec; when even that does not fit
+# the stream runs no stages at all (its audio is forwarded as it came).
 DEGRADE_STEPS: tuple[tuple[str, str], ...] = (
-    ("drop", "dereverb"), ("lighter", "vad"), ("lighter", "denoise"), ("drop", "denoise"), ("drop", "aec"),
+    ("drop", "dereverb"), ("lighter", "vad"), ("lighter", "denoise"), ("lighter", "aec"), ("drop", "denoise"),
+    ("drop", "aec"),
 )
 
 

@@ -40,7 +40,9 @@ def test_ladder_goes_down_to_no_stages() -> None:
     assert ladder[0] == ["aec", "dereverb", "denoise", "vad", "limiter"]
     assert ladder[1] == ["aec", "denoise", "vad", "limiter"]  # dereverb goes first
     assert ladder[2:5] == [["aec", s, "vad", "limiter"] for s in registry.LIGHTER["denoise"]]
-    assert ["aec", "vad", "limiter"] in ladder and ["vad", "limiter"] in ladder
+    light = registry.LIGHTER["denoise"][-1]
+    assert ladder[5] == ["aec:webrtc", light, "vad", "limiter"]  # then the light echo canceller
+    assert ["aec:webrtc", "vad", "limiter"] in ladder and ["vad", "limiter"] in ladder
     assert ladder[-1] == []
     assert list(candidates([])) == [[]]
 

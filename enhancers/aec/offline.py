@@ -1,8 +1,9 @@
 """Echo-cancel whole recordings at once: many streams through one stage, chunk by chunk.
 
 Used by ``enhancers eval --task aec``, the tests and the benchmark; it runs
-exactly the server path (one batched :meth:`EchoCancellerStage.process` per
-10 ms tick for all rows).
+exactly the server path (one :meth:`Stage.process` call per 10 ms tick for all
+rows) on the batched ``aec`` stage or on any other echo canceller stage
+(``aec:webrtc``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from enhancers.aec.stage import EchoCancellerStage
-from enhancers.stage import CHUNK, BatchContext
+from enhancers.stage import CHUNK, BatchContext, Stage
 
 
 @dataclass
@@ -40,18 +41,20 @@ def cancel_echo(
     mics: Sequence[np.ndarray],
     options: Sequence[dict[str, Any]] | None = None,
     device: str = "cpu",
-    stage: EchoCancellerStage | None = None,
+    stage: Stage | None = None,
 ) -> OfflineResult:
     """Run every (reference, mic) pair as one stream of a shared stage, batched per chunk.
 
     ``options`` are per-stream options (``suppression``, ``delay_hint_ms``).
-    All signals are 48 kHz mono float32.
+    All signals are 48 kHz mono float32; each output is as long as its mic and aligned with it
+    (the stage's declared latency taken out).
     """
     rows = len(mics)
     options = list(options) if options is not None else [{} for _ in range(rows)]
     stage = stage if stage is not None else EchoCancellerStage(device=device)
     streams = [stage.stream(**o) for o in options]
-    length = -(-max(len(m) for m in mics) // CHUNK) * CHUNK
+    delay = int(stage.latency_samples)  # outputs are shifted back by it: aligned with their mics
+    length = -(-(max(len(m) for m in mics) + delay) // CHUNK) * CHUNK
     far = stack_padded(references, length).to(stage.device)
     mic = stack_padded(mics, length).to(stage.device)
     out = torch.empty_like(mic)
@@ -60,7 +63,8 @@ def cancel_echo(
             ctx = BatchContext(reference=far[:, start : start + CHUNK])
             out[:, start : start + CHUNK] = stage.process(mic[:, start : start + CHUNK], streams, ctx)
     result = out.cpu().numpy()
-    delays = [stage.estimated_delay_ms(s) for s in streams]
+    delay_of = getattr(stage, "estimated_delay_ms", None)
+    delays = [None if delay_of is None else delay_of(s) for s in streams]
     for s in streams:
         s.close()
-    return OfflineResult(outputs=[result[i, : len(m)] for i, m in enumerate(mics)], delays_ms=delays)
+    return OfflineResult(outputs=[result[i, delay : delay + len(m)] for i, m in enumerate(mics)], delays_ms=delays)

@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", type=Path, default=EVAL_DIR, help="shared eval folder (has aec/, speech/, rir/)"
     )
     parser.add_argument("--out", type=Path, default=Path("eval_out/aec"), help="report folder")
+    parser.add_argument(
+        "--stage", default="aec", choices=["aec", "aec:webrtc"], help="echo canceller (aec: the batched one)"
+    )
     parser.add_argument("--suppression", choices=["off", "moderate", "aggressive"], default="moderate")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -102,6 +105,17 @@ def segment_erle(mic: np.ndarray, out: np.ndarray, start_s: float, end_s: float)
     return round(erle_db(mic[a:b], out[a:b], SAMPLE_RATE), 2)
 
 
+def has_linear_only(args: argparse.Namespace) -> bool:
+    """Whether the canceller can run without its residual suppressor (the batched one can)."""
+    return args.stage == "aec"
+
+
+def make_stage(args: argparse.Namespace) -> Any:
+    from enhancers.registry import create_stage
+
+    return create_stage(args.stage, device=args.device)
+
+
 # -- real recordings ------------------------------------------------------------
 def find_pairs(aec_dir: Path) -> dict[str, dict[str, Path]]:
     """``{scenario: {"lpb", "mic", ["anchor"]}}`` for the AEC-challenge clips in ``aec_dir``."""
@@ -123,16 +137,17 @@ def evaluate_real(
     names = list(pairs)
     fars = [read_48k(pairs[n]["lpb"]) for n in names]
     mics = [read_48k(pairs[n]["mic"]) for n in names]
-    opts = [{"suppression": args.suppression}] * len(names) + [{"suppression": "off"}] * len(names)
-    result = cancel_echo(fars + fars, mics + mics, opts, device=args.device)
+    runs = 2 if has_linear_only(args) else 1
+    opts = ([{"suppression": args.suppression}] * len(names) + [{"suppression": "off"}] * len(names))[
+        : runs * len(names)
+    ]
+    result = cancel_echo(fars * runs, mics * runs, opts, stage=make_stage(args))
     report: dict[str, Any] = {}
     for i, name in enumerate(names):
         far, mic = align_lengths(fars[i], mics[i])
-        outs = {
-            "unprocessed": mic,
-            "aec": result.outputs[i][: len(mic)],
-            "linear_only": result.outputs[i + len(names)][: len(mic)],
-        }
+        outs = {"unprocessed": mic, "aec": result.outputs[i][: len(mic)]}
+        if runs == 2:
+            outs["linear_only"] = result.outputs[i + len(names)][: len(mic)]
         if "anchor" in pairs[name]:
             outs["dtln_aec_anchor"] = np.pad(read_48k(pairs[name]["anchor"]), (0, len(mic)))[: len(mic)]
         tt = talk_types[name]
@@ -174,14 +189,16 @@ def evaluate_simulated(args: argparse.Namespace) -> dict[str, Any]:
     near[len(far) // 2 :] = talk[: len(far) - len(far) // 2]
     dt = echo_scenario(far, room_response("rir_clap_44k.wav", args.data), 300.0, 0.0, near=near)
     all_cases = cases + [dt]
-    opts = [{"suppression": args.suppression}] * len(all_cases) + [{"suppression": "off"}] * len(all_cases)
-    refs = [c.far for c in all_cases] * 2
-    result = cancel_echo(refs, [c.mic for c in all_cases] * 2, opts, device=args.device)
     n_all = len(all_cases)
+    runs = 2 if has_linear_only(args) else 1
+    opts = ([{"suppression": args.suppression}] * n_all + [{"suppression": "off"}] * n_all)[: runs * n_all]
+    refs = [c.far for c in all_cases] * runs
+    result = cancel_echo(refs, [c.mic for c in all_cases] * runs, opts, stage=make_stage(args))
+    linear = (lambda i: result.outputs[i + n_all]) if runs == 2 else (lambda i: None)
     mid = seconds / 2
     rows: list[dict[str, Any]] = []
     for i, ((rir, d, lc), case) in enumerate(zip(specs, cases)):
-        out, lin = result.outputs[i], result.outputs[i + n_all]
+        out, lin = result.outputs[i], linear(i)
         rows.append(
             {
                 "rir": rir,
@@ -194,7 +211,9 @@ def evaluate_simulated(args: argparse.Namespace) -> dict[str, Any]:
                     "first_second_after": segment_erle(case.mic, out, mid, mid + 1),
                     "reconverged": segment_erle(case.mic, out, mid + 3, seconds),
                 },
-                "linear_only_erle_db": {
+                "linear_only_erle_db": None
+                if lin is None
+                else {
                     "before_change": segment_erle(case.mic, lin, 3.0, mid),
                     "first_second_after": segment_erle(case.mic, lin, mid, mid + 1),
                     "reconverged": segment_erle(case.mic, lin, mid + 3, seconds),
@@ -202,7 +221,7 @@ def evaluate_simulated(args: argparse.Namespace) -> dict[str, Any]:
                 "erle_curve_db": erle_curve(case.mic, out),
             }
         )
-    out_dt, lin_dt = result.outputs[n_all - 1], result.outputs[2 * n_all - 1]
+    out_dt, lin_dt = result.outputs[n_all - 1], linear(n_all - 1)
     half = len(far) // 2
     doubletalk = {
         "rir": "rir_clap_44k.wav",
@@ -212,7 +231,7 @@ def evaluate_simulated(args: argparse.Namespace) -> dict[str, Any]:
         "near_si_sdr_db": {
             "mic": round(si_sdr(dt.mic[half:], near[half:]), 2),
             "aec": round(si_sdr(out_dt[half:], near[half:]), 2),
-            "linear_only": round(si_sdr(lin_dt[half:], near[half:]), 2),
+            "linear_only": None if lin_dt is None else round(si_sdr(lin_dt[half:], near[half:]), 2),
         },
         "near_pesq_wb": {
             "mic": round(pesq_wb(dt.mic[half:], near[half:], SAMPLE_RATE), 3),
@@ -308,7 +327,9 @@ def run(args: argparse.Namespace) -> int:
         talk = {k: SCENARIOS[k] for k in pairs}
         if not pairs:
             raise SystemExit(f"no AEC recordings found in {args.data / 'aec'}")
-    report: dict[str, Any] = {"task": "aec", "suppression": args.suppression, "device": args.device}
+    report: dict[str, Any] = {
+        "task": "aec", "stage": args.stage, "suppression": args.suppression, "device": args.device
+    }
     report["real"] = evaluate_real(pairs, talk, args)
     report["acceptance"] = acceptance(report["real"])
     if not args.no_sim and args.reference is None:
