@@ -232,7 +232,7 @@ def test_a_stage_not_timed_yet_takes_a_few_streams_until_its_cost_is_measured() 
     assert waiting.stages == [] and waiting.measuring and "measuring the cost" in waiting.reason, waiting
     assert rows == {spec: PROBE_ROWS}
 
-    for _ in range(MIN_SAMPLES):  # timed at the 4 streams it runs: 1.2 ms a call
+    for _ in range(MIN_SAMPLES):  # timed at the streams it runs: 1.2 ms a call
         model.observe(spec, PROBE_ROWS, 0.0012)
     assert policy.decide([spec], {spec: PROBE_ROWS}).result == "admitted"  # trusted up to twice the batch
     assert policy.decide([spec], {spec: 2 * PROBE_ROWS}).measuring
@@ -241,7 +241,7 @@ def test_a_stage_not_timed_yet_takes_a_few_streams_until_its_cost_is_measured() 
     assert cheap.result == "admitted", cheap
 
     expensive = LoadModel()
-    for _ in range(MIN_SAMPLES):  # the same stage on a slower machine: 6 ms for 4 streams
+    for _ in range(MIN_SAMPLES):  # the same stage on a slower machine: 6 ms a call
         expensive.observe(spec, PROBE_ROWS, 0.006)
     full = Admission(expensive, target_load=0.55, upgrade_load=0.45, lighter={}).decide([spec], {spec: PROBE_ROWS})
     assert full.result == "refused" and not full.measuring and "executor full" in full.reason, full
@@ -279,8 +279,8 @@ def test_an_overload_of_several_streams_is_shed_in_one_check_newest_first() -> N
 
 
 async def test_a_burst_of_streams_gets_a_real_stage_as_its_cost_is_measured() -> None:
-    """Six streams open at once on GTCRN before it ever ran: four run it, two wait on no stages; once the
-    worker has timed it at four streams, the two are upgraded and their noise is taken out too."""
+    """Six streams open at once on GTCRN before it ever ran: one runs it, five wait on no stages; as the
+    worker times it at ever larger batches (1, 2, 4), they are upgraded and their noise is taken out too."""
     from tests.conftest import noise
 
     spec = "denoise:gtcrn"
@@ -289,10 +289,10 @@ async def test_a_burst_of_streams_gets_a_real_stage_as_its_cost_is_measured() ->
     try:
         await executor.preload([spec])
         streams = [executor.open_stream(spec, label=f"s{i}") for i in range(6)]
-        assert [s.stages for s in streams[:4]] == [[spec]] * 4
-        for s in streams[4:]:
-            assert s.stages == [] and "measuring the cost" in s.degraded_reason, s.degraded_reason
-        assert executor.stats()["admissions"]["admitted"] == 4
+        assert [s.stages for s in streams] == [[spec]] + [[]] * 5
+        for s in streams[1:]:
+            assert "measuring the cost" in s.degraded_reason, s.degraded_reason
+        assert executor.stats()["admissions"]["admitted"] == 1
 
         tap = noise(seconds=8.0).astype(np.float32)  # a real running tap
         tap = np.tile(tap * (0.05 / float(np.sqrt(np.mean(tap ** 2)))), 3)
@@ -309,9 +309,9 @@ async def test_a_burst_of_streams_gets_a_real_stage_as_its_cost_is_measured() ->
                 if processed >= 400:
                     break
             await asyncio.sleep(0.005)
-        assert streams[4].stages == streams[5].stages == [spec], [s.degraded_reason for s in streams]
-        assert processed >= 400, f"the waiting streams ran GTCRN for {processed} chunks only"
+        assert all(s.stages == [spec] for s in streams), [s.degraded_reason for s in streams]
+        assert processed >= 400, f"the last stream ran GTCRN for {processed} chunks only"
         assert energy_out < 0.25 * energy_in, (energy_out, energy_in)  # GTCRN takes the tap noise out
-        assert executor.stats()["upgrades"] >= 2
+        assert executor.stats()["upgrades"] >= 5
     finally:
         await executor.close()

@@ -18,7 +18,7 @@ when its better candidate fits under the lower ``upgrade_load`` (hysteresis).
 
 A prior is only a guess for this machine (DF3's was 3x too low on the development VM), so the
 model's word on a spec is trusted only as far as it was measured, as TCP's slow start trusts a
-path: a spec timed fewer than ``MIN_SAMPLES`` calls takes at most ``PROBE_ROWS`` streams, one
+path: a spec timed fewer than ``MIN_SAMPLES`` calls takes at most ``PROBE_ROWS`` streams (one), one
 timed at batches of up to ``n`` streams at most ``2 n``; a stream that would go beyond waits on a
 lighter list of stages that run already ("measuring") and is upgraded, checked every
 ``PROBE_RECHECK_S``, as the measured batch grows.  An operator's declared cost (``stage_costs``)
@@ -56,7 +56,7 @@ DEFAULT_STAGE_COSTS: dict[str, tuple[float, float]] = {  # bench/stage_cost.py, 
 UNKNOWN_STAGE_COST = (0.5, 1.0)  # a spec with no prior (tests' stages, new models): pessimistic
 MIN_SAMPLES = 20  # calls timed before the measured model replaces the prior
 HOST_MEAN_S = 5.0  # time constant of the host process's measured CPU (shared cores)
-PROBE_ROWS = 4  # streams a spec not yet timed may take
+PROBE_ROWS = 1  # streams a spec not yet timed may take (TCP: an initial window of one)
 CHEAP_MS = 1.0  # a spec whose prior prices 64 streams under this (VAD, limiter) is not probed: 4x off is noise
 PROBE_RECHECK_S = 0.5  # how often streams waiting for a spec's cost to be measured are upgraded
 ALPHA = 0.05  # weight of one call in the running moments (~20 calls, a fraction of a second)
