@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from enhancers.stage import SAMPLE_RATE
@@ -84,6 +85,13 @@ class DelayEstimator:
         # Floor per band: ``floor_dbfs`` white noise seen through a Hann window, in 16-bit units.
         floor_power = (10 ** (cfg.floor_dbfs / 20) * 32768) ** 2 * 0.375 / n_fft
         self.floor = (bins.sum(0) * floor_power).clamp_min(1e-3).to(device)
+        # the numba kernel's view of the same: each band's bins are one contiguous range
+        self.kernel = True  # CPU: one numba kernel per update (enhancers/aec/suppressor_kernels.py)
+        used = bins.bool()
+        first = torch.where(used.any(0), used.float().argmax(0), 0)
+        self._band_lo = first.numpy().astype(np.int64)
+        self._band_hi = (first + used.sum(0)).numpy().astype(np.int64)
+        self._floor_np = self.floor.cpu().numpy()
 
     def features(self, spec_power: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Onset features (half-wave rectified change of log band energy) and the new log energies."""
@@ -106,6 +114,42 @@ class DelayEstimator:
         newest far-end (undelayed) and microphone windows; ``count`` [B] is each
         row's chunk counter (position in the ring).
         """
+        if self.kernel and far_power.device.type == "cpu":
+            return self._update_kernel(st, far_power, near_power, count)
+        return self.update_torch(st, far_power, near_power, count)
+
+    def _update_kernel(
+        self,
+        st: dict[str, torch.Tensor],
+        far_power: torch.Tensor,
+        near_power: torch.Tensor,
+        count: torch.Tensor,
+    ) -> torch.Tensor:
+        from enhancers.aec.suppressor_kernels import delay_update
+
+        cfg = self.cfg
+        for key in ("dly_far", "dly_far_last", "dly_near_last", "dly_corr", "dly_far_var", "dly_near_var",
+                    "dly_scalars"):  # updated in place: pool views or the batch's copies
+            if not st[key].is_contiguous():
+                st[key] = st[key].contiguous()
+        delay = np.empty(far_power.shape[0], dtype=np.int64)
+        delay_update(
+            far_power.contiguous().numpy(), near_power.contiguous().numpy(), self._band_lo, self._band_hi,
+            self._floor_np, count.contiguous().numpy(), st["dly_far"].numpy(), st["dly_far_last"].numpy(),
+            st["dly_near_last"].numpy(), st["dly_corr"].numpy(), st["dly_far_var"].numpy(),
+            st["dly_near_var"].numpy(), st["dly_scalars"].numpy(), float(cfg.smoothing), float(cfg.min_score),
+            float(cfg.margin), float(cfg.confirm_chunks), delay,
+        )
+        return torch.from_numpy(delay)
+
+    def update_torch(
+        self,
+        st: dict[str, torch.Tensor],
+        far_power: torch.Tensor,
+        near_power: torch.Tensor,
+        count: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`update` in torch ops (any device; the reference of the kernel)."""
         cfg = self.cfg
         lam = cfg.smoothing
         n_cand = cfg.candidates

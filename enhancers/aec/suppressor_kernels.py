@@ -1,4 +1,5 @@
-"""The residual echo suppressor's gain computation as one numba kernel (CPU).
+"""The echo canceller's per-row arithmetic as numba kernels (CPU): the residual echo suppressor's gains
+and the bulk delay estimator's update.
 
 :meth:`enhancers.aec.suppressor.ResidualEchoSuppressor.gains` is ~210 small torch
 ops per call: at one stream that is 0.68 ms of dispatch for a few thousand
@@ -6,7 +7,8 @@ flops.  This kernel computes the same thing row by row in one call (the band
 powers and cross-spectra, their smoothing, the coherences, the near-end
 detector, the overdrive tracking, the gains), reading and updating the same
 state arrays in place.  The torch code stays the reference (and the path on
-a GPU); ``tests/test_aec.py`` checks that both give the same gains.
+a GPU); ``tests/test_aec.py`` checks that both give the same gains.  The delay estimator
+(``enhancers.aec.delay``, ~85 ops) is the same story: ``delay_update``.
 
 Compiled into an on-disk cache next to this file (``make setup`` does it once).
 """
@@ -227,3 +229,109 @@ def compile_kernels() -> None:
         np.zeros(bands), np.ones(bands), np.arange(10, 20, dtype=np.int64), 1.0, 0.77, 4, 30.0,
         np.empty((rows, bins), np.float32), np.empty(rows, np.bool_),
     )
+    cand, dbands = 61, 24
+    delay_update(
+        np.ones((rows, bins), np.float32), np.ones((rows, bins), np.float32), np.arange(dbands, dtype=np.int64),
+        np.arange(1, dbands + 1, dtype=np.int64), np.ones(dbands, np.float32), np.zeros(rows, np.int64),
+        np.zeros((rows, cand, dbands), np.float32), np.zeros((rows, dbands), np.float32),
+        np.zeros((rows, dbands), np.float32), np.zeros((rows, cand), np.float32), np.zeros((rows, cand), np.float32),
+        np.zeros(rows, np.float32), np.zeros((rows, 6), np.float32), 0.99, 0.25, 0.05, 15.0,
+        np.empty(rows, np.int64),
+    )
+
+
+@njit
+def delay_update(
+    far_power: np.ndarray,  # [B, F] float32 power spectra of the newest far-end window
+    near_power: np.ndarray,  # [B, F] float32 of the microphone window
+    band_lo: np.ndarray,  # [bands] int64 first bin of each band
+    band_hi: np.ndarray,  # [bands] int64 one past its last bin
+    floor: np.ndarray,  # [bands] float32 band power floor
+    count: np.ndarray,  # [B] int64 chunk counters
+    ring: np.ndarray,  # [B, C, bands] float32 far onset features, updated in place
+    far_last: np.ndarray,  # [B, bands] float32, updated in place
+    near_last: np.ndarray,  # [B, bands]
+    corr: np.ndarray,  # [B, C] float32
+    far_var: np.ndarray,  # [B, C]
+    near_var: np.ndarray,  # [B]
+    scalars: np.ndarray,  # [B, 6] float32: delay, candidate, confirm, locked, score, best
+    lam: float,
+    min_score: float,
+    margin: float,
+    confirm_chunks: float,
+    delay_out: np.ndarray,  # [B] int64
+) -> None:
+    rows = far_power.shape[0]
+    n_cand = ring.shape[1]
+    bands = ring.shape[2]
+    far_f = np.empty(bands, dtype=np.float64)
+    near_f = np.empty(bands, dtype=np.float64)
+    score = np.empty(n_cand, dtype=np.float64)
+    for b in range(rows):
+        far_mean = 0.0
+        near_mean = 0.0
+        for k in range(bands):
+            fe = 0.0
+            ne = 0.0
+            for j in range(band_lo[k], band_hi[k]):
+                fe += far_power[b, j]
+                ne += near_power[b, j]
+            lf = math.log(fe + floor[k])
+            ln = math.log(ne + floor[k])
+            far_f[k] = max(lf - far_last[b, k], 0.0)
+            near_f[k] = max(ln - near_last[b, k], 0.0)
+            far_last[b, k] = lf
+            near_last[b, k] = ln
+            far_mean += far_f[k]
+            near_mean += near_f[k]
+        far_mean /= bands
+        near_mean /= bands
+        slot = count[b] % n_cand
+        near_energy = 0.0
+        for k in range(bands):
+            ring[b, slot, k] = far_f[k] - far_mean
+            near_f[k] -= near_mean
+            near_energy += near_f[k] * near_f[k]
+        near_var[b] = lam * near_var[b] + (1 - lam) * near_energy
+        best = 0
+        best_score = -np.inf
+        for d in range(n_cand):
+            s = (count[b] - d) % n_cand
+            inst = 0.0
+            energy = 0.0
+            for k in range(bands):
+                p = ring[b, s, k]
+                inst += p * near_f[k]
+                energy += p * p
+            corr[b, d] = lam * corr[b, d] + (1 - lam) * inst
+            far_var[b, d] = lam * far_var[b, d] + (1 - lam) * energy
+            score[d] = corr[b, d] / math.sqrt(far_var[b, d] * near_var[b] + 1e-6)
+            if score[d] > best_score:
+                best_score = score[d]
+                best = d
+        current = scalars[b, 0]
+        candidate = scalars[b, 1]
+        confirm = scalars[b, 2]
+        locked = scalars[b, 3]
+        cur_score = -1.0 if current < 0 else score[int(max(current, 0.0))]
+        best_f = float(best)
+        wants = best_score > min_score and best_score > cur_score + margin and best_f != current
+        if wants and best_f == candidate:
+            confirm = confirm + 1
+        elif wants:
+            confirm = 1.0
+        else:
+            confirm = 0.0
+        candidate = best_f if wants else -1.0
+        delay = current
+        if confirm >= confirm_chunks:
+            delay = best_f
+            locked = 1.0
+            confirm = 0.0
+        scalars[b, 0] = delay
+        scalars[b, 1] = candidate
+        scalars[b, 2] = confirm
+        scalars[b, 3] = locked
+        scalars[b, 4] = score[int(max(delay, 0.0))]
+        scalars[b, 5] = best_f
+        delay_out[b] = int(delay)
