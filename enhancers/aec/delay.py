@@ -86,7 +86,7 @@ class DelayEstimator:
         floor_power = (10 ** (cfg.floor_dbfs / 20) * 32768) ** 2 * 0.375 / n_fft
         self.floor = (bins.sum(0) * floor_power).clamp_min(1e-3).to(device)
         # the numba kernel's view of the same: each band's bins are one contiguous range
-        self.kernel = True  # CPU: one numba kernel per update (enhancers/aec/suppressor_kernels.py)
+        self.kernel = True  # CPU: one numba kernel per update (enhancers/aec/kernels.py)
         used = bins.bool()
         first = torch.where(used.any(0), used.float().argmax(0), 0)
         self._band_lo = first.numpy().astype(np.int64)
@@ -125,7 +125,7 @@ class DelayEstimator:
         near_power: torch.Tensor,
         count: torch.Tensor,
     ) -> torch.Tensor:
-        from enhancers.aec.suppressor_kernels import delay_update
+        from enhancers.aec.kernels import delay_update
 
         cfg = self.cfg
         for key in ("dly_far", "dly_far_last", "dly_near_last", "dly_corr", "dly_far_var", "dly_near_var",

@@ -26,6 +26,7 @@ import torch
 
 from enhancers.aec.delay import DELAY, DelayConfig, DelayEstimator, delay_initial_state
 from enhancers.aec.mdf import MdfConfig, mdf_initial_state, mdf_step, power, ring_order, shift_partitions
+from enhancers.aec.mdf_kernels import mdf_step_kernels
 from enhancers.aec.suppressor import (
     SUPPRESSION_LEVELS,
     ResidualEchoSuppressor,
@@ -68,6 +69,14 @@ class EchoCancellerStage(Stage):
         self.delay = DelayEstimator(self.delay_cfg, self.mdf.n_fft, self.device)
         self.suppressor = ResidualEchoSuppressor(self.sup_cfg, self.device)
         self._lanes = torch.arange(self.mdf.n_fft, device=self.device)
+        # On the CPU the MDF block, the delay estimator and the suppressor's gains run as numba kernels
+        # (enhancers/aec/mdf_kernels.py, kernels.py); False: the torch ops everywhere.
+        self.kernels = True
+        if self.device.type == "cpu":  # load (or compile) them now, while the executor loads the stage,
+            from enhancers.aec import kernels, mdf_kernels  # not on the first chunk of a live stream
+
+            kernels.compile_kernels()
+            mdf_kernels.compile_kernels(self.mdf)
 
     # -- per-stream state ---------------------------------------------------
     def initial_state(self) -> dict[str, torch.Tensor]:
@@ -170,7 +179,8 @@ class EchoCancellerStage(Stage):
         # Linear echo cancellation on the delay-compensated reference.
         x_window = self._far_window(index, count - filter_delay)
         x_new = torch.fft.rfft(x_window, norm="forward")[:, : self.mdf.bins]
-        lin = mdf_step(st, x_new, x_window[:, CHUNK:], mic, count, self.mdf)
+        step = mdf_step_kernels if self.kernels and self.device.type == "cpu" else mdf_step
+        lin = step(st, x_new, x_window[:, CHUNK:], mic, count, self.mdf)
 
         # Residual echo suppression, with the far end aligned to the filter's main peak.
         lag = self._echo_lag(st, filter_delay, bulk, lin.adapted)

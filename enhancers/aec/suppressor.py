@@ -170,7 +170,7 @@ class ResidualEchoSuppressor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-bin suppression gains ``[B, bins]`` and the divergence flag ``[B]`` (use mic, not error).
 
-        On the CPU one numba kernel does it (``suppressor_kernels.py``: the same arithmetic, ~10x
+        On the CPU one numba kernel does it (``kernels.py``: the same arithmetic, ~10x
         cheaper at small batches); ``self.kernel = False`` keeps the torch ops (the reference)."""
         if self.kernel and xw.device.type == "cpu":
             return self._gains_kernel(st, xw, dw, ew, yw)
@@ -184,7 +184,7 @@ class ResidualEchoSuppressor:
         ew: torch.Tensor,
         yw: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from enhancers.aec.suppressor_kernels import suppressor_gains
+        from enhancers.aec.kernels import suppressor_gains
 
         cfg = self.cfg
         spectra = torch.stack([xw, dw, ew, yw], 1).numpy()
