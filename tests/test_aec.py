@@ -82,6 +82,13 @@ def test_simulated_300ms_echo_with_level_change_is_cancelled() -> None:
     )
 
 
+def farend_and_doubletalk(samples: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The far-end single-talk and the double-talk recordings: their references and their mics."""
+    names = (FAREND, "DMTgmZwtgUilp4omPK7-OQ_doubletalk")
+    return ([read_48k(AEC / f"{name}_lpb.wav")[:samples] for name in names],
+            [read_48k(AEC / f"{name}_mic.wav")[:samples] for name in names])
+
+
 def test_the_suppressor_kernel_computes_what_the_torch_ops_compute() -> None:
     """The numba kernel of the suppressor's gains (the CPU path) against the torch ops (the reference, and
     the GPU path), step by step from the same state, on real far-end echo and on double talk."""
@@ -105,10 +112,7 @@ def test_the_suppressor_kernel_computes_what_the_torch_ops_compute() -> None:
 
     sup.gains = both  # type: ignore[method-assign]
     n = int(6.0 * SAMPLE_RATE)
-    pairs = [(read_48k(AEC / f"{FAREND}_lpb.wav")[:n], read_48k(AEC / f"{FAREND}_mic.wav")[:n]),
-             (read_48k(AEC / "DMTgmZwtgUilp4omPK7-OQ_doubletalk_lpb.wav")[:n],
-              read_48k(AEC / "DMTgmZwtgUilp4omPK7-OQ_doubletalk_mic.wav")[:n])]
-    cancel_echo([far for far, _ in pairs], [mic for _, mic in pairs], stage=stage)
+    cancel_echo(*farend_and_doubletalk(n), stage=stage)
     assert checked["steps"] == n // 480 and checked["active"] > checked["steps"] // 2, checked
 
 
@@ -136,10 +140,7 @@ def test_the_delay_estimator_kernel_computes_what_the_torch_ops_compute() -> Non
 
     est.update = both  # type: ignore[method-assign]
     n = int(6.0 * SAMPLE_RATE)
-    pairs = [(read_48k(AEC / f"{FAREND}_lpb.wav")[:n], read_48k(AEC / f"{FAREND}_mic.wav")[:n]),
-             (read_48k(AEC / "DMTgmZwtgUilp4omPK7-OQ_doubletalk_lpb.wav")[:n],
-              read_48k(AEC / "DMTgmZwtgUilp4omPK7-OQ_doubletalk_mic.wav")[:n])]
-    cancel_echo([far for far, _ in pairs], [mic for _, mic in pairs], stage=stage)
+    cancel_echo(*farend_and_doubletalk(n), stage=stage)
     assert len(delays) == 2 * (n // 480) and max(delays) > 0  # it locked on a delay along the way
 
 
@@ -179,10 +180,7 @@ def test_the_mdf_kernels_compute_what_the_torch_ops_compute() -> None:
     aec_stage.mdf_step_kernels = both  # type: ignore[assignment]
     try:
         n = int(6.0 * SAMPLE_RATE)
-        pairs = [(read_48k(AEC / f"{FAREND}_lpb.wav")[:n], read_48k(AEC / f"{FAREND}_mic.wav")[:n]),
-                 (read_48k(AEC / "DMTgmZwtgUilp4omPK7-OQ_doubletalk_lpb.wav")[:n],
-                  read_48k(AEC / "DMTgmZwtgUilp4omPK7-OQ_doubletalk_mic.wav")[:n])]
-        cancel_echo([far for far, _ in pairs], [mic for _, mic in pairs])
+        cancel_echo(*farend_and_doubletalk(n))
     finally:
         aec_stage.mdf_step_kernels = original  # type: ignore[assignment]
     assert steps["n"] == n // 480 and steps["switched"] > 10, steps  # the two-path logic took part
