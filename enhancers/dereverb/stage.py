@@ -99,6 +99,10 @@ class DereverbStage(Stage):
             tap_spacing=tap_spacing,
             block_rows=block_rows,
         )
+        if self.device.type == "cpu":  # the WPE kernel loaded (or compiled) with the stage, not on a first chunk
+            from enhancers.dereverb.wpe_kernels import compile_kernels
+
+            compile_kernels()
         self.default_taps = taps
         self.default_delay = self.wpe.check_delay(delay)
         self.default_alpha = self._check_alpha(alpha)

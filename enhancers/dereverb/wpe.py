@@ -50,6 +50,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from enhancers.dereverb import potter
@@ -155,6 +156,7 @@ class RecursiveWpe:
         # Ring of past frames: the oldest one used is t - max_delay - tap_spacing * (max_taps - 1).
         self.history_length = max(max_delay + tap_spacing * (max_taps - 1), power_frames - 1)
         self.group_bins = [len(range(g, bins, self.update_stride)) for g in range(self.update_stride)]
+        self.kernel = True  # CPU: one numba kernel per frame (enhancers/dereverb/wpe_kernels.py); False: torch
 
     # -- state -------------------------------------------------------------
     def initial_history(self) -> torch.Tensor:
@@ -230,6 +232,9 @@ class RecursiveWpe:
         rows = frame.shape[0]
         planes = torch.view_as_real(frame).transpose(1, 2)  # [N, 2, F]
         group = phase % self.update_stride
+        if self.kernel and frame.device.type == "cpu":
+            out = self._step_kernel(planes, state, group)
+            return torch.complex(out[:, 0], out[:, 1])
         block = self.block_rows if self.block_rows > 0 else rows
         if rows <= block:
             out = self._step(planes, state, group)
@@ -240,6 +245,22 @@ class RecursiveWpe:
             ]
             out = torch.cat(parts, dim=0)
         return torch.complex(out[:, 0], out[:, 1])
+
+    def _step_kernel(self, frame: torch.Tensor, state: WpeState, group: int) -> torch.Tensor:
+        """:meth:`_step` as one numba kernel (``wpe_kernels.py``), the state updated in place."""
+        from enhancers.dereverb.wpe_kernels import wpe_step
+
+        tensors = (state.history, state.roots[group], state.root_scale, state.filter)
+        if not all(t.is_contiguous() for t in tensors):  # views of a slice of the pool are; else the torch path
+            return self._step(frame, state, group)
+        error = np.empty((frame.shape[0], 2, self.bins), dtype=np.float32)
+        wpe_step(
+            np.ascontiguousarray(frame.numpy()), state.history.numpy(), state.filter.numpy(),
+            state.roots[group].numpy(), state.root_scale.numpy(), np.ascontiguousarray(state.delay.numpy()),
+            np.ascontiguousarray(state.alpha.numpy()), np.ascontiguousarray(state.frames_seen.numpy()),
+            group, self.update_stride, self.tap_spacing, self.power_frames, float(self.power_floor), error,
+        )
+        return torch.from_numpy(error)
 
     def _step(self, frame: torch.Tensor, state: WpeState, group: int) -> torch.Tensor:
         window = self.window(state)  # [N, 2, K, F]
