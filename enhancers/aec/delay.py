@@ -87,6 +87,9 @@ class DelayEstimator:
         self.floor = (bins.sum(0) * floor_power).clamp_min(1e-3).to(device)
         # the numba kernel's view of the same: each band's bins are one contiguous range
         self.kernel = True  # CPU: one numba kernel per update (enhancers/aec/kernels.py)
+        from enhancers.aec.kernels import delay_update
+
+        self._kernel = delay_update  # bound once: the dispatch runs every chunk
         used = bins.bool()
         first = torch.where(used.any(0), used.float().argmax(0), 0)
         self._band_lo = first.numpy().astype(np.int64)
@@ -125,15 +128,13 @@ class DelayEstimator:
         near_power: torch.Tensor,
         count: torch.Tensor,
     ) -> torch.Tensor:
-        from enhancers.aec.kernels import delay_update
-
         cfg = self.cfg
         for key in ("dly_far", "dly_far_last", "dly_near_last", "dly_corr", "dly_far_var", "dly_near_var",
                     "dly_scalars"):  # updated in place: pool views or the batch's copies
             if not st[key].is_contiguous():
                 st[key] = st[key].contiguous()
         delay = np.empty(far_power.shape[0], dtype=np.int64)
-        delay_update(
+        self._kernel(
             far_power.contiguous().numpy(), near_power.contiguous().numpy(), self._band_lo, self._band_hi,
             self._floor_np, count.contiguous().numpy(), st["dly_far"].numpy(), st["dly_far_last"].numpy(),
             st["dly_near_last"].numpy(), st["dly_corr"].numpy(), st["dly_far_var"].numpy(),

@@ -134,6 +134,9 @@ class ResidualEchoSuppressor:
         pref_bins = len(self.pref) * cfg.band_bins
         self.far_active = (10 ** (cfg.far_active_dbfs / 20) * 32768) ** 2 * 0.375 / n * pref_bins
         self.kernel = True  # the numba kernel on the CPU (gains); False: torch ops only
+        from enhancers.aec.kernels import suppressor_gains
+
+        self._kernel = suppressor_gains  # bound once: the dispatch runs every chunk
         self._weight_curve_np = self.weight_curve.cpu().numpy().astype(np.float64)
         self._overdrive_curve_np = self.overdrive_curve.cpu().numpy().astype(np.float64)
         self._pref_np = self.pref.cpu().numpy().astype(np.int64)
@@ -184,8 +187,6 @@ class ResidualEchoSuppressor:
         ew: torch.Tensor,
         yw: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from enhancers.aec.kernels import suppressor_gains
-
         cfg = self.cfg
         spectra = torch.stack([xw, dw, ew, yw], 1).numpy()
         rows = spectra.shape[0]
@@ -194,7 +195,7 @@ class ResidualEchoSuppressor:
         for key in ("sup_psd", "sup_cross", "sup_scalars"):  # updated in place: pool views or the batch's copies
             if not st[key].is_contiguous():
                 st[key] = st[key].contiguous()
-        suppressor_gains(
+        self._kernel(
             spectra, st["sup_psd"].numpy(), st["sup_cross"].numpy(), st["sup_scalars"].numpy(),
             st["sup_min_overdrive"].numpy(), st["sup_target"].numpy(), st["sup_enabled"].numpy(),
             self._weight_curve_np, self._overdrive_curve_np, self._pref_np, float(self.far_active),

@@ -157,6 +157,9 @@ class RecursiveWpe:
         self.history_length = max(max_delay + tap_spacing * (max_taps - 1), power_frames - 1)
         self.group_bins = [len(range(g, bins, self.update_stride)) for g in range(self.update_stride)]
         self.kernel = True  # CPU: one numba kernel per frame (enhancers/dereverb/wpe_kernels.py); False: torch
+        from enhancers.dereverb.wpe_kernels import wpe_step
+
+        self._kernel = wpe_step  # bound once: the dispatch runs every frame
 
     # -- state -------------------------------------------------------------
     def initial_history(self) -> torch.Tensor:
@@ -248,13 +251,11 @@ class RecursiveWpe:
 
     def _step_kernel(self, frame: torch.Tensor, state: WpeState, group: int) -> torch.Tensor:
         """:meth:`_step` as one numba kernel (``wpe_kernels.py``), the state updated in place."""
-        from enhancers.dereverb.wpe_kernels import wpe_step
-
         tensors = (state.history, state.roots[group], state.root_scale, state.filter)
         if not all(t.is_contiguous() for t in tensors):  # views of a slice of the pool are; else the torch path
             return self._step(frame, state, group)
         error = np.empty((frame.shape[0], 2, self.bins), dtype=np.float32)
-        wpe_step(
+        self._kernel(
             np.ascontiguousarray(frame.numpy()), state.history.numpy(), state.filter.numpy(),
             state.roots[group].numpy(), state.root_scale.numpy(), np.ascontiguousarray(state.delay.numpy()),
             np.ascontiguousarray(state.alpha.numpy()), np.ascontiguousarray(state.frames_seen.numpy()),

@@ -38,7 +38,7 @@ from enhancers.aec.simulate import (
 )
 from enhancers.audio_io import read_48k, resample
 from enhancers.eval.metrics import align_lengths, erle_db, pesq_wb, si_sdr
-from enhancers.stage import SAMPLE_RATE
+from enhancers.stage import SAMPLE_RATE, Stage
 
 SCENARIOS = {"farend_singletalk": "st", "nearend_singletalk": "nst", "doubletalk": "dt"}
 ERLE_FROM_S = 2.0
@@ -110,7 +110,7 @@ def has_linear_only(args: argparse.Namespace) -> bool:
     return args.stage == "aec"
 
 
-def make_stage(args: argparse.Namespace) -> Any:
+def make_stage(args: argparse.Namespace) -> Stage:
     from enhancers.registry import create_stage
 
     return create_stage(args.stage, device=args.device)
