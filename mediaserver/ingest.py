@@ -54,6 +54,7 @@ class InboundRtpSource:
                  max_delay_ms: float = 200.0, start_delay_ms: float = 40.0) -> None:
         self.buffer = JitterBuffer(min_delay_ms=min_delay_ms, max_delay_ms=max_delay_ms,
                                    start_delay_ms=start_delay_ms)
+        self.playout = self.buffer  # (read by PublishedStream: the delay it may trim)
         self.tap = RtpTap(self.buffer)
         attr = "_RTCRtpReceiver__jitter_buffer"
         if not hasattr(receiver, attr):

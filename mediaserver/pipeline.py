@@ -43,6 +43,7 @@ class StreamPipeline:
         self._requested: list[str] = []
         self._options = dict(options or {})
         self.on_change: Optional[Callable[["StreamPipeline"], None]] = None  # stages changed by the executor
+        self.cancels_echo = False  # an echo canceller runs: the source must keep its delay steady
         # where submit()'s results go, in order (enhancers.executor.ProcessedChunk: audio, side, bypassed)
         self.on_result: Optional[Callable[[Any], None]] = None
         self.set_stages(stages, options)
@@ -82,6 +83,7 @@ class StreamPipeline:
                 self._executor_stream.close()
                 self._executor_stream = None
             self._stages, self._requested = [], []
+            self.cancels_echo = False
             return
         executor = self._hub.executor
         if executor is None:
@@ -94,10 +96,12 @@ class StreamPipeline:
             self._executor_stream.set_stages(stages, self._options)
         self._stages = list(self._executor_stream.stages)
         self._requested = list(getattr(self._executor_stream, "requested_stages", stages))
+        self.cancels_echo = any(s.split(":", 1)[0] == "aec" for s in self._stages)
 
     def _changed(self, stream: Any) -> None:
         """The executor upgraded this stream's stages."""
         self._stages = list(stream.stages)
+        self.cancels_echo = any(s.split(":", 1)[0] == "aec" for s in self._stages)
         if self.on_change is not None:
             self.on_change(self)
 

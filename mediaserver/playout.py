@@ -8,7 +8,8 @@ clock, conceals underruns on time *without skipping* (the concealment is
 inserted and the late packet still plays: the delay grows instead of a
 packet being lost), goes silent after 60 ms without audio and re-primes, and
 adapts its target: up 10 ms on each underrun, down towards three times the
-measured jitter, dropping a backlog well above the target.
+measured jitter, dropping a backlog well above the target at once and one
+packet of a smaller lasting excess at a time (see :meth:`PlayoutBuffer._adapt`).
 
 A codec's buffer (``mediaserver.jitter.JitterBuffer`` for Opus,
 ``signaling.sip.jitter.G711JitterBuffer`` for phones) says what it stores per
@@ -29,6 +30,13 @@ import numpy as np
 Entry = TypeVar("Entry")
 
 MAX_CONCEAL_CHUNKS = 6  # after 60 ms without packets, go silent and re-prime
+# A buffer whose depth stayed at least one packet above the target for a whole adaptation period (1 s)
+# drops one packet at the next quiet chunk (RMS under QUIET_RATIO of the stream's running level, or
+# digital silence), or after TRIM_FORCE_S without one: the delay a join burst or an old underrun left
+# behind is given back, ~20 ms at a time, where nobody hears the cut.
+QUIET_RATIO = 0.25
+QUIET_FLOOR = 1e-3  # -60 dBFS: quiet whatever the running level
+TRIM_FORCE_S = 4.0
 
 
 def unwrap(value: int, reference: int, bits: int) -> int:
@@ -82,6 +90,12 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         self._last_transit: float | None = None
         self._jitter = 0.0  # in samples, RFC 3550 estimator
         self._last_adapt = 0.0
+        self._window_min_ms = float("inf")  # the least depth since the last adaptation
+        self._trim_since: float | None = None  # a lasting excess waits for a quiet chunk since then
+        self._level = 0.0  # running RMS of the played audio
+        # False while an echo canceller runs on the stream: a skipped packet moves the echo 20 ms against
+        # its reference, and the canceller leaks while it finds it again (the burst drop still applies)
+        self.trim_excess = True
         self.stats = JitterStats(target_ms=self._target)
 
     # -- what a codec provides ----------------------------------------------------
@@ -175,7 +189,7 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         out = self._pending[: self.chunk]
         self._pending = self._pending[self.chunk:]
         self._conceal_run = 0
-        self._adapt(now)
+        self._adapt(now, out)
         self.stats.buffer_ms = self.depth_ms()
         return out, self._pending_arrival
 
@@ -208,8 +222,9 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         self._pending = buf[self.chunk:]
         return buf[: self.chunk], None
 
-    def _adapt(self, now: float) -> None:
-        if self.depth_ms() > self._target + 60.0:
+    def _adapt(self, now: float, out: np.ndarray) -> None:
+        depth = self.depth_ms()
+        if depth > self._target + 60.0:
             # Too much audio queued (a burst after a stall): drop the oldest to cut latency.
             while self._packets and self.depth_ms() > self._target + 20.0:
                 del self._packets[min(self._packets)]
@@ -217,9 +232,32 @@ class PlayoutBuffer(ABC, Generic[Entry]):
                 if self._packets:
                     self._play_ts = min(self._packets)
                     self._pending = np.zeros(0, dtype=np.float32)
+            depth = self.depth_ms()
+        self._window_min_ms = min(self._window_min_ms, depth)
+        rms = float(np.sqrt(np.dot(out, out) / len(out))) if len(out) else 0.0
+        self._level += 0.01 * (rms - self._level)  # ~1 s
+        if self._trim_since is not None and (not self.trim_excess or rms < max(QUIET_FLOOR, QUIET_RATIO * self._level)
+                                             or now - self._trim_since >= TRIM_FORCE_S):
+            self._trim_one()
         if now - self._last_adapt >= 1.0:
             self._last_adapt = now
             floor = max(self._min, 3.0 * self.stats.jitter_ms + 10.0)
             if self._target > floor:
                 self._target = max(floor, self._target - 5.0)
             self.stats.target_ms = self._target
+            entry = self._packets.get(self._play_ts)
+            packet_ms = self._samples(entry[0]) * 1000.0 / self.rate if entry is not None else 0.0
+            if self._trim_since is None and entry is not None and self._window_min_ms - self._target >= packet_ms:
+                self._trim_since = now
+            self._window_min_ms = float("inf")
+
+    def _trim_one(self) -> None:
+        """Skip the next stored packet (a lasting excess over the target, at a quiet moment)."""
+        self._trim_since = None
+        if not self.trim_excess:
+            return
+        entry = self._packets.pop(self._play_ts, None)
+        if entry is None:
+            return
+        self._play_ts += self._samples(entry[0])
+        self.stats.discarded += 1

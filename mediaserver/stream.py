@@ -88,6 +88,7 @@ class PublishedStream:
         self._forward_unprocessed = forward_unprocessed
         self._take = getattr(source, "take_forwardable", None) if forward_unprocessed else None
         self.source = source
+        self._playout = getattr(source, "playout", None)  # its PlayoutBuffer, if it has one
         self.pipeline = pipeline
         pipeline.on_result = self._on_result
         self.fanout = Fanout()
@@ -119,6 +120,8 @@ class PublishedStream:
         self._clock.add(self, self._on_tick)
 
     def _on_tick(self) -> None:
+        if self._playout is not None:
+            self._playout.trim_excess = not self.pipeline.cancels_echo
         audio, origin = self.source.pull()
         if self.muted:
             audio = np.zeros_like(audio)

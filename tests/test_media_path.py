@@ -112,6 +112,46 @@ def test_buffer_latency_stays_bounded_after_a_burst() -> None:
     assert jb.stats.discarded > 0
 
 
+def _depths(jb: JitterBuffer, clock: FakeClock, packets: list[bytes], jitter_ms: float = 0.0) -> list[float]:
+    """Plays ``packets`` (20 ms apart, up to ``jitter_ms`` late, at 5 ms past the pull grid) through
+    ``jb``; the depth after each pull."""
+    rng = np.random.default_rng(3)
+    arrivals = sorted((0.005 + i * 0.02 + rng.uniform(0, jitter_ms / 1000.0), i) for i in range(len(packets)))
+    depths, k = [], 0
+    for tick in range(len(packets) * 2):
+        clock.t = tick * 0.01
+        while k < len(arrivals) and arrivals[k][0] <= clock.t:
+            i = arrivals[k][1]
+            jb.push(i, i * 960, packets[i], arrivals[k][0])
+            k += 1
+        jb.pull()
+        depths.append(jb.depth_ms())
+    return depths
+
+
+def test_a_lasting_excess_delay_is_given_back_at_quiet_moments() -> None:
+    """A buffer primed (or grown by a burst of underruns) well above what the stream's jitter needs
+    keeps that delay for the call's life unless something takes it back: one packet at a time, at a
+    quiet chunk, down to its target, without a single concealed chunk."""
+    pk = _packets(np.tile(speech(seconds=4.0), 5))  # 20 s: the target decays 5 ms a second
+    clock = FakeClock()
+    jb = JitterBuffer(clock=clock, min_delay_ms=20.0, start_delay_ms=80.0)  # 60 ms more than it needs
+    depths = _depths(jb, clock, pk, jitter_ms=2.0)
+    early, late = max(depths[100:200]), max(depths[-200:])
+    assert early >= 80.0
+    assert late <= jb.stats.target_ms + 30.0 and late <= early - 40.0
+    assert jb.stats.concealed_chunks == 0 and jb.stats.underruns == 0
+    assert 2 <= jb.stats.discarded <= 4  # one 20 ms packet per excess packet, no more
+
+
+def test_a_buffer_at_its_target_drops_nothing() -> None:
+    pk = _packets(np.tile(speech(seconds=4.0), 3))
+    clock = FakeClock()
+    jb = JitterBuffer(clock=clock, min_delay_ms=20.0, start_delay_ms=20.0)
+    _depths(jb, clock, pk, jitter_ms=4.0)
+    assert jb.stats.discarded == 0 and jb.stats.concealed_chunks == 0
+
+
 async def test_slow_subscriber_drops_old_packets_and_stays_current() -> None:
     fanout = Fanout()
     slow = SubscriberTrack(max_queue=5)

@@ -26,10 +26,16 @@ On a CPU with VNNI the GEMMs of the GRUs and of the wider convolutions run
 in int8 (``precision="auto"``; :mod:`enhancers.denoise.int8`: per-row
 activation scales, so a stream's output does not depend on its batch); the
 output stays within 30+ dB SI-SDR of the float32 path (``precision="fp32"``)
-and of libDF.  While the stage has at most ``native_streams`` streams they
-run on libDF's C runtime (cheaper at batch 1 or 2); once a call carries more
-streams, those libDF streams move to the batched torch path
-(``MIGRATE_FRAMES`` frames run alongside, then a one-chunk crossfade).
+and of libDF.
+
+On the CPU the streaming step runs in fused numba kernels around the same GEMMs
+(``runtime="fused"``, the default there; :mod:`enhancers.denoise.df3_fused`):
+2.7x the torch step's speed at one stream, 1.4x at 16, and cheaper than libDF
+at any batch.  ``runtime="torch"`` keeps the torch ops (the reference, the GPU
+path, whole files, and the post filter).  With ``native_streams`` > 0 the first
+streams run on libDF's C runtime instead; once a call carries more streams,
+those libDF streams move to the batched path (``MIGRATE_FRAMES`` frames run
+alongside, then a one-chunk crossfade).
 """
 
 from __future__ import annotations
@@ -39,10 +45,12 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from enhancers.denoise.df3_assets import load_df3_assets
 from enhancers.denoise.df3_dsp import DF3SignalProcessing
+from enhancers.denoise.df3_fused import DF3Fused, fused_available
 from enhancers.denoise.df3_net import DF3Network
 from enhancers.denoise.int8 import resolve_precision
 from enhancers.stage import CHUNK, SAMPLE_RATE, BatchContext, Stage, StageStream
@@ -110,15 +118,18 @@ class DeepFilterNet3Stage(Stage):
         device: str | torch.device = "cpu",
         atten_lim_db: float | None = None,
         post_filter_beta: float = 0.0,
-        native_streams: int = 1,
+        native_streams: int = 0,
         precision: str = "auto",
+        runtime: str = "auto",
     ) -> None:
         super().__init__(device)
-        # On CPU, one torch step costs twice libDF's C runtime at batch 1 (1.7 vs 0.8 ms), as much at
-        # batch 2 (2.0 vs 2.1 ms; bench/stage_cost.py, 2026-12-07); the first ``native_streams`` streams
-        # opened while fewer are live run on libDF (which also releases the GIL), the others in the
-        # batched torch path.  Outputs agree (parity test).  One, not two: every libDF stream runs
-        # twice while it migrates to torch (MIGRATE_FRAMES) and costs ~250 ms of CPU to replace.
+        # On CPU, one torch step costs twice libDF's C runtime at batch 1 (1.5 vs 1.0 ms), the fused
+        # step half of libDF's (0.54 ms); ``native_streams`` > 0 runs the first streams opened while
+        # fewer are live on libDF (which also releases the GIL), the others batched.  Outputs agree
+        # (parity test).  Every libDF stream runs twice while it migrates to the batched path
+        # (MIGRATE_FRAMES) and costs ~250 ms of CPU to replace.
+        if runtime not in ("auto", "fused", "torch"):
+            raise ValueError(f"DF3 runtime {runtime!r}: expected auto, fused or torch")
         self.native_streams = native_streams if self.device.type == "cpu" else 0
         self._native_live = 0
         # libDF's df_create loads and optimizes the model (seconds): keep ready states in a pool,
@@ -141,9 +152,17 @@ class DeepFilterNet3Stage(Stage):
         # "auto": int8 GEMMs on a CPU with VNNI (enhancers/denoise/int8.py), float32 elsewhere
         self.precision = resolve_precision(precision, self.device)
         self.net = DF3Network(assets, self.precision).to(self.device).eval()
+        fused = self.device.type == "cpu" and runtime != "torch" and fused_available(self.net)
+        if runtime == "fused" and not fused:
+            raise ValueError("DF3 runtime 'fused' runs on the CPU, with float32 or FBGEMM int8 weights")
+        self.runtime = "fused" if fused else "torch"
+        self.fused = DF3Fused(self.net, self.dsp) if fused else None
         self.latency_samples = (cfg.fft_size - cfg.hop_size) + cfg.lookahead * cfg.hop_size
         self._hidden = self.net.encoder.emb_gru.gru.hidden_size
         self._fade = (torch.arange(CHUNK, dtype=torch.float32) + 0.5) / CHUNK
+        if self.fused is not None:  # compile (or load from the disk cache) the kernels here, not on a live chunk
+            self.fused.step(np.zeros((1, CHUNK), np.float32),
+                            {k: v[None].clone().numpy() for k, v in self.initial_state().items()})
         self._refill()
 
     # -- state -------------------------------------------------------------------
@@ -262,6 +281,10 @@ class DeepFilterNet3Stage(Stage):
         return out
 
     def _process_torch(self, audio: torch.Tensor, streams: Sequence[StageStream]) -> torch.Tensor:
+        """The batched path for ``streams``: the fused kernels when the stage has them and no stream of
+        the call asked for the post filter, else the torch step."""
+        if self.fused is not None and not any(s.slot in self._post_filter_slots for s in streams):
+            return self._process_fused(audio, streams)
         audio = audio.to(self.device, torch.float32)
         post = bool(self._post_filter_slots)
         first = streams[0].slot
@@ -277,6 +300,20 @@ class DeepFilterNet3Stage(Stage):
         for key, value in new_state.items():
             self.state[key].index_copy_(0, slots, value)
         return out
+
+    def _process_fused(self, audio: torch.Tensor, streams: Sequence[StageStream]) -> torch.Tensor:
+        assert self.fused is not None
+        frames = np.ascontiguousarray(audio.detach().cpu().numpy(), dtype=np.float32)
+        first = streams[0].slot
+        if all(s.slot == first + i for i, s in enumerate(streams)):
+            rows = slice(first, first + len(streams))  # views of the pool: updated in place
+            return torch.from_numpy(self.fused.step(frames, {k: v[rows].numpy() for k, v in self.state.items()}))
+        slots = self.slots(streams)
+        gathered = {k: v.index_select(0, slots) for k, v in self.state.items()}
+        out = self.fused.step(frames, {k: v.numpy() for k, v in gathered.items()})
+        for key, value in gathered.items():
+            self.state[key].index_copy_(0, slots, value)
+        return torch.from_numpy(out)
 
     def step(
         self, audio: torch.Tensor, st: dict[str, torch.Tensor], post: bool = False
@@ -397,3 +434,8 @@ class DeepFilterNet3Stage(Stage):
             state.update(new_state)
             outs.append(out)
         return torch.cat(outs, dim=1)[:, :n]
+
+
+def compile_kernels() -> None:
+    """Compile (or load from numba's disk cache) the fused runtime's kernels: a stage on it steps once."""
+    DeepFilterNet3Stage(runtime="fused")

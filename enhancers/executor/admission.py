@@ -49,7 +49,7 @@ TICK_MS = 10.0
 # spec -> (fixed ms per batched call, ms per stream): measured at batch 1 and 4 on one busy CPU core
 # (torch 1 thread, thread CPU time, 100 calls); a stage's prior until the worker has timed it
 DEFAULT_STAGE_COSTS: dict[str, tuple[float, float]] = {  # bench/stage_cost.py, one core with VNNI (int8)
-    "denoise": (0.7, 0.14), "denoise:df3": (0.7, 0.14), "denoise:gtcrn": (0.35, 0.065),
+    "denoise": (0.5, 0.12), "denoise:df3": (0.5, 0.12), "denoise:gtcrn": (0.35, 0.065),
     "denoise:nsnet2": (0.6, 0.065), "denoise:rnnoise": (0.05, 0.52), "dereverb": (0.25, 0.05),
     "aec": (0.9, 0.14), "aec:webrtc": (0.02, 0.1), "vad": (0.02, 0.01), "vad:webrtc": (0.02, 0.01), "limiter": (0.04, 0.01),
 }

@@ -101,6 +101,7 @@ class PhoneUpstream:
 
     def __init__(self, jitter: G711JitterBuffer) -> None:
         self.jitter = jitter
+        self.playout = jitter  # (read by PublishedStream: the delay it may trim)
         self.stats = jitter.stats  # read by MediaServer.stream_stats like a WebRTC jitter buffer
         self._up = Upsampler()
 
