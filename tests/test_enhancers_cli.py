@@ -141,3 +141,12 @@ def test_stages_lists_every_spec(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for spec in registry.STAGES:
         assert spec in out
+
+
+def test_stages_check_loads_each_stage_and_shows_its_real_latency(capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage whose latency comes from its model (DF3's STFT and look-ahead, WPE's frame) reports it:
+    the check builds each stage, it does not read a class default."""
+    assert main(["stages", "--check"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "available, latency 1440 samples" in lines["denoise"]
+    assert "available, latency 960 samples" in lines["dereverb"]
