@@ -46,6 +46,22 @@ def _play(jb: JitterBuffer, clock: FakeClock, packets: list[bytes], lost: set[in
     return np.concatenate(out)
 
 
+def _replay(jb: JitterBuffer, clock: FakeClock, packets: list[bytes], arrivals: list[tuple[float, int]],
+            ticks: int) -> list[float]:
+    """Pushes packet ``i`` at each (time, i) of ``arrivals`` and pulls every 10 ms for ``ticks``
+    ticks; the depth after each pull."""
+    depths, k = [], 0
+    for tick in range(ticks):
+        clock.t = tick * 0.01
+        while k < len(arrivals) and arrivals[k][0] <= clock.t:
+            i = arrivals[k][1]
+            jb.push(i, i * 960, packets[i], arrivals[k][0])
+            k += 1
+        jb.pull()
+        depths.append(jb.depth_ms())
+    return depths
+
+
 def test_single_lost_packet_is_concealed_not_a_gap() -> None:
     x = noise("running_tap.wav", seconds=3.0) * 4
     pk = _packets(x)
@@ -82,15 +98,7 @@ def test_a_late_packet_still_plays_after_an_underrun() -> None:
     # two stalls of the path: packets 60-61 come together 35 ms after 60 was sent, 100-101 25 ms after
     # 100 was sent (more than the 20 ms buffer: the playout runs dry before they come)
     late = {60: 0.035, 61: 0.015, 100: 0.025, 101: 0.005}
-    arrivals = sorted((i * 0.02 + late.get(i, 0.0), i) for i in range(len(pk)))
-    k = 0
-    for tick in range(len(pk) * 2 + 30):
-        clock.t = tick * 0.01
-        while k < len(arrivals) and arrivals[k][0] <= clock.t:
-            i = arrivals[k][1]
-            jb.push(i, i * 960, pk[i], arrivals[k][0])
-            k += 1
-        jb.pull()
+    _replay(jb, clock, pk, sorted((i * 0.02 + late.get(i, 0.0), i) for i in range(len(pk))), len(pk) * 2 + 30)
     assert jb.stats.late == 0 and jb.stats.lost == 0
     assert jb.stats.underruns >= 1 and jb.stats.concealed_chunks >= 1
 
@@ -113,20 +121,10 @@ def test_buffer_latency_stays_bounded_after_a_burst() -> None:
 
 
 def _depths(jb: JitterBuffer, clock: FakeClock, packets: list[bytes], jitter_ms: float = 0.0) -> list[float]:
-    """Plays ``packets`` (20 ms apart, up to ``jitter_ms`` late, at 5 ms past the pull grid) through
-    ``jb``; the depth after each pull."""
+    """Plays ``packets`` (20 ms apart, up to ``jitter_ms`` late, at 5 ms past the pull grid) through ``jb``."""
     rng = np.random.default_rng(3)
     arrivals = sorted((0.005 + i * 0.02 + rng.uniform(0, jitter_ms / 1000.0), i) for i in range(len(packets)))
-    depths, k = [], 0
-    for tick in range(len(packets) * 2):
-        clock.t = tick * 0.01
-        while k < len(arrivals) and arrivals[k][0] <= clock.t:
-            i = arrivals[k][1]
-            jb.push(i, i * 960, packets[i], arrivals[k][0])
-            k += 1
-        jb.pull()
-        depths.append(jb.depth_ms())
-    return depths
+    return _replay(jb, clock, packets, arrivals, len(packets) * 2)
 
 
 def test_a_lasting_excess_delay_is_given_back_at_quiet_moments() -> None:

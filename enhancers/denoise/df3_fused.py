@@ -86,10 +86,13 @@ class _Gru:
         return x
 
 
+def _float_weight(mm: Matmul) -> torch.Tensor:
+    """A GEMM operand in float32 (the convolutions' are: under ``MIN_INT8_WEIGHTS``; else dequantized)."""
+    return (mm.weight.float() * mm.scale if mm.int8 else mm.weight).contiguous()
+
+
 def _conv_weight(conv: FreqConv) -> tuple[torch.Tensor, np.ndarray]:
-    mm = conv.mm
-    weight = mm.weight if not mm.int8 else mm.weight.float() * mm.scale
-    return weight.contiguous(), _np(conv.bias)
+    return _float_weight(conv.mm), _np(conv.bias)
 
 
 def _grouped(layer: GroupedLinear) -> np.ndarray:
@@ -109,8 +112,8 @@ class DF3Fused:
         self.fft_size, self.hop = dsp.fft_size, dsp.hop
         self.order = df.order
         self.channels = erb.channels
-        self.erb0_w, self.erb0_b = enc.erb0.mm.weight.contiguous(), enc.erb0.bias  # narrow: float32 with bias
-        self.df0_w, self.df0_b = enc.df0.mm.weight.contiguous(), enc.df0.bias
+        self.erb0_w, self.erb0_b = _float_weight(enc.erb0.mm), enc.erb0.bias  # narrow: float32, bias in the GEMM
+        self.df0_w, self.df0_b = _float_weight(enc.df0.mm), enc.df0.bias
         self.erb1, self.erb2, self.erb3, self.df1 = (_conv_weight(c) for c in (enc.erb1, enc.erb2, enc.erb3, enc.df1))
         self.df_fc_emb = _grouped(enc.df_fc_emb)
         self.enc_in, self.enc_out = _grouped(enc.emb_gru.linear_in), _grouped(enc.emb_gru.linear_out)  # type: ignore[arg-type]
@@ -119,16 +122,12 @@ class DF3Fused:
         self.erb_gru = _Gru(erb.emb_gru.gru)
         self.skips = [(_np(getattr(erb, f"{p}_s")), _np(getattr(erb, f"{p}_b"))) for p in ("p3", "p2", "p1", "p0")]
         self.t3 = _conv_weight(erb.t3)
-        self.t2 = (erb.t2_k.weight.contiguous() if not erb.t2_k.int8 else erb.t2_k.weight.float() * erb.t2_k.scale,
-                   _np(erb.t2_b))
-        self.t1 = (erb.t1_k.weight.contiguous() if not erb.t1_k.int8 else erb.t1_k.weight.float() * erb.t1_k.scale,
-                   _np(erb.t1_b))
+        self.t2, self.t1 = (_float_weight(erb.t2_k), _np(erb.t2_b)), (_float_weight(erb.t1_k), _np(erb.t1_b))
         self.out = _conv_weight(erb.out)
         self.df_in = _grouped(df.df_gru.linear_in)
         self.df_gru = _Gru(df.df_gru.gru)
         self.df_skip, self.df_out = _grouped(df.df_skip), _grouped(df.df_out)
-        convp = df.convp_k
-        self.convp_w = convp.weight.contiguous() if not convp.int8 else convp.weight.float() * convp.scale
+        self.convp_w = _float_weight(df.convp_k)
         self.convp_b = _np(df.convp_b)
         self.nb_df = int(dsp.config.nb_df)
         self.n_erb = int(dsp.config.nb_erb)
