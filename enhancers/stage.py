@@ -76,6 +76,9 @@ class Stage(ABC):
 
     name: ClassVar[str] = "stage"
     latency_samples: int = 0
+    # per-stream options :meth:`retune` changes on a running stream (its state kept); a change of any
+    # other option reopens the stream's state fresh
+    live_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
@@ -103,6 +106,12 @@ class Stage(ABC):
         self.open_native(handle)
         self._live += 1
         return handle
+
+    def retune(self, stream: StageStream, changed: dict[str, Any]) -> None:
+        """Apply new values of some of ``live_options`` to a running stream, keeping its state.
+
+        ``stream.options`` still holds the old values; the caller stores the new ones after."""
+        raise NotImplementedError(f"stage {self.name!r} has no live options")
 
     def reset_stream(self, stream: StageStream) -> None:
         self._write_initial(stream.slot)

@@ -98,6 +98,20 @@ class StreamPipeline:
         self._requested = list(getattr(self._executor_stream, "requested_stages", stages))
         self.cancels_echo = any(s.split(":", 1)[0] == "aec" for s in self._stages)
 
+    @property
+    def pins_timeline(self) -> bool:
+        """An echo canceller runs that cannot follow a jump of the input's timeline (a jitter buffer's skip
+        or stretch): the source must keep its delay steady."""
+        s = self._executor_stream
+        return self.cancels_echo and not (s is not None and s.aec_follows_shifts)
+
+    def note_input_shift(self, samples: int) -> None:
+        """The input's timeline has jumped ``samples`` ahead of real time in all (skips minus stretches), up
+        to the chunk submitted next: the echo canceller moves its delay by as much before that chunk."""
+        s = self._executor_stream
+        if s is not None:
+            s.shift_near(samples)
+
     def _changed(self, stream: Any) -> None:
         """The executor upgraded this stream's stages."""
         self._stages = list(stream.stages)

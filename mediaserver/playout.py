@@ -10,6 +10,9 @@ packet being lost), goes silent after 60 ms without audio and re-primes, and
 adapts its target: up 10 ms on each underrun, down towards three times the
 measured jitter, dropping a backlog well above the target at once and one
 packet of a smaller lasting excess at a time (see :meth:`PlayoutBuffer._adapt`).
+Every skip and every insertion moves the played timeline against real time;
+``timeline_shift`` counts it, in step with the chunks pulled, so that an echo
+canceller downstream can move its delay by as much.
 
 A codec's buffer (``mediaserver.jitter.JitterBuffer`` for Opus,
 ``signaling.sip.jitter.G711JitterBuffer`` for phones) says what it stores per
@@ -19,6 +22,7 @@ stored packets (decoding, FEC, PLC) and how it conceals.
 
 from __future__ import annotations
 
+import collections
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -61,6 +65,7 @@ class JitterStats:
     jitter_ms: float = 0.0
     buffer_ms: float = 0.0
     target_ms: float = 0.0
+    timeline_shift_ms: float = 0.0  # the played timeline's jumps ahead of real time in all (skips - stretches)
 
 
 class PlayoutBuffer(ABC, Generic[Entry]):
@@ -93,9 +98,16 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         self._window_min_ms = float("inf")  # the least depth since the last adaptation
         self._trim_since: float | None = None  # a lasting excess waits for a quiet chunk since then
         self._level = 0.0  # running RMS of the played audio
-        # False while an echo canceller runs on the stream: a skipped packet moves the echo 20 ms against
-        # its reference, and the canceller leaks while it finds it again (the burst drop still applies)
+        # False while an echo canceller that cannot follow ``timeline_shift`` runs on the stream: a skipped
+        # packet moves the echo 20 ms against its reference, and that canceller leaks while it finds it
+        # again (the burst drop still applies)
         self.trim_excess = True
+        # samples the played timeline has jumped ahead of real time (skips) minus those it was stretched
+        # by (concealment inserted on underruns), up to the chunk last pulled
+        self.timeline_shift = 0
+        self._out_pos = 0  # samples pulled so far
+        self._shifts: collections.deque[tuple[int, int]] = collections.deque()  # (first output sample, shift)
+        self._resume_ts: int | None = None  # gone silent: the RTP position where the played audio stopped
         self.stats = JitterStats(target_ms=self._target)
 
     # -- what a codec provides ----------------------------------------------------
@@ -160,6 +172,7 @@ class PlayoutBuffer(ABC, Generic[Entry]):
             st.discarded += 1
 
     def _restart(self) -> None:
+        self._resume_ts = None  # a new source: its timeline has nothing to do with the old one
         self._packets.clear()
         self._started = False
         self._pending = np.zeros(0, dtype=np.float32)
@@ -178,10 +191,16 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         now = self._clock()
         if not self._started:
             if not self._packets or (now - self._first_arrival) * 1000.0 < self._target:
+                if self._resume_ts is not None:  # silence between two talk spurts of one source: stretched
+                    self._shifts.append((self._out_pos, -self.chunk))
+                self._advance()
                 return np.zeros(self.chunk, dtype=np.float32), None
             self._started = True
             self._play_ts = min(self._packets)
             self._conceal_run = 0
+            if self._resume_ts is not None:  # what the sender's clock moved on while nothing played
+                self._shifts.append((self._out_pos, self._play_ts - self._resume_ts))
+                self._resume_ts = None
         while len(self._pending) < self.chunk and self._fill_one():
             pass
         if len(self._pending) < self.chunk:
@@ -189,9 +208,26 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         out = self._pending[: self.chunk]
         self._pending = self._pending[self.chunk:]
         self._conceal_run = 0
+        self._advance()
         self._adapt(now, out)
         self.stats.buffer_ms = self.depth_ms()
         return out, self._pending_arrival
+
+    def _advance(self) -> None:
+        """One chunk was pulled: count the timeline jumps that took effect in its first half or before."""
+        start = self._out_pos
+        self._out_pos += self.chunk
+        shifts = self._shifts
+        if shifts and shifts[0][0] < start + self.chunk // 2:
+            while shifts and shifts[0][0] < start + self.chunk // 2:
+                self.timeline_shift += shifts.popleft()[1]
+            self.stats.timeline_shift_ms = self.timeline_shift * 1000.0 / self.rate
+
+    def _jump(self, samples: int, after_pending: bool) -> None:
+        """The timeline jumps ``samples`` ahead (negative: stretched) at the next sample to be pulled after
+        the chunk just pulled, or after the samples still pending too."""
+        at = self._out_pos + (len(self._pending) if after_pending else 0)
+        self._shifts.append((at, samples))
 
     def _append(self, pcm: np.ndarray, arrival: float | None) -> None:
         self._play_ts += len(pcm)
@@ -210,7 +246,10 @@ class PlayoutBuffer(ABC, Generic[Entry]):
             # The sender paused (mute, hold, DTX, silence suppression, outage): go silent, re-prime later.
             self._started = False
             self._pending = np.zeros(0, dtype=np.float32)
+            self._resume_ts = self._play_ts
+            self._shifts.append((self._out_pos, -self.chunk))
             self._on_silence()
+            self._advance()
             return np.zeros(self.chunk, dtype=np.float32), None
         # Stretch, do not skip: the concealment is *inserted* and the playout position stays where it is,
         # so the packet that was only late still plays when it comes (the delay grows by this chunk; the
@@ -219,19 +258,24 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         pcm = self._conceal(self.chunk - len(self._pending))
         st.concealed_chunks += 1
         buf = np.concatenate([self._pending, pcm])
+        self._shifts.append((self._out_pos + len(self._pending), -len(pcm)))  # all of it inserted
         self._pending = buf[self.chunk:]
+        self._advance()
         return buf[: self.chunk], None
 
     def _adapt(self, now: float, out: np.ndarray) -> None:
         depth = self.depth_ms()
         if depth > self._target + 60.0:
             # Too much audio queued (a burst after a stall): drop the oldest to cut latency.
+            next_ts = self._play_ts - len(self._pending)  # the timeline position of the next sample
             while self._packets and self.depth_ms() > self._target + 20.0:
                 del self._packets[min(self._packets)]
                 self.stats.discarded += 1
                 if self._packets:
                     self._play_ts = min(self._packets)
                     self._pending = np.zeros(0, dtype=np.float32)
+            if not self._pending.size and self._play_ts > next_ts:
+                self._jump(self._play_ts - next_ts, after_pending=False)
             depth = self.depth_ms()
         self._window_min_ms = min(self._window_min_ms, depth)
         rms = float(np.sqrt(np.dot(out, out) / len(out))) if len(out) else 0.0
@@ -259,5 +303,7 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         entry = self._packets.pop(self._play_ts, None)
         if entry is None:
             return
-        self._play_ts += self._samples(entry[0])
+        samples = self._samples(entry[0])
+        self._jump(samples, after_pending=True)
+        self._play_ts += samples
         self.stats.discarded += 1

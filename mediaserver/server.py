@@ -469,7 +469,8 @@ class MediaServer:
             out.update({"received": jb.received, "lost": jb.lost, "late": jb.late,
                         "concealed_chunks": jb.concealed_chunks, "fec_recovered": jb.fec_recovered,
                         "jitter_ms": round(jb.jitter_ms, 2), "jitter_buffer_ms": round(jb.buffer_ms, 1),
-                        "jitter_target_ms": round(jb.target_ms, 1)})
+                        "jitter_target_ms": round(jb.target_ms, 1),
+                        "jitter_timeline_shift_ms": round(jb.timeline_shift_ms, 1)})
         out.update(self.telemetry.stream_extras(stream))  # telemetry: e2e latency, drops
         if stream in self._quality_taps:
             out["quality"] = self.quality.stream_stats(stream.id)  # quality: DNSMOS, SNR, level ...

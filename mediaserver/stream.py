@@ -89,6 +89,7 @@ class PublishedStream:
         self._take = getattr(source, "take_forwardable", None) if forward_unprocessed else None
         self.source = source
         self._playout = getattr(source, "playout", None)  # its PlayoutBuffer, if it has one
+        self._shift_told = 0  # the playout's timeline shift the pipeline was last told of
         self.pipeline = pipeline
         pipeline.on_result = self._on_result
         self.fanout = Fanout()
@@ -120,8 +121,9 @@ class PublishedStream:
         self._clock.add(self, self._on_tick)
 
     def _on_tick(self) -> None:
-        if self._playout is not None:
-            self._playout.trim_excess = not self.pipeline.cancels_echo
+        playout = self._playout
+        if playout is not None:
+            playout.trim_excess = not self.pipeline.pins_timeline
         audio, origin = self.source.pull()
         if self.muted:
             audio = np.zeros_like(audio)
@@ -134,6 +136,9 @@ class PublishedStream:
                 self.counters.dropped_backlog += 1
                 return
             reference = self._reference(tick) if self._reference is not None else None
+            if playout is not None and playout.timeline_shift != self._shift_told:
+                self._shift_told = playout.timeline_shift
+                pipeline.note_input_shift(self._shift_told)
             chunk = _Chunk(audio, origin, time.monotonic(), tick, None, None)
             self._chunks.append(chunk)
             self._at_executor.append(chunk)

@@ -60,7 +60,8 @@ async def test_echo_of_the_others_is_removed_but_the_bots_speech_arrives(start_s
         on_stream = rs.server.rooms.get("echo-on").participants[echoers["echo-on"].id].published  # type: ignore[union-attr,index]
         stats = rs.server.stream_stats(on_stream)  # type: ignore[arg-type]
         print("measured (echo dB, own speech dB):", measured, "aec stream:",
-              {k: stats.get(k) for k in ("echo_delay_ms", "chunks", "bypassed")},
+              {k: stats.get(k) for k in ("echo_delay_ms", "chunks", "bypassed", "jitter_buffer_ms", "jitter_target_ms",
+                                        "jitter_timeline_shift_ms")},
               "executor:", {k: v for k, v in rs.server.hub.stats().items() if "bypass" in k or "drop" in k},
               "mic late frames:", echoers["echo-on"].track.late_frames)  # type: ignore[attr-defined]
         off_echo, off_own, _ = measured["echo-off"]

@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 
+from mediaserver.audio_format import CHUNK
 from mediaserver.fanout import EncodedPacket, Fanout, StreamEncoder, SubscriberTrack
 from mediaserver.jitter import JitterBuffer
 from mediaserver.opus import OpusEncoder
@@ -21,8 +22,8 @@ class FakeClock:
         return self.t
 
 
-def _packets(x: np.ndarray) -> list[bytes]:
-    enc = OpusEncoder(bitrate=32_000)
+def _packets(x: np.ndarray, bitrate: int = 32_000) -> list[bytes]:
+    enc = OpusEncoder(bitrate=bitrate)
     return [enc.encode(x[i:i + 960]) for i in range(0, len(x) - 959, 960)]
 
 
@@ -140,6 +141,59 @@ def test_a_lasting_excess_delay_is_given_back_at_quiet_moments() -> None:
     assert late <= jb.stats.target_ms + 30.0 and late <= early - 40.0
     assert jb.stats.concealed_chunks == 0 and jb.stats.underruns == 0
     assert 2 <= jb.stats.discarded <= 4  # one 20 ms packet per excess packet, no more
+    assert jb.timeline_shift == 960 * jb.stats.discarded  # each told to an echo canceller downstream
+
+
+def test_the_timeline_shift_is_reported_with_the_chunk_where_the_audio_jumps() -> None:
+    """An echo canceller moves its delay by ``timeline_shift`` before the chunk it comes with, so every
+    skip (a trim, a burst drop) and every stretch (an underrun's concealment) must be counted exactly at
+    the chunk where the played audio jumps: the input position of each chunk is its index minus a
+    constant lag plus the shift reported with it."""
+    # white noise coded at 128 kbit/s: each chunk matches the input at one offset only (speech is
+    # periodic: a 100 Hz voice matches itself one chunk away)
+    x = (np.random.default_rng(0).standard_normal(16 * 48_000) * 0.1).astype(np.float32)
+    pk = _packets(x, bitrate=128_000)
+    clock = FakeClock()
+    jb = JitterBuffer(clock=clock, min_delay_ms=20.0, start_delay_ms=80.0)
+    # 20 ms apart, then a 150 ms stall at 10 s (underruns, then silence: stretched) and its burst (dropped:
+    # skipped)
+    arrivals = [(0.005 + i * 0.02 + (0.15 if 500 <= i < 508 else 0.0), i) for i in range(len(pk))]
+    chunks, shifts, k = [], [], 0
+    for tick in range(len(pk) * 2):
+        clock.t = tick * 0.01
+        while k < len(arrivals) and arrivals[k][0] <= clock.t:
+            i = arrivals[k][1]
+            jb.push(i, i * 960, pk[i], arrivals[k][0])
+            k += 1
+        chunks.append(jb.pull()[0])
+        shifts.append(jb.timeline_shift)
+    steps = np.diff(shifts)
+    assert steps.max() >= 960 and steps.min() < 0  # skips and stretches both happened
+    y = np.concatenate(chunks)
+    # the lag of the played audio behind the input before any jump (Opus' own delay included)
+    head = y[48_000:96_000]
+    corr = np.fft.irfft(np.fft.rfft(x[:2 * 96_000]) * np.conj(np.fft.rfft(head, 2 * 96_000)))
+    lag = 48_000 - int(np.argmax(corr))  # y[n] = x[n - lag]
+    assert shifts[48_000 // CHUNK] == 0
+
+    def match(c: int, off: int) -> float:
+        pos = c * CHUNK - lag + shifts[c] + off
+        a, b = chunks[c].astype(np.float64), x[pos:pos + CHUNK].astype(np.float64)
+        return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+    # where each chunk of the played audio sits in the input, relative to where the shift says
+    offsets = [-1440, -960, -480, 0, 480, 960, 1440]
+    where = {}
+    for c in range(100, len(chunks) - 10):
+        if c * CHUNK - lag + shifts[c] + 2 * CHUNK < len(x):
+            scores = [match(c, off) for off in offsets]
+            if max(scores) > 0.5:  # the right offset scores ~0.75, the others ~0
+                where[c] = offsets[int(np.argmax(scores))]
+    assert len(where) > 1000
+    assert all(off == 0 for off in where.values())
+    jumped = np.nonzero(steps)[0] + 1
+    after = [c for c in where if any(0 <= c - j <= 3 for j in jumped)]
+    assert len(after) >= 3 and all(where[c] == 0 for c in after)
 
 
 def test_a_buffer_at_its_target_drops_nothing() -> None:

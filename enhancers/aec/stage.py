@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from enhancers.aec.delay import DELAY, DelayConfig, DelayEstimator, delay_initial_state
+from enhancers.aec.delay import BEST, CANDIDATE, DELAY, DelayConfig, DelayEstimator, delay_initial_state
 from enhancers.aec.mdf import MdfConfig, mdf_initial_state, mdf_step, power, ring_order, shift_partitions
 from enhancers.aec.mdf_kernels import mdf_step_kernels
 from enhancers.aec.suppressor import (
@@ -50,6 +51,7 @@ class EchoCancellerStage(Stage):
 
     name = "aec"
     latency_samples = 0
+    live_options = frozenset({"delay_hint_ms", "near_shift_samples"})
 
     def __init__(
         self,
@@ -103,6 +105,59 @@ class EchoCancellerStage(Stage):
         self.state["sup_min_overdrive"][stream.slot] = min_overdrive
         self.state["sup_enabled"][stream.slot] = 0.0 if level == "off" else 1.0
         self.set_delay_hint(stream, stream.options.get("delay_hint_ms"))
+
+    def retune(self, stream: StageStream, changed: dict[str, Any]) -> None:
+        if "delay_hint_ms" in changed:
+            self.set_delay_hint(stream, changed["delay_hint_ms"])
+        if "near_shift_samples" in changed:
+            before = round(float(stream.options.get("near_shift_samples") or 0) / CHUNK)
+            after = round(float(changed["near_shift_samples"] or 0) / CHUNK)
+            self.shift_near(stream, after - before)
+
+    def shift_near(self, stream: StageStream, chunks: int) -> None:
+        """The microphone's timeline jumped ``chunks`` chunks ahead (negative: it was stretched) between
+        the last chunk and the next: a jitter buffer skipped or inserted audio, so the echo now comes
+        that much sooner (later) after its reference.
+
+        The echo path itself did not change, only where it sits: the delay estimate, the hint and the
+        candidates' correlations move by ``chunks``; the adaptive filters keep their taps and read the
+        far end from the new bulk delay (the far-spectrum ring rebuilt from it), and what the bulk delay
+        cannot take (it stops at 0 and at the search range) moves the taps instead.  The canceller goes
+        on cancelling, instead of leaking echo while the estimator finds the new delay."""
+        if chunks == 0:
+            return
+        slot, n = stream.slot, self.delay_cfg.candidates
+        scalars = self.state["dly_scalars"][slot]
+        for i in (DELAY, CANDIDATE, BEST):
+            if scalars[i] >= 0:
+                scalars[i] = min(max(0.0, float(scalars[i]) - chunks), float(n - 1))
+        hint = int(self.state["hint"][slot])
+        if hint >= 0:
+            self.state["hint"][slot] = min(max(0, hint - chunks), n - 1)
+        for key in ("dly_corr", "dly_far_var"):  # per candidate delay d: the one that was d + chunks
+            row = self.state[key][slot]
+            moved = torch.zeros_like(row)
+            if 0 < chunks < n:
+                moved[: n - chunks] = row[chunks:]
+            elif -n < chunks < 0:
+                moved[-chunks:] = row[: n + chunks]
+            row.copy_(moved)
+        # the filter delay the next chunk will compute from the moved estimate (as in process)
+        delay, hint = int(scalars[DELAY]), int(self.state["hint"][slot])
+        bulk = delay if delay >= 0 else max(hint, 0)
+        new_fd = max(0, bulk - self.margin)
+        old_fd = int(self.state["filter_delay"][slot])
+        rest = chunks - (old_fd - new_fd)  # what the taps must move by: out[p] = w[p + rest]
+        rows = slice(slot, slot + 1)
+        index = torch.tensor([slot], dtype=torch.long, device=self.device)
+        if rest:
+            by = torch.tensor([rest], dtype=torch.long, device=self.device)
+            for key in ("mdf_w", "mdf_wf"):
+                self.state[key][rows] = shift_partitions(self.state[key][rows], by)
+        fd = torch.tensor([new_fd], dtype=torch.long, device=self.device)
+        self.state["filter_delay"][slot] = new_fd
+        count = self.state["count"][rows]
+        self.state["mdf_x"][rows] = self._far_spectra(self.state["mdf_x"][rows], index, count, fd)
 
     def set_delay_hint(self, stream: StageStream, delay_ms: float | None) -> None:
         """Set (or clear, with ``None``) the stream's expected echo delay; used until the estimator locks."""
@@ -213,6 +268,13 @@ class EchoCancellerStage(Stage):
         shift = torch.where(changed, filter_delay - st["filter_delay"], 0)
         st["mdf_w"] = shift_partitions(st["mdf_w"], shift)
         st["mdf_wf"] = shift_partitions(st["mdf_wf"], shift)
+        ring = self._far_spectra(st["mdf_x"], index, count, filter_delay)
+        st["mdf_x"] = torch.where(changed[:, None, None], ring, st["mdf_x"])
+
+    def _far_spectra(
+        self, mdf_x: torch.Tensor, index: torch.Tensor, count: torch.Tensor, filter_delay: torch.Tensor
+    ) -> torch.Tensor:
+        """A copy of the rows' far-spectrum rings rebuilt from the far-end ring for ``filter_delay``."""
         k = self.mdf.partitions
         parts = torch.arange(k, device=self.device)
         # Before this block's update, lag j+1 (ring slot count-1-j) holds the
@@ -222,9 +284,9 @@ class EchoCancellerStage(Stage):
         rebuilt = torch.fft.rfft(windows, norm="forward")[..., : self.mdf.bins]
         slots = ring_order(count - 1, k)
         rows = torch.arange(count.shape[0], device=self.device)[:, None]
-        ring = st["mdf_x"].clone()
+        ring = mdf_x.clone()
         ring[rows, slots] = rebuilt
-        st["mdf_x"] = torch.where(changed[:, None, None], ring, st["mdf_x"])
+        return ring
 
     def _echo_lag(
         self,

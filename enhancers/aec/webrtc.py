@@ -85,6 +85,9 @@ class WebRtcEchoCancellerStage(Stage):
     # AEC3 at 48 kHz works on three bands: its band-split filter bank delays the output by ~9 ms
     # (an impulse's energy arrives 430-473 samples later, half of it by 436; tests/test_aec_webrtc.py)
     latency_samples = 436
+    # not ``near_shift_samples``: AEC3 cannot be told that the microphone's timeline jumped (its own
+    # estimator finds the new delay, leaking echo for seconds meanwhile), so the SFU keeps its delay steady
+    live_options = frozenset({"delay_hint_ms"})
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         super().__init__(device)
@@ -99,6 +102,10 @@ class WebRtcEchoCancellerStage(Stage):
 
     def close_native(self, stream: StageStream) -> None:
         stream.native = None  # the FFI handle is released with the object
+
+    def retune(self, stream: StageStream, changed: dict[str, Any]) -> None:
+        if "delay_hint_ms" in changed:
+            self.set_delay_hint(stream, changed["delay_hint_ms"])
 
     def set_delay_hint(self, stream: StageStream, delay_ms: float | None) -> None:
         """Hand ``stream``'s expected echo delay to its canceller (``None``: nothing to hand)."""

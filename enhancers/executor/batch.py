@@ -159,12 +159,30 @@ class BatchRunner:
         current = self.handles.setdefault(sid, {})
         before = self.wanted.get(sid, {})
         for spec in list(current):
-            if spec not in wanted or wanted[spec] != before.get(spec):
+            if spec not in wanted or (wanted[spec] != before.get(spec)
+                                      and not self._retune(spec, current[spec], wanted[spec])):
                 self._close_handle(spec, current.pop(spec))
         self.wanted[sid] = wanted
         for spec, options in wanted.items():
             if spec not in current:
                 self._open_handle(sid, spec, options)
+
+    def _retune(self, spec: str, handle: StageStream, options: dict[str, Any]) -> bool:
+        """Change a running stream's live options in place; False: the handle must be reopened instead."""
+        runtime = self.stages.get(spec)
+        if runtime is None or runtime.disabled:
+            return False
+        old = handle.options
+        changed = {k: options.get(k) for k in set(old) | set(options) if old.get(k) != options.get(k)}
+        if not changed.keys() <= runtime.stage.live_options:
+            return False
+        try:
+            runtime.stage.retune(handle, changed)
+        except Exception as exc:  # noqa: BLE001 - reopen it fresh instead
+            self.errors.error(f"retune:{spec}", f"stage {spec!r} failed to retune a stream", exc)
+            return False
+        handle.options = dict(options)
+        return True
 
     def _open_handle(self, sid: int, spec: str, options: dict[str, Any]) -> None:
         runtime = self.stages.get(spec)

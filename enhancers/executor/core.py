@@ -35,7 +35,7 @@ import torch
 
 from enhancers.executor.admission import AdmissionControl
 from enhancers.executor.config import ExecutorConfig
-from enhancers.executor.loading import options_for, resolve_device
+from enhancers.executor.loading import resolve_device
 from enhancers.executor.messages import Job, PendingChunk, ProcessedChunk
 from enhancers.executor.process import ProcessWorker
 from enhancers.executor.stream import DeadlineWatch, ExecutorStream
@@ -184,13 +184,25 @@ class Executor:
         stream.requested_stages, stream.options = [s.spec for s in parse_stage_list(text)], options
         self._apply_stages(stream, self.admission.admit(stream), options)
 
+    def _retune_stream(self, stream: ExecutorStream, options: Mapping[str, Mapping[str, Any]]) -> None:
+        merged = {str(k): dict(v) for k, v in (stream.options or {}).items()}
+        for key, values in options.items():
+            # where the stage reads its options: under its full spec when the stream has that key, else its kind
+            kinds = {s.split(":", 1)[0] for s in stream.stages if s == key or s.split(":", 1)[0] == key}
+            targets = {s for s in stream.stages if s in merged and s.split(":", 1)[0] in kinds} | {str(key)}
+            for target in targets:
+                merged.setdefault(target, {}).update(values)
+        stream.options = merged
+        if stream.stages:
+            self._worker.declare_stream(stream.stream_id, {s: stream.stage_options(merged, s) for s in stream.stages})
+
     def _apply_stages(
         self, stream: ExecutorStream, specs: list[str], options: Mapping[str, Mapping[str, Any]] | None
     ) -> None:
         stream.stages = specs
         stream.track_aec(specs)
         stream.latency_samples = sum(self._worker.declared_latency(s) for s in specs)
-        self._worker.declare_stream(stream.stream_id, {s: options_for(options, s) for s in specs})
+        self._worker.declare_stream(stream.stream_id, {s: stream.stage_options(options, s) for s in specs})
         for spec in specs:
             self._request_load(spec)
         self._count_active()

@@ -10,8 +10,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from enhancers.aec.fallback import EchoGate
+from enhancers.executor.loading import options_for
 from enhancers.executor.messages import PendingChunk, ProcessedChunk
+from enhancers.registry import load_stage_class
 from enhancers.stage import CHUNK
+
+NEAR_SHIFT = "near_shift_samples"  # aec option: samples the microphone's timeline jumped ahead, in all
 
 
 class StreamOwner(Protocol):
@@ -24,6 +28,8 @@ class StreamOwner(Protocol):
     ) -> None: ...
 
     def _close_stream(self, stream: ExecutorStream) -> None: ...
+
+    def _retune_stream(self, stream: ExecutorStream, options: Mapping[str, Mapping[str, Any]]) -> None: ...
 
     async def preload(self, stages: Sequence[str] | str) -> None: ...
 
@@ -54,6 +60,9 @@ class ExecutorStream:
         self._tail = np.zeros(0, dtype=np.float32)  # input delay line for bypassed chunks
         self.echo_gate: EchoGate | None = None  # streams with an aec stage: half-duplex when bypassed
         self.aec_spec: str | None = None
+        # the aec stage can be told that the microphone's timeline jumped (option ``near_shift_samples``)
+        self.aec_follows_shifts = False
+        self.near_shift = 0  # the last shift_near(): the aec stage gets it as ``near_shift_samples``
 
     def submit(self, chunk: np.ndarray, reference: np.ndarray | None = None) -> None:
         """Hand in one [480] float32 chunk at 48 kHz (``reference``: far-end audio for AEC); its result
@@ -93,6 +102,22 @@ class ExecutorStream:
             raise RuntimeError("stream is closed")
         self._executor._set_stream_stages(self, stages, options)
 
+    def shift_near(self, samples: int) -> None:
+        """The microphone's timeline has jumped ``samples`` ahead of real time in all since the stream
+        opened (a jitter buffer's skips minus its stretches): an aec stage that can follow it moves its
+        delay by as much before the chunks submitted from now on.  A no-op for the others."""
+        self.near_shift = int(samples)
+        if self.aec_follows_shifts:
+            self.retune({})
+
+    def retune(self, options: Mapping[str, Mapping[str, Any]]) -> None:
+        """Change live options of running stages (keyed by spec or kind, e.g. ``{"aec": {...}}``),
+        their state kept: applied before the chunks submitted from now on.  No admission: the stage
+        list stays; an option a stage cannot change live reopens that stage's state."""
+        if self.closed:
+            raise RuntimeError("stream is closed")
+        self._executor._retune_stream(self, options)
+
     async def wait_ready(self) -> None:
         """Wait until every stage of this stream is loaded; raises if one failed to load."""
         await self._executor.preload(self.stages)
@@ -114,10 +139,19 @@ class ExecutorStream:
         must not carry raw echo, :mod:`enhancers.aec.fallback`)."""
         aec = [s for s in specs if s.split(":", 1)[0] == "aec"]
         self.aec_spec = aec[0] if aec else None
+        self.aec_follows_shifts = bool(aec) and NEAR_SHIFT in load_stage_class(aec[0]).live_options
         if not aec:
             self.echo_gate = None
         elif self.echo_gate is None:
             self.echo_gate = EchoGate()
+
+    def stage_options(self, options: Mapping[str, Mapping[str, Any]] | None, spec: str) -> dict[str, Any]:
+        """What stage ``spec`` of this stream is opened (or retuned) with: ``options`` for it, and for an
+        aec stage that follows timeline jumps, the shift so far (its baseline when it opens)."""
+        own = options_for(options, spec)
+        if spec == self.aec_spec and self.aec_follows_shifts:
+            own[NEAR_SHIFT] = self.near_shift
+        return own
 
     def fallback_audio(
         self, chunk: np.ndarray, reference: np.ndarray | None
