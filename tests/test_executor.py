@@ -79,6 +79,19 @@ class SlowDelayStage(Stage):
         return full[:, :CHUNK]
 
 
+class TunableStage(RecordingStage):
+    """Test stage: ``gain`` (live: state kept) times the audio, ``mode`` (not live: reopens); side "seq"."""
+
+    live_options = frozenset({"gain"})
+
+    def process(self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext) -> torch.Tensor:
+        gains = torch.tensor([float(s.options.get("gain", 1.0)) for s in streams])[:, None]
+        return super().process(audio, streams, ctx) * gains
+
+    def retune(self, stream: StageStream, changed: dict[str, Any]) -> None:
+        pass  # ``gain`` is read from the options, which the executor updates after this
+
+
 class SlowLoadStage(RecordingStage):
     """Test stage whose construction takes a while (as loading real weights does)."""
 
@@ -93,6 +106,7 @@ def test_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(registry.STAGES, "dereverb:test_faulty", f"{__name__}:FaultyStage")
     monkeypatch.setitem(registry.STAGES, "aec:test_slow_delay", f"{__name__}:SlowDelayStage")
     monkeypatch.setitem(registry.STAGES, "denoise:test_slow_load", f"{__name__}:SlowLoadStage")
+    monkeypatch.setitem(registry.STAGES, "denoise:test_tunable", f"{__name__}:TunableStage")
     SlowDelayStage.calls = 0
     RecordingStage.batch_sizes = []
     FaultyStage.mode = "ok"
@@ -282,6 +296,23 @@ async def test_set_stages_live(executor: Executor) -> None:
     assert max(np.abs(r.audio).max() for r in second + third) <= 10 ** (-1 / 20) + 1e-6
     assert [r.side["seq"] for r in first + second] == list(range(1, 21))
     assert [r.side["seq"] for r in third] == list(range(1, 11))
+
+
+async def test_live_options_change_a_running_stream_without_resetting_it(executor: Executor) -> None:
+    """``retune``: a live option applies from the next chunk on and the stage keeps the stream's state;
+    any other option reopens the state fresh; the stage list stays what it was (no admission)."""
+    await executor.preload("denoise:test_tunable")
+    stream = executor.open_stream("denoise:test_tunable", {"denoise": {"gain": 1.0, "mode": "a"}})
+    chunk = np.full(CHUNK, 0.1, dtype=np.float32)
+    first = [await stream.process(chunk) for _ in range(5)]
+    stream.retune({"denoise": {"gain": 0.5}})
+    second = [await stream.process(chunk) for _ in range(5)]
+    stream.retune({"denoise:test_tunable": {"mode": "b"}})
+    third = [await stream.process(chunk) for _ in range(5)]
+    assert [r.side["seq"] for r in first + second] == list(range(1, 11))  # the same state all along
+    assert [r.side["seq"] for r in third] == list(range(1, 6))  # reopened
+    assert [round(float(r.audio[0]), 3) for r in (first[-1], second[0], third[0])] == [0.1, 0.05, 0.05]
+    assert stream.stages == ["denoise:test_tunable"]
 
 
 async def test_unknown_stage_is_rejected(executor: Executor) -> None:

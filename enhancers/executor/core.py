@@ -35,7 +35,7 @@ import torch
 
 from enhancers.executor.admission import AdmissionControl
 from enhancers.executor.config import ExecutorConfig
-from enhancers.executor.loading import resolve_device
+from enhancers.executor.loading import options_for, resolve_device
 from enhancers.executor.messages import Job, PendingChunk, ProcessedChunk
 from enhancers.executor.process import ProcessWorker
 from enhancers.executor.stream import DeadlineWatch, ExecutorStream
@@ -187,11 +187,15 @@ class Executor:
     def _retune_stream(self, stream: ExecutorStream, options: Mapping[str, Mapping[str, Any]]) -> None:
         merged = {str(k): dict(v) for k, v in (stream.options or {}).items()}
         for key, values in options.items():
-            # where the stage reads its options: under its full spec when the stream has that key, else its kind
-            kinds = {s.split(":", 1)[0] for s in stream.stages if s == key or s.split(":", 1)[0] == key}
-            targets = {s for s in stream.stages if s in merged and s.split(":", 1)[0] in kinds} | {str(key)}
-            for target in targets:
-                merged.setdefault(target, {}).update(values)
+            for spec in stream.stages:
+                kind = spec.split(":", 1)[0]
+                if key not in (spec, kind):
+                    continue
+                # what the stage reads now (its full spec's entry, else its kind's), updated, stored under the
+                # full spec when that is where it was or what was named, else under the kind
+                own = options_for(merged, spec)
+                own.update(values)
+                merged[spec if spec in merged or key == spec else kind] = own
         stream.options = merged
         if stream.stages:
             self._worker.declare_stream(stream.stream_id, {s: stream.stage_options(merged, s) for s in stream.stages})
