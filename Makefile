@@ -18,8 +18,7 @@ $(BIN)/mediaserver: pyproject.toml
 	# Compile the numba kernels (GTCRN, DF3, the AEC, WPE) into their on-disk cache now, not in the executor worker on first use.
 	$(BIN)/python -c "from enhancers.denoise.gtcrn_native import gtcrn_native; gtcrn_native()"
 	$(BIN)/python -c "from enhancers.denoise.df3 import compile_kernels; compile_kernels()"
-	$(BIN)/python -c "from enhancers.aec.kernels import compile_kernels; compile_kernels()"
-	$(BIN)/python -c "from enhancers.aec.mdf_kernels import compile_kernels; compile_kernels()"
+	$(BIN)/python -c "from enhancers.aec.stage import EchoCancellerStage; EchoCancellerStage()"
 	$(BIN)/python -c "from enhancers.dereverb.wpe_kernels import compile_kernels; compile_kernels()"
 	touch $(BIN)/mediaserver
 

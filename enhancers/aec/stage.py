@@ -23,11 +23,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from enhancers.aec.delay import BEST, CANDIDATE, DELAY, DelayConfig, DelayEstimator, delay_initial_state
 from enhancers.aec.mdf import MdfConfig, mdf_initial_state, mdf_step, power, ring_order, shift_partitions
-from enhancers.aec.mdf_kernels import mdf_step_kernels
 from enhancers.aec.suppressor import (
     SUPPRESSION_LEVELS,
     ResidualEchoSuppressor,
@@ -71,14 +71,20 @@ class EchoCancellerStage(Stage):
         self.delay = DelayEstimator(self.delay_cfg, self.mdf.n_fft, self.device)
         self.suppressor = ResidualEchoSuppressor(self.sup_cfg, self.device)
         self._lanes = torch.arange(self.mdf.n_fft, device=self.device)
-        # On the CPU the MDF block, the delay estimator and the suppressor's gains run as numba kernels
-        # (enhancers/aec/mdf_kernels.py, kernels.py); False: the torch ops everywhere.
+        # On the CPU the chunk runs in numpy with numba kernels (enhancers/aec/stage_cpu.py: the MDF block,
+        # the delay estimator and the suppressor's gains, mdf_kernels.py and kernels.py, and the rest);
+        # False: the torch ops of process_torch (the delay estimator and the gains keep their own flags).
         self.kernels = True
+        # the suppressor's constant windows as numpy arrays (enhancers/aec/stage_cpu.py)
+        sup = self.suppressor
+        self._window_np, self._fold_np, self._cn_window_np, self._fade_np = (
+            t.cpu().numpy().astype(np.float32) for t in (sup.window, sup.fold, sup.cn_window, sup.fade))
         if self.device.type == "cpu":  # load (or compile) them now, while the executor loads the stage,
-            from enhancers.aec import kernels, mdf_kernels  # not on the first chunk of a live stream
+            from enhancers.aec import kernels, mdf_kernels, stage_cpu  # (not on a live stream's first chunk)
 
             kernels.compile_kernels()
             mdf_kernels.compile_kernels(self.mdf)
+            stage_cpu.compile_kernels(self)
 
     # -- per-stream state ---------------------------------------------------
     def initial_state(self) -> dict[str, torch.Tensor]:
@@ -204,6 +210,16 @@ class EchoCancellerStage(Stage):
         return ring[index[:, None], flat]
 
     def process(self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext) -> torch.Tensor:
+        if self.kernels and self.device.type == "cpu":
+            from enhancers.aec.stage_cpu import process_cpu
+
+            return process_cpu(self, audio, streams, ctx)
+        return self.process_torch(audio, streams, ctx)
+
+    def process_torch(
+        self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext
+    ) -> torch.Tensor:
+        """:meth:`process` in torch ops (any device; the reference of the CPU path)."""
         rows, index = self._rows(streams)
         # With consecutive slots ``st`` holds views: in-place updates land in
         # the pool and only replaced entries are written back.
@@ -234,8 +250,7 @@ class EchoCancellerStage(Stage):
         # Linear echo cancellation on the delay-compensated reference.
         x_window = self._far_window(index, count - filter_delay)
         x_new = torch.fft.rfft(x_window, norm="forward")[:, : self.mdf.bins]
-        step = mdf_step_kernels if self.kernels and self.device.type == "cpu" else mdf_step
-        lin = step(st, x_new, x_window[:, CHUNK:], mic, count, self.mdf)
+        lin = mdf_step(st, x_new, x_window[:, CHUNK:], mic, count, self.mdf)
 
         # Residual echo suppression, with the far end aligned to the filter's main peak.
         lag = self._echo_lag(st, filter_delay, bulk, lin.adapted)
