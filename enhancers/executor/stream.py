@@ -139,7 +139,7 @@ class ExecutorStream:
         must not carry raw echo, :mod:`enhancers.aec.fallback`)."""
         aec = [s for s in specs if s.split(":", 1)[0] == "aec"]
         self.aec_spec = aec[0] if aec else None
-        self.aec_follows_shifts = bool(aec) and NEAR_SHIFT in load_stage_class(aec[0]).live_options
+        self.aec_follows_shifts = bool(aec) and _follows_shifts(aec[0])
         if not aec:
             self.echo_gate = None
         elif self.echo_gate is None:
@@ -179,6 +179,15 @@ class ExecutorStream:
         if not self.closed:
             self.closed = True
             self._executor._close_stream(self)
+
+
+def _follows_shifts(spec: str) -> bool:
+    """Whether stage ``spec`` takes ``near_shift_samples`` live (False when its class cannot be loaded:
+    the worker reports that load's failure)."""
+    try:
+        return NEAR_SHIFT in load_stage_class(spec).live_options
+    except Exception:  # noqa: BLE001 - any import error of the stage's module
+        return False
 
 
 class DeadlineWatch:
