@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -129,6 +130,36 @@ def test_apm_api_with_odd_frame_sizes(cases: list[tuple[np.ndarray, np.ndarray]]
     aec.close()
 
 
+async def jump_scenario(executor: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Two aec streams on ``executor`` (started) get the same echo with 20 ms of the mic's timeline skipped
+    at 6 s; ``shift_near`` tells only the first.  Returns the mic, both outputs and the jump's sample."""
+    far = speech(FAR_SPEECH, 10.0, EVAL)
+    case = echo_scenario(far, room_response("impulse_response_0.wav", EVAL), 200.0)
+    at, jump = 6 * SAMPLE_RATE, 2 * CHUNK
+    mic = np.concatenate([case.mic[:at], case.mic[at + jump:]])  # 20 ms of the mic's timeline skipped
+    n = (len(mic) // CHUNK) * CHUNK
+    told, untold = executor.open_stream("aec"), executor.open_stream("aec")
+    await told.wait_ready()
+    outs: list[list[np.ndarray]] = [[], []]
+    for start in range(0, n, CHUNK):
+        if start == at:
+            told.shift_near(jump)
+        chunk, ref = mic[start:start + CHUNK].copy(), case.far[start:start + CHUNK].copy()
+        results = await asyncio.gather(told.process(chunk, ref), untold.process(chunk, ref))
+        for out, result in zip(outs, results):
+            assert not result.bypassed
+            out.append(result.audio)
+    y_told, y_untold = (np.concatenate(o) for o in outs)
+    return mic[:n], y_told, y_untold, at
+
+
+def assert_told_canceller_follows(mic: np.ndarray, y_told: np.ndarray, y_untold: np.ndarray, at: int) -> None:
+    before, after = slice(at - 2 * SAMPLE_RATE, at), slice(at, at + 2 * SAMPLE_RATE)
+    assert erle_db(mic[before], y_told[before], SAMPLE_RATE) >= 25.0
+    assert erle_db(mic[after], y_told[after], SAMPLE_RATE) >= 25.0  # no leak, no re-convergence
+    assert erle_db(mic[after], y_untold[after], SAMPLE_RATE) <= erle_db(mic[after], y_told[after], SAMPLE_RATE) - 10.0
+
+
 async def test_a_jump_of_the_mic_timeline_leaks_no_echo_once_the_canceller_is_told() -> None:
     """The SFU's jitter buffer gives back excess delay by skipping 20 ms of a talker's audio: the echo in
     it then comes 20 ms sooner after its reference.  Told through the executor (``shift_near``, here to
@@ -136,29 +167,10 @@ async def test_a_jump_of_the_mic_timeline_leaks_no_echo_once_the_canceller_is_to
     seconds while its estimator finds the new delay."""
     from enhancers.executor import Executor, ExecutorConfig
 
-    far = speech(FAR_SPEECH, 10.0, EVAL)
-    case = echo_scenario(far, room_response("impulse_response_0.wav", EVAL), 200.0)
-    at, jump = 6 * SAMPLE_RATE, 2 * CHUNK
-    mic = np.concatenate([case.mic[:at], case.mic[at + jump:]])  # 20 ms of the mic's timeline skipped
-    n = (len(mic) // CHUNK) * CHUNK
     executor = Executor(ExecutorConfig(device="cpu", isolation="process", deadline_ms=5_000.0))
     await executor.start()
     try:
-        told, untold = executor.open_stream("aec"), executor.open_stream("aec")
-        await told.wait_ready()
-        outs: list[list[np.ndarray]] = [[], []]
-        for start in range(0, n, CHUNK):
-            if start == at:
-                told.shift_near(jump)
-            chunk, ref = mic[start:start + CHUNK].copy(), case.far[start:start + CHUNK].copy()
-            results = await asyncio.gather(told.process(chunk, ref), untold.process(chunk, ref))
-            for out, result in zip(outs, results):
-                assert not result.bypassed
-                out.append(result.audio)
+        result = await jump_scenario(executor)
     finally:
         await executor.close()
-    y_told, y_untold = (np.concatenate(o) for o in outs)
-    before, after = slice(at - 2 * SAMPLE_RATE, at), slice(at, at + 2 * SAMPLE_RATE)
-    assert erle_db(mic[before], y_told[before], SAMPLE_RATE) >= 25.0
-    assert erle_db(mic[after], y_told[after], SAMPLE_RATE) >= 25.0  # no leak, no re-convergence
-    assert erle_db(mic[after], y_untold[after], SAMPLE_RATE) <= erle_db(mic[after], y_told[after], SAMPLE_RATE) - 10.0
+    assert_told_canceller_follows(*result)

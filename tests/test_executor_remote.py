@@ -69,9 +69,9 @@ async def service() -> AsyncIterator[tuple[int, list[subprocess.Popen[str]]]]:
                     p.kill()
 
 
-def _executor(port: int, token: str = TOKEN, name: str = "node") -> Executor:
+def _executor(port: int, token: str = TOKEN, name: str = "node", deadline_ms: float = 200.0) -> Executor:
     return Executor(ExecutorConfig(device="cpu", isolation="remote", remote_address=f"127.0.0.1:{port}",
-                                   remote_token=token.encode(), remote_name=name, deadline_ms=200.0))
+                                   remote_token=token.encode(), remote_name=name, deadline_ms=deadline_ms))
 
 
 TONE = (0.99 * np.sin(2 * np.pi * 440 * np.arange(480) / 48_000)).astype(np.float32)
@@ -210,3 +210,22 @@ async def test_live_call_survives_the_service_and_uses_it_again(
     finally:
         await talker.leave()
         await listener.leave()
+
+
+async def test_the_service_canceller_follows_a_jump_of_a_clients_mic_timeline(
+        service: tuple[int, list[subprocess.Popen[str]]]) -> None:
+    """``shift_near`` crosses the wire as a live option of the stream's aec stage in the service (its state
+    kept): across a 20 ms skip of the mic's timeline the told stream keeps cancelling, the other leaks."""
+    from tests.test_aec_streams import EVAL as AEC_EVAL
+    from tests.test_aec_streams import assert_told_canceller_follows, jump_scenario
+
+    if not (AEC_EVAL / "speech").is_dir():
+        pytest.skip("shared eval recordings not present")
+    port, _ = service
+    executor = _executor(port, deadline_ms=5_000.0)
+    await executor.start()
+    try:
+        result = await jump_scenario(executor)
+    finally:
+        await executor.close()
+    assert_told_canceller_follows(*result)

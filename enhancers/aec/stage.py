@@ -28,6 +28,8 @@ import torch
 
 from enhancers.aec.delay import BEST, CANDIDATE, DELAY, DelayConfig, DelayEstimator, delay_initial_state
 from enhancers.aec.mdf import MdfConfig, mdf_initial_state, mdf_step, power, ring_order, shift_partitions
+from enhancers.aec.stage_cpu import compile_kernels as compile_cpu_kernels
+from enhancers.aec.stage_cpu import process_cpu
 from enhancers.aec.suppressor import (
     SUPPRESSION_LEVELS,
     ResidualEchoSuppressor,
@@ -80,11 +82,11 @@ class EchoCancellerStage(Stage):
         self._window_np, self._fold_np, self._cn_window_np, self._fade_np = (
             t.cpu().numpy().astype(np.float32) for t in (sup.window, sup.fold, sup.cn_window, sup.fade))
         if self.device.type == "cpu":  # load (or compile) them now, while the executor loads the stage,
-            from enhancers.aec import kernels, mdf_kernels, stage_cpu  # (not on a live stream's first chunk)
+            from enhancers.aec import kernels, mdf_kernels  # (not on a live stream's first chunk)
 
             kernels.compile_kernels()
             mdf_kernels.compile_kernels(self.mdf)
-            stage_cpu.compile_kernels(self)
+            compile_cpu_kernels(self)
 
     # -- per-stream state ---------------------------------------------------
     def initial_state(self) -> dict[str, torch.Tensor]:
@@ -211,8 +213,6 @@ class EchoCancellerStage(Stage):
 
     def process(self, audio: torch.Tensor, streams: Sequence[StageStream], ctx: BatchContext) -> torch.Tensor:
         if self.kernels and self.device.type == "cpu":
-            from enhancers.aec.stage_cpu import process_cpu
-
             return process_cpu(self, audio, streams, ctx)
         return self.process_torch(audio, streams, ctx)
 

@@ -13,17 +13,40 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from enhancers.aec.delay import DelayEstimator
 from enhancers.aec.kernels import njit
+from enhancers.aec.mdf import MdfConfig
 from enhancers.aec.mdf_kernels import mdf_step_kernels
+from enhancers.aec.suppressor import ResidualEchoSuppressor
 from enhancers.stage import CHUNK, BatchContext, StageStream
 
-if TYPE_CHECKING:
-    from enhancers.aec.stage import EchoCancellerStage
+
+class CpuCanceller(Protocol):
+    """What the CPU chunk reads of :class:`enhancers.aec.stage.EchoCancellerStage` (which imports this
+    module: a protocol, not an import, keeps the two out of an import cycle)."""
+
+    state: dict[str, torch.Tensor]
+    suppressor: ResidualEchoSuppressor
+    mdf: MdfConfig
+    delay: DelayEstimator
+    margin: int
+    ring_chunks: int
+    _window_np: np.ndarray
+    _fold_np: np.ndarray
+    _cn_window_np: np.ndarray
+    _fade_np: np.ndarray
+
+    def stream(self, **options: Any) -> StageStream: ...
+
+    def _rows(self, streams: Sequence[StageStream]) -> tuple[slice | torch.Tensor, torch.Tensor]: ...
+
+    def _realign(self, st: dict[str, torch.Tensor], index: torch.Tensor, count: torch.Tensor,
+                 filter_delay: torch.Tensor, changed: torch.Tensor) -> None: ...
 
 SCALE = np.float32(32768.0)
 TWO_PI_16 = np.float32(2 * math.pi / (1 << 16))
@@ -88,7 +111,7 @@ def _power(z: np.ndarray) -> np.ndarray:
     return z.real * z.real + z.imag * z.imag
 
 
-def process_cpu(stage: EchoCancellerStage, audio: torch.Tensor, streams: Sequence[StageStream],
+def process_cpu(stage: CpuCanceller, audio: torch.Tensor, streams: Sequence[StageStream],
                 ctx: BatchContext) -> torch.Tensor:
     """``stage.process`` for a batch on the CPU; the same result, state and side information."""
     rows, index = stage._rows(streams)
@@ -184,7 +207,7 @@ def process_cpu(stage: EchoCancellerStage, audio: torch.Tensor, streams: Sequenc
     return torch.from_numpy(out / SCALE).to(audio.dtype)
 
 
-def _gains(stage: EchoCancellerStage, st: dict[str, torch.Tensor],
+def _gains(stage: CpuCanceller, st: dict[str, torch.Tensor],
            spectra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The suppressor's gains and divergence flags (its kernel), from ``[B, 4, bins]`` spectra."""
     sup = stage.suppressor
@@ -204,7 +227,7 @@ def _gains(stage: EchoCancellerStage, st: dict[str, torch.Tensor],
     return gain, flag
 
 
-def compile_kernels(stage: EchoCancellerStage) -> None:
+def compile_kernels(stage: CpuCanceller) -> None:
     """Compile (or load from the on-disk cache) this module's kernels: one chunk of a throwaway stream."""
     stream = stage.stream()
     try:
