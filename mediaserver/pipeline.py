@@ -106,8 +106,8 @@ class StreamPipeline:
         return self.cancels_echo and not (s is not None and s.aec_follows_shifts)
 
     def note_input_shift(self, samples: int) -> None:
-        """The input's timeline has jumped ``samples`` ahead of real time in all (skips minus stretches), up
-        to the chunk submitted next: the echo canceller moves its delay by as much before that chunk."""
+        """The input's timeline jumped ``samples`` ahead of real time (negative: behind) just before the
+        chunk submitted next: the echo canceller moves its delay by as much before that chunk."""
         s = self._executor_stream
         if s is not None:
             s.shift_near(samples)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
-from mediaserver.audio_format import SAMPLE_RATE
+from mediaserver.audio_format import CHUNK, SAMPLE_RATE
 from mediaserver.clock import MediaClock
 from mediaserver.encoder_load import EncoderComplexity
 from mediaserver.fanout import Fanout, StreamEncoder
@@ -89,7 +89,8 @@ class PublishedStream:
         self._take = getattr(source, "take_forwardable", None) if forward_unprocessed else None
         self.source = source
         self._playout = getattr(source, "playout", None)  # its PlayoutBuffer, if it has one
-        self._shift_told = 0  # the playout's timeline shift the pipeline was last told of
+        self._shift_seen = 0  # the playout's timeline shift as of the last tick
+        self._shift_unsent = 0  # timeline jumps the echo canceller was not told of yet (dropped chunks)
         self.pipeline = pipeline
         pipeline.on_result = self._on_result
         self.fanout = Fanout()
@@ -125,6 +126,9 @@ class PublishedStream:
         if playout is not None:
             playout.trim_excess = not self.pipeline.pins_timeline
         audio, origin = self.source.pull()
+        shift = 0
+        if playout is not None and playout.timeline_shift != self._shift_seen:
+            shift, self._shift_seen = playout.timeline_shift - self._shift_seen, playout.timeline_shift
         if self.muted:
             audio = np.zeros_like(audio)
         tick = self._clock.ticks
@@ -134,16 +138,18 @@ class PublishedStream:
                 self._take()  # the publisher's packets: never forwarded as they are, this chunk is processed
             if len(self._at_executor) >= _MAX_INFLIGHT:
                 self.counters.dropped_backlog += 1
+                self._shift_unsent += shift + CHUNK  # the canceller never sees this chunk: a skip for it
                 return
             reference = self._reference(tick) if self._reference is not None else None
-            if playout is not None and playout.timeline_shift != self._shift_told:
-                self._shift_told = playout.timeline_shift
-                pipeline.note_input_shift(self._shift_told)
+            shift, self._shift_unsent = shift + self._shift_unsent, 0
+            if shift:  # the playout skipped or stretched just before this chunk: the canceller follows
+                pipeline.note_input_shift(shift)
             chunk = _Chunk(audio, origin, time.monotonic(), tick, None, None)
             self._chunks.append(chunk)
             self._at_executor.append(chunk)
             pipeline.submit(audio, reference)
             return
+        self._shift_unsent = 0
         forwardable = self._take_forwardable()
         result = PipelineResult(audio=audio)
         if self._chunks:  # chunks from before the stages went off are still out: keep the order

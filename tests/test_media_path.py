@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import types
 
 import numpy as np
 
@@ -239,3 +240,61 @@ async def test_encoder_makes_one_packet_per_20ms_for_all_subscribers() -> None:
     for t in tracks:
         got = [await t.recv() for _ in range(50)]
         assert len({g.data for g in got}) > 40
+
+
+class _ShiftingSource:
+    """A microphone whose jitter buffer's timeline jumps when the test says so (``playout.timeline_shift``)."""
+
+    def __init__(self) -> None:
+        self.playout = types.SimpleNamespace(timeline_shift=0, trim_excess=True)
+
+    def pull(self) -> tuple[np.ndarray, None]:
+        return np.zeros(CHUNK, dtype=np.float32), None
+
+    def close(self) -> None:
+        pass
+
+
+async def test_the_echo_canceller_is_told_each_timeline_jump_once_and_only_its_own() -> None:
+    """What the stream tells its ``aec`` stage: the playout's jumps from when the stage runs on (the ones
+    before do not move a canceller that was not there), and a chunk dropped on the executor's backlog as
+    a skip of its own (the canceller never saw it)."""
+    from enhancers.executor import Executor, ExecutorConfig
+    from mediaserver.clock import MediaClock
+    from mediaserver.pipeline import PipelineHub
+    from mediaserver.stream import _MAX_INFLIGHT, PublishedStream
+
+    executor = Executor(ExecutorConfig(device="cpu", deadline_ms=5_000.0))
+    await executor.start()
+    try:
+        source = _ShiftingSource()
+        pipeline = PipelineHub(executor).open("mic", [])
+        stream = PublishedStream("s1", "p1", "audio", source, pipeline, MediaClock())
+        source.playout.timeline_shift = 960  # a trim while no stage runs
+        stream._on_tick()
+        pipeline.set_stages(["aec"])
+        told = pipeline._executor_stream
+        assert told is not None and told.aec_follows_shifts
+        stream._on_tick()
+        assert told.near_shift == 0
+        assert source.playout.trim_excess  # the MDF canceller follows: the buffer may trim
+        source.playout.timeline_shift = 1920  # one more packet skipped
+        stream._on_tick()
+        assert told.near_shift == 960
+        while len(stream._at_executor) < _MAX_INFLIGHT:  # the executor's answers wait for the loop
+            stream._on_tick()
+        stream._on_tick()  # dropped on the backlog
+        assert stream.counters.dropped_backlog == 1 and told.near_shift == 960
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not stream._at_executor:
+                break
+        stream._on_tick()
+        assert told.near_shift == 960 + CHUNK
+        pipeline.set_stages(["aec:webrtc"])  # AEC3 cannot follow: the buffer keeps its delay
+        stream._on_tick()
+        assert not source.playout.trim_excess
+        stream.closed = True
+        pipeline.close()
+    finally:
+        await executor.close()

@@ -62,7 +62,7 @@ class ExecutorStream:
         self.aec_spec: str | None = None
         # the aec stage can be told that the microphone's timeline jumped (option ``near_shift_samples``)
         self.aec_follows_shifts = False
-        self.near_shift = 0  # the last shift_near(): the aec stage gets it as ``near_shift_samples``
+        self.near_shift = 0  # the sum of shift_near(): the aec stage gets it as ``near_shift_samples``
 
     def submit(self, chunk: np.ndarray, reference: np.ndarray | None = None) -> None:
         """Hand in one [480] float32 chunk at 48 kHz (``reference``: far-end audio for AEC); its result
@@ -103,10 +103,11 @@ class ExecutorStream:
         self._executor._set_stream_stages(self, stages, options)
 
     def shift_near(self, samples: int) -> None:
-        """The microphone's timeline has jumped ``samples`` ahead of real time in all since the stream
-        opened (a jitter buffer's skips minus its stretches): an aec stage that can follow it moves its
-        delay by as much before the chunks submitted from now on.  A no-op for the others."""
-        self.near_shift = int(samples)
+        """The microphone's timeline jumped ``samples`` ahead of real time (negative: behind) between the
+        chunk submitted last and the next (a jitter buffer skipped or stretched): an aec stage that can
+        follow it moves its delay by as much before the chunks submitted from now on (one opened later
+        starts from the sum so far: only the jumps after it count).  A no-op for other stages."""
+        self.near_shift += int(samples)
         if self.aec_follows_shifts:
             self.retune({})
 
