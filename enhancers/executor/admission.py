@@ -51,7 +51,7 @@ TICK_MS = 10.0
 DEFAULT_STAGE_COSTS: dict[str, tuple[float, float]] = {  # bench/stage_cost.py, one core with VNNI (int8)
     "denoise": (0.5, 0.12), "denoise:df3": (0.5, 0.12), "denoise:gtcrn": (0.35, 0.065),
     "denoise:nsnet2": (0.6, 0.065), "denoise:rnnoise": (0.05, 0.52), "dereverb": (0.25, 0.05),
-    "aec": (0.45, 0.12), "aec:webrtc": (0.02, 0.1), "vad": (0.02, 0.01), "vad:webrtc": (0.02, 0.01), "limiter": (0.04, 0.01),
+    "aec": (0.45, 0.12), "aec:webrtc": (0.06, 0.11), "vad": (0.02, 0.01), "vad:webrtc": (0.02, 0.01), "limiter": (0.04, 0.01),
 }
 UNKNOWN_STAGE_COST = (0.5, 1.0)  # a spec with no prior (tests' stages, new models): pessimistic
 MIN_SAMPLES = 20  # calls timed before the measured model replaces the prior
