@@ -11,8 +11,9 @@ adapts its target: up 10 ms on each underrun, down towards three times the
 measured jitter, dropping a backlog well above the target at once and one
 packet of a smaller lasting excess at a time (see :meth:`PlayoutBuffer._adapt`).
 Every skip and every insertion moves the played timeline against real time;
-``timeline_shift`` counts it, in step with the chunks pulled, so that an echo
-canceller downstream can move its delay by as much.
+``timeline_shift`` counts it, in step with the chunks pulled (a pause of the
+sender as one net jump when it plays again), so that an echo canceller
+downstream can move its delay by as much.
 
 A codec's buffer (``mediaserver.jitter.JitterBuffer`` for Opus,
 ``signaling.sip.jitter.G711JitterBuffer`` for phones) says what it stores per
@@ -108,6 +109,7 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         self._out_pos = 0  # samples pulled so far
         self._shifts: collections.deque[tuple[int, int]] = collections.deque()  # (first output sample, shift)
         self._resume_ts: int | None = None  # gone silent: the RTP position where the played audio stopped
+        self._silent_samples = 0  # ... and the samples pulled since (one net jump when it plays again)
         self.stats = JitterStats(target_ms=self._target)
 
     # -- what a codec provides ----------------------------------------------------
@@ -192,14 +194,16 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         if not self._started:
             if not self._packets or (now - self._first_arrival) * 1000.0 < self._target:
                 if self._resume_ts is not None:  # silence between two talk spurts of one source: stretched
-                    self._shifts.append((self._out_pos, -self.chunk))
+                    self._silent_samples += self.chunk
                 self._advance()
                 return np.zeros(self.chunk, dtype=np.float32), None
             self._started = True
             self._play_ts = min(self._packets)
             self._conceal_run = 0
-            if self._resume_ts is not None:  # what the sender's clock moved on while nothing played
-                self._shifts.append((self._out_pos, self._play_ts - self._resume_ts))
+            if self._resume_ts is not None:  # the sender's clock moved on while our silence played: one
+                # net jump, not one per silent chunk (a canceller told each would lose its delay and taps
+                # to the ends of its range over a pause of seconds)
+                self._shifts.append((self._out_pos, self._play_ts - self._resume_ts - self._silent_samples))
                 self._resume_ts = None
         while len(self._pending) < self.chunk and self._fill_one():
             pass
@@ -246,8 +250,7 @@ class PlayoutBuffer(ABC, Generic[Entry]):
             # The sender paused (mute, hold, DTX, silence suppression, outage): go silent, re-prime later.
             self._started = False
             self._pending = np.zeros(0, dtype=np.float32)
-            self._resume_ts = self._play_ts
-            self._shifts.append((self._out_pos, -self.chunk))
+            self._resume_ts, self._silent_samples = self._play_ts, self.chunk
             self._on_silence()
             self._advance()
             return np.zeros(self.chunk, dtype=np.float32), None

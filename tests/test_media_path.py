@@ -197,6 +197,35 @@ def test_the_timeline_shift_is_reported_with_the_chunk_where_the_audio_jumps() -
     assert len(after) >= 3 and all(where[c] == 0 for c in after)
 
 
+def test_a_pause_of_the_sender_is_one_small_timeline_jump_when_it_talks_again() -> None:
+    """A sender that pauses for 3 s (hold, an outage) and resumes with its RTP clock 3 s on: the buffer
+    goes silent and re-primes.  Its timeline did not move 3 s against real time, only by the difference
+    of the two primings: one small net jump at the first chunk after the pause, none chunk by chunk
+    during it (an echo canceller told each silent chunk would lose its delay and taps)."""
+    x = (np.random.default_rng(1).standard_normal(12 * 48_000) * 0.1).astype(np.float32)
+    pk = _packets(x, bitrate=128_000)
+    clock = FakeClock()
+    jb = JitterBuffer(clock=clock, min_delay_ms=20.0, start_delay_ms=40.0)
+    # packets 0-199 (4 s), a 3 s pause (150 packets' time), then 200-449; RTP time runs on through the pause
+    sent = [(i if i < 200 else i + 150) for i in range(len(pk) - 150)]
+    shifts, k = [], 0
+    for tick in range(2 * (sent[-1] + 20)):
+        clock.t = tick * 0.01
+        while k < len(sent) and 0.005 + sent[k] * 0.02 <= clock.t:
+            jb.push(k, sent[k] * 960, pk[k], 0.005 + sent[k] * 0.02)
+            k += 1
+        jb.pull()
+        shifts.append(jb.timeline_shift)
+    steps = np.diff(shifts)
+    silent = slice(2 * 200 + 20, 2 * 350)  # from past the concealment at its start to the resume
+    assert not steps[silent].any()
+    resumed = [int(s) for s in steps[2 * 350:2 * 360] if s]
+    assert len(resumed) == 1, resumed  # the net jump, at once
+    # the concealment's stretch at the pause's start and the jump at its end: together the difference of
+    # the two primings, a few packets at most
+    assert abs(int(steps[2 * 200 - 10:2 * 360].sum())) <= 3 * 960
+
+
 def test_a_buffer_at_its_target_drops_nothing() -> None:
     pk = _packets(np.tile(speech(seconds=4.0), 3))
     clock = FakeClock()
