@@ -176,7 +176,7 @@ def process_cpu(stage: CpuCanceller, audio: torch.Tensor, streams: Sequence[Stag
     frames[:, 2, frame:] = echo
     frames[:, 2] *= window
     spectra = np.fft.rfft(frames, norm="forward")
-    gain, diverged = _gains(stage, st, np.ascontiguousarray(
+    gain, diverged = sup.gains_stacked(st, np.ascontiguousarray(
         np.stack([spectra[:, 0], mic_spec, spectra[:, 1], spectra[:, 2]], axis=1)))
     noise_spec = np.empty((b, sup.cfg.bins), dtype=np.complex64)
     for key in ("sup_noise_psd", "sup_noise", "sup_filter", "sup_cn_tail"):
@@ -205,26 +205,6 @@ def process_cpu(stage: CpuCanceller, audio: torch.Tensor, streams: Sequence[Stag
             stage.state[key][rows] = value
     ctx.side["aec_delay_ms"] = torch.from_numpy(bulk.astype(np.float32) * np.float32(10.0))
     return torch.from_numpy(out / SCALE).to(audio.dtype)
-
-
-def _gains(stage: CpuCanceller, st: dict[str, torch.Tensor],
-           spectra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The suppressor's gains and divergence flags (its kernel), from ``[B, 4, bins]`` spectra."""
-    sup = stage.suppressor
-    cfg = sup.cfg
-    rows = spectra.shape[0]
-    gain = np.empty((rows, cfg.bins), dtype=np.float32)
-    flag = np.empty(rows, dtype=np.bool_)
-    for key in ("sup_psd", "sup_cross", "sup_scalars"):  # updated in place: pool views or the batch's copies
-        if not st[key].is_contiguous():
-            st[key] = st[key].contiguous()
-    sup._kernel(
-        spectra, st["sup_psd"].numpy(), st["sup_cross"].numpy(), st["sup_scalars"].numpy(),
-        st["sup_min_overdrive"].numpy(), st["sup_target"].numpy(), st["sup_enabled"].numpy(),
-        sup._weight_curve_np, sup._overdrive_curve_np, sup._pref_np, float(sup.far_active),
-        float(cfg.psd_smoothing), int(cfg.band_bins), float(cfg.hangover_chunks), gain, flag,
-    )
-    return gain, flag
 
 
 def compile_kernels(stage: CpuCanceller) -> None:

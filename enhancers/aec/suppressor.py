@@ -187,8 +187,13 @@ class ResidualEchoSuppressor:
         ew: torch.Tensor,
         yw: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        gain, flag = self.gains_stacked(st, torch.stack([xw, dw, ew, yw], 1).numpy())
+        return torch.from_numpy(gain), torch.from_numpy(flag)
+
+    def gains_stacked(self, st: dict[str, torch.Tensor], spectra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The kernel's gains and divergence flags from ``[B, 4, bins]`` complex64 spectra (far end, mic,
+        error, echo estimate), as numpy arrays; ``st`` updated in place."""
         cfg = self.cfg
-        spectra = torch.stack([xw, dw, ew, yw], 1).numpy()
         rows = spectra.shape[0]
         gain = np.empty((rows, cfg.bins), dtype=np.float32)
         flag = np.empty(rows, dtype=np.bool_)
@@ -201,7 +206,7 @@ class ResidualEchoSuppressor:
             self._weight_curve_np, self._overdrive_curve_np, self._pref_np, float(self.far_active),
             float(cfg.psd_smoothing), int(cfg.band_bins), float(cfg.hangover_chunks), gain, flag,
         )
-        return torch.from_numpy(gain), torch.from_numpy(flag)
+        return gain, flag
 
     def gains_torch(
         self,
