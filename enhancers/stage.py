@@ -63,6 +63,12 @@ class StageStream:
             self.stage.release_stream(self)
 
 
+def follow_shift(room: int, shift: int, limit: int) -> int:
+    """A delay line's delay after the microphone's timeline jumped ``shift`` samples ahead (negative: behind):
+    a jump ahead uses up ``room``, one behind gives it back, within 0..``limit``."""
+    return min(max(room - int(shift), 0), limit)
+
+
 class Stage(ABC):
     """Shared part of one processor: weights, device and the state pool.
 
@@ -79,6 +85,10 @@ class Stage(ABC):
     # per-stream options :meth:`retune` changes on a running stream (its state kept); a change of any
     # other option reopens the stream's state fresh
     live_options: ClassVar[frozenset[str]] = frozenset()
+    # an echo canceller with ``near_shift_samples`` among its live options follows jumps of the microphone's
+    # timeline; None: any jump, else the room a delay line gives it: (samples it starts with, most it holds)
+    # moved by :func:`follow_shift` at each jump
+    shift_room: ClassVar[tuple[int, int] | None] = None
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)

@@ -89,7 +89,9 @@ class StreamPipeline:
         if executor is None:
             raise RuntimeError("enhancement executor is not running")
         if self._executor_stream is None:
-            self._executor_stream = executor.open_stream(stages, self._options, label=self._label)
+            # its chunks come from the jitter buffer, whose timeline jumps (PublishedStream._on_tick tells them)
+            self._executor_stream = executor.open_stream(stages, self._options, label=self._label,
+                                                         timeline_jumps=True)
             self._executor_stream.on_change = self._changed
             self._executor_stream.on_result = self._result
         else:
@@ -99,11 +101,16 @@ class StreamPipeline:
         self.cancels_echo = any(s.split(":", 1)[0] == "aec" for s in self._stages)
 
     @property
-    def pins_timeline(self) -> bool:
-        """An echo canceller runs that cannot follow a jump of the input's timeline (a jitter buffer's skip
-        or stretch): the source must keep its delay steady."""
+    def timeline_room(self) -> Optional[int]:
+        """Samples the input's timeline may still skip ahead (a jitter buffer's trim): None for any; 0 when an
+        echo canceller runs that cannot follow a jump, and what its delay line has left when one can a little."""
+        if not self.cancels_echo:
+            return None
         s = self._executor_stream
-        return self.cancels_echo and not (s is not None and s.aec_follows_shifts)
+        if s is None or not s.aec_follows_shifts:
+            return 0
+        room: Optional[int] = s.aec_shift_room
+        return room
 
     def note_input_shift(self, samples: int) -> None:
         """The input's timeline jumped ``samples`` ahead of real time (negative: behind) just before the

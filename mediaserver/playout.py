@@ -99,10 +99,10 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         self._window_min_ms = float("inf")  # the least depth since the last adaptation
         self._trim_since: float | None = None  # a lasting excess waits for a quiet chunk since then
         self._level = 0.0  # running RMS of the played audio
-        # False while an echo canceller that cannot follow ``timeline_shift`` runs on the stream: a skipped
-        # packet moves the echo 20 ms against its reference, and that canceller leaks while it finds it
-        # again (the burst drop still applies)
-        self.trim_excess = True
+        # samples a trim may still skip (None: any): a skipped packet moves the echo 20 ms against its
+        # reference, so an echo canceller that cannot follow ``timeline_shift`` pins it at 0, and one that
+        # follows within a delay line gives that line's room (the burst drop still applies)
+        self.trim_room: int | None = None
         # samples the played timeline has jumped ahead of real time (skips) minus those it was stretched
         # by (concealment inserted on underruns), up to the chunk last pulled
         self.timeline_shift = 0
@@ -283,7 +283,7 @@ class PlayoutBuffer(ABC, Generic[Entry]):
         self._window_min_ms = min(self._window_min_ms, depth)
         rms = float(np.sqrt(np.dot(out, out) / len(out))) if len(out) else 0.0
         self._level += 0.01 * (rms - self._level)  # ~1 s
-        if self._trim_since is not None and (not self.trim_excess or rms < max(QUIET_FLOOR, QUIET_RATIO * self._level)
+        if self._trim_since is not None and (self.trim_room == 0 or rms < max(QUIET_FLOOR, QUIET_RATIO * self._level)
                                              or now - self._trim_since >= TRIM_FORCE_S):
             self._trim_one()
         if now - self._last_adapt >= 1.0:
@@ -301,12 +301,13 @@ class PlayoutBuffer(ABC, Generic[Entry]):
     def _trim_one(self) -> None:
         """Skip the next stored packet (a lasting excess over the target, at a quiet moment)."""
         self._trim_since = None
-        if not self.trim_excess:
-            return
-        entry = self._packets.pop(self._play_ts, None)
+        entry = self._packets.get(self._play_ts)
         if entry is None:
             return
         samples = self._samples(entry[0])
+        if self.trim_room is not None and samples > self.trim_room:
+            return
+        del self._packets[self._play_ts]
         self._jump(samples, after_pending=True)
         self._play_ts += samples
         self.stats.discarded += 1

@@ -124,7 +124,7 @@ class PublishedStream:
     def _on_tick(self) -> None:
         playout = self._playout
         if playout is not None:
-            playout.trim_excess = not self.pipeline.pins_timeline
+            playout.trim_room = self.pipeline.timeline_room
         audio, origin = self.source.pull()
         shift = 0
         if playout is not None and playout.timeline_shift != self._shift_seen:

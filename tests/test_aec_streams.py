@@ -130,19 +130,19 @@ def test_apm_api_with_odd_frame_sizes(cases: list[tuple[np.ndarray, np.ndarray]]
     aec.close()
 
 
-async def check_the_told_canceller_follows(executor: Any) -> None:
-    """On ``executor`` (not started), two aec streams get the same echo with 20 ms of the mic's timeline
-    skipped at 6 s; ``shift_near`` tells only the first.  The told one keeps cancelling across the jump;
-    the other leaks (>= 10 dB less ERLE in the 2 s after it)."""
+async def check_the_told_canceller_follows(executor: Any, spec: str = "aec", jump: int = 2 * CHUNK) -> None:
+    """On ``executor`` (not started), two ``spec`` streams get the same echo with ``jump`` samples of the
+    mic's timeline skipped at 6 s; ``shift_near`` tells only the first.  The told one keeps cancelling
+    across the jump; the other leaks (>= 10 dB less ERLE in the 2 s after it)."""
     far = speech(FAR_SPEECH, 10.0, EVAL)
     case = echo_scenario(far, room_response("impulse_response_0.wav", EVAL), 200.0)
-    at, jump = 6 * SAMPLE_RATE, 2 * CHUNK
+    at = 6 * SAMPLE_RATE
     mic = np.concatenate([case.mic[:at], case.mic[at + jump:]])  # 20 ms of the mic's timeline skipped
     n = (len(mic) // CHUNK) * CHUNK
     outs: list[list[np.ndarray]] = [[], []]
     await executor.start()
     try:
-        told, untold = executor.open_stream("aec"), executor.open_stream("aec")
+        told, untold = (executor.open_stream(spec, timeline_jumps=True) for _ in range(2))
         await told.wait_ready()
         for start in range(0, n, CHUNK):
             if start == at:
@@ -171,3 +171,13 @@ async def test_a_jump_of_the_mic_timeline_leaks_no_echo_once_the_canceller_is_to
 
     await check_the_told_canceller_follows(
         Executor(ExecutorConfig(device="cpu", isolation="process", deadline_ms=5_000.0)))
+
+
+async def test_the_light_canceller_follows_a_jump_within_its_delay_line() -> None:
+    """AEC3 (``aec:webrtc``) cannot be told of a jump, but on a stream whose timeline jumps its far end
+    comes through a 40 ms delay line that jumps with the microphone: 40 ms skipped, no echo leaks."""
+    from enhancers.aec.webrtc import SHIFT_HEADROOM
+    from enhancers.executor import Executor, ExecutorConfig
+
+    await check_the_told_canceller_follows(Executor(ExecutorConfig(device="cpu", deadline_ms=5_000.0)),
+                                           "aec:webrtc", SHIFT_HEADROOM)

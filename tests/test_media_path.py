@@ -275,7 +275,7 @@ class _ShiftingSource:
     """A microphone whose jitter buffer's timeline jumps when the test says so (``playout.timeline_shift``)."""
 
     def __init__(self) -> None:
-        self.playout = types.SimpleNamespace(timeline_shift=0, trim_excess=True)
+        self.playout = types.SimpleNamespace(timeline_shift=0, trim_room=None)
 
     def pull(self) -> tuple[np.ndarray, None]:
         return np.zeros(CHUNK, dtype=np.float32), None
@@ -288,6 +288,7 @@ async def test_the_echo_canceller_is_told_each_timeline_jump_once_and_only_its_o
     """What the stream tells its ``aec`` stage: the playout's jumps from when the stage runs on (the ones
     before do not move a canceller that was not there), and a chunk dropped on the executor's backlog as
     a skip of its own (the canceller never saw it)."""
+    from enhancers.aec.webrtc import SHIFT_HEADROOM
     from enhancers.executor import Executor, ExecutorConfig
     from mediaserver.clock import MediaClock
     from mediaserver.pipeline import PipelineHub
@@ -306,7 +307,7 @@ async def test_the_echo_canceller_is_told_each_timeline_jump_once_and_only_its_o
         assert told is not None and told.aec_follows_shifts
         stream._on_tick()
         assert told.near_shift == 0
-        assert source.playout.trim_excess  # the MDF canceller follows: the buffer may trim
+        assert source.playout.trim_room is None  # the MDF canceller follows any jump: the buffer may trim
         source.playout.timeline_shift = 1920  # one more packet skipped
         stream._on_tick()
         assert told.near_shift == 960
@@ -320,9 +321,16 @@ async def test_the_echo_canceller_is_told_each_timeline_jump_once_and_only_its_o
                 break
         stream._on_tick()
         assert told.near_shift == 960 + CHUNK
-        pipeline.set_stages(["aec:webrtc"])  # AEC3 cannot follow: the buffer keeps its delay
+        pipeline.set_stages(["aec:webrtc"])  # AEC3 follows within its far end's delay line
         stream._on_tick()
-        assert not source.playout.trim_excess
+        assert source.playout.trim_room == SHIFT_HEADROOM
+        for shift, room in ((960, SHIFT_HEADROOM - 960),
+                            (SHIFT_HEADROOM, 0),  # past its room (a burst drop): the buffer keeps its delay
+                            (-960, 960)):  # concealment gives room back
+            source.playout.timeline_shift += shift
+            stream._on_tick()  # told before this chunk
+            stream._on_tick()  # the room the buffer may use from the next pull on
+            assert source.playout.trim_room == room
         stream.closed = True
         pipeline.close()
     finally:

@@ -18,6 +18,18 @@ one is a loop over native objects by nature, like RNNoise.
 Per-stream options: ``delay_hint_ms`` (handed to ``set_stream_delay_ms``;
 AEC3 estimates the delay itself either way) and ``suppression``, which must be
 ``"moderate"`` (AEC3's own setting: the module exposes no other).
+
+Jumps of the microphone's timeline.  AEC3 cannot be told that the microphone
+jumped (a jitter buffer skipped a packet): its estimator finds the new delay
+itself, leaking echo for seconds meanwhile.  A stream opened with the option
+``near_shift_samples`` (the SFU's streams: their timeline may jump) therefore
+hands AEC3 its far end through a delay line, ``SHIFT_HEADROOM`` samples late.
+When the microphone jumps ahead by ``s`` samples, the far end jumps ahead with
+it (the line's delay shrinks by ``s``), so the echo keeps its delay against
+what AEC3 sees; a jump behind (concealment) lengthens the line again, up to
+``SHIFT_LIMIT``.  The headroom costs nothing as long as the echo's delay
+exceeds it: in the SFU it includes the server's own jitter buffer, the
+client's and the network's round trip.
 """
 
 from __future__ import annotations
@@ -29,9 +41,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from enhancers.stage import CHUNK, SAMPLE_RATE, BatchContext, Stage, StageStream
+from enhancers.stage import CHUNK, SAMPLE_RATE, BatchContext, Stage, StageStream, follow_shift
+
+NEAR_SHIFT = "near_shift_samples"  # option: the sum of the microphone's timeline jumps (samples ahead)
 
 PCM_SCALE = 32767.0
+SHIFT_HEADROOM = 1920  # 40 ms: the far end's delay in front of AEC3 on streams whose timeline may jump ahead
+SHIFT_LIMIT = SHIFT_HEADROOM + 4800  # the delay line's length: 100 ms of jumps behind on top
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,10 +58,35 @@ def _rtc() -> Any:
     return rtc
 
 
-class WebRtcEchoCanceller:
-    """One stream's AEC3 instance and its two 10 ms PCM frames (far end and microphone), reused every tick."""
+class RenderDelayLine:
+    """The far end of one stream, ``delay`` samples late: owns the last ``limit`` + one chunk of it."""
 
-    def __init__(self, delay_hint_ms: float | None = None) -> None:
+    def __init__(self, delay: int, limit: int) -> None:
+        self.delay = delay
+        self.limit = limit
+        self._line = np.zeros(limit + CHUNK, dtype=np.float32)
+
+    def shift(self, samples: int) -> None:
+        """The microphone jumped ``samples`` ahead (negative: behind): the far end follows within the line."""
+        self.delay = follow_shift(self.delay, samples, self.limit)
+
+    def push(self, far: np.ndarray | None) -> np.ndarray:
+        """Take the next chunk of the far end (None: silence); the chunk ``delay`` samples before it."""
+        line = self._line
+        line[:-CHUNK] = line[CHUNK:]
+        if far is None:
+            line[-CHUNK:] = 0.0
+        else:
+            line[-CHUNK:] = far
+        end = len(line) - self.delay
+        return line[end - CHUNK : end]
+
+
+class WebRtcEchoCanceller:
+    """One stream's AEC3 instance, its two 10 ms PCM frames (far end and microphone) reused every tick, and
+    the far end's delay line when its microphone's timeline may jump (``render_delay``)."""
+
+    def __init__(self, delay_hint_ms: float | None = None, render_delay: RenderDelayLine | None = None) -> None:
         rtc = _rtc()
         self._apm = rtc.AudioProcessingModule(echo_cancellation=True)
         self._far = rtc.AudioFrame(bytearray(2 * CHUNK), SAMPLE_RATE, 1, CHUNK)
@@ -53,10 +94,14 @@ class WebRtcEchoCanceller:
         self._far_pcm = np.frombuffer(self._far._data, dtype=np.int16)
         self._mic_pcm = np.frombuffer(self._mic._data, dtype=np.int16)
         self._scratch = np.empty(CHUNK, dtype=np.float32)
+        self.render_delay = render_delay
         if delay_hint_ms is not None:
             self.set_delay_hint(delay_hint_ms)
 
     def set_delay_hint(self, delay_ms: float) -> None:
+        """The echo's delay after the far end; AEC3 sees it shorter by the delay line's."""
+        if self.render_delay is not None:
+            delay_ms -= self.render_delay.delay * 1000.0 / SAMPLE_RATE
         self._apm.set_stream_delay_ms(int(max(0.0, min(float(delay_ms), 1000.0))))
 
     def _to_pcm(self, x: np.ndarray, pcm: np.ndarray) -> None:
@@ -67,6 +112,8 @@ class WebRtcEchoCanceller:
 
     def process(self, mic: np.ndarray, far: np.ndarray | None, out: np.ndarray) -> None:
         """Cancel the echo of ``far`` (zeros when None) in ``mic`` (480 float samples) into ``out``."""
+        if self.render_delay is not None:
+            far = self.render_delay.push(far)
         if far is None:
             self._far_pcm[:] = 0
         else:
@@ -85,9 +132,10 @@ class WebRtcEchoCancellerStage(Stage):
     # AEC3 at 48 kHz works on three bands: its band-split filter bank delays the output by ~9 ms
     # (an impulse's energy arrives 430-473 samples later, half of it by 436; tests/test_aec_webrtc.py)
     latency_samples = 436
-    # not ``near_shift_samples``: AEC3 cannot be told that the microphone's timeline jumped (its own
-    # estimator finds the new delay, leaking echo for seconds meanwhile), so the SFU keeps its delay steady
-    live_options = frozenset({"delay_hint_ms"})
+    # ``near_shift_samples``: AEC3 cannot be told that the microphone's timeline jumped, but its far end can
+    # jump with it, within the delay line's room (module docstring)
+    live_options = frozenset({"delay_hint_ms", NEAR_SHIFT})
+    shift_room = (SHIFT_HEADROOM, SHIFT_LIMIT)
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         super().__init__(device)
@@ -98,12 +146,19 @@ class WebRtcEchoCancellerStage(Stage):
         if level != "moderate":
             raise ValueError(f"aec:webrtc has one suppression level, 'moderate', not {level!r}")
         hint = stream.options.get("delay_hint_ms")
-        stream.native = WebRtcEchoCanceller(None if hint is None else float(hint))
+        line = RenderDelayLine(SHIFT_HEADROOM, SHIFT_LIMIT) if NEAR_SHIFT in stream.options else None
+        stream.native = WebRtcEchoCanceller(None if hint is None else float(hint), line)
 
     def close_native(self, stream: StageStream) -> None:
         stream.native = None  # the FFI handle is released with the object
 
     def retune(self, stream: StageStream, changed: dict[str, Any]) -> None:
+        if NEAR_SHIFT in changed:
+            native = stream.native
+            line = native.render_delay if isinstance(native, WebRtcEchoCanceller) else None
+            if line is None:
+                raise ValueError("aec:webrtc follows jumps only on streams opened with near_shift_samples")
+            line.shift(int(changed[NEAR_SHIFT] or 0) - int(stream.options.get(NEAR_SHIFT) or 0))
         if "delay_hint_ms" in changed:
             self.set_delay_hint(stream, changed["delay_hint_ms"])
 

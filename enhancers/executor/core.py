@@ -158,8 +158,14 @@ class Executor:
         options: Mapping[str, Mapping[str, Any]] | None = None,
         *,
         label: str = "",
+        timeline_jumps: bool = False,
     ) -> ExecutorStream:
         """Open a stream asking for ``stages`` (e.g. ``"aec,denoise:rnnoise"``).
+
+        ``timeline_jumps``: the chunks come from a jitter buffer that may skip or stretch its timeline (the
+        SFU's streams; :meth:`ExecutorStream.shift_near`): an echo canceller that can follow such jumps only
+        within a delay line it puts in front of the far end (``aec:webrtc``) gets one.  Without it, that
+        canceller sees the far end as it comes (a delay line would cost it echoes shorter than the line).
 
         With admission on, ``stream.stages`` is what it got (maybe lighter, maybe none: then it
         submits nothing), ``stream.requested_stages`` what it asked for, ``stream.degraded_reason``
@@ -167,7 +173,7 @@ class Executor:
         """
         if self._closed:
             raise RuntimeError("executor is closed")
-        stream = ExecutorStream(self, self._next_id, label)
+        stream = ExecutorStream(self, self._next_id, label, timeline_jumps=timeline_jumps)
         self._next_id += 1
         self._set_stream_stages(stream, stages, options)
         self._streams[stream.stream_id] = stream

@@ -13,7 +13,7 @@ from enhancers.aec.fallback import EchoGate
 from enhancers.executor.loading import options_for
 from enhancers.executor.messages import PendingChunk, ProcessedChunk
 from enhancers.registry import load_stage_class
-from enhancers.stage import CHUNK
+from enhancers.stage import CHUNK, follow_shift
 
 NEAR_SHIFT = "near_shift_samples"  # aec option: samples the microphone's timeline jumped ahead, in all
 
@@ -42,8 +42,9 @@ class ExecutorStream:
     or ``await`` :meth:`process` per chunk (libraries, the CLI); not both on one stream.
     """
 
-    def __init__(self, executor: StreamOwner, stream_id: int, label: str) -> None:
+    def __init__(self, executor: StreamOwner, stream_id: int, label: str, *, timeline_jumps: bool = False) -> None:
         self._executor = executor
+        self.timeline_jumps = timeline_jumps  # its chunks come from a jitter buffer (Executor.open_stream)
         self.stream_id = stream_id
         self.label = label
         self.stages: list[str] = []  # what runs (admission may give less than was asked for)
@@ -63,6 +64,7 @@ class ExecutorStream:
         # the aec stage can be told that the microphone's timeline jumped (option ``near_shift_samples``)
         self.aec_follows_shifts = False
         self.near_shift = 0  # the sum of shift_near(): the aec stage gets it as ``near_shift_samples``
+        self._shift_room: tuple[int, int] | None = None  # the aec stage's delay line: (room now, limit)
 
     def submit(self, chunk: np.ndarray, reference: np.ndarray | None = None) -> None:
         """Hand in one [480] float32 chunk at 48 kHz (``reference``: far-end audio for AEC); its result
@@ -109,7 +111,16 @@ class ExecutorStream:
         starts from the sum so far: only the jumps after it count).  A no-op for other stages."""
         self.near_shift += int(samples)
         if self.aec_follows_shifts:
+            if self._shift_room is not None:
+                room, limit = self._shift_room
+                self._shift_room = (follow_shift(room, samples, limit), limit)
             self.retune({})
+
+    @property
+    def aec_shift_room(self) -> int | None:
+        """Samples the microphone's timeline may still jump ahead with the aec stage following it (its
+        delay line's room, tracked here as the stage tracks it); None: any jump (or no such stage)."""
+        return None if self._shift_room is None else self._shift_room[0]
 
     def retune(self, options: Mapping[str, Mapping[str, Any]]) -> None:
         """Change live options of running stages (keyed by spec or kind, e.g. ``{"aec": {...}}``),
@@ -139,8 +150,14 @@ class ExecutorStream:
         """The stage list changed: an echo gate for streams with an aec stage (unprocessed chunks of theirs
         must not carry raw echo, :mod:`enhancers.aec.fallback`)."""
         aec = [s for s in specs if s.split(":", 1)[0] == "aec"]
-        self.aec_spec = aec[0] if aec else None
-        self.aec_follows_shifts = bool(aec) and _follows_shifts(aec[0])
+        spec = aec[0] if aec else None
+        if spec != self.aec_spec:  # a new aec stage opens with its delay line's full room
+            self._shift_room = _delay_line_room(spec) if spec is not None else None
+        self.aec_spec = spec
+        # a canceller that follows only within a delay line gets one where jumps come (it costs it echoes
+        # shorter than the line)
+        self.aec_follows_shifts = spec is not None and _follows_shifts(spec) and (
+            self.timeline_jumps or self._shift_room is None)
         if not aec:
             self.echo_gate = None
         elif self.echo_gate is None:
@@ -189,6 +206,14 @@ def _follows_shifts(spec: str) -> bool:
         return NEAR_SHIFT in load_stage_class(spec).live_options
     except Exception:  # noqa: BLE001 - any import error of the stage's module
         return False
+
+
+def _delay_line_room(spec: str) -> tuple[int, int] | None:
+    """The room stage ``spec`` has for jumps of the microphone's timeline ahead (None: any, or it cannot load)."""
+    try:
+        return load_stage_class(spec).shift_room
+    except Exception:  # noqa: BLE001 - any import error of the stage's module
+        return None
 
 
 class DeadlineWatch:
