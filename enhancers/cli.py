@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from enhancers.process_name import spawn_without_main
 from enhancers.registry import CHAIN_ORDER, STAGES, create_stage, parse_stage_list
 
 EVAL_TASKS = ("denoise", "aec", "dereverb", "wer")
@@ -230,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "eval" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    spawn_without_main()
     try:
         if args.command == "process":
             return run_process(args)

@@ -10,6 +10,7 @@ import sys
 
 from aiohttp import web
 
+from enhancers.process_name import spawn_without_main
 from mediaserver.config import ServerConfig, load_config, parse_workers, worker_count
 from mediaserver.process_setup import avoid_huge_pages, freeze_startup_heap
 from mediaserver.server import VERSION, MediaServer
@@ -88,6 +89,7 @@ def serve(config: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    spawn_without_main()
     if args.command == "rollout":
         return rollout_cli.run(args)
     if args.command == "token":
