@@ -90,8 +90,11 @@ class MediaServer:
         self.rollout = RolloutManager(self)  # rollout: which streams run a candidate stage list
         self.links: Any = None  # mediaserver/federation.RoomLinks once rooms may span processes (attach_bus)
 
-    def _shared_cpus(self) -> int:
-        """The cores the executor's worker shares with media processes (0: it has cores of its own)."""
+    def _shared_cpus(self) -> float:
+        """This media process's share of the cores its executor's worker shares with the media processes
+        (0: the worker has cores of its own).  A worker pinned to a core of its own is told 1.0
+        (signaling/cluster/worker_main.py); unpinned workers that cover every core share them all, and each
+        one's admission budgets its share (believing it had them all, N workers admitted N times what fits)."""
         e = self.config.enhance
         if e.shared_cpus >= 0:
             return e.shared_cpus
@@ -101,7 +104,8 @@ class MediaServer:
             cpus = len(os.sched_getaffinity(0))
         except AttributeError:  # not Linux
             cpus = os.cpu_count() or 1
-        return cpus if cpus <= worker_count(self.config) else 0
+        workers = worker_count(self.config)
+        return cpus / workers if cpus <= workers else 0.0
 
     async def start(self) -> None:
         validate_stages(self.config.enhance.default_stages)

@@ -315,3 +315,21 @@ async def test_a_burst_of_streams_gets_a_real_stage_as_its_cost_is_measured() ->
         assert executor.stats()["upgrades"] >= 5
     finally:
         await executor.close()
+
+
+def test_unpinned_media_workers_budget_their_share_of_the_cores() -> None:
+    """Media workers that are not pinned (more workers than cores) share every core: each one's admission
+    budgets its share, not all of them (N workers each believing it had every core admitted N times what
+    fits); a worker pinned to a core of its own is told 1.0 by its entry point."""
+    import os
+    from dataclasses import replace
+
+    from mediaserver.config import AuthConfig, ServerConfig
+    from mediaserver.server import MediaServer
+
+    cpus = len(os.sched_getaffinity(0))
+    config = ServerConfig(auth=AuthConfig(dev_mode=True))
+    assert MediaServer(replace(config, workers=2 * cpus))._shared_cpus() == 0.5
+    assert MediaServer(replace(config, workers=cpus))._shared_cpus() == 1.0
+    pinned = replace(config, workers=2 * cpus, enhance=replace(config.enhance, shared_cpus=1.0))
+    assert MediaServer(pinned)._shared_cpus() == 1.0

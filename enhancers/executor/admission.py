@@ -200,7 +200,7 @@ class Admission:
     """Fits stage lists into the tick budget given the streams already admitted."""
 
     def __init__(self, model: LoadModel, target_load: float, upgrade_load: float,
-                 lighter: Mapping[str, Sequence[str]] | None = None, shared_cpus: int = 0,
+                 lighter: Mapping[str, Sequence[str]] | None = None, shared_cpus: float = 0.0,
                  cpu_target: float = 0.8) -> None:
         self.model = model
         self.target_load = target_load
@@ -277,7 +277,7 @@ class Admission:
                     why = (f"enhancement executor full: {','.join(requested)} would bring the load to {want:.2f} "
                            f"of the tick (target {limit:.2f}; {before:.2f} in use by the streams already admitted)")
                 else:
-                    why = (f"CPU full: {','.join(requested)} would bring the {self.shared_cpus} core(s) shared by "
+                    why = (f"CPU full: {','.join(requested)} would bring the {self.shared_cpus:g} core(s) shared by "
                            f"the media and the enhancement processes to {want_cpu:.2f} (target {cpu_limit:.2f})")
                 if not stages:
                     return Decision([], "refused", why + "; no stages fit, audio is forwarded unprocessed",

@@ -59,8 +59,9 @@ class ExecutorConfig:
     # server whose every usable core runs a media worker), the stages' time alone says nothing of the
     # CPU left: a stream is also admitted only if the predicted stage time plus the host process's
     # measured CPU per tick plus ``host_ms_per_stream`` for the newcomer (its decode, encode and
-    # forwarding) stays within ``cpu_target`` of the ``shared_cpus`` cores.  0: the worker has cores
-    # of its own (or is remote) and only ``target_load`` applies.
-    shared_cpus: int = 0
+    # forwarding) stays within ``cpu_target`` of the ``shared_cpus`` cores (this media process's share:
+    # 1.0 with one media worker per core, 0.5 with two).  0: the worker has cores of its own (or is
+    # remote) and only ``target_load`` applies.
+    shared_cpus: float = 0.0
     cpu_target: float = 0.8
     host_ms_per_stream: float = 0.25

@@ -115,24 +115,27 @@ async def _serve(config: ServerConfig, index: int, socket_path: str, front_socke
         await bus.close()
 
 
-def _pin(index: int, count: int) -> None:
+def _pin(index: int, count: int) -> bool:
     """Run worker ``index`` (and what it starts: its executor worker) on one core of its own, as mediasoup
     does, when every worker can have one: no migrations, its caches stay warm, and its executor knows it
-    shares that core with it (admission counts the worker's CPU)."""
+    shares that core with it (admission counts the worker's CPU).  True when it was pinned."""
     try:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) >= count > 1:
             os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+            return True
     except (AttributeError, OSError) as exc:  # not Linux, or not allowed
         log.info("worker %d stays unpinned: %s", index, exc)
+    return False
 
 
 def run_worker(config: ServerConfig, index: int, count: int, socket_path: str, front_socket: str) -> None:
     """Entry point of worker ``index`` of ``count``."""
     set_process_name(f"{MEDIA_WORKER}{index}")
     die_with_parent()
-    if config.pin_workers:
-        _pin(index, count)
+    if config.pin_workers and _pin(index, count) and config.enhance.shared_cpus < 0:
+        # its executor's worker shares this one core with it alone (unpinned, the server finds its share)
+        config = replace(config, enhance=replace(config.enhance, shared_cpus=1.0))
     logging.basicConfig(level=config.log_level,
                         format=f"%(asctime)s %(levelname)s [w{index}] %(name)s: %(message)s")
     from signaling.http_server import install_uvloop
