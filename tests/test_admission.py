@@ -333,3 +333,46 @@ def test_unpinned_media_workers_budget_their_share_of_the_cores() -> None:
     assert MediaServer(replace(config, workers=cpus))._shared_cpus() == 1.0
     pinned = replace(config, workers=2 * cpus, enhance=replace(config.enhance, shared_cpus=1.0))
     assert MediaServer(pinned)._shared_cpus() == 1.0
+
+
+def test_the_host_cost_counts_the_media_process_children_but_not_its_neighbours() -> None:
+    """What admission adds to the stages on a shared core: the media process's CPU and its children's (the
+    quality scorer, the synthesizer, the executor worker's time beyond its stages), not another program's."""
+    import subprocess
+    import sys
+    import time
+
+    from enhancers.executor.host_cpu import HostCpu
+
+    spin = [sys.executable, "-c", "import time\nend = time.monotonic() + 8\nwhile time.monotonic() < end: pass"]
+
+    def measure(child: bool, stage_s: float = 0.0) -> float:
+        host = HostCpu(mean_s=0.5)
+        proc = subprocess.Popen(spin) if child else None
+        try:
+            time.sleep(0.3)
+            for _ in range(5):
+                host.sample()
+                host.add_stage_time(stage_s)
+                time.sleep(0.55)
+            return host.ms
+        finally:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+    assert HostCpu(1.0).source == "tree"
+    spinning_child = measure(child=True)
+    assert spinning_child >= 3.0, spinning_child  # ms per 10 ms tick: a child spinning on a core of the two
+    # the same child, its time reported as the stages' (an executor worker): not counted twice
+    assert measure(child=True, stage_s=0.55) < spinning_child - 3.0
+    neighbour = subprocess.Popen(spin, start_new_session=True)  # not a child of the measuring process...
+    try:
+        code = ("import time\nfrom enhancers.executor.host_cpu import HostCpu\nh = HostCpu(0.5)\n"
+                "for _ in range(5):\n    h.sample(); time.sleep(0.55)\nprint(h.ms)")
+        alone = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                     timeout=60).stdout)
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    assert alone < 1.0, alone  # ...so a process that only sleeps reads ~0

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from enhancers.executor.config import ExecutorConfig
+from enhancers.executor.host_cpu import TICK_MS, HostCpu
 from enhancers.executor.messages import RoundResult
 from enhancers.executor.shedding import LoadShedder
 from enhancers.executor.stream import ExecutorStream
@@ -44,7 +45,6 @@ log = logging.getLogger("enhancers.executor")
 
 ADMISSION_RESULTS = ("admitted", "degraded", "refused")
 
-TICK_MS = 10.0
 
 # spec -> (fixed ms per batched call, ms per stream): measured at batch 1 and 4 on one busy CPU core
 # (torch 1 thread, thread CPU time, 100 calls); a stage's prior until the worker has timed it
@@ -55,7 +55,7 @@ DEFAULT_STAGE_COSTS: dict[str, tuple[float, float]] = {  # bench/stage_cost.py, 
 }
 UNKNOWN_STAGE_COST = (0.5, 1.0)  # a spec with no prior (tests' stages, new models): pessimistic
 MIN_SAMPLES = 20  # calls timed before the measured model replaces the prior
-HOST_MEAN_S = 5.0  # time constant of the host process's measured CPU (shared cores)
+HOST_MEAN_S = 5.0  # time constant of the host's measured CPU (shared cores)
 PROBE_ROWS = 1  # streams a spec not yet timed may take (TCP: an initial window of one)
 CHEAP_MS = 1.0  # a spec whose prior prices 64 streams under this (VAD, limiter) is not probed: 4x off is noise
 PROBE_RECHECK_S = 0.5  # how often streams waiting for a spec's cost to be measured are upgraded
@@ -302,9 +302,8 @@ class AdmissionControl:
         self.model = LoadModel(config.stage_costs)
         self.policy = Admission(self.model, config.target_load, config.upgrade_load, config.ladder,
                                 config.shared_cpus, config.cpu_target)
-        # the host process's CPU per 10 ms tick (running mean over upgrade intervals; shared cores only)
-        self._host_ms = 0.0
-        self._host_mark: tuple[float, float] | None = None  # (monotonic, process_time) at the last sample
+        # what the host costs on the shared cores per tick (shared cores only; enhancers/executor/host_cpu.py)
+        self.host = HostCpu(HOST_MEAN_S)
         self.counts: dict[str, int] = dict.fromkeys(ADMISSION_RESULTS, 0)
         self.upgrades = 0
         self._streams = streams
@@ -360,35 +359,22 @@ class AdmissionControl:
             for spec, rows, seconds in result.timings:
                 self.model.observe(spec, rows, seconds)
                 stage_s += seconds
+            self.host.add_stage_time(stage_s)
             self._stage_ms += ALPHA * (stage_s * 1e3 - self._stage_ms)
 
     # -- the host's CPU (shared cores) -----------------------------------------------------------
-    def _sample_host(self) -> None:
-        """Update the host process's measured CPU per tick (its own threads: media, signaling, SLIs)."""
-        now, cpu = time.monotonic(), time.process_time()
-        if self._host_mark is not None and now - self._host_mark[0] >= 0.5:
-            dt = now - self._host_mark[0]
-            ms = (cpu - self._host_mark[1]) / dt * TICK_MS
-            # a running mean over ~5 s: long enough that a burst of joins (DTLS handshakes, SDP) does not
-            # read as what a stream costs for its life, short enough to follow streams joining (an
-            # underestimate overloads the core, and every stream's chunks then miss their deadline);
-            # until it has grown, the per-stream prior stands in (``_host_now``)
-            self._host_ms += min(1.0, dt / HOST_MEAN_S) * (ms - self._host_ms)
-        if self._host_mark is None or now - self._host_mark[0] >= 0.5:
-            self._host_mark = (now, cpu)
-
     def _host_now(self, stream: ExecutorStream) -> float:
         """The host's CPU per tick with ``stream`` in it: measured, or the prior per enhanced stream until
         measured, plus the newcomer's prior when it has no stages yet (0 on cores of its own)."""
         if self.config.shared_cpus <= 0:
             return 0.0
-        self._sample_host()
+        self.host.sample()
         return self._host_estimate(stream) + (self.config.host_ms_per_stream if not stream.stages else 0.0)
 
     def _host_estimate(self, without: ExecutorStream | None = None) -> float:
         """The host's CPU per tick: measured, but at least the prior per enhanced stream (``without`` aside)."""
         enhanced = sum(1 for s in self._streams.values() if s is not without and s.stages)
-        return max(self._host_ms, self.config.host_ms_per_stream * enhanced)
+        return max(self.host.ms, self.config.host_ms_per_stream * enhanced)
 
     # -- upgrades --------------------------------------------------------------------------
     def _interval(self) -> float:
@@ -406,7 +392,7 @@ class AdmissionControl:
     def _tick(self) -> None:
         self._timer = None
         if self.config.shared_cpus > 0:
-            self._sample_host()
+            self.host.sample()
         now = time.monotonic()
         if self.config.admission:
             def shed(stream: ExecutorStream, stages: list[str]) -> None:
@@ -464,9 +450,10 @@ class AdmissionControl:
             "measured_load": round(self._stage_ms / TICK_MS, 4),  # measured stage time per round / 10 ms
             "target_load": self.config.target_load,
             "shared_cpus": self.config.shared_cpus,  # 0: the worker has cores of its own
-            "host_ms_per_tick": round(self._host_ms, 3),  # the host process's measured CPU (shared cores)
+            "host_ms_per_tick": round(self.host.ms, 3),  # what the host costs on the shared cores
+            "host_cpu_source": self.host.source,  # "tree": its processes less the stages; "process": its own
             "cpu_load": round(self.policy.cpu_load(self.policy.rows(s.stages for s in self._streams.values()),
-                                                   self._host_ms), 4),
+                                                   self.host.ms), 4),
             "cpu_target": self.config.cpu_target,
             "headroom": round(max(0.0, self.config.target_load - load), 4),
             "admission": self.config.admission,
