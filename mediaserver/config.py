@@ -71,7 +71,7 @@ class EnhanceConfig:
     # When the executor's worker shares its cores with the media process(es) (every usable core runs a
     # media worker: ``shared_cpus`` -1 finds that out at start, as this process's share of them; 0: never;
     # x: x cores, e.g. 0.5 for one of two media workers on a core), a stream is also
-    # admitted only while stages + the media process's measured CPU + host_ms_per_stream for the
+    # admitted only while stages + the media process tree's measured CPU + host_ms_per_stream for the
     # newcomer stay within cpu_target of those cores (enhancers/executor/admission.py).
     shared_cpus: float = -1.0
     cpu_target: float = 0.8

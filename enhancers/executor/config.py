@@ -57,8 +57,9 @@ class ExecutorConfig:
     ladder: Mapping[str, Sequence[str]] | None = None
     # When the worker shares its cores with the process that feeds it (``shared_cpus`` > 0: a media
     # server whose every usable core runs a media worker), the stages' time alone says nothing of the
-    # CPU left: a stream is also admitted only if the predicted stage time plus the host process's
-    # measured CPU per tick plus ``host_ms_per_stream`` for the newcomer (its decode, encode and
+    # CPU left: a stream is also admitted only if the predicted stage time plus the host's measured CPU
+    # per tick (its process tree less the stages: enhancers/executor/host_cpu.py) plus
+    # ``host_ms_per_stream`` for the newcomer (its decode, encode and
     # forwarding) stays within ``cpu_target`` of the ``shared_cpus`` cores (this media process's share:
     # 1.0 with one media worker per core, 0.5 with two).  0: the worker has cores of its own (or is
     # remote) and only ``target_load`` applies.
