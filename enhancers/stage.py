@@ -63,6 +63,10 @@ class StageStream:
             self.stage.release_stream(self)
 
 
+# option of an echo canceller that follows jumps of the microphone's timeline: their sum, in samples ahead
+NEAR_SHIFT = "near_shift_samples"
+
+
 def follow_shift(room: int, shift: int, limit: int) -> int:
     """A delay line's delay after the microphone's timeline jumped ``shift`` samples ahead (negative: behind):
     a jump ahead uses up ``room``, one behind gives it back, within 0..``limit``."""

@@ -36,7 +36,7 @@ from enhancers.aec.suppressor import (
     SuppressorConfig,
     suppressor_initial_state,
 )
-from enhancers.stage import CHUNK, BatchContext, Stage, StageStream
+from enhancers.stage import CHUNK, NEAR_SHIFT, BatchContext, Stage, StageStream
 
 SCALE = 32768.0  # the filter works in 16-bit units (speexdsp's constants)
 
@@ -53,7 +53,7 @@ class EchoCancellerStage(Stage):
 
     name = "aec"
     latency_samples = 0
-    live_options = frozenset({"delay_hint_ms", "near_shift_samples"})
+    live_options = frozenset({"delay_hint_ms", NEAR_SHIFT})
 
     def __init__(
         self,
@@ -117,9 +117,9 @@ class EchoCancellerStage(Stage):
     def retune(self, stream: StageStream, changed: dict[str, Any]) -> None:
         if "delay_hint_ms" in changed:
             self.set_delay_hint(stream, changed["delay_hint_ms"])
-        if "near_shift_samples" in changed:
-            before = round(float(stream.options.get("near_shift_samples") or 0) / CHUNK)
-            after = round(float(changed["near_shift_samples"] or 0) / CHUNK)
+        if NEAR_SHIFT in changed:
+            before = round(float(stream.options.get(NEAR_SHIFT) or 0) / CHUNK)
+            after = round(float(changed[NEAR_SHIFT] or 0) / CHUNK)
             self.shift_near(stream, after - before)
 
     def shift_near(self, stream: StageStream, chunks: int) -> None:

@@ -41,9 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from enhancers.stage import CHUNK, SAMPLE_RATE, BatchContext, Stage, StageStream, follow_shift
-
-NEAR_SHIFT = "near_shift_samples"  # option: the sum of the microphone's timeline jumps (samples ahead)
+from enhancers.stage import CHUNK, NEAR_SHIFT, SAMPLE_RATE, BatchContext, Stage, StageStream, follow_shift
 
 PCM_SCALE = 32767.0
 SHIFT_HEADROOM = 1920  # 40 ms: the far end's delay in front of AEC3 on streams whose timeline may jump ahead

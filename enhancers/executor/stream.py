@@ -13,9 +13,7 @@ from enhancers.aec.fallback import EchoGate
 from enhancers.executor.loading import options_for
 from enhancers.executor.messages import PendingChunk, ProcessedChunk
 from enhancers.registry import load_stage_class
-from enhancers.stage import CHUNK, follow_shift
-
-NEAR_SHIFT = "near_shift_samples"  # aec option: samples the microphone's timeline jumped ahead, in all
+from enhancers.stage import CHUNK, NEAR_SHIFT, follow_shift
 
 
 class StreamOwner(Protocol):
