@@ -1,5 +1,5 @@
 """The name a worker process shows in ``top``, ``ps -o comm`` and ``/proc/PID/comm`` (Linux), its tie
-to its parent's life, and what a spawned child imports when it starts.
+to its parent's life, its scheduling priority, and what a spawned child imports when it starts.
 
 Every spawned child runs ``python -c "from multiprocessing.spawn import spawn_main ..."``; without
 a name of its own an operator (and ``bench/soak.py``) cannot tell the executor's worker from the
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import threading
 
 PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
@@ -38,6 +40,21 @@ def die_with_parent(signal_number: int = 15) -> None:
     """Have the kernel send this process ``signal_number`` (SIGTERM) when its parent dies, however it dies
     (a front process killed with SIGKILL must not leave its media workers running)."""
     _prctl(PR_SET_PDEATHSIG, ctypes.c_int(signal_number))
+
+
+def idle_priority() -> None:
+    """Run the calling thread (and the threads it starts afterwards) only when its cores have nothing else
+    to run: Linux ``SCHED_IDLE``, else the lowest nice; best effort.  A waking thread of normal priority
+    preempts it at once.  For a process's main thread before it starts others, or a thread whose work runs
+    outside the GIL (a C call through ctypes): a starved thread holding the GIL stalls its process."""
+    tid = threading.get_native_id()
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+        except (AttributeError, OSError):
+            pass
 
 
 def spawn_without_main() -> None:

@@ -235,6 +235,9 @@ class QualityConfig:
     max_queued_blocks: int = 512  # 1 s blocks of audio waiting for the scorer thread; beyond, dropped (counted)
     threads: int = 1  # ONNX Runtime intra-op threads of the scorer
     nice: int = 10  # the scorer thread's nice increment (Linux), so the media path wins the CPU
+    # the scorer process at SCHED_IDLE (Linux; else at ``nice``): it runs only on CPU the media path and the
+    # executor leave, and admission control on a shared core does not count it as the host's cost
+    scorer_idle: bool = True
     per_stream_metrics: bool = False  # /metrics: per-stream gauges too (else per room and stage set only)
     # intelligibility SLI (mediaserver/quality_wer.py): every wer_every-th window of a stream whose stages change
     # its audio also gets the WER of Whisper tiny.en on "after" against "before", in the scorer process and its
@@ -462,6 +465,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         quality = replace(quality, period_s=float(env["MEDIASERVER_QUALITY_PERIOD_S"]))
     if "MEDIASERVER_QUALITY_CPU_SHARE" in env:
         quality = replace(quality, cpu_share=float(env["MEDIASERVER_QUALITY_CPU_SHARE"]))
+    if "MEDIASERVER_QUALITY_SCORER_IDLE" in env:
+        quality = replace(quality, scorer_idle=env["MEDIASERVER_QUALITY_SCORER_IDLE"] not in ("0", "false", "no"))
     if "MEDIASERVER_QUALITY_PER_STREAM_METRICS" in env:
         quality = replace(quality, per_stream_metrics=env["MEDIASERVER_QUALITY_PER_STREAM_METRICS"] in ("1", "true", "yes"))
     if env.get("MEDIASERVER_QUALITY_WER"):  # on/1: every window with stages; a number k: every k-th; 0/off

@@ -324,6 +324,7 @@ class QualityMonitor:
             from enhancers.quality.scorer_process import ScorerProcess, ScorerSettings
 
             self._model = ScorerProcess(ScorerSettings(threads=self.config.threads, nice=self.config.nice,
+                                                       idle=self.config.scorer_idle,
                                                        wer=self._wer_config))
             self._starting = self._model.start_async()  # loaded and warmed up in its own process
             return

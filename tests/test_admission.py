@@ -337,18 +337,21 @@ def test_unpinned_media_workers_budget_their_share_of_the_cores() -> None:
 
 def test_the_host_cost_counts_the_media_process_children_but_not_its_neighbours() -> None:
     """What admission adds to the stages on a shared core: the media process's CPU and its children's (the
-    quality scorer, the synthesizer, the executor worker's time beyond its stages), not another program's."""
+    synthesizer, the executor worker's time beyond its stages), not another program's, and not a child at
+    SCHED_IDLE (the quality scorer), which yields the core to every tick."""
     import subprocess
     import sys
     import time
 
     from enhancers.executor.host_cpu import HostCpu
 
-    spin = [sys.executable, "-c", "import time\nend = time.monotonic() + 8\nwhile time.monotonic() < end: pass"]
+    loop = "import time\nend = time.monotonic() + 8\nwhile time.monotonic() < end: pass"
+    spin = [sys.executable, "-c", loop]
+    spin_idle = [sys.executable, "-c", "from enhancers.process_name import idle_priority\nidle_priority()\n" + loop]
 
-    def measure(child: bool, stage_s: float = 0.0) -> float:
+    def measure(child: bool, stage_s: float = 0.0, idle: bool = False) -> float:
         host = HostCpu(mean_s=0.5)
-        proc = subprocess.Popen(spin) if child else None
+        proc = subprocess.Popen(spin_idle if idle else spin) if child else None
         try:
             time.sleep(0.3)
             for _ in range(5):
@@ -366,6 +369,7 @@ def test_the_host_cost_counts_the_media_process_children_but_not_its_neighbours(
     assert spinning_child >= 3.0, spinning_child  # ms per 10 ms tick: a child spinning on a core of the two
     # the same child, its time reported as the stages' (an executor worker): not counted twice
     assert measure(child=True, stage_s=0.55) < spinning_child - 3.0
+    assert measure(child=True, idle=True) < 1.0  # a child at SCHED_IDLE: not the host's cost
     neighbour = subprocess.Popen(spin, start_new_session=True)  # not a child of the measuring process...
     try:
         code = ("import time\nfrom enhancers.executor.host_cpu import HostCpu\nh = HostCpu(0.5)\n"

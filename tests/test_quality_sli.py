@@ -113,7 +113,7 @@ async def test_quality_rises_when_denoise_is_switched_on_live(start_server: Serv
     # takes no block with such a chunk: the test would wait for a clean one instead of measuring the denoiser
     cfg = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
                        enhance=replace(EnhanceConfig(), default_stages=(), device="cpu", deadline_ms=400.0),
-                       quality=QualityConfig(period_s=5, window_s=4, first_window_s=1, cpu_share=1.0, nice=0))
+                       quality=QualityConfig(period_s=5, window_s=4, first_window_s=1, cpu_share=1.0, nice=0, scorer_idle=False))
     rs = await start_server(cfg)
     await rs.server.hub.executor.preload(["denoise"])
     clean = np.concatenate([speech("cmu_arctic_us_aew_a0001.wav"), speech("cmu_arctic_us_axb_a0005.wav"),
@@ -153,7 +153,7 @@ async def test_browser_page_shows_quality_estimate(start_server: ServerFactory, 
     cfg = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
                        enhance=replace(EnhanceConfig(), default_stages=(), device="cpu"),
                        # the scorer unniced: on a busy machine a niced process starts and scores very late
-                       quality=QualityConfig(period_s=3, window_s=2, first_window_s=1, cpu_share=1.0, nice=0))
+                       quality=QualityConfig(period_s=3, window_s=2, first_window_s=1, cpu_share=1.0, nice=0, scorer_idle=False))
     rs = await start_server(cfg)
     bot = Bot(rs.url, "webq", "bot", _mix(speech(), noise("running_tap.wav"), 5.0))
     await bot.join()

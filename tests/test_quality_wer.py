@@ -138,7 +138,7 @@ def _live_config() -> ServerConfig:
     # takes no block with such a chunk. The scorer unniced and a large share: scored soon on a busy machine.
     return ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
                         enhance=replace(EnhanceConfig(), default_stages=(), device="cpu", deadline_ms=400.0),
-                        quality=QualityConfig(period_s=4, window_s=4, first_window_s=1, cpu_share=1.0, nice=0,
+                        quality=QualityConfig(period_s=4, window_s=4, first_window_s=1, cpu_share=1.0, nice=0, scorer_idle=False,
                                               wer_every=1))
 
 

@@ -57,7 +57,7 @@ def _config(**quality: Any) -> ServerConfig:
                         enhance=replace(EnhanceConfig(), default_stages=(BASELINE,), device="cpu", deadline_ms=400.0,
                                         admission=False),
                         # the scorer at normal priority: on a shared machine a niced process gets next to nothing
-                        quality=QualityConfig(window_s=2, period_s=2, first_window_s=1, cpu_share=1.0, nice=0,
+                        quality=QualityConfig(window_s=2, period_s=2, first_window_s=1, cpu_share=1.0, nice=0, scorer_idle=False,
                                               **quality))
 
 

@@ -53,6 +53,7 @@ from enhancers.denoise.df3_dsp import DF3SignalProcessing
 from enhancers.denoise.df3_fused import DF3Fused, fused_available
 from enhancers.denoise.df3_net import DF3Network
 from enhancers.denoise.int8 import resolve_precision
+from enhancers.process_name import idle_priority
 from enhancers.stage import CHUNK, SAMPLE_RATE, BatchContext, Stage, StageStream
 
 NO_LIMIT_DB = 100.0  # libDF: limits at or above 100 dB mean "no limit"
@@ -63,21 +64,6 @@ NO_LIMIT_DB = 100.0  # libDF: limits at or above 100 dB mean "no limit"
 # of a batched torch step a small fraction of that.
 MIGRATE_FRAMES = 300
 MIN_NORM_STATE = 1e-30  # keeps the complex-feature normalizer finite on long digital silence
-
-
-def idle_priority() -> None:
-    """Run the calling thread only when its cores have nothing else to run (Linux ``SCHED_IDLE``, else the
-    lowest nice); best effort."""
-    import os
-
-    tid = threading.get_native_id()
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, 19)
-        except (AttributeError, OSError):
-            pass
 
 
 def post_filter(noisy: torch.Tensor, enhanced: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

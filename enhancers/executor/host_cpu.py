@@ -10,6 +10,11 @@ prediction holds.  Measured with ``/proc/PID/schedstat`` at 6 full-chain streams
 worker ran 597 ms/s, the media process 271, the scorer 46, the core was 92 % busy where admission
 believed 80 %, and the chunks waited for it: 1-20 % of them missed their 40 ms deadline.
 
+A process at ``SCHED_IDLE`` is left out: the scorer runs so (``QualityConfig.scorer_idle``), and a tick
+that wakes preempts it at once.  Niced 10 instead, it took 30-40 % of the core for 12 s while it loaded
+its models and scored its first windows; counted, that read as 3 ms per tick more host cost and made
+admission shed 4 of 6 full-chain streams it had held.
+
 So the host's cost is the CPU time of the media process's whole tree (itself and its children, from
 ``/proc``) less what the stages' timed calls took (:meth:`HostCpu.add_stage_time`).  Other processes on
 the same cores (other tenants; the bots of ``bench/capacity.py``) do not count: counting the cores' busy
@@ -42,11 +47,18 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+SCHED_IDLE = 5  # /proc/PID/stat's policy of a process that runs only on CPU nothing else wants
+
+
 def _cpu_s(pid: int, hz: int) -> float:
-    """User + system CPU seconds of process ``pid`` (0 when it is gone)."""
+    """User + system CPU seconds of process ``pid``: 0 when it is gone, or when it runs at ``SCHED_IDLE``
+    (the quality scorer): a waking tick preempts it at once, so it takes none of the cores' time the
+    media path and the stages need."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             fields = f.read().rpartition(")")[2].split()
+        if len(fields) > 38 and int(fields[38]) == SCHED_IDLE:
+            return 0.0
         return (int(fields[11]) + int(fields[12])) / hz
     except (OSError, ValueError, IndexError):
         return 0.0

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from enhancers.process_name import QUALITY_SCORER, die_with_parent, set_process_name
+from enhancers.process_name import QUALITY_SCORER, die_with_parent, idle_priority, set_process_name
 from enhancers.quality.dnsmos import MODEL_RATE, MosScore, shared_model
 
 if TYPE_CHECKING:
@@ -45,6 +45,9 @@ class ScorerSettings:
 
     threads: int = 1
     nice: int = 10
+    # SCHED_IDLE (Linux): the process runs only on CPU nothing else wants, and a shared core's admission
+    # control does not count it (enhancers/executor/host_cpu.py); ``nice`` where that is not available
+    idle: bool = False
     max_segments: int = 1
     wer: Optional["IntelligibilityConfig"] = None  # intelligibility pairs (Whisper tiny.en) too; None: never
 
@@ -69,7 +72,9 @@ class ScoredBatch(NamedTuple):
 def _worker_init(settings: ScorerSettings) -> None:
     set_process_name(QUALITY_SCORER)
     die_with_parent()  # a media process killed with SIGKILL left its scorer running, idle, for good
-    if settings.nice > 0 and hasattr(os, "nice"):
+    if settings.idle:
+        idle_priority()  # before the model starts any thread: they inherit it
+    elif settings.nice > 0 and hasattr(os, "nice"):
         try:
             os.nice(settings.nice)
         except OSError:
