@@ -46,7 +46,7 @@ class ScorerSettings:
     threads: int = 1
     nice: int = 10
     # SCHED_IDLE (Linux): the process runs only on CPU nothing else wants, and a shared core's admission
-    # control does not count it (enhancers/executor/host_cpu.py); ``nice`` where that is not available
+    # control does not count it (enhancers/executor/host_cpu.py); the lowest nice where that is missing
     idle: bool = False
     max_segments: int = 1
     wer: Optional["IntelligibilityConfig"] = None  # intelligibility pairs (Whisper tiny.en) too; None: never
