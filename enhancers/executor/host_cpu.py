@@ -47,7 +47,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-SCHED_IDLE = 5  # /proc/PID/stat's policy of a process that runs only on CPU nothing else wants
+SCHED_IDLE = getattr(os, "SCHED_IDLE", 5)  # the policy (in /proc/PID/stat) of a process that runs only on spare CPU
 
 
 def _cpu_s(pid: int, hz: int) -> float:
