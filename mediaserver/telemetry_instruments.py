@@ -5,6 +5,10 @@ Instruments are process-wide (the OTel SDK keeps one instrument per name); each 
 all of them.  Callbacks may run on an exporter thread: they only read plain counters and copy
 dicts before iterating.
 
+The per-stream table (``STREAM_METRICS``) becomes instruments only on the meter of push exporters
+(``Instruments.export_streams_on``): ``GET /metrics`` renders those families straight from the
+live streams (``signaling/stream_metrics.py``), the same text at a twentieth of the cost.
+
 Names follow OpenTelemetry conventions (dots, base units); the Prometheus reader turns them into
 ``mediaserver_stream_rtp_jitter_seconds``, ``mediaserver_stream_rtp_lost``,
 ``mediaserver_stream_concealed_total``, ``mediaserver_latency_e2e_seconds_bucket`` ...
@@ -244,11 +248,9 @@ class Instruments:
     def __init__(self, meter: metrics.Meter | None = None) -> None:
         self._sources: weakref.WeakSet[MediaTelemetry] = weakref.WeakSet()
         self._lock = threading.Lock()  # callbacks run on exporter / collector threads
+        self._stream_meters: list[metrics.Meter] = []
         meter = meter or metrics.get_meter("mediaserver")
-        create = {"counter": meter.create_observable_counter, "updown": meter.create_observable_up_down_counter,
-                  "gauge": meter.create_observable_gauge}
-        for name, kind, unit, description, getter in STREAM_METRICS:
-            create[kind](name, callbacks=[self._per_stream(getter)], unit=unit, description=description)
+        create = _creators(meter)
         for name, kind, unit, description, source in OTHER_METRICS:
             create[kind](name, callbacks=[self._per_server(source)], unit=unit, description=description)
         self.e2e = meter.create_histogram(
@@ -267,6 +269,21 @@ class Instruments:
             "mediaserver.event_loop.lag", unit="s", explicit_bucket_boundaries_advisory=LAG_BUCKETS_S,
             description="How late a once-a-second probe on the event loop woke up.")
 
+    def export_streams_on(self, meter: metrics.Meter) -> None:
+        """Report the per-stream metrics (STREAM_METRICS) through ``meter`` too.
+
+        They are not on the main meter: ``GET /metrics`` renders them straight from the live
+        streams (``signaling/stream_metrics.py``), 20x cheaper than the SDK's per-series
+        aggregation at tens of streams.  A meter of a provider with push exporters (OTLP,
+        console) gets them here, so that those exporters still carry every stream.
+        """
+        if any(m is meter for m in self._stream_meters):
+            return
+        self._stream_meters.append(meter)
+        create = _creators(meter)
+        for name, kind, unit, description, getter in STREAM_METRICS:
+            create[kind](name, callbacks=[self._per_stream(getter)], unit=unit, description=description)
+
     def observe(self, tel: MediaTelemetry) -> None:
         with self._lock:
             self._sources.add(tel)
@@ -275,14 +292,15 @@ class Instruments:
         with self._lock:
             self._sources.discard(tel)
 
-    def _live(self) -> list[MediaTelemetry]:
+    def live(self) -> list[MediaTelemetry]:
+        """The MediaTelemetry objects observed now (a copy: safe on any thread)."""
         with self._lock:
             return list(self._sources)
 
     def _per_stream(self, getter: Getter) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             out = []
-            for tel in self._live():
+            for tel in self.live():
                 for st in list(tel.streams.values()):
                     value = getter(st)
                     if value is not None:
@@ -293,9 +311,14 @@ class Instruments:
 
     def _per_server(self, source: ObservationSource) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(value, attrs) for tel in self._live() for value, attrs in source(tel)]
+            return [Observation(value, attrs) for tel in self.live() for value, attrs in source(tel)]
 
         return callback
+
+
+def _creators(meter: metrics.Meter) -> dict[str, Callable[..., Any]]:
+    return {"counter": meter.create_observable_counter, "updown": meter.create_observable_up_down_counter,
+            "gauge": meter.create_observable_gauge}
 
 
 _INSTRUMENTS: Instruments | None = None

@@ -5,9 +5,10 @@ process, all ``mediaserver_``-prefixed); the Prometheus reader that turns them i
 of the SDK configured at the entry point (``signaling/telemetry_setup.py``).  Collection runs
 the observable callbacks, which read the live counters of every running server.
 
-A collection costs ~30-100 us of CPU per series (OTel SDK plus text exposition; ~20 series per
-stream, see ``bench/telemetry_overhead.py``): with many streams that is tens of milliseconds, so
-it runs on one dedicated thread, never on the event loop that paces the audio.
+The per-stream families are rendered straight from the live streams (``signaling/stream_metrics.py``:
+~1 us per series, the SDK path cost ~25); a collection is still a few milliseconds of Python at
+many streams (``bench/telemetry_overhead.py``), so it runs on one dedicated thread, never on the
+event loop that paces the audio.
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
 ``configure_telemetry`` installs the global meter and tracer providers that the instruments and
 spans of ``mediaserver/telemetry.py`` (API only) report to:
 
-* metrics: a Prometheus reader whose registry ``GET /metrics`` serves, always; plus push
-  exporters from ``OTEL_METRICS_EXPORTER`` (``otlp`` by default, ``console``, ``none``;
-  ``prometheus`` is accepted and is always on);
+* metrics: a Prometheus reader whose registry ``GET /metrics`` serves, always, followed by the
+  per-stream families rendered straight from the live streams (``signaling/stream_metrics.py``);
+  plus push exporters from ``OTEL_METRICS_EXPORTER`` (``otlp`` by default, ``console``, ``none``;
+  ``prometheus`` is accepted and is always on), which get the per-stream instruments through a
+  provider of their own;
 * traces: exporters from ``OTEL_TRACES_EXPORTER`` (``otlp`` by default, ``console``, ``none``).
 
 OTLP uses ``OTEL_EXPORTER_OTLP_[METRICS_|TRACES_]PROTOCOL`` (``grpc`` or ``http/protobuf``,
@@ -19,9 +21,10 @@ standard variables; ``OTEL_METRIC_EXPORT_INTERVAL``, ``OTEL_SERVICE_NAME`` and
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +41,14 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from prometheus_client import CollectorRegistry, generate_latest
 
+from mediaserver.telemetry_instruments import instruments
+from signaling.stream_metrics import StreamExposition
+
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("grpc", "http/protobuf")
 _HTTP_PATHS = {"METRICS": "v1/metrics", "TRACES": "v1/traces"}
+_STREAM_EXPOSITION = StreamExposition()
 
 
 @dataclass
@@ -49,6 +56,8 @@ class TelemetrySetup:
     """Owns the process's meter and tracer providers and the Prometheus registry behind ``GET /metrics``."""
 
     meter_provider: MeterProvider | None = None
+    # The per-stream instruments, for push exporters only (GET /metrics renders them directly)
+    stream_meter_provider: MeterProvider | None = None
     tracer_provider: TracerProvider | None = None
     prometheus_registry: CollectorRegistry | None = None
     metric_exporters: list[str] = field(default_factory=list)  # e.g. ["prometheus", "otlp/grpc http://c:4317"]
@@ -58,20 +67,23 @@ class TelemetrySetup:
         """The Prometheus text exposition of every instrument, collected now."""
         if self.prometheus_registry is None:
             return None
-        return generate_latest(self.prometheus_registry)
+        streams = _STREAM_EXPOSITION.render(instruments().live())
+        return generate_latest(self.prometheus_registry) + streams.encode()
 
     def force_flush(self, timeout_ms: int = 5000) -> None:
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush(timeout_ms)
-        if self.meter_provider is not None:
-            self.meter_provider.force_flush(timeout_ms)
+        for provider in (self.meter_provider, self.stream_meter_provider):
+            if provider is not None:
+                provider.force_flush(timeout_ms)
 
     def shutdown(self) -> None:
         """Flush and stop the exporters (at process exit)."""
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
-        if self.meter_provider is not None:
-            self.meter_provider.shutdown()
+        for provider in (self.meter_provider, self.stream_meter_provider):
+            if provider is not None:
+                provider.shutdown()
 
 
 def _choices(env: Mapping[str, str], name: str, default: str = "otlp") -> list[str]:
@@ -116,6 +128,10 @@ def _otlp_span_exporter(protocol: str, endpoint: str) -> SpanExporter:
     return HttpSpans(endpoint=endpoint)
 
 
+def _periodic(exporter: Callable[..., Any], *args: Any, interval_ms: float) -> MetricReader:
+    return PeriodicExportingMetricReader(exporter(*args), export_interval_millis=interval_ms)
+
+
 def _resource(env: Mapping[str, str], service_version: str) -> Resource:
     attrs: dict[str, Any] = {}
     for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
@@ -137,25 +153,27 @@ def build_telemetry(env: Mapping[str, str] | None = None, *, service_version: st
     resource = _resource(env, service_version)
 
     registry = CollectorRegistry(auto_describe=True)
-    readers: list[MetricReader] = [PrometheusMetricReader(registry=registry, scope_info_enabled=False)]
     setup.prometheus_registry = registry
     setup.metric_exporters.append("prometheus")
     interval_ms = float(env.get("OTEL_METRIC_EXPORT_INTERVAL", "60000"))
+    push: list[Callable[[], MetricReader]] = []
     for choice in _choices(env, "OTEL_METRICS_EXPORTER"):
         if choice == "otlp":
             otlp = otlp_settings(env, "METRICS")
             if otlp is None:
                 log.info("telemetry: no OTLP endpoint configured, metrics are served at /metrics only")
                 continue
-            readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter(*otlp),
-                                                         export_interval_millis=interval_ms))
+            push.append(functools.partial(_periodic, _otlp_metric_exporter, *otlp, interval_ms=interval_ms))
             setup.metric_exporters.append(f"otlp/{otlp[0]} {otlp[1]}")
         elif choice == "console":
-            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(), export_interval_millis=interval_ms))
+            push.append(functools.partial(_periodic, ConsoleMetricExporter, interval_ms=interval_ms))
             setup.metric_exporters.append("console")
         elif choice not in ("none", "prometheus"):
             log.warning("telemetry: unknown OTEL_METRICS_EXPORTER value %r ignored", choice)
-    setup.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    readers: list[MetricReader] = [PrometheusMetricReader(registry=registry, scope_info_enabled=False)]
+    setup.meter_provider = MeterProvider(resource=resource, metric_readers=readers + [make() for make in push])
+    if push:  # a reader belongs to one provider: the per-stream instruments' provider has its own
+        setup.stream_meter_provider = MeterProvider(resource=resource, metric_readers=[make() for make in push])
 
     processors: list[SpanProcessor] = list(span_processors)
     for choice in _choices(env, "OTEL_TRACES_EXPORTER"):
@@ -193,6 +211,8 @@ def configure_telemetry(env: Mapping[str, str] | None = None, **kwargs: Any) -> 
     setup = build_telemetry(env, **kwargs)
     if setup.meter_provider is not None:
         metrics.set_meter_provider(setup.meter_provider)
+    if setup.stream_meter_provider is not None:
+        instruments().export_streams_on(setup.stream_meter_provider.get_meter("mediaserver"))
     if setup.tracer_provider is not None:
         trace.set_tracer_provider(setup.tracer_provider)
     _CURRENT = setup

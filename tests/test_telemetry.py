@@ -24,12 +24,14 @@ import pytest
 import yaml
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from enhancers import registry
 from loadtest.bot import Bot
+from mediaserver.telemetry_instruments import Instruments
 from signaling.telemetry_setup import TelemetrySetup, build_telemetry, configure_telemetry, otlp_settings
 from tests.conftest import RunningServer, ServerFactory, speech
 from tests.telemetry_doubles import LossyRelay, OtlpHttpReceiver, Received, RelayedBot
@@ -305,9 +307,16 @@ def test_otlp_exports_spans_and_metrics(protocol: str) -> None:
         assert setup.tracer_provider is not None and setup.meter_provider is not None
         setup.tracer_provider.get_tracer("t").start_span("participant.session").end()
         setup.meter_provider.get_meter("t").create_counter("mediaserver.test.calls").add(3)
+        # the per-stream instruments go through a provider of their own (GET /metrics renders them directly)
+        assert setup.stream_meter_provider is not None
+        streams = Instruments(MeterProvider().get_meter("unread"))
+        streams.export_streams_on(setup.stream_meter_provider.get_meter("mediaserver"))
+        tel = _telemetry_of_three_streams()
+        streams.observe(tel)  # type: ignore[arg-type]
         setup.force_flush()
         assert [s["name"] for s in received.spans] == ["participant.session"]
         assert "mediaserver.test.calls" in received.metric_names
+        assert {"mediaserver.stream.chunks", "mediaserver.stream.rtp.jitter"} <= received.metric_names
     finally:
         setup.shutdown()
         if grpc_server is not None:
@@ -405,3 +414,65 @@ def test_stream_metrics_cost_nothing_per_frame() -> None:
     count, total, peak = hook.take()
     assert count == 3 and 0.18 <= total < 0.25 and 0.07 <= peak < 0.1
     assert hook.take()[0] == 0 and hook.last is not None
+
+
+def test_stream_families_render_as_the_sdk_exporter_renders_them() -> None:
+    """GET /metrics renders the per-stream families itself (signaling/stream_metrics.py): the same text,
+    line for line, as the OTel SDK's Prometheus reader gives for the same streams (names, units, help,
+    types, label order and escaping, value format, series left out where a stream has no value)."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mediaserver.telemetry_instruments import STREAM_METRICS
+    from signaling.stream_metrics import StreamExposition
+
+    tel = _telemetry_of_three_streams()
+    registry = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry, scope_info_enabled=False)])
+    sdk = Instruments(MeterProvider().get_meter("unread"))  # the process-wide families: not read here
+    sdk.export_streams_on(provider.get_meter("mediaserver"))
+    sdk.observe(tel)  # type: ignore[arg-type]
+    try:
+        sdk_text = generate_latest(registry).decode()
+    finally:
+        provider.shutdown()
+    exposition = StreamExposition()
+    names = {f.sample_name for f in exposition.families}
+    assert len(names) == len(STREAM_METRICS)
+    sdk_lines = [line for line in sdk_text.splitlines()
+                 if re.split(r"[{ ]", line.removeprefix("# HELP ").removeprefix("# TYPE "))[0] in names]
+    direct = exposition.render([tel]).splitlines()  # type: ignore[list-item]
+    assert direct == sdk_lines
+    assert any('room="standup \\"daily\\" \\\\ 9:30"' in line for line in direct)
+    assert "mediaserver_stream_rtp_received_total" in " ".join(direct) and "1.234567e+06" in " ".join(direct)
+    assert exposition.render([]) == ""
+
+
+class _StreamsOnly:
+    """What the per-stream instruments read of a MediaTelemetry: its streams (weakly referenced)."""
+
+    def __init__(self, streams: dict[int, Any]) -> None:
+        self.streams = streams
+
+
+def _telemetry_of_three_streams() -> _StreamsOnly:
+    """Three streams with label values to escape, a value in exponent form and series without a value."""
+    from types import SimpleNamespace
+
+    from mediaserver.fanout import Fanout
+    from mediaserver.jitter import JitterStats
+    from mediaserver.stream import StreamCounters
+    from mediaserver.telemetry import StreamState
+
+    span = SimpleNamespace(add_event=lambda *a, **k: None)
+    streams = {}
+    for i, (room, stages, source) in enumerate([
+            ('standup "daily" \\ 9:30', ["vad", "aec"], SimpleNamespace(stats=JitterStats(received=1234567, lost=-2))),
+            ("plain", [], SimpleNamespace()),  # no jitter buffer stats (a prompt track): those series left out
+            ("ünïcode\nroom", ["denoise"], SimpleNamespace(stats=JitterStats(received=5, jitter_ms=3.25)))]):
+        counters = StreamCounters(chunks=10_000 * i, bypassed=i, level_dbfs=-23.5, echo_delay_ms=12.0 if i == 0 else -1)
+        stream = SimpleNamespace(id=f"p{i}-mic", owner_id=f"p{i}", kind="microphone", source=source,
+                                 counters=counters, fanout=Fanout(), pipeline=SimpleNamespace(stages=stages))
+        streams[i] = StreamState(stream, room, span)  # type: ignore[arg-type]
+    streams[0].e2e_mean, streams[0].e2e_max = 0.0625, 1e-7
+    return _StreamsOnly(streams)
