@@ -57,6 +57,37 @@ def idle_priority() -> None:
             pass
 
 
+def raise_priority(steps: int) -> int:
+    """Lower the nice value of every thread of this process by ``steps`` (threads started afterwards
+    inherit it from the thread that starts them); best effort: it needs ``CAP_SYS_NICE`` or a high
+    enough ``RLIMIT_NICE``.  Returns the steps actually gained (0 where not permitted or not Linux)."""
+    if steps <= 0 or not hasattr(os, "setpriority"):
+        return 0
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    target = max(-20, before - steps)
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [threading.get_native_id()]
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+        except OSError:  # not permitted, or the thread has ended
+            pass
+    return before - os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def lower_priority(steps: int) -> None:
+    """Raise the calling thread's nice value by ``steps`` (always permitted; best effort)."""
+    if steps <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+    except OSError:
+        pass
+
+
 def spawn_without_main() -> None:
     """Spawned children (the executor's worker, the quality scorer, media workers) stop running the parent's
     main script again.  multiprocessing's spawn starts a child by running the parent's ``__main__`` as

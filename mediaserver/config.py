@@ -76,6 +76,10 @@ class EnhanceConfig:
     shared_cpus: float = -1.0
     cpu_target: float = 0.8
     host_ms_per_stream: float = 0.25
+    # the executor's worker process runs this many nice steps ahead of the media process (needs
+    # CAP_SYS_NICE; enhancers/executor/config.py): a burst of joins then delays the media loop by a few
+    # milliseconds instead of making every stream's chunks miss their deadline; 0: the same priority
+    worker_priority_boost: int = 5
 
 
 @dataclass(frozen=True)
@@ -443,6 +447,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         enhance = replace(enhance, default_stages=_split(env["MEDIASERVER_STAGES"]))
     if "MEDIASERVER_DEVICE" in env:
         enhance = replace(enhance, device=env["MEDIASERVER_DEVICE"])
+    if "MEDIASERVER_EXECUTOR_PRIORITY_BOOST" in env:
+        enhance = replace(enhance, worker_priority_boost=int(env["MEDIASERVER_EXECUTOR_PRIORITY_BOOST"]))
     if "MEDIASERVER_EXECUTOR" in env:
         enhance = replace(enhance, isolation=env["MEDIASERVER_EXECUTOR"])
     if env.get("MEDIASERVER_EXECUTOR_URL"):

@@ -121,7 +121,8 @@ class MediaServer:
                                            upgrade_load=e.upgrade_load, upgrade_interval_s=e.upgrade_interval_s,
                                            stage_costs={spec: (fixed, per) for spec, fixed, per in e.stage_costs},
                                            shared_cpus=self._shared_cpus(), cpu_target=e.cpu_target,
-                                           host_ms_per_stream=e.host_ms_per_stream))
+                                           host_ms_per_stream=e.host_ms_per_stream,
+                                           priority_boost=e.worker_priority_boost))
         await executor.start()
         if e.default_stages:
             await executor.preload(list(e.default_stages))  # first chunks already get their stages

@@ -40,7 +40,13 @@ from enhancers.executor.messages import (
 from enhancers.executor.shm import JobArea
 from enhancers.executor.transport import Channel, WorkerStatus
 from enhancers.executor.worker import COUNTER_KEYS, RateLimitedLog
-from enhancers.process_name import EXECUTOR_WORKER, die_with_parent, set_process_name
+from enhancers.process_name import (
+    EXECUTOR_WORKER,
+    die_with_parent,
+    lower_priority,
+    raise_priority,
+    set_process_name,
+)
 from enhancers.stage import Stage
 
 log = logging.getLogger("enhancers.executor")
@@ -60,7 +66,8 @@ class ChildWorker:
     """Owns, in the worker process, the stages, the batch runner and the pipe's child end."""
 
     def __init__(
-        self, conn: Connection, device: str, torch_threads: int, freeze_gc: bool, status: WorkerStatus
+        self, conn: Connection, device: str, torch_threads: int, freeze_gc: bool, status: WorkerStatus,
+        boosted: int = 0,
     ) -> None:
         self.channel = Channel(conn)
         self.device = torch.device(device)
@@ -72,7 +79,9 @@ class ChildWorker:
                                   reload=self._reload_on_cpu, on_stage=status.set_stage)
         self._targets: dict[str, tuple[str, dict[str, Any]]] = {}
         self._loaded: queue.SimpleQueue[StageLoaded] = queue.SimpleQueue()
-        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage-loader")
+        # loading a model is seconds of CPU, not a round with a deadline: at the media process's priority
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage-loader",
+                                                             initializer=lower_priority, initargs=(boosted,))
         self._stats_at = 0.0
         self._stats_specs: set[str] = set()
         self.area: JobArea | None = None  # the parent's shared job audio
@@ -173,9 +182,15 @@ class ChildWorker:
         self.channel.send(JobDone(message.job_id, results, counters, stats))
 
 
-def child_main(conn: Connection, device: str, torch_threads: int, freeze_gc: bool, status: WorkerStatus) -> None:
+def child_main(conn: Connection, device: str, torch_threads: int, freeze_gc: bool, status: WorkerStatus,
+               priority_boost: int = 0) -> None:
     """Entry point of the worker process."""
     set_process_name(EXECUTOR_WORKER)
     die_with_parent()  # spawned from the event loop's thread, which lives as long as the media process
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ChildWorker(conn, device, torch_threads, freeze_gc, status).serve()
+    gained = raise_priority(priority_boost)  # before the stages start their threads (they inherit it)
+    if gained < priority_boost:
+        log.warning("executor worker: nice raised by %d of the %d steps asked (needs CAP_SYS_NICE); a burst of "
+                    "the media process's work on a shared core can make rounds miss their deadline",
+                    gained, priority_boost)
+    ChildWorker(conn, device, torch_threads, freeze_gc, status, gained).serve()

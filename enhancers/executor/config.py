@@ -17,6 +17,13 @@ class ExecutorConfig:
     deadline_ms: float = 40.0  # per chunk: not back by then -> passes through unprocessed
     max_wait_ms: float = 3.0  # after a tick's first chunk, wait at most this long for the other streams
     torch_threads: int = 1  # torch.set_num_threads in the worker
+    # A worker process ("process" isolation) lowers its nice value by this many steps below the media
+    # process that feeds it, so that on a core both share a burst of the media process's own work (joins:
+    # DTLS handshakes, session set-up) cannot make the batched round miss its deadline: the round wins the
+    # core, and the media process, whose audio has a jitter buffer, waits a few milliseconds.  Needs
+    # CAP_SYS_NICE (root, or docker's ``cap_add: [SYS_NICE]``); without it the worker runs at the media
+    # process's priority, as with 0, and says so in its log and /healthz (``executor.worker.priority_boost``).
+    priority_boost: int = 0
     stage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # ctor kwargs per spec
     # A chunk answered unprocessed on deadline is still run later (results discarded) so stateful
     # stages (echo canceller, dereverb, denoisers) see a continuous signal; beyond this many chunks

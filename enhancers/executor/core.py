@@ -62,7 +62,7 @@ class Executor:
         if config.isolation not in ("thread", "process", "remote"):
             raise ValueError(f"isolation must be 'thread', 'process' or 'remote', not {config.isolation!r}")
         settings = WorkerSettings(device, config.stage_options, config.torch_threads, config.freeze_gc,
-                                  config.recovery, config.load_timeout_ms / 1e3)
+                                  config.recovery, config.load_timeout_ms / 1e3, config.priority_boost)
         self._worker: Worker
         if config.isolation == "remote":
             from enhancers.executor.remote import RemoteWorker

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -122,7 +123,8 @@ class ProcessWorker:
             self._area = JobArea(AREA_ROWS, AREA_SLOTS)
         process = self._ctx.Process(
             target=child_main,
-            args=(child, str(self.device), self.settings.torch_threads, self.settings.freeze_gc, self._status),
+            args=(child, str(self.device), self.settings.torch_threads, self.settings.freeze_gc, self._status,
+                  self.settings.priority_boost),
             name="enhancers-worker",
             daemon=True,
         )
@@ -266,7 +268,17 @@ class ProcessWorker:
         state = ("closed" if self._closing is not None else "restarting" if self._restart_timer is not None
                  else "not started" if self._process is None else "running" if self._ready else "starting")
         return {"state": state, "pid": self.pid, "recent_restarts": self._restarts.recent,
-                "last_exit_code": self._last_exit}
+                "last_exit_code": self._last_exit, "priority_boost": self._priority_boost()}
+
+    def _priority_boost(self) -> int | None:
+        """How many nice steps the running child is ahead of this process (None: no child, or not Linux)."""
+        pid = self.pid
+        if pid is None or self._closing is not None or not hasattr(os, "getpriority"):
+            return None
+        try:
+            return os.getpriority(os.PRIO_PROCESS, 0) - os.getpriority(os.PRIO_PROCESS, pid)
+        except OSError:
+            return None
 
     # -- streams and jobs ---------------------------------------------------------------------
     def declare_stream(self, stream_id: int, wanted: dict[str, dict[str, Any]]) -> None:

@@ -53,6 +53,8 @@ class WorkerSettings:
     recovery: RecoveryPolicy = RecoveryPolicy()  # when a hung or crashed stage is tried again
     # while a stage loads, a job that does not finish is not stuck (loading starves the worker) for this long
     load_timeout_s: float = 120.0
+    # a worker process runs this many nice steps ahead of the process that feeds it (ExecutorConfig)
+    priority_boost: int = 0
 
 
 class RateLimitedLog:
