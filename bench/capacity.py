@@ -190,13 +190,15 @@ async def measure_step(session: LoadSession, proc: subprocess.Popen[bytes], room
                        expected: list[str] | None = None) -> dict[str, Any]:
     joins = await session.add_bots(rooms)
     failed = sum(1 for j in joins if not j["ok"])
+    refused = sum(1 for j in joins if not j["ok"] and "server-busy" in str(j.get("error")))
     await session.hold(warmup_s, f"{len(session.specs)} streams, warm-up")
     cpu0, t0 = tree_cpu_s(proc.pid), time.monotonic()
     window = await session.measure(hold_s, f"{len(session.specs)} streams")
     cpu1, t1 = tree_cpu_s(proc.pid), time.monotonic()
     out = judge(window, failed, cpu1 - cpu0, t1 - t0, bot_cores, expected)
     await session.trim(window["until_s"])
-    return {"streams": len(session.specs), **out}
+    return {"streams": len(session.specs), "joined": sum(1 for j in session.joins if j["ok"]),
+            "joins_refused": refused, **out}
 
 
 def session_config(url: str, args: argparse.Namespace, prefix: str, room_size: int) -> SessionConfig:
@@ -253,7 +255,8 @@ async def ramp(config: str, args: argparse.Namespace, log: Path) -> dict[str, An
     if overload is not None:
         print(f"[capacity] {config}: beyond capacity ({overload['streams']} streams) the streams running stages "
               f"{'keep' if overload['admitted_keep_slo'] else 'do NOT keep'} the SLO; "
-              f"{overload['degraded_streams']} degraded (to {', '.join(overload['degraded_to']) or '-'})",
+              f"{overload['degraded_streams']} degraded (to {', '.join(overload['degraded_to']) or '-'}), "
+              f"{overload['joins_refused']} joins refused (server-busy)",
               file=sys.stderr, flush=True)
     cores = len(_cpu_list(args.server_cpus))
     at_capacity = next((s for s in steps if s["streams"] == held), None)
@@ -276,7 +279,8 @@ def beyond_capacity(steps: list[dict[str, Any]], held: int) -> dict[str, Any] | 
     p95 = broke["latency_ms"]["p95"]
     keep = (broke["lost_or_concealed"] < SLO["lost_or_concealed"] and p95 is not None and p95 <= SLO["p95_ms"]
             and broke["bypassed_rate_enhanced"] < SLO["bypassed"])
-    return {"streams": broke["streams"], "admitted_keep_slo": keep, "degraded_streams": broke["degraded_streams"],
+    return {"streams": broke["streams"], "joined": broke.get("joined"), "joins_refused": broke.get("joins_refused", 0),
+            "admitted_keep_slo": keep, "degraded_streams": broke["degraded_streams"],
             "degraded_to": broke["degraded_to"], "bypassed_rate_enhanced": broke["bypassed_rate_enhanced"],
             "lost_or_concealed": broke["lost_or_concealed"], "p95_ms": p95}
 

@@ -135,9 +135,12 @@ class LimitsConfig:
     # a joined WebRTC participant that has not sent its ``offer`` within this long gets ``offer-timeout``
     # and is removed (reason ``no offer``); 0: off
     offer_timeout_s: float = 15.0
-    # while the media clock skipped at least this share of its ticks in the last second (its core is full,
-    # mediaserver/loop_load.py) a join gets ``server-busy`` (503), so the loss of those already in does not
-    # grow; never below join_min_participants on the process; above 1: off
+    # a join gets ``server-busy`` (503) when one more participant would take the media loop's busy share
+    # over ``join_busy_limit`` (predicted from the last readings, mediaserver/loop_load.py), or while the
+    # media clock skipped at least ``join_skipped_ticks`` of its ticks in each of the last seconds (its core
+    # is full), so those already in lose nothing; never below join_min_participants on the process;
+    # either above 1: that rule off
+    join_busy_limit: float = 0.9
     join_skipped_ticks: float = 0.01
     join_min_participants: int = 8
     max_name_length: int = 64
@@ -431,6 +434,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         cfg = replace(cfg, log_level=env["MEDIASERVER_LOG_LEVEL"].upper())
     if "MEDIASERVER_OPUS_BITRATE" in env:
         media = replace(media, opus_bitrate=int(env["MEDIASERVER_OPUS_BITRATE"]))
+    if "MEDIASERVER_JOIN_BUSY_LIMIT" in env:
+        limits = replace(limits, join_busy_limit=float(env["MEDIASERVER_JOIN_BUSY_LIMIT"]))
     if "MEDIASERVER_JOIN_SKIPPED_TICKS" in env:
         limits = replace(limits, join_skipped_ticks=float(env["MEDIASERVER_JOIN_SKIPPED_TICKS"]))
     if "MEDIASERVER_OPUS_COMPLEXITY" in env:

@@ -66,14 +66,17 @@ class MediaServer:
         self.clock = MediaClock()
         m = config.media
         # the event loop's load (loop_load.py), read once a second: the Opus complexity follows it
-        # (encoder_load.py); while the media clock skips ticks a newcomer gets server-busy
+        # (encoder_load.py); a newcomer gets server-busy when it would fill the loop's core, or while the
+        # media clock skips ticks (loop_load.py JoinGate)
         self.encoder_complexity: EncoderComplexity = EncoderComplexity(
             m.opus_complexity, m.opus_complexity_under_load, light_above=m.opus_light_above,
             full_below=m.opus_full_below)
-        self.join_gate: JoinGate = JoinGate(config.limits.join_skipped_ticks, config.limits.join_min_participants)
+        self.join_gate: JoinGate = JoinGate(config.limits.join_skipped_ticks, config.limits.join_min_participants,
+                                            busy_limit=config.limits.join_busy_limit)
         self.loop_load: LoopLoad = LoopLoad([
             self.encoder_complexity.observe,
-            lambda _: self.join_gate.observe(self.clock.ticks, self.clock.skipped_ticks)])
+            lambda busy: self.join_gate.observe(self.clock.ticks, self.clock.skipped_ticks, busy,
+                                                self.loop_load.last_run, self.rooms.participant_count)])
         self.hub = PipelineHub()
         self.rooms = RoomRegistry(list(config.enhance.default_stages), config.limits.max_rooms,
                                   config.limits.max_participants_per_room)
@@ -518,7 +521,7 @@ class MediaServer:
             "executor": self.hub.stats(),
             "encoder": self.encoder_complexity.stats(),
             "load": {"loop_busy": None if self.loop_load.last_busy is None else round(self.loop_load.last_busy, 3),
-                     **self.join_gate.stats()},
+                     **self.join_gate.stats(self.rooms.participant_count)},
             "relay": self.links.stats() if self.links is not None else None,
             "quality": self.quality.stats(),
         }

@@ -227,7 +227,7 @@ OTHER_METRICS: tuple[tuple[str, str, str, str, ObservationSource], ...] = (
      "Switches of the Opus complexity between full and light.",
      lambda tel: [(float(tel.server.encoder_complexity.changes), {})]),
     ("mediaserver.joins.refused", "counter", "{join}",
-     "Joins refused with server-busy while the media clock skipped ticks (its core full; "
+     "Joins refused with server-busy: one more would fill the media loop's core, or its clock skipped ticks ("
      "mediaserver/loop_load.py JoinGate).", lambda tel: [(float(tel.server.join_gate.refused), {})]),
     ("mediaserver.event_loop.busy", "gauge", "1",
      "Share of the last second the event loop's thread ran or waited to run (mediaserver/loop_load.py).",

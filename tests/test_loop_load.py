@@ -95,14 +95,53 @@ def test_join_gate_refuses_while_the_clock_skips_ticks_and_never_a_handful() -> 
     gate.observe(1380, 20)
     assert gate.refusal(20) is None  # keeping time again
     assert gate.refused == 1
-    assert JoinGate(skipped_limit=1.5).refusal(100) is None  # off
+    assert JoinGate(skipped_limit=1.5, busy_limit=1.5).refusal(100) is None  # off
 
 
+def test_join_gate_refuses_the_join_that_would_fill_the_core_counting_those_admitted_since_the_reading() -> None:
+    gate = JoinGate(skipped_limit=1.5, min_participants=8, busy_limit=0.9, smooth=3)
+    gate.observe(0, 0, None, None, 0)
+    for k in range(1, 4):  # a cold burst of 40: no reading with participants in it yet, all let in
+        assert gate.refusal(8 * k) is None
+    gate.observe(100, 0, 0.95, 0.9, 40)  # the burst's handshakes
+    assert gate.predicted_busy(40) is None and gate.refusal(40) is None  # the window began with nobody in
+    for t in range(2, 5):
+        gate.observe(100 * t, 0, 0.80, 0.64, 40)  # then steady: the loop runs 0.016 a participant
+    assert gate.predicted_busy(40) == pytest.approx(0.80 + 0.016)
+    admitted = 40
+    while gate.refusal(admitted) is None:  # a burst of joins between two readings
+        admitted += 1
+    assert admitted == 46  # 0.80 + 7 * 0.016 = 0.912: the 47th would take it over 0.9
+    assert gate.refused == gate.refused_predicted == 1
+    assert gate.refusal(4) is None  # never a handful
+    gate.observe(500, 0, 0.86, 0.70, 46)  # the newcomers' cost shows up; still scaled from the fewest (40)
+    busy, run = (0.80 + 0.80 + 0.86) / 3, (0.64 + 0.64 + 0.70) / 3
+    assert gate.predicted_busy(46) == pytest.approx(busy + run * 7 / 40)
+    assert gate.stats(46)["predicted_busy"] == round(busy + run * 7 / 40, 3)
+    for t in range(6, 9):
+        gate.observe(100 * t, 0, 0.60, 0.5, 30)  # some left: room again
+    assert gate.refusal(30) is None
+
+
+def test_join_gate_leaves_the_stages_wait_on_the_worker_to_the_executors_admission() -> None:
+    """A loop that mostly waits on the executor's worker (its stages' rounds) is not refused on that wait:
+    a newcomer adds the loop's own run share; its stages are admitted (or degraded) by the executor."""
+    gate = JoinGate(skipped_limit=1.5, min_participants=8, busy_limit=0.9)
+    for t in range(5):
+        gate.observe(100 * t, 0, 0.70, 0.36, 12)  # 12 denoised streams: half the busy share is the wait
+    assert gate.refusal(15) is None  # 0.70 + 4 * 0.03 = 0.82
+    assert gate.refusal(18) is not None  # 0.70 + 7 * 0.03 = 0.91
+
+
+@pytest.mark.parametrize("rule", ["predicted", "skipped"])
 async def test_a_full_server_refuses_newcomers_with_server_busy_and_keeps_the_call_going(
-        start_server: ServerFactory) -> None:
-    # join_skipped_ticks 0: any reading counts as a clock that could not keep time, once two are in
-    cfg = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True),
-                       limits=replace(LimitsConfig(), join_skipped_ticks=0.0, join_min_participants=2),
+        start_server: ServerFactory, rule: str) -> None:
+    # join_busy_limit 0: any busy share is over it, as on a full core; join_skipped_ticks 0: any reading
+    # counts as a clock that could not keep time; either once two are in
+    limits = (replace(LimitsConfig(), join_busy_limit=0.0, join_skipped_ticks=2.0, join_min_participants=2)
+              if rule == "predicted" else
+              replace(LimitsConfig(), join_busy_limit=2.0, join_skipped_ticks=0.0, join_min_participants=2))
+    cfg = ServerConfig(host="127.0.0.1", port=0, auth=AuthConfig(dev_mode=True), limits=limits,
                        enhance=replace(EnhanceConfig(), default_stages=(), device="cpu"))
     rs = await start_server(cfg)
     rs.server.loop_load.window_s = 0.2
@@ -125,6 +164,9 @@ async def test_a_full_server_refuses_newcomers_with_server_busy_and_keeps_the_ca
             health = await (await http.get(f"{rs.url}/healthz")).json()
             metrics = await (await http.get(f"{rs.url}/metrics")).text()
         assert health["load"]["joins_refused"] == 1
+        assert health["load"]["joins_refused_predicted"] == (1 if rule == "predicted" else 0)
+        if rule == "predicted":
+            assert health["load"]["predicted_busy"] > 0.0
         assert "mediaserver_joins_refused_total 1.0" in metrics
     finally:
         await late.leave()
