@@ -251,9 +251,9 @@ async def ramp(config: str, args: argparse.Namespace, log: Path) -> dict[str, An
                                          args.warmup, args.hold, bot_cores, expected_stages(config))
             finally:
                 await session.close()
-    overload = beyond_capacity(steps, held)
+    overload = beyond_capacity(steps, held) if config != "plain" else None  # the baseline has no admission
     if overload is not None:
-        print(f"[capacity] {config}: beyond capacity ({overload['streams']} streams) the streams running stages "
+        print(f"[capacity] {config}: beyond capacity ({overload['streams']} streams) the admitted streams "
               f"{'keep' if overload['admitted_keep_slo'] else 'do NOT keep'} the SLO; "
               f"{overload['degraded_streams']} degraded (to {', '.join(overload['degraded_to']) or '-'}), "
               f"{overload['joins_refused']} joins refused (server-busy)",
