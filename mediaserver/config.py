@@ -436,6 +436,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         media = replace(media, opus_bitrate=int(env["MEDIASERVER_OPUS_BITRATE"]))
     if "MEDIASERVER_JOIN_BUSY_LIMIT" in env:
         limits = replace(limits, join_busy_limit=float(env["MEDIASERVER_JOIN_BUSY_LIMIT"]))
+    if "MEDIASERVER_JOIN_MIN_PARTICIPANTS" in env:
+        limits = replace(limits, join_min_participants=max(0, int(env["MEDIASERVER_JOIN_MIN_PARTICIPANTS"])))
     if "MEDIASERVER_JOIN_SKIPPED_TICKS" in env:
         limits = replace(limits, join_skipped_ticks=float(env["MEDIASERVER_JOIN_SKIPPED_TICKS"]))
     if "MEDIASERVER_OPUS_COMPLEXITY" in env:

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from loadtest.bot import Bot
+from loadtest.bot import Bot, JoinError
 from tests.audio_checks import content_match, looped
 from tests.conftest import speech
 
@@ -82,6 +82,14 @@ async def cluster() -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
 async def spanning() -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
     """Two workers, at most two participants of a room on one of them: a room of four spans both."""
     async for served in _serve({"MEDIASERVER_ROOM_SPILL_AFTER": "2"}):
+        yield served
+
+
+@pytest.fixture
+async def small_workers() -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
+    """Two workers that each count themselves full from two participants on (any busy share is over a
+    join_busy_limit of 0), as two full cores would."""
+    async for served in _serve({"MEDIASERVER_JOIN_BUSY_LIMIT": "0", "MEDIASERVER_JOIN_MIN_PARTICIPANTS": "2"}):
         yield served
 
 
@@ -308,3 +316,49 @@ async def test_phone_on_worker_zero_talks_with_a_room_on_worker_one(
     assert content_match(heard_by_bot[24_000:], looped(mic_48k, 2)) > 0.5
     room_part = phone.received()[-4 * 48_000:]
     assert content_match(room_part, looped(telephone_band(bot_voice), 4)) > 0.45
+
+
+async def _counted_full(url: str, first: bool) -> None:
+    """Wait until the room's worker (``first``) or the other one has two participants and has read its load
+    over a span with them in (before that its join gate lets newcomers in: no reading to predict from)."""
+    deadline = time.monotonic() + 20
+    while True:
+        _, health = await _health(url)
+        worker = next(w for w in health["workers"] if (w["index"] == health["placement"]["busy"]) == first)
+        load = worker["health"]["load"]
+        if load["predicted_busy"] is not None and worker["health"]["participants"] == 2:
+            return
+        assert time.monotonic() < deadline, load
+        await asyncio.sleep(0.25)
+
+
+async def test_a_full_worker_leaves_newcomers_to_the_other_and_the_room_spans(
+        small_workers: tuple[str, subprocess.Popen[str]]) -> None:
+    """The room's worker refuses a join (server-busy: its core is full): the front takes the newcomer to the
+    other worker, the room spans both and everyone hears everyone; only when both are full is the
+    newcomer refused."""
+    url, _ = small_workers
+    names = ["cmu_arctic_us_aew_a0001.wav", "cmu_arctic_us_axb_a0004.wav", "cmu_arctic_a0010.wav"]
+    sources = [speech(n) for n in names]
+    a, b = Bot(url, "busy", "a", sources[0]), Bot(url, "busy", "b", sources[1])
+    c, d, late = Bot(url, "busy", "c", sources[2]), Bot(url, "busy", "d", None), Bot(url, "busy", "late", None)
+    await a.join()
+    await b.join()
+    try:
+        await _counted_full(url, first=True)  # the room's worker
+        await c.join()  # refused by the room's worker, taken by the other
+        assert await _hears(c, a, sources[0]) > 0.5
+        assert await _hears(a, c, sources[2]) > 0.5
+        _, health = await _health(url)
+        assert health["spanning_rooms"] == {"busy": ["w0", "w1"]}, health["spanning_rooms"]
+        first = next(w for w in health["workers"] if w["index"] == health["placement"]["busy"])
+        assert first["health"]["load"]["joins_refused_predicted"] == 1
+        assert sorted(w["rooms"].get("busy", 0) for w in health["workers"]) == [1, 2]
+        await d.join()  # the other worker still had one: below its two
+        await _counted_full(url, first=False)
+        with pytest.raises(JoinError, match="server-busy"):
+            await late.join()  # both full now
+        assert await _hears(a, c, sources[2], since=time.monotonic()) > 0.5  # those in keep talking
+    finally:
+        for bot in (a, b, c, d, late):
+            await bot.leave()

@@ -97,17 +97,29 @@ class Placement:
         live = sum(n for (_, i), n in self._live.items() if i == index)
         return max(self._workers[index].participants, live)
 
-    def route(self, room: str) -> int:
+    def route(self, room: str, avoid: frozenset[int] = frozenset()) -> int:
         """The worker for the next participant of ``room`` (a socket of the front, until ``release``): the
         room's worker (placing it if new), or, when ``spill_after`` of the room's participants are there
-        already, the least loaded worker with room for one more."""
+        already, the least loaded worker with room for one more; never one of ``avoid`` (workers that
+        just refused this join as full: the room then spans to the least loaded other one)."""
         index = self.place(room)
         if self.spill_after > 0 and self._in_room(room, index) >= self.spill_after:
-            fits = [w for w in self._workers if w.ready and self._in_room(room, w.index) < self.spill_after]
+            fits = [w for w in self._workers if w.ready and self._in_room(room, w.index) < self.spill_after
+                    and w.index not in avoid]
             if fits:
                 index = min(fits, key=lambda w: (self.load(w.index), w.index)).index
+        if index in avoid:
+            others = self.others(avoid)
+            if not others:
+                raise RoomError("server-busy", "every media worker is at capacity; try again later", status=503)
+            index = others[0]
         self._live[(room, index)] = self._live.get((room, index), 0) + 1
         return index
+
+    def others(self, avoid: frozenset[int]) -> list[int]:
+        """The ready workers not in ``avoid``, least loaded first."""
+        ready = [w for w in self._workers if w.ready and w.index not in avoid]
+        return [w.index for w in sorted(ready, key=lambda w: (self.load(w.index), w.index))]
 
     def release(self, room: str, index: int) -> None:
         """A socket routed by ``route`` left its room."""

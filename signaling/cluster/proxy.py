@@ -8,8 +8,11 @@ an upstream WebSocket to it is opened over its Unix socket with the client's
 address in ``X-Forwarded-For``, the join frame is sent as it came, and from
 then on frames go both ways unchanged: the worker speaks the protocol
 (docs/PROTOCOL.md) and enforces its rate limits; its close code reaches the
-client.  A later ``join`` of another room on the same socket (after a
-``leave``) may live on another worker: the upstream is replaced.
+client.  A worker that answers the join ``server-busy`` (its core is full,
+mediaserver/loop_load.py) is left for the least loaded other ready worker,
+and the room then spans both; only when every worker refused does the client
+get the ``server-busy``.  A later ``join`` of another room on the same socket
+(after a ``leave``) may live on another worker: the upstream is replaced.
 """
 
 from __future__ import annotations
@@ -27,6 +30,20 @@ from mediaserver.config import LimitsConfig
 from mediaserver.room import ROOM_ID_RE, RoomError
 from signaling.cluster.pool import WorkerPool
 from signaling.protocol import TokenBucket, error
+
+# how long the front waits for a worker's answer to a join before pumping without it
+JOIN_REPLY_S = 30.0
+
+
+def _is_busy(reply: aiohttp.WSMessage) -> bool:
+    """A worker's ``server-busy`` error frame (its core is full)."""
+    if reply.type != WSMsgType.TEXT or '"server-busy"' not in reply.data:
+        return False
+    try:
+        body = json.loads(reply.data)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(body, dict) and body.get("type") == "error" and body.get("code") == "server-busy"
 
 log = logging.getLogger(__name__)
 
@@ -122,26 +139,51 @@ class SignalingProxy:
             url = await self.router.route(room)
             if url is not None:
                 return await self._relay_to_node(url, room, text)
-        try:
-            index = self.pool.placement.route(room)
-        except RoomError as exc:
-            await self._send(error(exc.code, str(exc)))
-            return await self._wait_for_join()
-        try:
-            upstream = await self.pool.session(index).ws_connect(
-                "http://worker/ws", headers={"X-Forwarded-For": self.peer}, heartbeat=None,
-                max_msg_size=self.limits.max_ws_message_bytes * 4, autoping=True)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            self.pool.placement.release(room, index)
-            log.warning("%s: media worker for room %s unreachable: %s", self.peer, room, exc)
-            await self._send(error("server-busy", "the room's media worker is not reachable; retry"))
-            return await self._wait_for_join()
-        self._upstream, self.worker, self.room = upstream, index, room
-        return await self._pump(upstream, text)
+        refused: frozenset[int] = frozenset()  # workers that answered this join server-busy (full)
+        while True:
+            try:
+                index = self.pool.placement.route(room, avoid=refused)
+            except RoomError as exc:
+                await self._send(error(exc.code, str(exc)))
+                return await self._wait_for_join()
+            try:
+                upstream = await self.pool.session(index).ws_connect(
+                    "http://worker/ws", headers={"X-Forwarded-For": self.peer}, heartbeat=None,
+                    max_msg_size=self.limits.max_ws_message_bytes * 4, autoping=True)
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                self.pool.placement.release(room, index)
+                log.warning("%s: media worker for room %s unreachable: %s", self.peer, room, exc)
+                await self._send(error("server-busy", "the room's media worker is not reachable; retry"))
+                return await self._wait_for_join()
+            self._upstream, self.worker, self.room = upstream, index, room
+            await upstream.send_str(text)
+            reply = await self._join_reply(upstream)
+            if reply is not None and _is_busy(reply) and self.pool.placement.others(refused | {index}):
+                # the worker is full (its core, mediaserver/loop_load.py JoinGate): another one takes the
+                # newcomer and the room spans both (its streams relayed between them)
+                log.info("%s: media worker %d is full; room %s spans to another worker", self.peer, index,
+                         room[:64])
+                refused |= {index}
+                await self._close_upstream()
+                continue
+            if reply is not None and not self.ws.closed:
+                await (self.ws.send_str(reply.data) if reply.type == WSMsgType.TEXT else self.ws.send_bytes(reply.data))
+            return await self._pump(upstream, None)
 
-    async def _pump(self, upstream: aiohttp.ClientWebSocketResponse, join: str) -> Optional[tuple[str, str]]:
-        """Send the join upstream, then pump both ways until either side closes (or a join to move)."""
-        await upstream.send_str(join)
+    async def _join_reply(self, upstream: aiohttp.ClientWebSocketResponse) -> Optional[aiohttp.WSMessage]:
+        """The worker's first frame after a join (``joined`` or an error); None when it closed instead (the
+        pump then closes the client like it) or said nothing within ``JOIN_REPLY_S``."""
+        try:
+            msg = await upstream.receive(timeout=JOIN_REPLY_S)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            return None
+        return msg if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY) else None
+
+    async def _pump(self, upstream: aiohttp.ClientWebSocketResponse, join: Optional[str]) -> Optional[tuple[str, str]]:
+        """Send ``join`` upstream (unless sent already), then pump both ways until either side closes (or a
+        join to move)."""
+        if join is not None:
+            await upstream.send_str(join)
         down = asyncio.ensure_future(self._downstream(upstream))
         try:
             return await self._upstream_pump(upstream, down)
