@@ -521,6 +521,7 @@ class MediaServer:
             "executor": self.hub.stats(),
             "encoder": self.encoder_complexity.stats(),
             "load": {"loop_busy": None if self.loop_load.last_busy is None else round(self.loop_load.last_busy, 3),
+                     "loop_run": None if self.loop_load.last_run is None else round(self.loop_load.last_run, 3),
                      **self.join_gate.stats(self.rooms.participant_count)},
             "relay": self.links.stats() if self.links is not None else None,
             "quality": self.quality.stats(),
