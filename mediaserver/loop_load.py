@@ -118,9 +118,9 @@ class JoinGate:
     """Owns the decision to take one more participant on this media process, the readings it rests on
     and the refusal count.
 
-    ``observe(ticks, skipped, busy, participants)`` takes the media clock's counters, the loop's busy
-    share and the participant count at one reading; ``refusal(participants)`` is None (take the
-    newcomer) or why not.
+    ``observe(ticks, skipped, busy, run, participants)`` takes the media clock's counters, the loop's
+    busy and run shares and the participant count at one reading; ``refusal(participants)`` is None
+    (take the newcomer) or why not.
     """
 
     def __init__(self, skipped_limit: float = 0.01, min_participants: int = 8, sustained: int = 3,

@@ -31,6 +31,10 @@ from mediaserver.room import ROOM_ID_RE, RoomError
 from signaling.cluster.pool import WorkerPool
 from signaling.protocol import TokenBucket, error
 
+log = logging.getLogger(__name__)
+
+SERVICE_RESTART = 1012  # RFC 6455 close code: the server (here: the room's worker) restarted
+
 # how long the front waits for a worker's answer to a join before pumping without it
 JOIN_REPLY_S = 30.0
 
@@ -44,10 +48,6 @@ def _is_busy(reply: aiohttp.WSMessage) -> bool:
     except (ValueError, RecursionError):
         return False
     return isinstance(body, dict) and body.get("type") == "error" and body.get("code") == "server-busy"
-
-log = logging.getLogger(__name__)
-
-SERVICE_RESTART = 1012  # RFC 6455 close code: the server (here: the room's worker) restarted
 
 
 class SignalingProxy:
