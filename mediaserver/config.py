@@ -72,9 +72,10 @@ class EnhanceConfig:
     # media worker: ``shared_cpus`` -1 finds that out at start, as this process's share of them; 0: never;
     # x: x cores, e.g. 0.5 for one of two media workers on a core), a stream is also
     # admitted only while stages + the media process tree's measured CPU + host_ms_per_stream for the
-    # newcomer stay within cpu_target of those cores (enhancers/executor/admission.py).
+    # newcomer stay within cpu_target of those cores (enhancers/executor/admission.py; at most 0.8 while
+    # the worker runs at the media process's priority: worker_priority_boost 0, or no CAP_SYS_NICE).
     shared_cpus: float = -1.0
-    cpu_target: float = 0.8
+    cpu_target: float = 0.9
     host_ms_per_stream: float = 0.25
     # the executor's worker process runs this many nice steps ahead of the media process (needs
     # CAP_SYS_NICE; enhancers/executor/config.py): a burst of joins then delays the media loop by a few
@@ -456,6 +457,10 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
         enhance = replace(enhance, device=env["MEDIASERVER_DEVICE"])
     if "MEDIASERVER_EXECUTOR_PRIORITY_BOOST" in env:
         enhance = replace(enhance, worker_priority_boost=int(env["MEDIASERVER_EXECUTOR_PRIORITY_BOOST"]))
+    if "MEDIASERVER_EXECUTOR_CPU_TARGET" in env:
+        enhance = replace(enhance, cpu_target=float(env["MEDIASERVER_EXECUTOR_CPU_TARGET"]))
+        if not 0.0 < enhance.cpu_target <= 1.0:
+            raise ValueError("MEDIASERVER_EXECUTOR_CPU_TARGET must be in (0, 1]")
     if "MEDIASERVER_EXECUTOR" in env:
         enhance = replace(enhance, isolation=env["MEDIASERVER_EXECUTOR"])
     if env.get("MEDIASERVER_EXECUTOR_URL"):

@@ -64,6 +64,43 @@ def test_on_shared_cores_the_media_process_cpu_counts_too() -> None:
     assert shared.decide([HEAVY], others, host_ms=6.0).result == "refused"  # not even the light one fits
 
 
+def test_the_core_fills_further_only_while_the_worker_runs_ahead_of_the_media_process() -> None:
+    """At the media process's priority the worker's rounds wait behind the loop's bursts, so admission
+    stops at 0.8 of a shared core; with the worker ahead of it (nice steps), at ``cpu_target`` (0.9),
+    unless the stages make one long round of the tick."""
+    from enhancers.executor.admission import UNBOOSTED_CPU_TARGET, AdmissionControl
+
+    config = ExecutorConfig(stage_costs={HEAVY: (0.0, 1.0)}, shared_cpus=1.0, cpu_target=0.9)
+    boost: list[int | None] = [None]
+    control = AdmissionControl(config, {}, lambda *_: None, worker_boost=lambda: boost[0])
+    assert control.cpu_target() == UNBOOSTED_CPU_TARGET == 0.8  # no worker process yet
+    boost[0] = 0
+    assert control.cpu_target() == 0.8  # same priority (no CAP_SYS_NICE, or a boost of 0)
+    boost[0] = 5
+    assert control.cpu_target() == 0.9
+    others = {HEAVY: 3}  # 4 ms of stages with the newcomer, 4.5 ms of host: 0.85 of the core
+    assert control.policy.decide([HEAVY], others, host_ms=4.5, cpu_limit=control.cpu_target()).result == "admitted"
+    # a tick whose stages take over 0.45 of it (one long round) is held to 0.8 of the core all the same
+    assert control.policy.decide([HEAVY], {HEAVY: 4}, host_ms=3.5, cpu_limit=control.cpu_target()).result \
+        != "admitted"  # 5 ms of stages: 0.5 of the tick; 0.85 of the core
+    assert control.policy.decide([HEAVY], {HEAVY: 4}, host_ms=2.5, cpu_limit=control.cpu_target()).result \
+        == "admitted"  # 0.75 of the core
+    boost[0] = 0
+    assert control.policy.decide([HEAVY], others, host_ms=4.5, cpu_limit=control.cpu_target()).result != "admitted"
+    assert AdmissionControl(replace(config, cpu_target=0.7), {}, lambda *_: None,
+                            worker_boost=lambda: 5).cpu_target() == 0.7  # a lower setting is kept
+
+
+def test_the_cpu_target_comes_from_the_environment_within_bounds() -> None:
+    from mediaserver.config import load_config
+
+    assert load_config(env={"MEDIASERVER_DEV": "1"}).enhance.cpu_target == 0.9
+    env = {"MEDIASERVER_DEV": "1", "MEDIASERVER_EXECUTOR_CPU_TARGET": "0.75"}
+    assert load_config(env=env).enhance.cpu_target == 0.75
+    with pytest.raises(ValueError, match="CPU_TARGET"):
+        load_config(env={**env, "MEDIASERVER_EXECUTOR_CPU_TARGET": "1.5"})
+
+
 async def _run(streams: list[ExecutorStream], ticks: int) -> dict[int, list[bool]]:
     """Feed every stream running stages a chunk per tick; which chunks came back bypassed, per stream."""
     bypassed: dict[int, list[bool]] = {s.stream_id: [] for s in streams}

@@ -201,6 +201,41 @@ def test_stream_state_is_isolated_across_slots_and_ticks(stage: DeepFilterNet3St
     sb.close()
 
 
+def test_streams_out_of_slot_order_are_moved_in_line_once_and_keep_their_state() -> None:
+    """A call over every stream, in an order their slots do not follow (one left and its slot was reused),
+    moves their state to rows in the call's order, once and mid-stream; each stream's output goes on as
+    if nothing moved, and its per-stream options (the post filter) move with it."""
+    stage = DeepFilterNet3Stage(native_streams=0)
+    signals = [babble(0.6), speech_in_noise(0.6)[0], babble(0.6, start=2.0)]
+    options: list[dict[str, float]] = [{}, {"post_filter_beta": 0.02}, {}]
+    together = run_streams(DeepFilterNet3Stage(native_streams=0), signals, options, compensate_latency=False)
+    gone = stage.stream()
+    streams = [stage.stream(**options[0]), stage.stream(**options[1])]
+    gone.close()
+    streams.append(stage.stream(**options[2]))  # takes the slot of the one that left
+    assert [s.slot for s in streams] == [1, 2, 0]
+    outs: list[list[np.ndarray]] = [[], [], []]
+    frames = len(signals[0]) // CHUNK
+    for f in range(frames):
+        # first in slot order (rows 0..2 as they are), then in the streams' order: moved once
+        order = [2, 0, 1] if f < frames // 2 else [0, 1, 2]
+        batch = torch.from_numpy(np.stack([signals[i][f * CHUNK : (f + 1) * CHUNK] for i in order]))
+        result = stage.process(batch, [streams[i] for i in order], BatchContext())
+        for k, i in enumerate(order):
+            outs[i].append(result[k].numpy())
+        if f < frames // 2:
+            assert [s.slot for s in streams] == [1, 2, 0]
+        else:
+            assert [s.slot for s in streams] == [0, 1, 2]
+    assert stage._post_filter_slots == {1}  # the post filter moved with its stream
+    for out, ref in zip(outs, together):
+        np.testing.assert_allclose(np.concatenate(out), ref[: len(out) * CHUNK], atol=2e-5)
+    newcomer = stage.stream()
+    assert newcomer.slot == 3  # the rows after the moved ones are free
+    for s in [*streams, newcomer]:
+        s.close()
+
+
 def test_reset_gives_a_fresh_stream(stage: DeepFilterNet3Stage) -> None:
     x = babble(0.4)
     s = stage.stream()

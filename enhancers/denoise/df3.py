@@ -193,6 +193,10 @@ class DeepFilterNet3Stage(Stage):
         self._post_filter_slots.discard(stream.slot)
         self._drop_native(stream)
 
+    def _slots_moved(self, moved: dict[int, int]) -> None:
+        self._post_filter_slots = {moved.get(slot, slot) for slot in self._post_filter_slots}
+        self._shadowed = {moved.get(slot, slot): done for slot, done in self._shadowed.items()}
+
     def _drop_native(self, stream: StageStream) -> None:
         self._shadowed.pop(stream.slot, None)
         if stream.native is not None:
@@ -273,10 +277,8 @@ class DeepFilterNet3Stage(Stage):
             return self._process_fused(audio, streams)
         audio = audio.to(self.device, torch.float32)
         post = bool(self._post_filter_slots)
-        first = streams[0].slot
-        if all(s.slot == first + i for i, s in enumerate(streams)):
-            # slots in one run: work on views of the pool, no gather
-            rows = slice(first, first + len(streams))
+        rows = self.contiguous_rows(streams)
+        if rows is not None:  # slots in one run: work on views of the pool, no gather
             out, new_state = self.step(audio, {k: v[rows] for k, v in self.state.items()}, post)
             for key, value in new_state.items():
                 self.state[key][rows] = value
@@ -290,9 +292,8 @@ class DeepFilterNet3Stage(Stage):
     def _process_fused(self, audio: torch.Tensor, streams: Sequence[StageStream]) -> torch.Tensor:
         assert self.fused is not None
         frames = np.ascontiguousarray(audio.detach().cpu().numpy(), dtype=np.float32)
-        first = streams[0].slot
-        if all(s.slot == first + i for i, s in enumerate(streams)):
-            rows = slice(first, first + len(streams))  # views of the pool: updated in place
+        rows = self.contiguous_rows(streams)
+        if rows is not None:  # views of the pool: updated in place
             return torch.from_numpy(self.fused.step(frames, {k: v[rows].numpy() for k, v in self.state.items()}))
         slots = self.slots(streams)
         gathered = {k: v.index_select(0, slots) for k, v in self.state.items()}

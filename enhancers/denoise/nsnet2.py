@@ -140,10 +140,8 @@ class NSNet2Stage(Stage):
         if len(streams) == 0:
             return audio
         audio = torch.nan_to_num(audio.to(self.device, torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        first = streams[0].slot
-        rows: slice | torch.Tensor
-        if all(s.slot == first + i for i, s in enumerate(streams)):
-            rows = slice(first, first + len(streams))  # slots in one run: views of the pool, no gather
+        rows: slice | torch.Tensor | None = self.contiguous_rows(streams)
+        if rows is not None:  # slots in one run: views of the pool, no gather
             st = {key: value[rows] for key, value in self.state.items()}
         else:
             rows = self.slots(streams)

@@ -43,6 +43,12 @@ from enhancers.registry import DEGRADE_STEPS, LIGHTER
 
 log = logging.getLogger("enhancers.executor")
 
+# the share of shared cores admission fills while the executor's worker runs at the media process's priority,
+# and when the stages take more than LONG_ROUND_LOAD of the tick: a long round holds the media loop off the core
+# for longer at a time (the full chain at 0.55 of the tick missed 8 % of its deadlines at 0.89 of the core once,
+# where DF3 at 0.39 of the tick held 20 streams at 0.87-0.90)
+UNBOOSTED_CPU_TARGET = 0.8
+LONG_ROUND_LOAD = 0.45
 ADMISSION_RESULTS = ("admitted", "degraded", "refused")
 
 
@@ -243,6 +249,11 @@ class Admission:
             return 0.0
         return (self.model.tick_ms(rows) + host_ms) / (TICK_MS * self.shared_cpus)
 
+    @staticmethod
+    def cpu_limit_at(load: float, cpu_limit: float) -> float:
+        """The share of the shared cores a tick whose stages take ``load`` of it may fill."""
+        return cpu_limit if load <= LONG_ROUND_LOAD else min(cpu_limit, UNBOOSTED_CPU_TARGET)
+
     def decide(self, requested: Sequence[str], others: Mapping[str, int], limit: float | None = None,
                host_ms: float = 0.0, cpu_limit: float | None = None) -> Decision:
         """The best candidate for ``requested`` that fits under ``limit`` (default ``target_load``) and, on
@@ -258,21 +269,23 @@ class Admission:
             beyond = [spec for spec in stages if rows[spec] > self.model.trusted_rows(spec)]
             # meanwhile only stages that run already: no model loads just while a cost is measured
             unloaded = untrusted and any(not self.model.timed(spec) for spec in stages)
-            if stages and load <= limit and cpu <= cpu_limit and (beyond or unloaded):
+            fits = load <= limit and cpu <= self.cpu_limit_at(load, cpu_limit)
+            if stages and fits and (beyond or unloaded):
                 untrusted += [spec for spec in beyond if spec not in untrusted]
                 continue
-            if not stages or (load <= limit and cpu <= cpu_limit):
+            if not stages or fits:
                 if list(stages) == list(requested):
                     return Decision(list(stages), "admitted")
                 wanted = self.plus(others, requested)
                 want, want_cpu = self.load(wanted), self.cpu_load(wanted, host_ms)
                 measuring = bool(untrusted)
-                if measuring and want <= limit and want_cpu <= cpu_limit:
+                if measuring and want <= limit and want_cpu <= self.cpu_limit_at(want, cpu_limit):
                     timed = ", ".join(f"{spec} timed at batches of up to {self.model.largest_batch(spec)}"
                                       for spec in untrusted)
                     why = f"measuring the cost on this machine before more streams run it ({timed})"
                     return Decision(list(stages), "degraded" if stages else "refused",
                                     why + f"; running {','.join(stages) or 'no stages'} meanwhile", measuring=True)
+                cpu_limit = self.cpu_limit_at(want, cpu_limit)
                 if want > limit or self.shared_cpus <= 0:
                     why = (f"enhancement executor full: {','.join(requested)} would bring the load to {want:.2f} "
                            f"of the tick (target {limit:.2f}; {before:.2f} in use by the streams already admitted)")
@@ -296,8 +309,10 @@ class AdmissionControl:
 
     def __init__(self, config: ExecutorConfig, streams: Mapping[int, ExecutorStream],
                  apply: Callable[[ExecutorStream, list[str], Any], None],
-                 counters: Mapping[str, int] | None = None) -> None:
+                 counters: Mapping[str, int] | None = None,
+                 worker_boost: Callable[[], int | None] | None = None) -> None:
         self.config = config
+        self._worker_boost = worker_boost  # nice steps the worker runs ahead of this process (None: unknown)
         self.shedder = LoadShedder(counters if counters is not None else {})  # the executor's own counters
         self.model = LoadModel(config.stage_costs)
         self.policy = Admission(self.model, config.target_load, config.upgrade_load, config.ladder,
@@ -312,6 +327,14 @@ class AdmissionControl:
         self._timer: asyncio.TimerHandle | None = None
         self._stage_ms = 0.0  # measured stage time per round, running mean
         self._measuring: set[int] = set()  # degraded streams whose better list waits for a measurement
+
+    def cpu_target(self) -> float:
+        """The share of the shared cores admission fills: ``config.cpu_target`` while the worker runs ahead
+        of the media process, else at most ``UNBOOSTED_CPU_TARGET`` (at equal priority the media loop's
+        bursts delay a round in progress, and deadlines are missed from about there on)."""
+        boost = self._worker_boost() if self._worker_boost is not None else None
+        target = self.config.cpu_target
+        return target if boost is not None and boost > 0 else min(target, UNBOOSTED_CPU_TARGET)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -335,7 +358,8 @@ class AdmissionControl:
         requested = stream.requested_stages
         decision = Decision(list(requested), "admitted")
         if self.config.admission and requested:
-            decision = self.policy.decide(requested, self._others(stream), host_ms=self._host_now(stream))
+            decision = self.policy.decide(requested, self._others(stream), host_ms=self._host_now(stream),
+                                          cpu_limit=self.cpu_target())
         if requested:
             self.counts[decision.result] += 1
         stream.degraded_reason, stream.changed_at = decision.reason, time.monotonic()
@@ -405,8 +429,9 @@ class AdmissionControl:
 
             def fits() -> bool:
                 rows = self.policy.rows(s.stages for s in self._streams.values())
-                return (self.policy.load(rows) <= self.config.target_load
-                        and self.policy.cpu_load(rows, self._host_estimate()) <= self.config.cpu_target)
+                load = self.policy.load(rows)
+                return (load <= self.config.target_load and self.policy.cpu_load(rows, self._host_estimate())
+                        <= self.policy.cpu_limit_at(load, self.cpu_target()))
 
             if self.shedder.check(self._streams, self.policy.ladder, shed, now, cost, fits):
                 for stream in self.shedder.last_shed:
@@ -422,10 +447,10 @@ class AdmissionControl:
 
     def _try_upgrade(self, stream: ExecutorStream, now: float) -> None:
         """A better stage list for ``stream`` if it fits under ``upgrade_load`` (not just the target)."""
-        limit, cpu_limit = self.config.upgrade_load, self.config.cpu_target - (self.config.target_load
-                                                                                - self.config.upgrade_load)
+        target = self.cpu_target()
+        limit, cpu_limit = self.config.upgrade_load, target - (self.config.target_load - self.config.upgrade_load)
         if stream.stream_id in self._measuring:  # it was let in at the target, only its cost was not known yet
-            limit, cpu_limit = self.config.target_load, self.config.cpu_target
+            limit, cpu_limit = self.config.target_load, target
         decision = self.policy.decide(stream.requested_stages, self._others(stream), limit,
                                       host_ms=self._host_now(stream), cpu_limit=cpu_limit)
         rank = {tuple(c): i for i, c in enumerate(self.policy.ladder(stream.requested_stages))}
@@ -454,7 +479,7 @@ class AdmissionControl:
             "host_cpu_source": self.host.source,  # "tree": its processes less the stages; "process": its own
             "cpu_load": round(self.policy.cpu_load(self.policy.rows(s.stages for s in self._streams.values()),
                                                    self.host.ms), 4),
-            "cpu_target": self.config.cpu_target,
+            "cpu_target": self.cpu_target(),  # in effect: capped while the worker is not ahead of this process
             "headroom": round(max(0.0, self.config.target_load - load), 4),
             "admission": self.config.admission,
             "admissions": dict(self.counts),

@@ -71,5 +71,5 @@ class ExecutorConfig:
     # 1.0 with one media worker per core, 0.5 with two).  0: the worker has cores of its own (or is
     # remote) and only ``target_load`` applies.
     shared_cpus: float = 0.0
-    cpu_target: float = 0.8
+    cpu_target: float = 0.9
     host_ms_per_stream: float = 0.25

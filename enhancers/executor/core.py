@@ -88,7 +88,13 @@ class Executor:
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
         self._closed = False
         self._active = 0  # streams running at least one stage (a refused one submits nothing)
-        self.admission = AdmissionControl(config, self._streams, self._apply_stages, self.counters)
+        self.admission = AdmissionControl(config, self._streams, self._apply_stages, self.counters,
+                                          worker_boost=self._worker_boost)
+
+    def _worker_boost(self) -> int | None:
+        """Nice steps the worker process runs ahead of this one (None: a thread, remote, or not started)."""
+        boost = getattr(self._worker, "priority_boost", None)
+        return boost() if callable(boost) else None
 
     @property
     def device(self) -> torch.device:

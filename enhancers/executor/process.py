@@ -268,9 +268,9 @@ class ProcessWorker:
         state = ("closed" if self._closing is not None else "restarting" if self._restart_timer is not None
                  else "not started" if self._process is None else "running" if self._ready else "starting")
         return {"state": state, "pid": self.pid, "recent_restarts": self._restarts.recent,
-                "last_exit_code": self._last_exit, "priority_boost": self._priority_boost()}
+                "last_exit_code": self._last_exit, "priority_boost": self.priority_boost()}
 
-    def _priority_boost(self) -> int | None:
+    def priority_boost(self) -> int | None:
         """How many nice steps the running child is ahead of this process (None: no child, or not Linux)."""
         pid = self.pid
         if pid is None or self._closing is not None or not hasattr(os, "getpriority"):
