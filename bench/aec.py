@@ -24,6 +24,7 @@ import torch
 
 from enhancers.aec.simulate import FAR_SPEECH, echo_scenario, room_response, speech
 from enhancers.aec.stage import EchoCancellerStage
+from enhancers.compute_threads import limit_compute_threads
 from enhancers.stage import CHUNK, BatchContext
 
 
@@ -106,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+        limit_compute_threads(args.threads)
     ticks, warmup = (20, 10) if args.quick else (100, 50)
     batches = [int(b) for b in args.batches.split(",")]
     far, mic = make_inputs(max(batches), warmup + ticks)

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from enhancers.audio_io import read_48k
+from enhancers.compute_threads import limit_compute_threads
 from enhancers.denoise.df3 import DeepFilterNet3Stage
 from enhancers.denoise.libdf import LibDfStream
 from enhancers.denoise.nsnet2 import NSNet2Stage
@@ -116,7 +117,7 @@ def main() -> int:
     parser.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,16,64,256)")
     args = parser.parse_args()
     if args.threads > 0:
-        torch.set_num_threads(args.threads)
+        limit_compute_threads(args.threads)
     batches = [int(b) for b in (args.batches or ("1,16,64" if args.quick else "1,16,64,256")).split(",")]
     rounds = 3 if args.quick else 5
     ticks = 10 if args.quick else 30

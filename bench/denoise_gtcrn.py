@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.denoise import test_signal, time_batched  # noqa: E402
+from enhancers.compute_threads import limit_compute_threads
 from enhancers.denoise.df3 import DeepFilterNet3Stage  # noqa: E402
 from enhancers.denoise.gtcrn import GTCRNStage  # noqa: E402
 from enhancers.denoise.nsnet2 import NSNet2Stage  # noqa: E402
@@ -49,7 +50,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8,32", help="comma list of streams per call")
     args = parser.parse_args()
     if args.threads > 0:
-        torch.set_num_threads(args.threads)
+        limit_compute_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     rounds = 3 if args.quick else 5
     ticks = 10 if args.quick else 30

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from enhancers.audio_io import read_48k
+from enhancers.compute_threads import limit_compute_threads
 from enhancers.dereverb import DereverbStage
 from enhancers.dereverb.reference import NaraOnlineWpe, stft
 from enhancers.stage import CHUNK, BatchContext, StageStream
@@ -114,7 +115,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (0: 3 quick, 7 full)")
     args = parser.parse_args()
     if args.threads > 0:
-        torch.set_num_threads(args.threads)
+        limit_compute_threads(args.threads)
     cuda = args.device.startswith("cuda")
     batches = [1, 16, 64] if args.quick else [1, 16, 64, 256]
     rounds = args.rounds or (3 if args.quick else 7)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from enhancers import registry
 from enhancers.audio_io import read_48k
+from enhancers.compute_threads import limit_compute_threads
 from enhancers.executor import Executor, ExecutorConfig
 from enhancers.stage import CHUNK, BatchContext, Stage, StageStream
 
@@ -168,7 +169,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer ticks, for a smoke run")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    limit_compute_threads(1)
     ticks = 10 if args.quick else 50
     audio_all = load_audio(max(BATCHES), ticks + 3)
     results: dict[str, Any] = {}

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from enhancers.compute_threads import limit_compute_threads
 from enhancers.registry import create_stage  # noqa: E402
 from enhancers.stage import CHUNK, BatchContext, Stage  # noqa: E402
 
@@ -105,7 +106,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="3 rounds, shorter blocks")
     args = parser.parse_args()
     if args.threads > 0:
-        torch.set_num_threads(args.threads)
+        limit_compute_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     # specs with options contain commas: split the list on ';' when given, else on commas outside '@...'

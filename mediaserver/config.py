@@ -310,6 +310,16 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
+def _default_stages(value: str) -> tuple[str, ...]:
+    """Rooms' default stages from the command line or the environment: specs checked as a client's are
+    (``ValueError`` for an unknown one, before the server starts), ``none`` or nothing for no stages."""
+    if value.strip().lower() == "none":
+        return ()
+    from enhancers.registry import check_stage_specs
+
+    return tuple(s.spec for s in check_stage_specs(value))
+
+
 def _sip_from_env(env: Mapping[str, str]) -> SipConfig:
     """sip: MEDIASERVER_SIP_DIAL_PLAN ("5000=standup,9=lobby"), _RTP_PORTS ("20000-20999"), _MAX_CALLS,
     _PUBLIC_ADDRESS, _USERS ("alice:secret:standup|lobby,trunk:pw"), _USERS_FILE (one such entry a line),
@@ -452,7 +462,7 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
     if "MEDIASERVER_ICE_SERVERS" in env:
         media = replace(media, ice_servers=_split(env["MEDIASERVER_ICE_SERVERS"]))
     if "MEDIASERVER_STAGES" in env:
-        enhance = replace(enhance, default_stages=_split(env["MEDIASERVER_STAGES"]))
+        enhance = replace(enhance, default_stages=_default_stages(env["MEDIASERVER_STAGES"]))
     if "MEDIASERVER_DEVICE" in env:
         enhance = replace(enhance, device=env["MEDIASERVER_DEVICE"])
     if "MEDIASERVER_EXECUTOR_PRIORITY_BOOST" in env:
@@ -506,7 +516,7 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: object) -> Se
     top = {k: v for k, v in overrides.items() if v is not None and k in ServerConfig.__dataclass_fields__}
     cfg = replace(cfg, **top)  # type: ignore[arg-type]
     if "stages" in overrides and overrides["stages"] is not None:
-        cfg = replace(cfg, enhance=replace(cfg.enhance, default_stages=_split(str(overrides["stages"]))))
+        cfg = replace(cfg, enhance=replace(cfg.enhance, default_stages=_default_stages(str(overrides["stages"]))))
     if "device" in overrides and overrides["device"] is not None:
         cfg = replace(cfg, enhance=replace(cfg.enhance, device=str(overrides["device"])))
     return cfg

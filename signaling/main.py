@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (env MEDIASERVER_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP/WebSocket port (env MEDIASERVER_PORT, default 8080)")
     serve.add_argument("--sip-port", type=int, help="UDP port of the SIP bridge (env MEDIASERVER_SIP_PORT)")
-    serve.add_argument("--stages", help="default stages of new rooms, e.g. 'vad,limiter' (env MEDIASERVER_STAGES)")
+    serve.add_argument("--stages", help="default stages of new rooms, e.g. 'vad,limiter', or 'none' (env MEDIASERVER_STAGES)")
     serve.add_argument("--device", help="enhancement device: auto, cpu or cuda (env MEDIASERVER_DEVICE)")
     serve.add_argument("--workers", help="media worker processes: a count, or 'auto' for one per CPU core; "
                                          "1 (the default) runs everything in one process (env MEDIASERVER_WORKERS)")

@@ -3,9 +3,12 @@
 Computes what :meth:`enhancers.denoise.df3.DeepFilterNet3Stage.step` computes for
 one frame (``tests/test_denoise_df3.py`` runs the two side by side) with the
 same weights, read from the stage's :class:`~enhancers.denoise.df3_net.DF3Network`:
-the GEMMs run in torch (MKL, single-threaded; the GRUs' in FBGEMM int8 where the
-network was built with it, on the same prepacked weights), everything between
-them in the fused kernels of :mod:`enhancers.denoise.df3_kernels`.  About 30
+the GRUs' GEMMs run in FBGEMM int8 where the network was built with it (on the same
+prepacked weights), else torch; the frequency convolutions' GEMMs in numpy's
+OpenBLAS (skinny products, K of 64-128 and 3-192 columns: 12 % less than torch's
+at 16 streams, 8x less for the 3-column output layer; single-threaded in the
+executor's worker, :func:`enhancers.compute_threads.limit_compute_threads`);
+everything between them in the fused kernels of :mod:`enhancers.denoise.df3_kernels`.  About 30
 GEMM calls and 25 kernel calls a frame instead of ~450 torch ops: at one
 stream 0.4 ms against torch's 1.6 (and libDF's 1.0).
 
@@ -86,12 +89,12 @@ class _Gru:
         return x
 
 
-def _float_weight(mm: Matmul) -> torch.Tensor:
+def _float_weight(mm: Matmul) -> np.ndarray:
     """A GEMM operand in float32 (the convolutions' are: under ``MIN_INT8_WEIGHTS``; else dequantized)."""
-    return (mm.weight.float() * mm.scale if mm.int8 else mm.weight).contiguous()
+    return _np(mm.weight.float() * mm.scale if mm.int8 else mm.weight)
 
 
-def _conv_weight(conv: FreqConv) -> tuple[torch.Tensor, np.ndarray]:
+def _conv_weight(conv: FreqConv) -> tuple[np.ndarray, np.ndarray]:
     return _float_weight(conv.mm), _np(conv.bias)
 
 
@@ -112,8 +115,8 @@ class DF3Fused:
         self.fft_size, self.hop = dsp.fft_size, dsp.hop
         self.order = df.order
         self.channels = erb.channels
-        self.erb0_w, self.erb0_b = _float_weight(enc.erb0.mm), enc.erb0.bias  # narrow: float32, bias in the GEMM
-        self.df0_w, self.df0_b = _float_weight(enc.df0.mm), enc.df0.bias
+        self.erb0_w, self.erb0_b = _float_weight(enc.erb0.mm), _np(enc.erb0.bias)  # narrow: float32
+        self.df0_w, self.df0_b = _float_weight(enc.df0.mm), _np(enc.df0.bias)
         self.erb1, self.erb2, self.erb3, self.df1 = (_conv_weight(c) for c in (enc.erb1, enc.erb2, enc.erb3, enc.df1))
         self.df_fc_emb = _grouped(enc.df_fc_emb)
         self.enc_in, self.enc_out = _grouped(enc.emb_gru.linear_in), _grouped(enc.emb_gru.linear_out)  # type: ignore[arg-type]
@@ -134,8 +137,8 @@ class DF3Fused:
         self._none = np.empty((0, 0), np.float32)
 
     @staticmethod
-    def _mm(x: np.ndarray, w: torch.Tensor) -> np.ndarray:
-        return torch.mm(torch.from_numpy(x), w).numpy()
+    def _mm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return np.matmul(x, w)
 
     def step(self, audio: np.ndarray, st: dict[str, np.ndarray]) -> np.ndarray:
         """One frame: ``audio`` [B, hop] float32; ``st`` the stage's state rows as numpy views, updated in
@@ -151,7 +154,8 @@ class DF3Fused:
                    st["cplx_hist"], erb_cols, df_cols)
 
         # encoder
-        e0 = torch.addmm(self.erb0_b, torch.from_numpy(erb_cols), self.erb0_w).numpy().reshape(b, e_n, ch)
+        e0 = np.matmul(erb_cols, self.erb0_w).reshape(b, e_n, ch)
+        e0 += self.erb0_b
         k.relu_(e0)
         e1 = np.empty((b, e_n // 2, ch), np.float32)
         k.pairs_out(self._mm(e0.reshape(b * e_n // 2, 2 * ch), self.erb1[0]), self.erb1[1], b, e1)
@@ -159,7 +163,8 @@ class DF3Fused:
         k.pairs_out(self._mm(e1.reshape(b * e_n // 4, 2 * ch), self.erb2[0]), self.erb2[1], b, e2)
         e3 = np.empty_like(e2)
         k.shift_out(self._mm(e2.reshape(b * e_n // 4, ch), self.erb3[0]), self.erb3[1], b, e3, 1)
-        c0 = torch.addmm(self.df0_b, torch.from_numpy(df_cols), self.df0_w).numpy().reshape(b, nb_df, ch)
+        c0 = np.matmul(df_cols, self.df0_w).reshape(b, nb_df, ch)
+        c0 += self.df0_b
         k.relu_(c0)
         c1 = np.empty((b, nb_df // 2, ch), np.float32)
         k.pairs_out(self._mm(c0.reshape(b * nb_df // 2, 2 * ch), self.df1[0]), self.df1[1], b, c1)

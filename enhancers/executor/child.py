@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from enhancers.compute_threads import limit_compute_threads
 from enhancers.executor.batch import BatchRunner
 from enhancers.executor.messages import (
     AttachArea,
@@ -55,7 +56,7 @@ STATS_EVERY_S = 0.5  # stage timing statistics ride on a "done" message at most 
 
 
 def _construct(target: str, device: str, kwargs: dict[str, Any], threads: int) -> Stage:
-    torch.set_num_threads(threads)
+    limit_compute_threads(threads)
     module_name, cls_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     stage: Stage = cls(device=device, **kwargs)
@@ -87,7 +88,7 @@ class ChildWorker:
         self.area: JobArea | None = None  # the parent's shared job audio
 
     def serve(self) -> None:
-        torch.set_num_threads(self.torch_threads)
+        limit_compute_threads(self.torch_threads)
         if self.freeze_gc:
             gc.freeze()
         self.channel.send(WorkerReady())

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from enhancers.compute_threads import limit_compute_threads
 from enhancers.registry import create_stage, load_stage_class
 from enhancers.stage import Stage
 
@@ -120,7 +121,7 @@ class StageLoader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _construct(self, spec: str, kwargs: dict[str, Any]) -> Stage:
-        torch.set_num_threads(self.torch_threads)
+        limit_compute_threads(self.torch_threads)
         self.clock.begin()
         try:
             return create_stage(spec, device=str(self.device), **kwargs)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from enhancers.compute_threads import limit_compute_threads
 from enhancers.executor.batch import BatchRunner
 from enhancers.executor.loading import StageLoader
 from enhancers.executor.messages import CloseStream, ControlOp, Job, RoundIn, SetStreamStages, StageLoaded
@@ -174,7 +175,7 @@ class ThreadWorker:
         self._thread.start()
 
     def _main(self, jobs: queue.Queue[Job | None]) -> None:
-        torch.set_num_threads(self.settings.torch_threads)
+        limit_compute_threads(self.settings.torch_threads)
         loop, finish = self._loop, self._finish
         assert loop is not None and finish is not None
         while True:
